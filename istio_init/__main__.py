@@ -1,0 +1,5 @@
+"""`python -m istio_init` runs the same CLI as the `istio-init` console script."""
+
+from istio_init.cli import main
+
+main()

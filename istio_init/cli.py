@@ -1,0 +1,100 @@
+"""The `istio-init` command line.
+
+`istio-init [istio-iptables] FLAGS` is Istio's init container: the first word
+of the seed's `args:` is accepted and ignored, and anything that is not a
+subcommand name runs the default `run` command, so Istio's argument lists work
+unchanged. Every user mistake becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from istio_init.config import FLAGS, Config, FlagSpec, from_sources
+from istio_init.errors import IstioInitError
+
+PROG = "istio-init"
+DEFAULT_COMMAND = "run"
+ISTIO_BINARY_NAME = "istio-iptables"
+
+
+class _IstioGroup(click.Group):
+    """A group whose default command is `run`, so Istio's flat flag lists keep working."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] == ISTIO_BINARY_NAME:
+            args = args[1:]
+        if not args or args[0] not in self.commands:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+def _help(spec: FlagSpec) -> str:
+    extra = f"[env {spec.env}" if spec.env else "["
+    if not spec.is_switch:
+        extra += f"{'; ' if spec.env else ''}default: {spec.default or 'empty'}"
+    return f"{spec.help} {extra}]"
+
+
+def _flag_options(command: Any) -> Any:
+    """Decorate `command` with one click option per entry of config.FLAGS."""
+    for spec in reversed(FLAGS):
+        names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
+        if spec.is_switch:
+            command = click.option(*names, is_flag=True, default=None, help=_help(spec))(command)
+        else:
+            command = click.option(*names, default=None, metavar="VALUE", help=_help(spec))(command)
+    return command
+
+
+def load_config(given: dict[str, Any]) -> Config:
+    """Config from the parsed flags (None: not given) and the environment."""
+    return from_sources(given)
+
+
+@click.group(cls=_IstioGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """istio-init: Istio's istio-iptables init container, in Python."""
+
+
+@cli.command(DEFAULT_COMMAND, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Other commands: 'istio-init clean' removes istio-init's rules; "
+                    "'istio-init trace --help' explains what the rules do with a connection.")
+@_flag_options
+@click.option("--cleanup-only", is_flag=True, default=False,
+              help="Remove istio-init's rules, routes and addresses instead of applying.")
+def run_command(cleanup_only: bool, **given: Any) -> None:
+    """Install Istio's sidecar capture rules in this pod's network namespace.
+
+    Flags and environment variables are those of Istio's istio-iptables; a
+    flag on the command line beats its environment variable. With -n the rules
+    are printed in iptables-save form and nothing is changed.
+    """
+    from istio_init import runner
+
+    config = load_config(given)
+    if cleanup_only:
+        runner.clean(config)
+    else:
+        runner.run(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: click errors and IstioInitError become one stderr line."""
+    try:
+        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.Abort:
+        print(f"{PROG}: aborted", file=sys.stderr)
+        sys.exit(1)
+    except click.ClickException as exc:
+        print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except IstioInitError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(0)

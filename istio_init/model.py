@@ -1,0 +1,136 @@
+"""The rule plan as plain data.
+
+A `Rule` holds its parts in the order `iptables-save` prints them (addresses,
+interfaces, protocol, matches, target), with values already in the kernel's
+canonical spelling (`/32` suffixes, `--set-xmark 0x539/0xffffffff`), so that
+rendering is a join and a round trip through the kernel reads back unchanged.
+A `FamilyPlan` keeps the operations in the order Istio creates them; the
+final order of each chain (position-1 inserts reversed) is derived, not stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+APPEND = "A"
+INSERT = "I"  # always at position 1, as Istio does
+
+BUILTIN_CHAINS = {
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "raw": ("PREROUTING", "OUTPUT"),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `--name value` of a match or target, optionally negated with `!`."""
+
+    name: str
+    value: str = ""
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Match:
+    """`-m module --option value ...`."""
+
+    module: str
+    options: tuple[Option, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    table: str
+    chain: str
+    target: str
+    source: str | None = None
+    destination: str | None = None
+    negate_destination: bool = False
+    in_interface: str | None = None
+    out_interface: str | None = None
+    protocol: str | None = None
+    matches: tuple[Match, ...] = ()
+    target_options: tuple[Option, ...] = ()
+
+    def option(self, module: str, name: str) -> Option | None:
+        """The first `--name` option of match `module`, if the rule has one."""
+        for match in self.matches:
+            if match.module == module:
+                for opt in match.options:
+                    if opt.name == name:
+                        return opt
+        return None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One rule operation, in creation order."""
+
+    op: str  # APPEND or INSERT
+    rule: Rule
+
+
+def is_builtin(table: str, chain: str) -> bool:
+    return chain in BUILTIN_CHAINS.get(table, ())
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """The rules of one IP family, as the ordered operations that create them."""
+
+    family: int  # 4 or 6
+    steps: tuple[Step, ...]
+
+    def tables(self) -> list[str]:
+        """Tables in the order they are first used."""
+        return list(dict.fromkeys(step.rule.table for step in self.steps))
+
+    def chains(self, table: str) -> list[str]:
+        """New (non built-in) chains of `table`, in the order they are first used."""
+        seen: dict[str, None] = {}
+        for step in self.steps:
+            rule = step.rule
+            if rule.table != table:
+                continue
+            for chain in (rule.chain, rule.target):
+                if chain.startswith("ISTIO_") and not is_builtin(table, chain):
+                    seen.setdefault(chain)
+        return list(seen)
+
+    def final_rules(self, table: str) -> dict[str, list[Rule]]:
+        """Each chain's rules in the order the kernel ends up holding them."""
+        chains: dict[str, list[Rule]] = {}
+        for step in self.steps:
+            if step.rule.table != table:
+                continue
+            rules = chains.setdefault(step.rule.chain, [])
+            if step.op == INSERT:
+                rules.insert(0, step.rule)
+            else:
+                rules.append(step.rule)
+        return chains
+
+
+@dataclass(frozen=True)
+class PolicyRoute:
+    """TPROXY's `ip rule add fwmark MARK lookup TABLE` and its `local default dev lo` route."""
+
+    family: int
+    fwmark: int
+    table: int
+
+
+@dataclass(frozen=True)
+class RulePlan:
+    """Everything one run of istio-init installs."""
+
+    ipv4: FamilyPlan
+    ipv6: FamilyPlan | None = None
+    routes: tuple[PolicyRoute, ...] = ()
+    # Addresses added to `lo` (IPv6 pods get ::6, the inbound passthrough source).
+    loopback_addresses: tuple[str, ...] = field(default=())
+
+    def families(self) -> list[FamilyPlan]:
+        return [self.ipv4] if self.ipv6 is None else [self.ipv4, self.ipv6]

@@ -1,0 +1,81 @@
+"""A plan as `iptables-save` text, exactly as the kernel prints it back.
+
+Canonical form matters because the test suite's round trip compares this text
+with what `iptables-save` shows after an apply: user chains are listed sorted,
+rules are grouped by chain (built-in chains first, in the kernel's order), and
+each rule spells its parts in iptables-save's order. Built-in chain headers
+are left out so the text can be fed to `iptables-restore --noflush`.
+"""
+
+from __future__ import annotations
+
+from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Option, Rule, RulePlan, is_builtin
+
+IPV6_MARKER = "# IPv6"
+
+
+def _options(options: tuple[Option, ...]) -> list[str]:
+    words: list[str] = []
+    for opt in options:
+        if opt.negated:
+            words.append("!")
+        words.append(f"--{opt.name}")
+        if opt.value:
+            words.append(opt.value)
+    return words
+
+
+def rule_spec(rule: Rule) -> str:
+    """The rule's parameters after `-A CHAIN`, in iptables-save's order."""
+    words: list[str] = []
+    if rule.source:
+        words += ["-s", rule.source]
+    if rule.destination:
+        words += (["!"] if rule.negate_destination else []) + ["-d", rule.destination]
+    if rule.in_interface:
+        words += ["-i", rule.in_interface]
+    if rule.out_interface:
+        words += ["-o", rule.out_interface]
+    if rule.protocol:
+        words += ["-p", rule.protocol]
+    for match in rule.matches:
+        words += ["-m", match.module] + _options(match.options)
+    words += ["-j", rule.target] + _options(rule.target_options)
+    return " ".join(words)
+
+
+def chain_order(table: str, chains: list[str]) -> list[str]:
+    """iptables-save's chain order: built-ins in kernel order, then the rest sorted."""
+    builtins = [c for c in BUILTIN_CHAINS.get(table, ()) if c in chains]
+    return builtins + sorted(c for c in chains if not is_builtin(table, c))
+
+
+def render_table(family: FamilyPlan, table: str) -> str:
+    final = family.final_rules(table)
+    lines = [f"*{table}"]
+    lines += [f":{chain} - [0:0]" for chain in sorted(family.chains(table))]
+    for chain in chain_order(table, list(final)):
+        lines += [f"-A {chain} {rule_spec(rule)}" for rule in final[chain]]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def render_family(family: FamilyPlan) -> str:
+    return "".join(render_table(family, table) for table in family.tables())
+
+
+def render_plan(plan: RulePlan) -> str:
+    """The dry-run text: IPv4 tables, then `# IPv6` and the IPv6 tables if any."""
+    text = render_family(plan.ipv4)
+    if plan.ipv6 is not None:
+        text += IPV6_MARKER + "\n" + render_family(plan.ipv6)
+    return text
+
+
+def split_families(text: str) -> tuple[str, str]:
+    """Split dry-run text at the `# IPv6` line into (IPv4 part, IPv6 part)."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.strip() == IPV6_MARKER:
+            return "".join(lines[:i]), "".join(lines[i + 1:])
+    return text, ""

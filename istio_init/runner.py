@@ -1,0 +1,76 @@
+"""What one run of istio-init does, in order, once the Config is valid.
+
+Kept apart from the CLI so the sequence (enter the namespace, decide the IP
+family, plan, then print or apply) reads in one place and so the dry run path
+imports nothing it does not use.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+
+from istio_init.config import Config
+from istio_init.model import RulePlan
+from istio_init.plan import plan
+from istio_init.render import render_plan
+
+
+def summary(config: Config, ipv6: bool) -> str:
+    """The effective configuration, for stderr, as Istio prints its variables."""
+    lines = ["istio-init effective configuration:"]
+    for item in fields(config):
+        if item.name != "sources":
+            lines.append(f"  {item.name}: {_show(getattr(config, item.name))}")
+    lines.append(f"  ip families: {'IPv4, IPv6' if ipv6 else 'IPv4'}")
+    return "\n".join(lines)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "(empty)"
+    return "(auto)" if value is None else str(value)
+
+
+def decide_ipv6(config: Config) -> bool:
+    if config.ipv6 is not None:
+        return config.ipv6
+    from istio_init import netns
+
+    try:
+        return netns.detect_ipv6()
+    except OSError as exc:
+        print(f"istio-init: cannot read the pod's addresses ({exc}); making IPv4 rules only",
+              file=sys.stderr)
+        return False
+
+
+def build_plan(config: Config) -> tuple[RulePlan, bool]:
+    if config.network_namespace:
+        from istio_init import netns
+
+        netns.enter(config.network_namespace)
+    ipv6 = decide_ipv6(config)
+    return plan(config, ipv6), ipv6
+
+
+def run(config: Config) -> None:
+    rule_plan, ipv6 = build_plan(config)
+    if config.dry_run:
+        sys.stdout.write(render_plan(rule_plan))
+        sys.stdout.flush()
+        print(summary(config, ipv6), file=sys.stderr)
+        return
+    from istio_init import apply
+
+    apply.run(config, rule_plan)
+
+
+def clean(config: Config) -> None:
+    if config.network_namespace:
+        from istio_init import netns
+
+        netns.enter(config.network_namespace)
+    from istio_init import apply
+
+    apply.clean(config)
