@@ -32,6 +32,13 @@ class _IstioGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+class _RunCommand(click.Command):
+    """`run` is invoked without its name, so its usage line shows Istio's form."""
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(PROG, f"[{ISTIO_BINARY_NAME}] [OPTIONS]")
+
+
 def _help(spec: FlagSpec) -> str:
     extra = f"[env {spec.env}" if spec.env else "["
     if not spec.is_switch:
@@ -60,7 +67,7 @@ def cli() -> None:
     """istio-init: Istio's istio-iptables init container, in Python."""
 
 
-@cli.command(DEFAULT_COMMAND, context_settings={"help_option_names": ["-h", "--help"]},
+@cli.command(DEFAULT_COMMAND, cls=_RunCommand, context_settings={"help_option_names": ["-h", "--help"]},
              epilog="Other commands: 'istio-init clean' removes istio-init's rules; "
                     "'istio-init trace --help' explains what the rules do with a connection.")
 @_flag_options
