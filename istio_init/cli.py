@@ -89,6 +89,37 @@ def run_command(cleanup_only: bool, **given: Any) -> None:
         runner.run(config)
 
 
+@cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]})
+@_flag_options
+@click.option("--direction", type=click.Choice(["in", "out"]), required=True,
+              help="in: arriving at the pod; out: sent by a process in the pod.")
+@click.option("--dst", required=True, help="Destination address.")
+@click.option("--dport", type=int, required=True, help="Destination port.")
+@click.option("--src", default=None, help="Source address (default: the pod's own, or loopback for loopback).")
+@click.option("--uid", type=int, default=0, show_default=True, help="uid of the sending process (out).")
+@click.option("--gid", type=int, default=0, show_default=True, help="gid of the sending process (out).")
+@click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--in-interface", default=None, help="Interface an inbound packet arrives on (default eth0).")
+@click.option("--out-interface", default=None, help="Interface an outbound packet leaves by (default: lo "
+              "for local destinations, else eth0).")
+@click.option("--live", is_flag=True, default=False,
+              help="Walk the rules installed in the namespace (iptables-save) instead of the plan.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print the trace as JSON.")
+def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: int, src: str | None, uid: int,
+                  gid: int, protocol: str, in_interface: str | None, out_interface: str | None,
+                  **given: Any) -> None:
+    """Explain what the rules do with one connection, rule by rule.
+
+    Takes every flag of `run`; walks the rules those flags would install (or,
+    with --live, the installed ones) as netfilter's mangle and nat hooks would.
+    """
+    from istio_init import trace
+
+    conn = {"direction": direction, "dst": dst, "dport": dport, "src": src, "uid": uid, "gid": gid,
+            "protocol": protocol, "in_interface": in_interface, "out_interface": out_interface}
+    click.echo(trace.run(load_config(given), conn, live, as_json))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line."""
     try:
