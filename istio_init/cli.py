@@ -120,6 +120,32 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     click.echo(trace.run(load_config(given), conn, live, as_json))
 
 
+_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark")
+
+
+def _clean_flag_options(command: Any) -> Any:
+    """The few flags `clean` needs, spelled as in `run` (from config.FLAGS)."""
+    for spec in reversed([s for s in FLAGS if s.dest in _CLEAN_FLAGS]):
+        names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
+        kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
+        command = click.option(*names, default=None, help=_help(spec), **kind)(command)
+    return command
+
+
+@cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})
+@_clean_flag_options
+def clean_command(**given: Any) -> None:
+    """Remove istio-init's rules, TPROXY routes and the ::6 address, in both families.
+
+    Removes every ISTIO_ chain, every jump to one and the few rules istio-init
+    puts in built-in chains; every other rule stays. Succeeds when there is
+    nothing to remove. With -n, prints what would be removed.
+    """
+    from istio_init import runner
+
+    runner.clean(load_config(given))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line."""
     try:

@@ -11,6 +11,8 @@ import ipaddress
 import os
 import socket
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 from istio_init.errors import IstioInitError
 
@@ -118,3 +120,133 @@ def enter(path: str) -> None:
             raise IstioInitError(f"--network-namespace {path}: cannot enter: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+# TPROXY policy routing and the ::6 loopback address. pyroute2 is imported
+# only here, only when a plan (or clean) needs them: most pods never do.
+
+_RTN_LOCAL = 2
+_RT_SCOPE_HOST = 254
+_RTPROT_BOOT = 3  # what `ip route add` records
+
+
+@dataclass(frozen=True)
+class Routing:
+    """One policy rule (`kind` "rule") or `local default dev lo` route ("route", fwmark 0)."""
+
+    kind: str
+    family: int
+    fwmark: int
+    table: int
+
+    def __str__(self) -> str:
+        if self.kind == "rule":
+            return f"ip rule fwmark {self.fwmark:#x} lookup {self.table}"
+        return f"ip route local default dev lo table {self.table}"
+
+
+def _iproute() -> Any:
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def _rule_table(rule: Any) -> int:
+    return rule.get_attr("FRA_TABLE") or rule["table"]
+
+
+def _has_policy_rule(ipr: Any, family: int, fwmark: int, table: int) -> bool:
+    return any(r.get_attr("FRA_FWMARK") == fwmark and _rule_table(r) == table
+               for r in ipr.get_rules(family=_af(family)))
+
+
+def _local_default_routes(ipr: Any, family: int, table: int) -> list[Any]:
+    return [r for r in ipr.get_routes(family=_af(family), table=table)
+            if r["type"] == _RTN_LOCAL and r["dst_len"] == 0 and r.get_attr("RTA_TABLE") == table]
+
+
+def _af(family: int) -> int:
+    return socket.AF_INET6 if family == 6 else socket.AF_INET
+
+
+def _lo_index(ipr: Any) -> int:
+    return ipr.link_lookup(ifname="lo")[0]
+
+
+def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
+    """`ip rule add fwmark MARK lookup TABLE` and `ip route add local default dev lo table TABLE`.
+
+    What already exists is kept; returns what was added, for remove_routing().
+    """
+    added: list[Routing] = []
+    with _iproute() as ipr:
+        if not _local_default_routes(ipr, family, table):
+            ipr.route("add", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
+                      proto=_RTPROT_BOOT, table=table, oif=_lo_index(ipr))
+            added.append(Routing("route", family, 0, table))
+        if not _has_policy_rule(ipr, family, fwmark, table):
+            ipr.rule("add", family=_af(family), fwmark=fwmark, table=table)
+            added.append(Routing("rule", family, fwmark, table))
+    return added
+
+
+def remove_routing(items: list[Routing]) -> None:
+    """Delete policy rules and local default routes given as ("rule"|"route", family, mark, table)."""
+    with _iproute() as ipr:
+        for item in items:
+            kind, family, fwmark, table = item.kind, item.family, item.fwmark, item.table
+            if kind == "rule":
+                while _has_policy_rule(ipr, family, fwmark, table):
+                    ipr.rule("del", family=_af(family), fwmark=fwmark, table=table,
+                             priority=next(r.get_attr("FRA_PRIORITY") for r in ipr.get_rules(family=_af(family))
+                                           if r.get_attr("FRA_FWMARK") == fwmark and _rule_table(r) == table))
+            else:
+                for _ in _local_default_routes(ipr, family, table):
+                    ipr.route("del", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
+                              table=table, oif=_lo_index(ipr))
+
+
+def policy_routing_for_marks(family: int, marks: set[int]) -> list[Routing]:
+    """The policy rules for any of `marks`, and the local default routes of their tables."""
+    found: list[Routing] = []
+    with _iproute() as ipr:
+        for rule in ipr.get_rules(family=_af(family)):
+            mark = rule.get_attr("FRA_FWMARK")
+            if mark in marks:
+                table = _rule_table(rule)
+                found.append(Routing("rule", family, mark, table))
+                if _local_default_routes(ipr, family, table):
+                    found.append(Routing("route", family, 0, table))
+    return list(dict.fromkeys(found))
+
+
+def _split(address: str) -> tuple[str, int]:
+    ip, _, prefix = address.partition("/")
+    return ip, int(prefix or 128)
+
+
+def has_loopback_address(address: str) -> bool:
+    ip, prefix = _split(address)
+    with _iproute() as ipr:
+        return any(a.get_attr("IFA_ADDRESS") == ip and a["prefixlen"] == prefix
+                   for a in ipr.get_addr(index=_lo_index(ipr), family=socket.AF_INET6))
+
+
+def add_loopback_address(address: str) -> bool:
+    """`ip -6 addr add ADDRESS dev lo`; False when it was already there."""
+    if has_loopback_address(address):
+        return False
+    ip, prefix = _split(address)
+    with _iproute() as ipr:
+        ipr.addr("add", index=_lo_index(ipr), address=ip, prefixlen=prefix, family=socket.AF_INET6)
+    return True
+
+
+def remove_loopback_address(address: str) -> bool:
+    """`ip -6 addr del ADDRESS dev lo`; False when it was not there."""
+    if not has_loopback_address(address):
+        return False
+    ip, prefix = _split(address)
+    with _iproute() as ipr:
+        ipr.addr("del", index=_lo_index(ipr), address=ip, prefixlen=prefix, family=socket.AF_INET6)
+    return True

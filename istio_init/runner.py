@@ -73,4 +73,4 @@ def clean(config: Config) -> None:
         netns.enter(config.network_namespace)
     from istio_init import apply
 
-    apply.clean(config)
+    apply.clean(config, dry_run=config.dry_run)

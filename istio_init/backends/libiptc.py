@@ -1,0 +1,220 @@
+"""The libiptc backend: python-iptables, one in-memory transaction per table.
+
+With autocommit off, libiptc edits a private copy of a table and `commit()`
+swaps it into the kernel in one call, so each table changes atomically without
+spawning a process per rule. python-iptables does not take the xtables lock,
+so this backend takes it (as `iptables -w` does) around reading and committing.
+
+Two python-iptables 1.2.0 quirks shape the code. Building a `REDIRECT` target
+for one family makes the other family's `REDIRECT` unfindable in the same
+process, so IPv6 is applied in a child forked before iptc is imported here.
+And importing iptc is slow when it has to search for the xtables extension
+directory, so a known one is set first. iptc is imported only by this module,
+only when the backend is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import time
+from types import ModuleType
+from typing import Any, Iterator, Mapping
+
+import contextlib
+
+from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, Tools
+from istio_init.errors import ApplyError
+from istio_init.model import INSERT, Rule
+from istio_init.reconcile import TableChange
+from istio_init.render import rule_spec
+
+XTABLES_LOCK = "/run/xtables.lock"
+_XTABLES_LIBDIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables",
+                    "/usr/lib64/xtables", "/usr/lib/xtables", "/lib/xtables", "/usr/libexec/xtables")
+
+
+def lock_path() -> str:
+    return os.environ.get("XTABLES_LOCKFILE") or XTABLES_LOCK
+
+
+@contextlib.contextmanager
+def xtables_lock(timeout: float = WAIT_SECONDS) -> Iterator[None]:
+    """Hold the lock every iptables binary takes before changing tables."""
+    path = lock_path()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ApplyError(f"cannot open the xtables lock {path}: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ApplyError(f"another process held the xtables lock {path} for {timeout:g}s") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _import_iptc() -> ModuleType:
+    for libdir in _XTABLES_LIBDIRS:
+        if os.path.isdir(libdir):
+            os.environ.setdefault("XTABLES_LIBDIR", libdir)
+            break
+    try:
+        import iptc
+    except Exception as exc:  # python-iptables raises plain Exceptions when libraries are missing
+        raise ApplyError(f"--iptables-backend libiptc: python-iptables cannot load libiptc: {exc}") from None
+    return iptc
+
+
+class _Family:
+    """One family's iptc classes and the libiptc calls python-iptables does not wrap."""
+
+    def __init__(self, iptc: ModuleType, family: int) -> None:
+        self.iptc = iptc
+        self.family = family
+        if family == 6:
+            self.table_class, self.rule_class = iptc.Table6, iptc.Rule6
+            self._delete_num = iptc.ip6tc._libiptc.ip6tc_delete_num_entry
+        else:
+            self.table_class, self.rule_class = iptc.Table, iptc.Rule
+            self._delete_num = iptc.ip4tc._libiptc.iptc_delete_num_entry
+        self._delete_num.restype = ctypes.c_int
+
+    def delete_number(self, table: Any, chain: str, number: int) -> None:
+        """Delete rule `number` (1-based) of `chain`, as `iptables -D CHAIN N`."""
+        if self._delete_num(chain.encode(), ctypes.c_uint(number - 1), table._handle) != 1:
+            raise self.iptc.IPTCError(table.strerror())
+
+    def build(self, rule: Rule) -> Any:
+        """An iptc rule from the model's parts (values are already in canonical form)."""
+        built = self.rule_class()
+        if rule.protocol:
+            built.protocol = rule.protocol
+        if rule.source:
+            built.src = rule.source
+        if rule.destination:
+            built.dst = ("!" if rule.negate_destination else "") + rule.destination
+        if rule.in_interface:
+            built.in_interface = rule.in_interface
+        if rule.out_interface:
+            built.out_interface = rule.out_interface
+        for match in rule.matches:
+            made = built.create_match(match.module)
+            for opt in match.options:
+                made.set_parameter(opt.name, ("!" if opt.negated else "") + opt.value)
+        target = built.create_target(rule.target)
+        for opt in rule.target_options:
+            target.set_parameter(opt.name, opt.value)
+        return built
+
+    def apply_table(self, change: TableChange) -> None:
+        table = self.table_class(change.table, autocommit=False)
+        table.refresh()  # the cached handle may predate the lock
+        chain, spec = "-", "(chain operations)"
+        try:
+            for chain, number in change.delete_rules:
+                spec = f"-D {chain} {number}"
+                self.delete_number(table, chain, number)
+            for chain in change.flush_chains:
+                spec = f"-F {chain}"
+                table.flush_entries(chain)
+            for chain in change.create_chains:
+                spec = f"-N {chain}"
+                table.create_chain(chain)
+            for chain in change.delete_chains:
+                spec = f"-F {chain}"
+                table.flush_entries(chain)
+            for chain in change.delete_chains:
+                spec = f"-X {chain}"
+                table.delete_chain(chain)
+            for step in change.steps:
+                chain = step.rule.chain
+                spec = f"{'-I' if step.op == INSERT else '-A'} {chain} {rule_spec(step.rule)}"
+                built = self.build(step.rule)
+                target_chain = self.iptc.Chain(table, chain)
+                if step.op == INSERT:
+                    target_chain.insert_rule(built, 0)
+                else:
+                    target_chain.append_rule(built)
+            chain, spec = "-", "COMMIT"
+            table.commit()
+        except Exception as exc:  # IPTCError, XTablesError, ValueError from python-iptables
+            table.refresh()  # drop the uncommitted copy
+            family = "ip6tables" if self.family == 6 else "iptables"
+            raise ApplyError(f"libiptc {family}: table {change.table}, chain {chain}, rule `{spec}`: "
+                             f"{exc or type(exc).__name__}") from None
+
+
+def _apply_family(family: int, changes: list[TableChange], after_commit: CommitHook) -> None:
+    fam = _Family(_import_iptc(), family)
+    for change in changes:
+        fam.apply_table(change)
+        after_commit(family, change.table)
+
+
+class LibiptcBackend(SaveToolsMixin):
+    """python-iptables on the legacy (x_tables) kernel tables."""
+
+    name = "libiptc"
+
+    def __init__(self) -> None:
+        self.tools = Tools("legacy")
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return xtables_lock()
+
+    def apply(self, changes: Mapping[int, list[TableChange]], after_commit: CommitHook) -> None:
+        todo = {family: c for family, c in changes.items() if c}
+        child = _fork_family(6, todo.pop(6), after_commit) if 6 in todo and todo else None
+        error: ApplyError | None = None
+        try:
+            for family, family_changes in todo.items():
+                _apply_family(family, family_changes, after_commit)
+        except ApplyError as exc:
+            error = exc
+        finally:
+            child_error = _wait_child(*child) if child else None
+        if error or child_error:
+            raise error or child_error  # type: ignore[misc]
+
+
+def _fork_family(family: int, changes: list[TableChange], after_commit: CommitHook) -> tuple[int, int]:
+    """Apply one family in a child process; returns (pid, read end of its error pipe)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            _apply_family(family, changes, after_commit)
+            code = 0
+        except BaseException as exc:  # everything must reach the parent as a message
+            os.write(write_end, (str(exc) or type(exc).__name__).encode()[:4000])
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    return pid, read_end
+
+
+def _wait_child(pid: int, read_end: int) -> ApplyError | None:
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace")
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    return ApplyError(message or f"libiptc ip6tables: the IPv6 process failed (status {status})")
