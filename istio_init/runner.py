@@ -63,7 +63,11 @@ def run(config: Config) -> None:
         return
     from istio_init import apply
 
-    apply.run(config, rule_plan)
+    apply.run(config, rule_plan)  # does nothing with --skip-rule-apply
+    if config.run_validation:
+        from istio_init import validation
+
+        validation.run(config, ipv6)
 
 
 def clean(config: Config) -> None:

@@ -327,53 +327,15 @@ def remove_namespace(name: str) -> None:
 def apply_istio_init(namespace: str, args: Sequence[str], ipv6: bool) -> None:
     """Install istio-init's rules in the pod: the ONE place the harness applies rules.
 
-    Until istio_init/apply.py lands this loads the dry-run text with
-    iptables-legacy-restore --noflush and adds the TPROXY policy route itself;
-    afterwards it runs the real CLI with --network-namespace.
+    This is the real command (`istio-init FLAGS --network-namespace ...`), so the
+    traffic tests cover the apply path too. The legacy backend is pinned because
+    the tests read and break rules with the iptables-legacy tools.
     """
-    flags = [*args, "--ipv6", "true" if ipv6 else "false"]
-    if (Path(__file__).resolve().parents[1] / "istio_init" / "apply.py").exists():
-        done = subprocess.run([PYTHON, "-m", "istio_init", *flags, "--iptables-backend", "legacy",
-                               "--network-namespace", f"/run/netns/{namespace}"],
-                              capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"istio-init apply failed ({done.returncode}): {done.stderr.strip()}")
-        return
-    from istio_init.render import split_families
-
-    dry = subprocess.run([PYTHON, "-m", "istio_init", *flags, "-n"], capture_output=True, text=True,
-                         timeout=60, check=True)
-    v4, v6 = split_families(dry.stdout)
-    subprocess.run([*_nsenter(namespace), "iptables-legacy-restore", "--noflush"], input=v4, text=True,
-                   check=True, capture_output=True, timeout=30)
-    if v6:
-        subprocess.run([*_nsenter(namespace), "ip6tables-legacy-restore", "--noflush"], input=v6, text=True,
-                       check=True, capture_output=True, timeout=30)
-    _policy_routes(namespace, args, ipv6)
-
-
-def _policy_routes(namespace: str, args: Sequence[str], ipv6: bool) -> None:
-    """What apply does outside iptables: TPROXY's fwmark route and the IPv6 ::6 address."""
-    from pyroute2 import NetNS
-
-    from istio_init.cli import cli  # the run command's own parser gives the Config
-
-    ctx = cli.commands["run"].make_context("run", [*args, "--ipv6", "true" if ipv6 else "false"])
-    from istio_init.config import from_sources
-    from istio_init.plan import plan
-
-    given = {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
-    rule_plan = plan(from_sources(given, environ={}), ipv6)
-    with NetNS(namespace) as ns:
-        lo = ns.link_lookup(ifname="lo")[0]
-        for address in rule_plan.loopback_addresses:
-            ip, prefix = address.split("/")
-            ns.addr("add", index=lo, address=ip, prefixlen=int(prefix), flags=0x02)
-    for route in rule_plan.routes:
-        ip = ["ip", "-4" if route.family == 4 else "-6"]
-        for argv in ([*ip, "rule", "add", "fwmark", str(route.fwmark), "lookup", str(route.table)],
-                     [*ip, "route", "add", "local", "default", "dev", "lo", "table", str(route.table)]):
-            subprocess.run([*_nsenter(namespace), *argv], check=True, capture_output=True, timeout=10)
+    argv = [PYTHON, "-m", "istio_init", *args, "--ipv6", "true" if ipv6 else "false", "--iptables-backend",
+            "legacy", "--network-namespace", f"/run/netns/{namespace}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"istio-init apply failed ({done.returncode}): {done.stderr.strip()}")
 
 
 @dataclass
@@ -387,12 +349,14 @@ class Pod:
     servers: list[Server] = field(default_factory=list)
 
     @classmethod
-    def up(cls, args: Sequence[str], ipv6: bool = True, listeners: bool = True, tag: str = "pod") -> "Pod":
+    def up(cls, args: Sequence[str], ipv6: bool = True, listeners: bool = True, tag: str = "pod",
+           apply: bool = True) -> "Pod":
         suffix = f"{os.getpid()}-{tag}"
         pod = cls(f"iit-{suffix}", f"iip-{suffix}", tuple(args), ipv6)
         try:
             wire(pod.name, pod.peer)
-            apply_istio_init(pod.name, args, ipv6)
+            if apply:
+                apply_istio_init(pod.name, args, ipv6)
             if listeners:
                 pod.start_listeners()
         except BaseException:
