@@ -146,8 +146,8 @@ def _connect_as(probe: Probe, port: int, uid: int, gid: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def _accept_probe(listeners: list[socket.socket], port: int, wait: float) -> tuple[bool, list[str]]:
-    """Accept what arrived; True if a connection's original destination port is the probe port."""
+def _accept_probe(listeners: list[socket.socket], port: int, wait: float) -> tuple[str, list[str]]:
+    """Accept what arrived; the listener's address if a connection's original port is the probe port."""
     seen: list[str] = []
     ready, _, _ = select.select(listeners, [], [], wait)
     for listener in ready:
@@ -163,9 +163,9 @@ def _accept_probe(listeners: list[socket.socket], port: int, wait: float) -> tup
             except OSError:
                 pass
         if original == port:
-            return True, seen
+            return _join(*listener.getsockname()[:2]), seen
         seen.append(f"a connection reached {_join(*listener.getsockname()[:2])} with original port {original}")
-    return False, seen
+    return "", seen
 
 
 def probe_family(config: Config, probe: Probe, deadline: float) -> str:
@@ -186,9 +186,9 @@ def probe_family(config: Config, probe: Probe, deadline: float) -> str:
         while True:
             attempts += 1
             outcome = _connect_as(probe, config.iptables_probe_port, uid, gid)
-            ok, seen = _accept_probe(listeners, config.iptables_probe_port, 0.5 if not outcome else 0)
-            if ok:
-                return f"IPv{probe.family}: {target} was redirected to a capture port after {attempts} attempt(s)"
+            reached, seen = _accept_probe(listeners, config.iptables_probe_port, 0.5 if not outcome else 0)
+            if reached:
+                return f"IPv{probe.family}: {target} was redirected to {reached} after {attempts} attempt(s)"
             if outcome.startswith("cannot switch"):
                 last = outcome
                 break

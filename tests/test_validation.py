@@ -50,7 +50,7 @@ def test_validation_passes_with_tproxy_and_custom_ports() -> None:
     try:
         done = validate(pod, "--iptables-probe-port", "16002")
         assert done.returncode == 0, done.stderr
-        assert "validation passed: IPv4: 127.0.0.6:16002" in done.stderr
+        assert "validation passed: IPv4: 127.0.0.6:16002 was redirected to 127.0.0.1:16006" in done.stderr
     finally:
         pod.down()
 
