@@ -12,6 +12,7 @@ namespace, which would otherwise both decide from the same old state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import sys
@@ -22,13 +23,15 @@ from typing import Iterator
 from istio_init.backends import base
 from istio_init.config import Config
 from istio_init.errors import ApplyError
-from istio_init.model import RulePlan
+from istio_init.model import APPEND, Rule, RulePlan, Step
 from istio_init.reconcile import TableChange, reconcile, restore_text
 from istio_init.savefile import parse_save
 
 # Test-only fault injection, read nowhere else: `after-commit:TABLE` fails right after
 # the IPv4 commit of TABLE, `ipv6` after the first IPv6 table commit, `route` after
-# the TPROXY route step has changed something. Never set in production.
+# the TPROXY route step has changed something, and `reject:TABLE` adds to the IPv4
+# changes of TABLE a jump to a chain that does not exist, which the kernel or the
+# restore tool refuses (the real error path). Never set in production.
 FAULT_ENV = "ISTIO_INIT_FAULT"
 LOCK_FILE = "/run/istio-init.lock"
 LOCK_WAIT_SECONDS = 60
@@ -103,6 +106,17 @@ def table_blocks(text: str, tables: list[str]) -> str:
         if line.strip() == "COMMIT":
             current = None
     return "".join("\n".join(blocks.get(t) or [f"*{t}", "COMMIT"]) + "\n" for t in tables)
+
+
+def _with_rejected_rule(changes: list[TableChange], table: str) -> list[TableChange]:
+    """`reject:TABLE`: the table's last rule is followed by a jump to a missing chain."""
+    out = []
+    for change in changes:
+        if change.table == table and change.steps:
+            bogus = Step(APPEND, Rule(table, change.steps[-1].rule.chain, "NO_SUCH_CHAIN_FAULT"))
+            change = dataclasses.replace(change, steps=(*change.steps, bogus))
+        out.append(change)
+    return out
 
 
 def _fault_hook(fault: str) -> base.CommitHook:
@@ -194,6 +208,8 @@ def run(config: Config, rule_plan: RulePlan) -> None:
         with backend.session():
             live = state.read(families)
             state.changes = {f: reconcile(live[f], plans[f]) for f in families}
+            if fault.startswith("reject:"):
+                state.changes[4] = _with_rejected_rule(state.changes[4], fault.split(":", 1)[1])
             try:
                 backend.apply(state.changes, _fault_hook(fault))
                 error = None

@@ -56,7 +56,7 @@ class TableChange:
     """One table's transaction: run in field order, committed at once."""
 
     table: str
-    # (built-in chain, 1-based rule number), highest number first within a chain,
+    # (chain, 1-based rule number) outside ISTIO_ chains, highest number first within a chain,
     # so each deletion leaves the numbers still to delete valid.
     delete_rules: tuple[tuple[str, int], ...]
     # ISTIO_ chains the plan uses: flushed when they exist, created otherwise.
@@ -72,12 +72,16 @@ class TableChange:
 
 
 def _ours_in_table(table: SavedTable) -> list[tuple[str, int]]:
-    """(chain, 1-based number) of our rules in built-in chains, highest first per chain."""
+    """(chain, 1-based number) of our rules outside ISTIO_ chains, highest first per chain.
+
+    That is our rules in built-in chains, and jumps to ISTIO_ chains from
+    anyone's chain (an ISTIO_ chain cannot be deleted while referenced).
+    """
     found: list[tuple[str, int]] = []
     numbers: dict[str, int] = {}
     for chain, spec in table.rules:
         numbers[chain] = numbers.get(chain, 0) + 1
-        if is_builtin(table.name, chain) and is_ours(table.name, chain, spec):
+        if not chain.startswith(ISTIO_PREFIX) and is_ours(table.name, chain, spec):
             found.append((chain, numbers[chain]))
     return sorted(found, key=lambda item: (item[0], -item[1]))
 

@@ -16,19 +16,36 @@ from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, T
 from istio_init.errors import ApplyError
 from istio_init.reconcile import TableChange, restore_text
 
-_FAILED_LINE = re.compile(r"line (\d+) failed")
+_FAILED_LINE = re.compile(r"(?:line:? (\d+) failed|Error occurred at line: (\d+))")
+_QUOTED = re.compile(r"[`'](\S+?)'")
 
 
-def describe_line(text: str, number: int) -> str:
-    """'table nat, chain X, rule `-A X ...`' for line `number` (1-based) of restore text."""
+def describe_line(text: str, number: int, error: str = "") -> str:
+    """'table nat, chain X, rule `-A X ...`' for line `number` (1-based) of restore text.
+
+    iptables-nft-restore reports some refusals at the COMMIT line; then the
+    rule is found by the name the error quotes (a missing chain or target).
+    """
     lines = text.splitlines()
     if not 1 <= number <= len(lines):
         return f"line {number}"
-    table = next((ln[1:] for ln in reversed(lines[:number]) if ln.startswith("*")), "?")
+    start = max(i for i in range(number) if lines[i].startswith("*"))
+    table = lines[start][1:]
     line = lines[number - 1]
+    if line == "COMMIT":
+        named = _QUOTED.findall(error)
+        line = next((ln for ln in lines[start:number] for name in named if f" {name}" in f" {ln} " and
+                     ln.startswith("-")), line)
     words = line.split()
-    chain = words[1] if len(words) > 1 and line.startswith("-") else line.lstrip(":").split()[0]
-    return f"table {table}, chain {chain}, rule `{line}`"
+    if line.startswith("-") and len(words) > 1:
+        return f"table {table}, chain {words[1]}, rule `{line}`"
+    return f"table {table}, `{line}`"
+
+
+def _reason(error: str) -> str:
+    """The tool's first line without its `iptables-restore v1.8.9 (legacy): ` prefix."""
+    first = error.strip().splitlines()[0] if error.strip() else "failed"
+    return re.sub(r"^\S*tables\S*restore v[\d.]+ \(\w+\): ", "", first)
 
 
 class RestoreBackend(SaveToolsMixin):
@@ -46,10 +63,9 @@ class RestoreBackend(SaveToolsMixin):
             argv = [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
             done = run_tool(argv, text)
             if done.returncode != 0:
-                error = done.stderr.strip()
-                found = _FAILED_LINE.search(error)
-                where = describe_line(text, int(found.group(1))) if found else "tables " + ", ".join(
-                    c.table for c in family_changes)
-                raise ApplyError(f"{argv[0]}: {where} failed: {error.splitlines()[-1] if error else done.returncode}")
+                found = _FAILED_LINE.search(done.stderr)
+                where = (describe_line(text, int(found.group(1) or found.group(2)), done.stderr) if found
+                         else "tables " + ", ".join(c.table for c in family_changes))
+                raise ApplyError(f"{argv[0]}: {where}: {_reason(done.stderr)}")
             for change in family_changes:
                 after_commit(family, change.table)
