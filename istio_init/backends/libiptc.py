@@ -15,6 +15,7 @@ only when the backend is used.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -22,8 +23,6 @@ import os
 import time
 from types import ModuleType
 from typing import Any, Iterator, Mapping
-
-import contextlib
 
 from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, Tools
 from istio_init.errors import ApplyError
@@ -174,7 +173,8 @@ class LibiptcBackend(SaveToolsMixin):
 
     def apply(self, changes: Mapping[int, list[TableChange]], after_commit: CommitHook) -> None:
         todo = {family: c for family, c in changes.items() if c}
-        child = _fork_family(6, todo.pop(6), after_commit) if 6 in todo and todo else None
+        # Both families to change: IPv6 in a child forked before iptc is imported here.
+        child = _fork_family(6, todo.pop(6), after_commit) if 4 in todo and 6 in todo else None
         error: ApplyError | None = None
         try:
             for family, family_changes in todo.items():
