@@ -18,14 +18,17 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from istio_init.backends import base
 from istio_init.config import Config
 from istio_init.errors import ApplyError
-from istio_init.model import APPEND, Rule, RulePlan, Step
+from istio_init.model import APPEND, FamilyPlan, Rule, RulePlan, Step
 from istio_init.reconcile import TableChange, reconcile, restore_text
-from istio_init.savefile import parse_save
+from istio_init.savefile import SavedTable, parse_save
+
+if TYPE_CHECKING:
+    from istio_init.netns import Routing
 
 # Test-only fault injection, read nowhere else: `after-commit:TABLE` fails right after
 # the IPv4 commit of TABLE, `ipv6` after the first IPv6 table commit, `route` after
@@ -133,12 +136,12 @@ class _Run:
     backend: base.Backend
     snapshots: dict[int, str] = field(default_factory=dict)
     changes: dict[int, list[TableChange]] = field(default_factory=dict)
-    added_routing: list = field(default_factory=list)
-    removed_routing: list = field(default_factory=list)
+    added_routing: list[Routing] = field(default_factory=list)
+    removed_routing: list[Routing] = field(default_factory=list)
     added_addresses: list[str] = field(default_factory=list)
     removed_addresses: list[str] = field(default_factory=list)
 
-    def read(self, families: list[int]) -> dict[int, dict]:
+    def read(self, families: list[int]) -> dict[int, dict[str, SavedTable]]:
         live = {}
         for family in families:
             self.snapshots[family] = self.backend.read(family)
@@ -181,7 +184,7 @@ def _fail(run: _Run, error: ApplyError) -> ApplyError:
 
 # ---- apply ----------------------------------------------------------------------------
 
-def _divert_marks(live_v4: dict) -> set[int]:
+def _divert_marks(live_v4: dict[str, SavedTable]) -> set[int]:
     """TPROXY marks set by live ISTIO_DIVERT rules (found by clean and by a re-run)."""
     marks = set()
     table = live_v4.get("mangle")
@@ -253,7 +256,7 @@ def _apply_routing(state: _Run, rule_plan: RulePlan, live_marks: set[int], fault
         raise ApplyError(f"route step, {step}: {exc}") from None
 
 
-def _print_tables(backend: base.Backend, plans: dict, changes: dict[int, list[TableChange]]) -> None:
+def _print_tables(backend: base.Backend, plans: dict[int, FamilyPlan], changes: dict[int, list[TableChange]]) -> None:
     """Istio prints iptables-save (and ip6tables-save) after applying; so do we, for our tables."""
     out = []
     for family, plan in plans.items():

@@ -152,10 +152,11 @@ def snapshot(ns: Namespace, flavour: str) -> tuple[str, str, dict]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_round_trip_and_rerun(netns: Namespace, case: Case, backend: str) -> None:
+def test_round_trip_rerun_other_flags_clean(netns: Namespace, case: Case, backend: str) -> None:
     args = [*case.args, "--ipv6", "true" if case.ipv6 else "false", "--iptables-backend", backend]
     golden_v4, golden_v6 = (normalize(part) for part in split_families(case.golden.read_text()))
     flavour = SAVE_TOOL[backend]
+    fresh_routing = routing(netns)
 
     first = istio_init(netns, *args, env=case.env)
     assert normalize(save(netns, flavour, 4)) == golden_v4
@@ -167,6 +168,23 @@ def test_round_trip_and_rerun(netns: Namespace, case: Case, backend: str) -> Non
     before = exact(save(netns, flavour, 4)), exact(save(netns, flavour, 6))
     istio_init(netns, *args, env=case.env)
     assert (exact(save(netns, flavour, 4)), exact(save(netns, flavour, 6))) == before
+
+    # Different flags (the next case of the same family) converge to that case's golden text.
+    other = _next_case(case)
+    istio_init(netns, *other.args, "--ipv6", "true" if other.ipv6 else "false", "--iptables-backend", backend,
+               env=other.env)
+    other_v4, other_v6 = (normalize(part) for part in split_families(other.golden.read_text()))
+    assert normalize(save(netns, flavour, 4)) == other_v4
+    assert normalize(save(netns, flavour, 6)) == other_v6
+
+    istio_init(netns, "clean", "--iptables-backend", backend)
+    assert normalize(save(netns, flavour, 4)) == {} and normalize(save(netns, flavour, 6)) == {}
+    assert routing(netns) == fresh_routing  # TPROXY rule and route, ::6 on lo: gone
+
+
+def _next_case(case: Case) -> Case:
+    same_family = [c for c in CASES if c.ipv6 == case.ipv6]
+    return same_family[(same_family.index(case) + 1) % len(same_family)]
 
 
 # ---- re-runs with other flags, then clean ---------------------------------------------
