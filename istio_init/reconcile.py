@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from istio_init.model import INSERT, FamilyPlan, Step, is_builtin
+from istio_init.model import INSERT, FamilyPlan, Step
 from istio_init.render import rule_spec
 from istio_init.savefile import SavedTable
 
@@ -65,10 +65,6 @@ class TableChange:
     # ISTIO_ chains the plan no longer uses: all flushed first, then deleted.
     delete_chains: tuple[str, ...]
     steps: tuple[Step, ...]
-
-    @property
-    def removes_only(self) -> bool:
-        return not self.steps and not self.create_chains and not self.flush_chains
 
 
 def _ours_in_table(table: SavedTable) -> list[tuple[str, int]]:
