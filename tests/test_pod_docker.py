@@ -137,9 +137,9 @@ class Pod:
         return docker("run", "--rm", "--name", self.name(role), *self.in_pod(), *SEED_SECURITY,
                       IMAGE, *SEED_ARGS, timeout=120, check=False)
 
-    def iptables_save(self) -> str:
+    def iptables_save(self, role: str) -> str:
         """What both iptables backends show in the pod (counters zeroed, comments dropped)."""
-        out = docker("run", "--rm", "--name", self.name("save"), *self.in_pod(), *SEED_SECURITY,
+        out = docker("run", "--rm", "--name", self.name(role), *self.in_pod(), *SEED_SECURITY,
                      "--entrypoint", "sh", IMAGE, "-c",
                      "echo '# legacy'; iptables-legacy-save; echo '# nft'; iptables-nft-save").stdout
         lines = []
@@ -205,10 +205,10 @@ def pod() -> Iterator[Pod]:
 
 def test_seed_init_container_captures_pod_traffic(pod: Pod) -> None:
     # Docker's embedded DNS already has NAT rules in the pod; they must stay as they are.
-    before = nat_appends(pod.iptables_save())
+    before = nat_appends(pod.iptables_save("save-before"))
     first = pod.init("init")
     assert first.returncode == 0, f"init container failed ({first.returncode}):\n{first.stderr}"
-    rules = pod.iptables_save()
+    rules = pod.iptables_save("save-first")
 
     # What the init container added is exactly the seed's dry run (its -A lines, in order).
     dry_run = docker("run", "--rm", "--name", pod.name("dryrun"), *pod.in_pod(), *SEED_SECURITY,
@@ -237,5 +237,5 @@ def test_seed_init_container_captures_pod_traffic(pod: Pod) -> None:
     # An init container restart: the same image and args again in the same pod.
     second = pod.init("init-again")
     assert second.returncode == 0, f"second init run failed ({second.returncode}):\n{second.stderr}"
-    assert pod.iptables_save() == rules
+    assert pod.iptables_save("save-again") == rules
     check_traffic()
