@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Mapping, NamedTuple, Union
 
 from istio_init.errors import ConfigError
 
@@ -36,8 +36,7 @@ _RESERVED_ROUTE_TABLES = {0, 253, 254, 255}
 _IFNAMSIZ = 16
 
 
-@dataclass(frozen=True)
-class FlagSpec:
+class FlagSpec(NamedTuple):
     """One command-line flag: its names, environment fallback, default and help."""
 
     dest: str

@@ -6,11 +6,16 @@ canonical spelling (`/32` suffixes, `--set-xmark 0x539/0xffffffff`), so that
 rendering is a join and a round trip through the kernel reads back unchanged.
 A `FamilyPlan` keeps the operations in the order Istio creates them; the
 final order of each chain (position-1 inserts reversed) is derived, not stored.
+
+The types are typed NamedTuples rather than frozen dataclasses: just as
+immutable and comparable, but defining them costs a tenth as much, and every
+pod start defines them (a frozen dataclass is about 0.5 ms of generated code
+each) and the large configurations build thousands of rules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 APPEND = "A"
 INSERT = "I"  # always at position 1, as Istio does
@@ -24,8 +29,7 @@ BUILTIN_CHAINS = {
 }
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One `--name value` of a match or target, optionally negated with `!`."""
 
     name: str
@@ -33,16 +37,14 @@ class Option:
     negated: bool = False
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(NamedTuple):
     """`-m module --option value ...`."""
 
     module: str
     options: tuple[Option, ...]
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     table: str
     chain: str
     target: str
@@ -65,8 +67,7 @@ class Rule:
         return None
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One rule operation, in creation order."""
 
     op: str  # APPEND or INSERT
@@ -77,8 +78,7 @@ def is_builtin(table: str, chain: str) -> bool:
     return chain in BUILTIN_CHAINS.get(table, ())
 
 
-@dataclass(frozen=True)
-class FamilyPlan:
+class FamilyPlan(NamedTuple):
     """The rules of one IP family, as the ordered operations that create them."""
 
     family: int  # 4 or 6
@@ -114,8 +114,7 @@ class FamilyPlan:
         return chains
 
 
-@dataclass(frozen=True)
-class PolicyRoute:
+class PolicyRoute(NamedTuple):
     """TPROXY's `ip rule add fwmark MARK lookup TABLE` and its `local default dev lo` route."""
 
     family: int
@@ -123,15 +122,14 @@ class PolicyRoute:
     table: int
 
 
-@dataclass(frozen=True)
-class RulePlan:
+class RulePlan(NamedTuple):
     """Everything one run of istio-init installs."""
 
     ipv4: FamilyPlan
     ipv6: FamilyPlan | None = None
     routes: tuple[PolicyRoute, ...] = ()
     # Addresses added to `lo` (IPv6 pods get ::6, the inbound passthrough source).
-    loopback_addresses: tuple[str, ...] = field(default=())
+    loopback_addresses: tuple[str, ...] = ()
 
     def families(self) -> list[FamilyPlan]:
         return [self.ipv4] if self.ipv6 is None else [self.ipv4, self.ipv6]

@@ -11,8 +11,7 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from istio_init.errors import IstioInitError
 
@@ -37,9 +36,9 @@ def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _dump(request_type: int, body: bytes) -> list[tuple[int, bytes]]:
+def _dump(request_type: int, body: bytes, protocol: int = socket.NETLINK_ROUTE) -> list[tuple[int, bytes]]:
     """One netlink dump request; returns (message type, payload) of every reply."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as sock:
         sock.settimeout(5)
         header = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), request_type, _NLM_F_REQUEST_DUMP, 1, 0)
         sock.sendall(header + body)
@@ -53,6 +52,8 @@ def _dump(request_type: int, body: bytes) -> list[tuple[int, bytes]]:
                     return messages
                 if msg_type == _NLMSG_ERROR:
                     errno = -struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)[0]
+                    if errno == 0:  # an acknowledgement ends some dumps
+                        return messages
                     raise OSError(errno, os.strerror(errno))
                 messages.append((msg_type, data[offset + _NLMSG_HEADER.size:offset + length]))
                 offset += _align(length)
@@ -105,6 +106,38 @@ def detect_ipv6() -> bool:
     return bool(addresses) and addresses[0].version == 6
 
 
+_NETLINK_NETFILTER = 12
+_NFT_GETTABLE = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
+_NFT_NEWTABLE = (10 << 8) | 0
+_NFGENMSG = struct.Struct("=BBH")
+_NFTA_TABLE_NAME = 1
+_NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
+IPTABLES_TABLE_NAMES = frozenset({"filter", "nat", "mangle", "raw", "security"})
+
+
+def iptables_nft_tables(family: int) -> set[str]:
+    """The iptables tables that iptables-nft has made in this namespace, for one family.
+
+    `auto` must not put legacy rules beside nft-based ones. Asking nf_tables
+    over netlink takes well under a millisecond; running `iptables-nft-save`
+    to find out costs a process start on every pod. A kernel without
+    nf_tables has none.
+    """
+    try:
+        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO[family], 0, 0), _NETLINK_NETFILTER)
+    except OSError:
+        return set()
+    names = set()
+    for msg_type, payload in replies:
+        if msg_type != _NFT_NEWTABLE or payload[0] != _NFPROTO[family]:
+            continue
+        raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
+        name = raw.split(b"\0", 1)[0].decode(errors="replace")
+        if name in IPTABLES_TABLE_NAMES:
+            names.add(name)
+    return names
+
+
 def enter(path: str) -> None:
     """Move this process (single-threaded) into the network namespace at `path`."""
     import ctypes
@@ -130,8 +163,7 @@ _RT_SCOPE_HOST = 254
 _RTPROT_BOOT = 3  # what `ip route add` records
 
 
-@dataclass(frozen=True)
-class Routing:
+class Routing(NamedTuple):
     """One policy rule (`kind` "rule") or `local default dev lo` route ("route", fwmark 0)."""
 
     kind: str

@@ -12,7 +12,7 @@ chains without an ISTIO_ jump; everything else is left exactly where it is.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from istio_init.model import INSERT, FamilyPlan, Step
 from istio_init.render import rule_spec
@@ -51,8 +51,7 @@ def is_ours(table: str, chain: str, spec: str) -> bool:
     return any(p.fullmatch(spec) for p in _BUILTIN_SHAPES.get((table, chain), ()))
 
 
-@dataclass(frozen=True)
-class TableChange:
+class TableChange(NamedTuple):
     """One table's transaction: run in field order, committed at once."""
 
     table: str

@@ -329,7 +329,7 @@ def test_network_namespace_by_proc_path_changes_only_that_namespace(netns: Names
 def test_auto_uses_nft_when_the_namespace_has_nft_rules(netns: Namespace) -> None:
     restore(netns, "nft", 4, UNRELATED_V4)
     done = istio_init(netns, "-i", "*", "--ipv6", "false")
-    assert "iptables backend nft (auto: the namespace already has iptables-nft rules)" in done.stderr
+    assert "iptables backend nft (auto: the namespace already has iptables-nft tables)" in done.stderr
     check_state(netns, "nft", 4, expected(["-i", "*"], False)[0], UNRELATED_V4)
     assert "ISTIO" not in save(netns, "legacy", 4)
 

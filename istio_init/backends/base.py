@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Mapping, Protocol
+from typing import Callable, ContextManager, Iterator, Mapping, NamedTuple, Protocol
 
 from istio_init.errors import ApplyError
 from istio_init.reconcile import TableChange
@@ -22,8 +21,7 @@ CommitHook = Callable[[int, str], None]
 WAIT_SECONDS = 30  # how long to wait for the xtables lock, as `iptables -w 30`
 
 
-@dataclass(frozen=True)
-class Tools:
+class Tools(NamedTuple):
     """The save/restore binaries of one iptables flavour."""
 
     flavour: str  # "legacy" or "nft"

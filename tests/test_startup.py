@@ -1,0 +1,84 @@
+"""Start-up budget guards: what the common paths must not import (not timings).
+
+An init container delays every pod start, and in Python imports are where
+start-up time goes: python-iptables costs 230-400 ms through its slow paths,
+pyroute2 about 130 ms, setuptools' distutils shim over 100 ms. These tests
+read `-X importtime` of real istio-init processes, so they fail the moment a
+change pulls one of them onto a path that must not have it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from cases import SEED_ARGS
+from clirun import clean_environ
+
+SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources")
+
+
+def imported_modules(argv: list[str], netns=None) -> set[str]:
+    """Top-level names of every module a real `python -m istio_init` process imported."""
+    command = [sys.executable, "-X", "importtime", "-m", "istio_init", *argv]
+    if netns is not None:
+        command = ["nsenter", f"--net={netns.path}", *command]
+    done = subprocess.run(command, capture_output=True, text=True, env=clean_environ(), timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = set()
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    assert "click" in names  # the importtime output was read at all
+    return names
+
+
+def test_dry_run_imports_nothing_slow() -> None:
+    names = imported_modules([*SEED_ARGS, "-n"])
+    assert not names & set(SLOW_FOR_DRY_RUN), sorted(names & set(SLOW_FOR_DRY_RUN))
+
+
+def test_dry_run_with_ipv6_and_tproxy_imports_nothing_slow() -> None:
+    names = imported_modules([*SEED_ARGS, "-m", "TPROXY", "--redirect-dns", "-n", "--ipv6", "true"])
+    assert not names & set(SLOW_FOR_DRY_RUN)
+
+
+@pytest.mark.root
+def test_common_apply_imports_no_pyroute2_and_no_setuptools(netns) -> None:
+    """An IPv4 pod in REDIRECT mode, applied with libiptc (what auto picks for the seed)."""
+    names = imported_modules([*SEED_ARGS, "--iptables-backend", "auto"], netns)
+    assert "iptc" in names  # the libiptc path really ran
+    assert not names & {"pyroute2", "setuptools", "pkg_resources"}
+
+
+@pytest.mark.root
+def test_tproxy_apply_does_import_pyroute2(netns) -> None:
+    """The guard above can fail: the TPROXY route step is where pyroute2 is needed."""
+    names = imported_modules([*SEED_ARGS, "-m", "TPROXY", "--iptables-backend", "legacy"], netns)
+    assert "pyroute2" in names
+
+
+def test_iptc_import_leaves_ctypes_util_as_it_was() -> None:
+    """The fast import swaps ctypes.util and setuptools' shim only while importing iptc."""
+    code = ("import sys, ctypes; from istio_init.backends.libiptc import _import_iptc; "
+            "had = 'ctypes.util' in sys.modules; iptc = _import_iptc(); "
+            "assert ('ctypes.util' in sys.modules) == had; "
+            "import ctypes.util; assert ctypes.util.find_library.__module__ == 'ctypes.util'; "
+            "assert iptc.Table and iptc.Table6; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_auto_sends_large_plans_to_the_restore_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from istio_init import apply
+    from istio_init.config import from_sources
+
+    monkeypatch.setattr(apply, "_nft_has_rules", lambda families: False)
+    monkeypatch.setattr(apply, "_legacy_available", lambda families: True)
+    config = from_sources({}, environ={})
+    small = apply.choose_backend(config, [4], rule_count=25)
+    large = apply.choose_backend(config, [4], rule_count=apply.AUTO_LIBIPTC_MAX_RULES + 1)
+    assert small[0] == "libiptc"
+    assert large[0] == "legacy" and "rules" in large[1]
