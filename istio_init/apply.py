@@ -80,13 +80,36 @@ def choose_backend(config: Config, families: list[int], rule_count: int = 0) -> 
     return "libiptc", "auto: legacy tables work and the namespace has no iptables-nft rules"
 
 
+_CAP_NET_ADMIN = 12
+
+
+def require_net_admin() -> None:
+    """Fail before touching anything when the kernel would refuse every change.
+
+    Without CAP_NET_ADMIN each backend fails in its own way (python-iptables
+    deep in a table handle, the restore tool at line 1, the rollback after
+    it); one line that says what is missing is what a pod's log needs.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            line = next(ln for ln in status if ln.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return  # cannot tell; let the kernel decide
+    if not int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN):
+        raise ApplyError("needs CAP_NET_ADMIN (run as root with NET_ADMIN, as Istio's init container does; "
+                         "-n prints the rules without privileges)")
+
+
 # ---- locking, snapshots, faults -------------------------------------------------------
 
 @contextlib.contextmanager
 def istio_lock(timeout: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
     """One istio-init run at a time: read, decide and commit must not interleave."""
     path = os.environ.get("ISTIO_INIT_LOCKFILE") or LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ApplyError(f"cannot open the lock file {path}: {exc.strerror}") from None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -205,6 +228,7 @@ def run(config: Config, rule_plan: RulePlan) -> None:
     if config.skip_rule_apply:
         log("--skip-rule-apply: not applying any rules")
         return
+    require_net_admin()
     plans = {family.family: family for family in rule_plan.families()}
     families = list(plans)
     name, reason = choose_backend(config, families, sum(len(f.steps) for f in plans.values()))
@@ -287,6 +311,7 @@ def clean(config: Config, dry_run: bool = False) -> None:
         flavours = [config.iptables_backend]
     removed = 0
     marks = {config.tproxy_mark}
+    require_net_admin()
     with istio_lock():
         for flavour in flavours:
             backend = base.get(flavour)

@@ -8,6 +8,7 @@ unchanged. Every user mistake becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from istio_init.errors import IstioInitError
 PROG = "istio-init"
 DEFAULT_COMMAND = "run"
 ISTIO_BINARY_NAME = "istio-iptables"
+DEBUG_ENV = "ISTIO_INIT_DEBUG"
 
 
 class _IstioGroup(click.Group):
@@ -159,6 +161,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except IstioInitError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug or an unforeseen kernel refusal: still one line in the pod's log
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
+              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
     sys.exit(0)
+
+
+def _one_line(message: str) -> str:
+    """Tool output quoted in an error can span lines; a pod's log gets one."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())

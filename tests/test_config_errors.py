@@ -98,3 +98,16 @@ def test_default_uid_comes_from_envoy_user_else_1337() -> None:
     assert from_sources({}, environ={"ENVOY_USER": "root"}).proxy_uids == (0,)
     assert from_sources({}, environ={"ENVOY_USER": "no-such-user-here"}).proxy_uids == (1337,)
     assert from_sources({"proxy_uid": "1500"}, environ={}).proxy_gids == (1500,)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["auto", "libiptc", "legacy", "nft"])
+def test_apply_without_net_admin_is_one_line(netns, backend: str) -> None:
+    """An init container missing NET_ADMIN gets told so, once, with no traceback."""
+    out = netns.run("setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-m", "istio_init",
+                    *["-i", "*", "-b", "*", "--iptables-backend", backend], check=False, env=clean_environ())
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "istio-init: needs CAP_NET_ADMIN (run as root with NET_ADMIN, as Istio's init container does; "
+        "-n prints the rules without privileges)"]
+    assert netns.save() == ""

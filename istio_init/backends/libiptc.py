@@ -184,10 +184,12 @@ class _Family:
         return built
 
     def apply_table(self, change: TableChange) -> None:
-        table = self.table_class(change.table, autocommit=False)
-        table.refresh()  # the cached handle may predate the lock
-        chain, spec = "-", "(chain operations)"
+        chain, spec = "-", "(opening the table)"
+        table = None
         try:
+            table = self.table_class(change.table, autocommit=False)
+            table.refresh()  # the cached handle may predate the lock
+            spec = "(chain operations)"
             for chain, number in change.delete_rules:
                 spec = f"-D {chain} {number}"
                 self.delete_number(table, chain, number)
@@ -215,7 +217,9 @@ class _Family:
             chain, spec = "-", "COMMIT"
             table.commit()
         except Exception as exc:  # IPTCError, XTablesError, ValueError from python-iptables
-            table.refresh()  # drop the uncommitted copy
+            if table is not None:
+                with contextlib.suppress(Exception):
+                    table.refresh()  # drop the uncommitted copy
             family = "ip6tables" if self.family == 6 else "iptables"
             raise ApplyError(f"libiptc {family}: table {change.table}, chain {chain}, rule `{spec}`: "
                              f"{exc or type(exc).__name__}") from None
