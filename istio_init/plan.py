@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from istio_init.config import Config, IPNetwork
+from istio_init.config import Cidr, Config
 from istio_init.model import APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step
 
 NAT = "nat"
@@ -95,7 +95,7 @@ class _Family:
     def insert(self, table: str, chain: str, target: str, **parts) -> None:
         self.steps.append(Step(INSERT, Rule(table, chain, target, **parts)))
 
-    def cidrs(self, networks: Iterable[IPNetwork]) -> list[str]:
+    def cidrs(self, networks: Iterable[Cidr]) -> list[str]:
         return [str(net) for net in networks if net.version == self.family]
 
     def ports(self, ports: Sequence[int]) -> list[Match]:

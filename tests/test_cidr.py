@@ -1,0 +1,47 @@
+"""config.parse_cidr's fast IPv4 path agrees with the standard library everywhere."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from istio_init.config import parse_cidr
+
+EDGES = ["10.1.2.3/8", "0.0.0.0/0", "255.255.255.255", "127.0.0.1/32", "127.0.0.0/7", "127.1.0.0/16",
+         "192.0.2.77/24", "1.2.3.4/33", "256.1.1.1/8", "01.2.3.4/8", "10.0.0.0/08", "10.0.0.0/255.0.0.0",
+         "2001:db8::1/32", "::1", "::1/128", "fd00::/8", "1.2.3", "10.0.0.0/", "a.b.c.d", "1.2.3.4/-1"]
+
+
+def _stdlib(text: str) -> tuple | str:
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return "invalid"
+    return (str(net), net.version, net.is_loopback)
+
+
+def _ours(text: str) -> tuple | str:
+    try:
+        return tuple(parse_cidr(text))
+    except ValueError:
+        return "invalid"
+
+
+@pytest.mark.parametrize("text", EDGES)
+def test_edges_agree_with_ipaddress(text: str) -> None:
+    assert _ours(text) == _stdlib(text)
+
+
+def test_random_ipv4_forms_agree_with_ipaddress() -> None:
+    rng = random.Random(1337)
+    for _ in range(5000):
+        text = ".".join(str(rng.randint(0, 300)) for _ in range(4))
+        text += rng.choice(["", f"/{rng.randint(0, 34)}"])
+        assert _ours(text) == _stdlib(text), text
+
+
+def test_cidr_renders_as_its_network_form() -> None:
+    assert str(parse_cidr("10.1.2.3/8")) == "10.0.0.0/8"
+    assert str(parse_cidr("2001:db8::1/32")) == "2001:db8::/32"
