@@ -12,13 +12,12 @@ namespace, which would otherwise both decide from the same old state.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
+from istio_init import locks
 from istio_init.backends import base
 from istio_init.config import Config
 from istio_init.errors import ApplyError
@@ -102,27 +101,9 @@ def require_net_admin() -> None:
 
 # ---- locking, snapshots, faults -------------------------------------------------------
 
-@contextlib.contextmanager
-def istio_lock(timeout: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+def istio_lock(timeout: float = LOCK_WAIT_SECONDS) -> contextlib.AbstractContextManager[None]:
     """One istio-init run at a time: read, decide and commit must not interleave."""
-    path = os.environ.get("ISTIO_INIT_LOCKFILE") or LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ApplyError(f"cannot open the lock file {path}: {exc.strerror}") from None
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ApplyError(f"another istio-init run held {path} for {timeout:g}s") from None
-                time.sleep(0.01)
-        yield
-    finally:
-        os.close(fd)
+    return locks.held(os.environ.get("ISTIO_INIT_LOCKFILE") or LOCK_FILE, timeout, "another istio-init run")
 
 
 def table_blocks(text: str, tables: list[str]) -> str:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import sys
-import time
 from types import ModuleType
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
+from istio_init import locks
 from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, Tools
 from istio_init.errors import ApplyError
 from istio_init.model import INSERT, Rule
@@ -40,27 +39,9 @@ def lock_path() -> str:
     return os.environ.get("XTABLES_LOCKFILE") or XTABLES_LOCK
 
 
-@contextlib.contextmanager
-def xtables_lock(timeout: float = WAIT_SECONDS) -> Iterator[None]:
+def xtables_lock(timeout: float = WAIT_SECONDS) -> contextlib.AbstractContextManager[None]:
     """Hold the lock every iptables binary takes before changing tables."""
-    path = lock_path()
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ApplyError(f"cannot open the xtables lock {path}: {exc.strerror}") from None
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ApplyError(f"another process held the xtables lock {path} for {timeout:g}s") from None
-                time.sleep(0.01)
-        yield
-    finally:
-        os.close(fd)
+    return locks.held(lock_path(), timeout, "another process")
 
 
 _LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
