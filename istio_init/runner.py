@@ -56,10 +56,17 @@ def build_plan(config: Config) -> tuple[RulePlan, bool]:
 
 def run(config: Config) -> None:
     rule_plan, ipv6 = build_plan(config)
+    applying = not (config.dry_run or config.skip_rule_apply)
+    if applying:
+        from istio_init.apply import require_net_admin
+
+        require_net_admin()  # before anything is logged: the pod's log then says just this
+    # Like Istio, every run logs what it was asked to do: the first thing to
+    # read in `kubectl logs POD -c istio-init` when a pod's traffic looks wrong.
+    print(summary(config, ipv6), file=sys.stderr, flush=True)
     if config.dry_run:
         sys.stdout.write(render_plan(rule_plan))
         sys.stdout.flush()
-        print(summary(config, ipv6), file=sys.stderr)
         return
     from istio_init import apply
 
