@@ -42,15 +42,19 @@ class Namespace:
     def save(self, tool: str = "iptables-legacy-save") -> str:
         return self.run(tool).stdout
 
-    def add_veth_address(self, address: str) -> None:
-        """Give the namespace a non-loopback address (on a veth whose peer is also inside)."""
+    def add_address(self, address: str) -> None:
+        """Give the namespace a non-loopback address, on a veth pair kept inside it.
+
+        IPv6 duplicate address detection is off, so the address is usable at once.
+        """
         from pyroute2 import NetNS
 
         with NetNS(self.name) as ns:
-            ns.link("add", ifname="eth0", kind="veth", peer="eth0p")
+            if not ns.link_lookup(ifname="eth0"):
+                ns.link("add", ifname="eth0", kind="veth", peer="eth0p")
+                self.run("sh", "-c", "echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad")
             index = ns.link_lookup(ifname="eth0")[0]
-            peer = ns.link_lookup(ifname="eth0p")[0]
             ip, prefix = address.split("/")
             ns.addr("add", index=index, address=ip, prefixlen=int(prefix))
             ns.link("set", index=index, state="up")
-            ns.link("set", index=peer, state="up")
+            ns.link("set", index=ns.link_lookup(ifname="eth0p")[0], state="up")

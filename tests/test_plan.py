@@ -104,3 +104,22 @@ def test_help_names_every_flag_with_default() -> None:
         if spec.short:
             assert f"-{spec.short}," in text
     assert "default: 15001" in text
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("addresses,ipv6", [
+    ((), False),                                  # no address at all: IPv4, not a crash
+    (("192.0.2.10/24",), False),
+    (("2001:db8::10/64",), True),
+    (("192.0.2.10/24", "2001:db8::10/64"), False),  # the first address is the IPv4 one
+])
+def test_ip_family_is_detected_from_the_pods_first_address(netns, addresses, ipv6: bool) -> None:
+    import sys
+
+    from clirun import clean_environ
+
+    for address in addresses:
+        netns.add_address(address)
+    out = netns.run(sys.executable, "-m", "istio_init", *SEED_ARGS, "-n", env=clean_environ())
+    assert ("# IPv6" in out.stdout.splitlines()) == ipv6
+    assert f"ip families: {'IPv4, IPv6' if ipv6 else 'IPv4'}" in out.stderr
