@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
-import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping, Union
 
@@ -226,18 +225,18 @@ def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, l
     With backend "auto" the legacy tables are used when they hold ISTIO_ chains,
     else nft: a pod has its rules in exactly one of them.
     """
-    base = "iptables" if family == 4 else "ip6tables"
+    from istio_init.backends import base
+    from istio_init.errors import ApplyError
+
     flavours = {"legacy": ["legacy"], "nft": ["nft"], "libiptc": ["legacy"]}.get(backend, ["legacy", "nft"])
     text, tool = "", ""
     for flavour in flavours:
-        tool = f"{base}-{flavour}-save"
+        tools = base.Tools(flavour)
+        tool = tools.save(family)
         try:
-            done = subprocess.run([tool], capture_output=True, text=True, timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise TraceError(f"cannot run {tool}: {exc}") from None
-        if done.returncode != 0:
-            raise TraceError(f"{tool} failed: {done.stderr.strip()}")
-        text = done.stdout
+            text = base.save_text(tools, family, counters=False)
+        except ApplyError as exc:
+            raise TraceError(str(exc)) from None
         if "ISTIO_" in text:
             break
     return ruleset_from_save(text), tool
