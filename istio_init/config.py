@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Mapping, NamedTuple
 
 from istio_init.errors import ConfigError
@@ -152,9 +152,11 @@ FLAGS: tuple[FlagSpec, ...] = (
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything the planner and backends need, validated and normalised."""
+class Config(NamedTuple):
+    """Everything the planner and backends need, validated and normalised.
+
+    A NamedTuple, as the model's types are, for its start-up cost (see model.py).
+    """
 
     envoy_port: int = 15001
     inbound_capture_port: int = 15006
@@ -184,7 +186,7 @@ class Config:
     iptables_backend: str = "auto"
     network_namespace: str | None = None
     # Where each value came from, for the effective-configuration summary.
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    sources: Mapping[str, str] = MappingProxyType({})
 
     @property
     def tproxy(self) -> bool:

@@ -8,7 +8,6 @@ imports nothing it does not use.
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
 
 from istio_init.config import Config
 from istio_init.model import RulePlan
@@ -19,9 +18,9 @@ from istio_init.render import render_plan
 def summary(config: Config, ipv6: bool) -> str:
     """The effective configuration, for stderr, as Istio prints its variables."""
     lines = ["istio-init effective configuration:"]
-    for item in fields(config):
-        if item.name != "sources":
-            lines.append(f"  {item.name}: {_show(getattr(config, item.name))}")
+    for name in config._fields:
+        if name != "sources":
+            lines.append(f"  {name}: {_show(getattr(config, name))}")
     lines.append(f"  ip families: {'IPv4, IPv6' if ipv6 else 'IPv4'}")
     return "\n".join(lines)
 

@@ -42,13 +42,31 @@ def run_tool(argv: list[str], stdin: str | None = None) -> subprocess.CompletedP
         raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
 
 
-def save_text(tools: Tools, family: int, counters: bool = True) -> str:
-    """Every table of the family as `iptables-save` text (the legacy tools show loaded tables)."""
+def save_text(tools: Tools, family: int, counters: bool = True,
+              meanwhile: Callable[[], object] | None = None) -> str:
+    """Every table of the family as `iptables-save` text (the legacy tools show loaded tables).
+
+    `meanwhile` runs while the tool works: the libiptc backend imports
+    python-iptables then, so the two costs of every pod start overlap.
+    """
     argv = [tools.save(family)] + (["-c"] if counters else [])
-    done = run_tool(argv)
-    if done.returncode != 0:
-        raise ApplyError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
-    return done.stdout
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise ApplyError(f"{argv[0]} not found; install iptables or choose another --iptables-backend") from None
+    try:
+        if meanwhile is not None:
+            meanwhile()
+        out, err = proc.communicate(timeout=WAIT_SECONDS + 30)
+    except subprocess.TimeoutExpired:
+        raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise ApplyError(f"{argv[0]} failed: {err.strip() or proc.returncode}")
+    return out
 
 
 def restore_saved(tools: Tools, family: int, saved_blocks: str) -> None:

@@ -7,10 +7,10 @@ so this backend takes it (as `iptables -w` does) around reading and committing.
 
 Two python-iptables 1.2.0 quirks shape the code. Building a `REDIRECT` target
 for one family makes the other family's `REDIRECT` unfindable in the same
-process, so IPv6 is applied in a child forked before iptc is imported here.
-And importing iptc is slow when it has to search for the xtables extension
-directory, so a known one is set first. iptc is imported only by this module,
-only when the backend is used.
+process, so IPv6 is applied in a child forked before any target is built
+(importing iptc is fine). And a plain `import iptc` is slow (see
+_import_iptc), so it is imported the fast way, only by this module, only when
+the backend is used, and while the snapshot's iptables-save runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from istio_init import locks
-from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, Tools
+from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, Tools, save_text
 from istio_init.errors import ApplyError
 from istio_init.model import INSERT, Rule
 from istio_init.reconcile import TableChange
@@ -224,9 +224,12 @@ class LibiptcBackend(SaveToolsMixin):
     def session(self) -> contextlib.AbstractContextManager[None]:
         return xtables_lock()
 
+    def read(self, family: int) -> str:
+        return save_text(self.tools, family, meanwhile=_import_iptc)
+
     def apply(self, changes: Mapping[int, list[TableChange]], after_commit: CommitHook) -> None:
         todo = {family: c for family, c in changes.items() if c}
-        # Both families to change: IPv6 in a child forked before iptc is imported here.
+        # Both families to change: IPv6 in a child forked before any target is built.
         child = _fork_family(6, todo.pop(6), after_commit) if 4 in todo and 6 in todo else None
         error: ApplyError | None = None
         try:
