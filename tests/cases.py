@@ -63,3 +63,32 @@ CASES: tuple[Case, ...] = (
     Case("multiport", ("--multiport", "-b", "*", "-d", ",".join(str(p) for p in range(9000, 9020)),
                        "-i", "*", "-o", "25,587")),
 )
+
+# Rules a pod may already hold that are not istio-init's: every run, re-run and clean must leave
+# them byte for byte (the FORWARD policy included). Shared by the reconcile and apply tests.
+UNRELATED_V4 = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p tcp -m tcp --dport 9999 -j ACCEPT
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:MY_CHAIN - [0:0]
+-A PREROUTING -p udp -j MY_CHAIN
+-A OUTPUT -d 192.0.2.1/32 -j RETURN
+-A MY_CHAIN -p udp -m udp --dport 5353 -j RETURN
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A OUTPUT -p udp -j MARK --set-xmark 0x7/0xffffffff
+COMMIT
+"""
+UNRELATED_V6 = UNRELATED_V4.replace("192.0.2.1/32", "2001:db8::1/128")

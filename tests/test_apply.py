@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from cases import CASES, Case
+from cases import CASES, UNRELATED_V4, UNRELATED_V6, Case
 from clirun import clean_environ
 from istio_init.render import split_families
 from istio_init.savefile import normalize
@@ -29,33 +29,6 @@ pytestmark = pytest.mark.root
 BACKENDS = ("libiptc", "legacy", "nft")
 SAVE_TOOL = {"libiptc": "legacy", "legacy": "legacy", "nft": "nft"}
 
-# Unrelated rules a pod may already hold; they must survive every run byte for byte.
-UNRELATED_V4 = """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -p tcp -m tcp --dport 9999 -j ACCEPT
-COMMIT
-*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:MY_CHAIN - [0:0]
--A PREROUTING -p udp -j MY_CHAIN
--A OUTPUT -d 192.0.2.1/32 -j RETURN
--A MY_CHAIN -p udp -m udp --dport 5353 -j RETURN
-COMMIT
-*mangle
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A OUTPUT -p udp -j MARK --set-xmark 0x7/0xffffffff
-COMMIT
-"""
-UNRELATED_V6 = UNRELATED_V4.replace("192.0.2.1/32", "2001:db8::1/128")
 
 
 def istio_init(ns: Namespace, *args: str, env: dict[str, str] | None = None,

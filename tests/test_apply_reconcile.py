@@ -15,6 +15,7 @@ from unittest import mock
 import pytest
 
 from cases import CASES, Case
+from cases import UNRELATED_V4 as UNRELATED
 from istio_init import apply
 from istio_init.config import from_sources
 from istio_init.errors import ApplyError
@@ -22,24 +23,6 @@ from istio_init.plan import plan
 from istio_init.reconcile import TableChange, is_ours, reconcile, restore_text, simulate
 from istio_init.render import render_family, split_families
 from istio_init.savefile import SavedTable, parse_save
-
-UNRELATED = """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -p tcp -m tcp --dport 9999 -j ACCEPT
-COMMIT
-*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:MY_CHAIN - [0:0]
--A PREROUTING -p udp -j MY_CHAIN
--A OUTPUT -d 192.0.2.1/32 -j RETURN
--A MY_CHAIN -p udp -m udp --dport 5353 -j RETURN
-COMMIT
-"""
 
 
 def _family(args: dict[str, str], ipv6: bool = False, family: int = 4):
@@ -73,6 +56,7 @@ def _merge(*texts: str) -> dict[str, SavedTable]:
 def _case_plan(case: Case):
     """The RulePlan the CLI builds for a case's flags and environment."""
     from clirun import clean_environ
+
     from istio_init.cli import load_config, run_command
 
     args = [a for a in case.args if a != "istio-iptables"]
