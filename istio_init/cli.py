@@ -48,15 +48,18 @@ def _help(spec: FlagSpec) -> str:
     return f"{spec.help} {extra}]"
 
 
-def _flag_options(command: Any) -> Any:
-    """Decorate `command` with one click option per entry of config.FLAGS."""
-    for spec in reversed(FLAGS):
-        names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
-        if spec.is_switch:
-            command = click.option(*names, is_flag=True, default=None, help=_help(spec))(command)
-        else:
-            command = click.option(*names, default=None, metavar="VALUE", help=_help(spec))(command)
-    return command
+def _options_for(dests: tuple[str, ...] | None = None) -> Any:
+    """A decorator adding one click option per entry of config.FLAGS (or the named ones)."""
+    def decorate(command: Any) -> Any:
+        for spec in reversed([s for s in FLAGS if dests is None or s.dest in dests]):
+            names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
+            kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
+            command = click.option(*names, default=None, help=_help(spec), **kind)(command)
+        return command
+    return decorate
+
+
+_flag_options = _options_for()
 
 
 def load_config(given: dict[str, Any]) -> Config:
@@ -125,17 +128,8 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
 _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark")
 
 
-def _clean_flag_options(command: Any) -> Any:
-    """The few flags `clean` needs, spelled as in `run` (from config.FLAGS)."""
-    for spec in reversed([s for s in FLAGS if s.dest in _CLEAN_FLAGS]):
-        names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
-        kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
-        command = click.option(*names, default=None, help=_help(spec), **kind)(command)
-    return command
-
-
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})
-@_clean_flag_options
+@_options_for(_CLEAN_FLAGS)
 def clean_command(**given: Any) -> None:
     """Remove istio-init's rules, TPROXY routes and the ::6 address, in both families.
 
