@@ -327,7 +327,7 @@ def _print_clean(flavour: str, changes: dict[int, list[TableChange]]) -> None:
 
 def _clean_routing(marks: set[int], dry_run: bool) -> int:
     from istio_init import netns
-    from istio_init.plan import IPV6_PASSTHROUGH_ADDRESS
+    from istio_init.rulesets.istio_1_8 import IPV6_PASSTHROUGH_ADDRESS
 
     found = netns.policy_routing_for_marks(4, marks)
     has_address = netns.has_loopback_address(IPV6_PASSTHROUGH_ADDRESS)

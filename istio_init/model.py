@@ -5,7 +5,7 @@ interfaces, protocol, matches, target), with values already in the kernel's
 canonical spelling (`/32` suffixes, `--set-xmark 0x539/0xffffffff`), so that
 rendering is a join and a round trip through the kernel reads back unchanged.
 A `FamilyPlan` keeps the operations in the order Istio creates them; the
-final order of each chain (position-1 inserts reversed) is derived, not stored.
+final order of each chain (inserts at their positions) is derived, not stored.
 
 The types are typed NamedTuples rather than frozen dataclasses: just as
 immutable and comparable, but defining them costs a tenth as much, and every
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 APPEND = "A"
-INSERT = "I"  # always at position 1, as Istio does
+INSERT = "I"  # at Step.position (1-based), as `iptables -I CHAIN N`
 
 BUILTIN_CHAINS = {
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -72,6 +72,7 @@ class Step(NamedTuple):
 
     op: str  # APPEND or INSERT
     rule: Rule
+    position: int = 1  # where an INSERT goes, 1-based, as `-I CHAIN N`; unused by APPEND
 
 
 def is_builtin(table: str, chain: str) -> bool:
@@ -108,7 +109,7 @@ class FamilyPlan(NamedTuple):
                 continue
             rules = chains.setdefault(step.rule.chain, [])
             if step.op == INSERT:
-                rules.insert(0, step.rule)
+                rules.insert(step.position - 1, step.rule)
             else:
                 rules.append(step.rule)
         return chains

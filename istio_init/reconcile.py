@@ -99,7 +99,7 @@ def simulate(live: SavedTable | None, change: TableChange | None = None) -> Stat
         for step in change.steps:
             chain_rules = rules.setdefault(step.rule.chain, [])
             if step.op == INSERT:
-                chain_rules.insert(0, rule_spec(step.rule))
+                chain_rules.insert(step.position - 1, rule_spec(step.rule))
             else:
                 chain_rules.append(rule_spec(step.rule))
     return frozenset(chains), {c: tuple(r) for c, r in rules.items() if r}
@@ -149,7 +149,7 @@ def restore_text(changes: list[TableChange]) -> str:
         lines += [f"-F {chain}" for chain in change.delete_chains]
         lines += [f"-X {chain}" for chain in change.delete_chains]
         for step in change.steps:
-            where = f"-I {step.rule.chain} 1" if step.op == INSERT else f"-A {step.rule.chain}"
+            where = f"-I {step.rule.chain} {step.position}" if step.op == INSERT else f"-A {step.rule.chain}"
             lines.append(f"{where} {rule_spec(step.rule)}")
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""

@@ -11,7 +11,7 @@ import sys
 
 from istio_init.config import Config
 from istio_init.model import RulePlan
-from istio_init.plan import plan
+from istio_init.rulesets import plan
 from istio_init.render import render_plan
 
 

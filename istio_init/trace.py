@@ -470,7 +470,7 @@ def run(config: Config, conn_args: dict, live: bool, as_json: bool) -> str:
     import json
 
     from istio_init import netns
-    from istio_init.plan import plan
+    from istio_init.rulesets import plan
 
     if config.network_namespace:
         netns.enter(config.network_namespace)

@@ -1,7 +1,7 @@
 """The table of flag combinations every rule test is driven from.
 
 Each case is flags (and environment) in, a golden `iptables-save` text out
-(`tests/golden/<name>.txt`). The pure planner test, the dry-run round trip
+(`tests/golden/1.8/<name>.txt`; each rule set has its own folder). The pure planner test, the dry-run round trip
 through `iptables-restore` and the backend round trips all read this one
 list, so they cannot drift apart. Goldens change only with
 `UPDATE_GOLDEN=1 pytest tests/test_plan.py`, and such a change is reviewed like code.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_DIR = Path(__file__).parent / "golden" / "1.8"
 
 SEED_ARGS = ("istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
              "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020")

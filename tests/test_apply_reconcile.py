@@ -19,7 +19,7 @@ from cases import UNRELATED_V4 as UNRELATED
 from istio_init import apply
 from istio_init.config import from_sources
 from istio_init.errors import ApplyError
-from istio_init.plan import plan
+from istio_init.rulesets import plan
 from istio_init.reconcile import TableChange, is_ours, reconcile, restore_text, simulate
 from istio_init.render import render_family, split_families
 from istio_init.savefile import SavedTable, parse_save

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cases import CASES, SEED_ARGS, Case
+from cases import CASES, GOLDEN_DIR, SEED_ARGS, Case
 from clirun import invoke
 
 RULES_MD = Path(__file__).resolve().parents[2] / "shared" / "spec" / "RULES.md"
@@ -61,7 +61,7 @@ def test_ipv6_part_follows_marker_and_uses_ipv6_addresses() -> None:
 
 def test_planner_is_pure_and_reports_ipv6_extras() -> None:
     from istio_init.config import from_sources
-    from istio_init.plan import plan
+    from istio_init.rulesets import plan
 
     config = from_sources({"inbound_ports": "80", "inbound_interception_mode": "TPROXY"}, environ={})
     rule_plan = plan(config, ipv6=True)
@@ -74,7 +74,7 @@ def test_planner_is_pure_and_reports_ipv6_extras() -> None:
 
 def test_readme_shows_the_seed_output() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert (Path(__file__).parent / "golden" / "seed.txt").read_text() in readme
+    assert (GOLDEN_DIR / "seed.txt").read_text() in readme
 
 
 def test_istio_iptables_first_word_is_optional() -> None:

@@ -15,7 +15,7 @@ from cases import CASES, SEED_ARGS, Case
 from clirun import invoke
 from istio_init.config import from_sources
 from istio_init.model import Rule
-from istio_init.plan import plan
+from istio_init.rulesets import plan
 from istio_init.render import rule_spec, split_families
 from istio_init.trace import (TraceError, Verdict, make_connection, parse_rule, ruleset_from_plan,
                               ruleset_from_save, trace)

@@ -188,11 +188,11 @@ class _Family:
                 table.delete_chain(chain)
             for step in change.steps:
                 chain = step.rule.chain
-                spec = f"{'-I' if step.op == INSERT else '-A'} {chain} {rule_spec(step.rule)}"
+                spec = f"{f'-I {chain} {step.position}' if step.op == INSERT else f'-A {chain}'} {rule_spec(step.rule)}"
                 built = self.build(step.rule)
                 target_chain = self.iptc.Chain(table, chain)
                 if step.op == INSERT:
-                    target_chain.insert_rule(built, 0)
+                    target_chain.insert_rule(built, step.position - 1)
                 else:
                     target_chain.append_rule(built)
             chain, spec = "-", "COMMIT"

@@ -1,6 +1,6 @@
-"""The planner: `plan(config, ipv6)` -> RulePlan, step by step as in spec/RULES.md.
+"""Istio 1.8's rule set: `plan(config, ipv6)` -> RulePlan, step by step as in spec/RULES.md.
 
-This is the one file that says which rules istio-init makes and in which
+This is the one file that says which rules the 1.8 rule set makes and in which
 order. It is pure (no kernel, no environment), so every test can run it. The
 step numbers in the comments are the numbered steps of RULES.md.
 """
@@ -36,6 +36,13 @@ DNS_CAPTURE_PORT = 15053
 MULTIPORT_MAX = 15  # xt_multiport's limit per rule
 
 IPV6_PASSTHROUGH_ADDRESS = "::6/128"
+
+NAME = "1.8"
+# Every chain this rule set can create, per table: only these are istio-init's.
+OWNED_CHAINS = {
+    NAT: (ISTIO_INBOUND, ISTIO_IN_REDIRECT, ISTIO_OUTPUT, ISTIO_REDIRECT),
+    MANGLE: (ISTIO_INBOUND, ISTIO_DIVERT, ISTIO_TPROXY),
+}
 
 
 def plan(config: Config, ipv6: bool) -> RulePlan:
