@@ -138,6 +138,19 @@ def iptables_nft_tables(family: int) -> set[str]:
     return names
 
 
+_CAP_NET_ADMIN = 12
+
+
+def has_net_admin() -> bool | None:
+    """Whether this process holds CAP_NET_ADMIN (None: cannot tell; let the kernel decide)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(ln for ln in status if ln.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return None
+    return bool(int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN))
+
+
 def enter(path: str) -> None:
     """Move this process (single-threaded) into the network namespace at `path`."""
     import ctypes
@@ -178,13 +191,13 @@ class Routing(NamedTuple):
 
 
 def _iproute() -> Any:
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     return IPRoute()
 
 
 def _rule_table(rule: Any) -> int:
-    return rule.get_attr("FRA_TABLE") or rule["table"]
+    return int(rule.get_attr("FRA_TABLE") or rule["table"])
 
 
 def _has_policy_rule(ipr: Any, family: int, fwmark: int, table: int) -> bool:
@@ -202,7 +215,7 @@ def _af(family: int) -> int:
 
 
 def _lo_index(ipr: Any) -> int:
-    return ipr.link_lookup(ifname="lo")[0]
+    return int(ipr.link_lookup(ifname="lo")[0])
 
 
 def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
@@ -211,14 +224,19 @@ def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
     What already exists is kept; returns what was added, for remove_routing().
     """
     added: list[Routing] = []
-    with _iproute() as ipr:
-        if not _local_default_routes(ipr, family, table):
-            ipr.route("add", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
-                      proto=_RTPROT_BOOT, table=table, oif=_lo_index(ipr))
-            added.append(Routing("route", family, 0, table))
-        if not _has_policy_rule(ipr, family, fwmark, table):
-            ipr.rule("add", family=_af(family), fwmark=fwmark, table=table)
-            added.append(Routing("rule", family, fwmark, table))
+    try:
+        with _iproute() as ipr:
+            if not _local_default_routes(ipr, family, table):
+                ipr.route("add", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
+                          proto=_RTPROT_BOOT, table=table, oif=_lo_index(ipr))
+                added.append(Routing("route", family, 0, table))
+            if not _has_policy_rule(ipr, family, fwmark, table):
+                ipr.rule("add", family=_af(family), fwmark=fwmark, table=table)
+                added.append(Routing("rule", family, fwmark, table))
+    except Exception:
+        if added:  # the route went in but the rule did not: leave nothing half made
+            remove_routing(added)
+        raise
     return added
 
 
