@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from istio_init import locks
+from istio_init import ifnames, locks
 from istio_init.backends import base
 from istio_init.config import Config
 from istio_init.errors import ApplyError
@@ -73,6 +73,9 @@ def choose_backend(config: Config, families: list[int], rule_count: int = 0) -> 
         return "nft", "auto: the namespace already has iptables-nft tables"
     if not _legacy_available(families):
         return "nft", "auto: the kernel offers no legacy ip_tables"
+    if not ifnames.libiptc_can_carry(config.kube_virt_interfaces):
+        return "legacy", ("auto: python-iptables cannot write the non-ASCII -k names exactly; "
+                          "iptables-legacy-restore can")
     if rule_count > AUTO_LIBIPTC_MAX_RULES:
         return "legacy", (f"auto: {rule_count} rules, more than {AUTO_LIBIPTC_MAX_RULES}; "
                           "iptables-legacy-restore loads large plans faster than python-iptables builds them")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from istio_init.config import Config
+from istio_init.config import Config, flag_label
 from istio_init.model import RulePlan
 from istio_init.rulesets import plan
 from istio_init.render import render_plan
@@ -48,7 +48,7 @@ def build_plan(config: Config) -> tuple[RulePlan, bool]:
     if config.network_namespace:
         from istio_init import netns
 
-        netns.enter(config.network_namespace)
+        netns.enter(config.network_namespace, flag_label("network_namespace", config.sources))
     ipv6 = decide_ipv6(config)
     return plan(config, ipv6), ipv6
 
@@ -80,7 +80,7 @@ def clean(config: Config) -> None:
     if config.network_namespace:
         from istio_init import netns
 
-        netns.enter(config.network_namespace)
+        netns.enter(config.network_namespace, flag_label("network_namespace", config.sources))
     from istio_init import apply
 
     apply.clean(config, dry_run=config.dry_run)
