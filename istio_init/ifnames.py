@@ -19,6 +19,10 @@ rules on the next run. Checked in a namespace (tests/test_hostile_input.py):
 - A name that starts with '-' (`-k -j`) is written by every backend, but in
   the saved text `-i -j -j ISTIO_REDIRECT` reads as options, so istio-init
   could never recognise (or remove) the rule again.
+- A name with a character Python calls a space or unprintable (U+2003, U+0085,
+  U+200B), which the kernel takes, is written exactly, but the rules read back
+  from iptables-save text are split on Unicode whitespace, so the second run
+  did not recognise `-i a\u2003b -j RETURN` as its own and left it behind.
 - A trailing '+' is iptables' documented wildcard (`-k vnet+` matches every
   vnet device), which Istio passes through as well; it is kept, on purpose.
 """
@@ -48,6 +52,9 @@ def common_refusal(name: str) -> str | None:
     """Why no backend can carry `name` so that istio-init finds the rule again, or None."""
     if name.startswith("-"):
         return "a name starting with '-' reads as an iptables option in iptables-save text"
+    odd = next((c for c in name if c.isspace() or not c.isprintable()), None)
+    if odd is not None:
+        return f"character {odd!r} splits or hides the name where istio-init reads its rules back"
     return None
 
 
