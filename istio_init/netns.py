@@ -7,13 +7,14 @@ netlink dump over a raw socket replaces pyroute2 here (pyroute2 costs about
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
 import struct
 from typing import Any, NamedTuple
 
-from istio_init.errors import IstioInitError
+from istio_init.errors import ConfigError, IstioInitError
 
 _NLMSG_HEADER = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
@@ -151,19 +152,28 @@ def has_net_admin() -> bool | None:
     return bool(int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN))
 
 
-def enter(path: str) -> None:
-    """Move this process (single-threaded) into the network namespace at `path`."""
+def enter(path: str, label: str = "--network-namespace") -> None:
+    """Move this process (single-threaded) into the network namespace at `path`.
+
+    `label` names the flag and, when the value came from it, the variable. A
+    path that is missing or not a network namespace is the user's mistake (exit
+    2); a refusal for want of privilege is not.
+    """
     import ctypes
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise IstioInitError(f"--network-namespace {path}: {exc.strerror}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise IstioInitError(f"{label} {path}: {exc.strerror}") from None
+        raise ConfigError(label, path, exc.strerror or "cannot open") from None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.setns(fd, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise IstioInitError(f"--network-namespace {path}: cannot enter: {os.strerror(err)}")
+            if err == errno.EINVAL:
+                raise ConfigError(label, path, "not a network namespace")
+            raise IstioInitError(f"{label} {path}: cannot enter: {os.strerror(err)}")
     finally:
         os.close(fd)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from istio_init.config import Config
+from istio_init.config import Config, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.render import render_plan
@@ -46,7 +46,7 @@ def enter_namespace(config: Config) -> None:
     if config.network_namespace:
         from istio_init import netns
 
-        netns.enter(config.network_namespace)
+        netns.enter(config.network_namespace, flag_label("network_namespace", config.sources))
 
 
 def decide_ipv6(config: Config, log: Log) -> bool:
@@ -110,7 +110,8 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
     from istio_init import apply, backends
 
     families = [family.family for family in rule_plan.families()]
-    choice = backends.choose(config.iptables_backend, families, sum(len(f.steps) for f in rule_plan.families()))
+    choice = backends.choose(config.iptables_backend, families, sum(len(f.steps) for f in rule_plan.families()),
+                             config.kube_virt_interfaces)
     log(f"iptables backend {choice.name} ({choice.reason})")
     backend = backends.get(choice.name)
     if wrap is not None:

@@ -64,14 +64,24 @@ def _legacy_tables(family: int) -> set[str]:
         return set()
 
 
-def choose(requested: str, families: Sequence[int], rule_count: int = 0) -> Choice:
-    """The backend for --iptables-backend `requested`, resolving `auto`, and why."""
+def choose(requested: str, families: Sequence[int], rule_count: int = 0,
+           interfaces: Sequence[str] = ()) -> Choice:
+    """The backend for --iptables-backend `requested`, resolving `auto`, and why.
+
+    `interfaces` are the names the plan writes into rules (-k): python-iptables
+    cannot carry every name the kernel accepts (see ifnames.py).
+    """
     if requested != "auto":
         return Choice(requested, f"--iptables-backend {requested}")
     if nft_in_use(families):
         return Choice("nft", "auto: the namespace already has iptables-nft tables")
     if not legacy_available(families):
         return Choice("nft", "auto: the kernel offers no legacy ip_tables")
+    from istio_init import ifnames
+
+    if not ifnames.libiptc_can_carry(tuple(interfaces)):
+        return Choice("legacy", "auto: python-iptables cannot write the non-ASCII -k names exactly; "
+                                "iptables-legacy-restore can")
     if rule_count > AUTO_LIBIPTC_MAX_RULES:
         return Choice("legacy", f"auto: {rule_count} rules, more than {AUTO_LIBIPTC_MAX_RULES}; "
                                 "iptables-legacy-restore loads large plans faster than python-iptables builds them")
