@@ -7,6 +7,7 @@ imports nothing it does not use.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config
@@ -86,6 +87,9 @@ def run(config: Config) -> None:
         return
     from istio_init import apply
 
+    if config.cni_mode and config.network_namespace:
+        # Run from the host for one pod: lock that pod's tables only, as Istio's CNI mode does.
+        os.environ["XTABLES_LOCKFILE"] = config.network_namespace
     apply.run(config, rule_plan)  # does nothing with --skip-rule-apply
     if config.run_validation:
         from istio_init import validation
