@@ -26,7 +26,7 @@ from istio_init.errors import IstioInitError
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
 from istio_init.reconcile import ISTIO_PREFIX, is_ours
-from istio_init.render import rule_spec
+from istio_init.render import chain_order, rule_spec
 from istio_init.savefile import parse_save
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def _compare_table(table: str, planned: dict[str, list[str]], live: dict[str, li
     live = live or {}
     found: list[Difference] = []
     own_live = [c for c in live if is_own_chain(table, c)]
-    for chain in planned:
+    for chain in chain_order(table, list(planned)):
         if not is_builtin(table, chain) and chain not in live:
             found.append(Difference("missing", "chain", chain, table=table, chain=chain))
     for chain in own_live:
@@ -206,7 +206,7 @@ def _compare_table(table: str, planned: dict[str, list[str]], live: dict[str, li
             found.append(Difference("extra", "chain", chain, table=table, chain=chain))
     # The user's chains are never looked at; built-in chains only for istio-init's rules.
     looked_at = [*planned, *(c for c in live if c not in planned and (is_builtin(table, c) or c in own_live))]
-    for chain in looked_at:
+    for chain in chain_order(table, looked_at):
         wanted = planned.get(chain, [])
         diffs = compare_chain(wanted, _ours(table, chain, live.get(chain, []), wanted))
         found += [d._replace(table=table, chain=chain) for d in diffs]
