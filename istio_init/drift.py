@@ -20,7 +20,7 @@ onto the backends' `read()`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, ContextManager, NamedTuple
 
 from istio_init.errors import IstioInitError
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
@@ -361,19 +361,38 @@ def read_state(backend: str, planned: Planned) -> Live:
     return Live(rules, frozenset(routing), frozenset(addresses))
 
 
+def _apply_lock() -> ContextManager[object]:
+    """istio-init's lock, waited for briefly; none where the lock file cannot even be created.
+
+    A probe container often has a read-only root file system: no apply can
+    run there either, so there is nothing to wait for.
+    """
+    import contextlib
+    import os
+
+    from istio_init import apply
+
+    path = os.environ.get("ISTIO_INIT_LOCKFILE") or apply.LOCK_FILE
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError:
+        return contextlib.nullcontext()
+    return apply.istio_lock(LOCK_WAIT_SECONDS)
+
+
 def run(config: Config) -> Report:
     """`istio-init check`: plan for the flags in the (given) namespace, read it, compare.
 
     Holds istio-init's lock only while reading, and waits for it only a few
-    seconds, so a half-finished apply is not reported as drift and a probe
-    never holds up an apply.
+    seconds, so a half-finished apply (in the same container) is not reported
+    as drift and a probe never holds up an apply.
     """
-    from istio_init import apply, runner
+    from istio_init import runner
 
     rule_plan, _ = runner.build_plan(config)
     planned = planned_state(rule_plan)
     try:
-        with apply.istio_lock(LOCK_WAIT_SECONDS):
+        with _apply_lock():
             live = read_state(config.iptables_backend, planned)
     except CheckError:
         raise

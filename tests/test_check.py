@@ -190,3 +190,19 @@ def test_network_namespace_from_outside_and_bad_flags(netns: Namespace) -> None:
     bad = subprocess.run([*run, "-p", "abc"], capture_output=True, text=True, env=clean_environ(LOCK_ENV), timeout=60)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "-p/--envoy-port" in bad.stderr
+
+
+def test_check_changes_nothing_and_needs_no_writable_lock(netns: Namespace) -> None:
+    """On a fresh namespace check reports everything missing and creates no table, route or address."""
+    def state() -> tuple:
+        return tuple(netns.run(t).stdout for t in ("iptables-legacy-save", "ip6tables-legacy-save",
+                                                    "iptables-nft-save", "ip6tables-nft-save")) + (
+            netns.run("ip", "rule").stdout, netns.run("ip", "-6", "addr").stdout)
+
+    before = state()
+    found = differences(netns, [*FLAGS, "-m", "TPROXY", "--ipv6", "true"])
+    assert {d.kind for d in found} == {"missing"} and any(d.what == "routing" for d in found)
+    assert state() == before
+    istio_init(netns, *FLAGS)
+    read_only = {"ISTIO_INIT_LOCKFILE": "/proc/istio-init.lock"}  # cannot be created, as on a read-only /run
+    assert "in sync" in istio_init(netns, "check", *FLAGS, env=read_only).stdout
