@@ -336,6 +336,22 @@ def read_rules(backend: str) -> dict[str, dict[int, Chains]]:
     return rules
 
 
+def _loopback_ipv6() -> set[str]:
+    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 on every probe)."""
+    import ipaddress
+
+    found = set()
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for line in table:
+                address, _, prefix, _, _, name = line.split()
+                if name == "lo":
+                    found.add(f"{ipaddress.IPv6Address(int(address, 16))}/{int(prefix, 16)}")
+    except FileNotFoundError:  # IPv6 disabled: no address at all
+        pass
+    return found
+
+
 def read_state(backend: str, planned: Planned) -> Live:
     """The rules (read_rules), the TPROXY policy routing and `::6` on lo.
 
@@ -348,16 +364,17 @@ def read_state(backend: str, planned: Planned) -> Live:
     rules = read_rules(backend)
     marks = {r.fwmark for r in planned.routing if r.kind == "rule"}
     marks |= {m for families in rules.values() for m in divert_marks(families.get(4, {}))}
+    routing = set()
     try:
-        routing = set()
-        for family in sorted({4} | {r.family for r in planned.routing}):
+        for family in sorted({4} | {r.family for r in planned.routing}) if marks or planned.routing else ():
             found = netns.policy_routing_for_marks(family, marks) if marks else []
             routing |= {r for r in found if r.kind == "rule"}
             tables = {r.table for r in found} | {r.table for r in planned.routing if r.family == family}
             routing |= {Routing("route", family, 0, t) for t in netns.local_default_route_tables(family, tables)}
-        addresses = {a for a in {IPV6_PASSTHROUGH_ADDRESS, *planned.addresses} if netns.has_loopback_address(a)}
+        on_lo = _loopback_ipv6()
     except Exception as exc:  # NetlinkError, OSError from pyroute2
         raise CheckError(f"cannot read the policy routing or the addresses on lo: {exc}") from None
+    addresses = {a for a in {IPV6_PASSTHROUGH_ADDRESS, *planned.addresses} if a in on_lo}
     return Live(rules, frozenset(routing), frozenset(addresses))
 
 
