@@ -27,6 +27,7 @@ from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
 from istio_init.reconcile import ISTIO_PREFIX, is_ours
 from istio_init.render import chain_order, rule_spec
+from istio_init.rulesets import owned_chains
 from istio_init.savefile import parse_save
 
 if TYPE_CHECKING:
@@ -151,7 +152,10 @@ def divert_marks(chains: Chains) -> set[int]:
 
 
 def is_own_chain(table: str, chain: str) -> bool:
-    return chain.startswith(ISTIO_PREFIX) and not is_builtin(table, chain)
+    """A chain some rule set of istio-init creates (every rule in it is istio-init's business)."""
+    if is_builtin(table, chain):
+        return False
+    return chain.startswith(ISTIO_PREFIX) or chain in owned_chains(table)
 
 
 def _ours(table: str, chain: str, live: list[str], planned: list[str]) -> list[tuple[int, str]]:

@@ -172,3 +172,19 @@ def test_pick_flavour() -> None:
     assert pick_flavour("auto", {"legacy": {4: {}}}) == "legacy"
     assert pick_flavour("auto", {"legacy": {4: {}}, "nft": {4: empty_nft}}) == "nft"
     assert pick_flavour("auto", {}) == "nft"
+
+
+def test_the_kubernetes_probe_checks_the_init_containers_args() -> None:
+    """check-probe.yaml's exec command is `istio-init check` + deployment.yaml's init args, minus the first word."""
+    import re
+    from pathlib import Path
+
+    kube = Path(__file__).parent.parent / "container" / "kubernetes"
+    deployment = (kube / "deployment.yaml").read_text()
+    block = deployment.split("initContainers:\n      - args:\n", 1)[1].split("        env:", 1)[0]
+    items = re.findall(r"^        - (.*)$", block, re.M)
+    init_args = [json.loads(i) if i.startswith('"') else i.strip("'") for i in items]
+    probe = (kube / "check-probe.yaml").read_text()
+    command = json.loads(re.search(r"command: (\[\"istio-init\", \"check\".*?\])", probe, re.S).group(1))
+    assert init_args[0] == "istio-iptables"
+    assert command == ["istio-init", "check", *init_args[1:]]
