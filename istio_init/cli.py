@@ -1,16 +1,17 @@
-"""The `istio-init` command line.
+"""The `istio-init` command line, and the only module that writes to stdout or stderr.
 
 `istio-init [istio-iptables] FLAGS` is Istio's init container: the first word
 of the seed's `args:` is accepted and ignored, and anything that is not a
 subcommand name runs the default `run` command, so Istio's argument lists work
 unchanged. Every user mistake becomes one line on stderr and exit code 2.
+The rest of the package returns what to print and logs through `log`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import click
 
@@ -48,9 +49,12 @@ def _help(spec: FlagSpec) -> str:
     return f"{spec.help} {extra}]"
 
 
-def _options_for(dests: tuple[str, ...] | None = None) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _options_for(dests: tuple[str, ...] | None = None) -> Callable[[F], F]:
     """A decorator adding one click option per entry of config.FLAGS (or the named ones)."""
-    def decorate(command: Any) -> Any:
+    def decorate(command: F) -> F:
         for spec in reversed([s for s in FLAGS if dests is None or s.dest in dests]):
             names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
             kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
@@ -67,6 +71,27 @@ def load_config(given: dict[str, Any]) -> Config:
     return from_sources(given)
 
 
+def log(message: str) -> None:
+    """One progress or diagnostic line on stderr, flushed so a pod's log keeps the order."""
+    print(f"{PROG}: {message}" if not message.startswith(f"{PROG} ") else message, file=sys.stderr, flush=True)
+
+
+def _out(text: str) -> None:
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _wrap(ctx: click.Context) -> Any:
+    """A backend wrapper passed in by a caller of main() (tests inject faults this way)."""
+    return (ctx.find_root().obj or {}).get("wrap_backend")
+
+
+def _network(ctx: click.Context) -> Any:
+    """Network steps (routes, addresses) passed in by a caller of main(); None: the real ones."""
+    return (ctx.find_root().obj or {}).get("network")
+
+
 @click.group(cls=_IstioGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """istio-init: Istio's istio-iptables init container, in Python."""
@@ -78,7 +103,8 @@ def cli() -> None:
 @_flag_options
 @click.option("--cleanup-only", is_flag=True, default=False,
               help="Remove istio-init's rules, routes and addresses instead of applying.")
-def run_command(cleanup_only: bool, **given: Any) -> None:
+@click.pass_context
+def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None:
     """Install Istio's sidecar capture rules in this pod's network namespace.
 
     Flags and environment variables are those of Istio's istio-iptables; a
@@ -89,9 +115,9 @@ def run_command(cleanup_only: bool, **given: Any) -> None:
 
     config = load_config(given)
     if cleanup_only:
-        runner.clean(config)
+        _out(runner.clean(config, log, _wrap(ctx)))
     else:
-        runner.run(config)
+        _out(runner.run(config, log, _wrap(ctx), _network(ctx)))
 
 
 @cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,11 +144,13 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     Takes every flag of `run`; walks the rules those flags would install (or,
     with --live, the installed ones) as netfilter's mangle and nat hooks would.
     """
-    from istio_init import trace
+    from istio_init import runner, trace
 
+    config = load_config(given)
+    runner.enter_namespace(config)
     conn = {"direction": direction, "dst": dst, "dport": dport, "src": src, "uid": uid, "gid": gid,
             "protocol": protocol, "in_interface": in_interface, "out_interface": out_interface}
-    click.echo(trace.run(load_config(given), conn, live, as_json))
+    _out(trace.run(config, conn, live, as_json) + "\n")
 
 
 @cli.command("check", context_settings={"help_option_names": ["-h", "--help"]})
@@ -166,7 +194,8 @@ _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark
 
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})
 @_options_for(_CLEAN_FLAGS)
-def clean_command(**given: Any) -> None:
+@click.pass_context
+def clean_command(ctx: click.Context, /, **given: Any) -> None:
     """Remove istio-init's rules, TPROXY routes and the ::6 address, in both families.
 
     Removes every ISTIO_ chain, every jump to one and the few rules istio-init
@@ -175,13 +204,18 @@ def clean_command(**given: Any) -> None:
     """
     from istio_init import runner
 
-    runner.clean(load_config(given))
+    _out(runner.clean(load_config(given), log, _wrap(ctx)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry: click errors and IstioInitError become one stderr line."""
+def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any = None) -> None:
+    """Console-script entry: click errors and IstioInitError become one stderr line.
+
+    `wrap_backend` wraps the backend a run chooses and `network` replaces the
+    route and address steps, when given (tests pass fault injectors).
+    """
     try:
-        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+        cli.main(args=argv, prog_name=PROG, standalone_mode=False,
+                 obj={"wrap_backend": wrap_backend, "network": network})
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.Abort:

@@ -26,14 +26,13 @@ guessing.
 from __future__ import annotations
 
 import ipaddress
-import shlex
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
+from istio_init.backends.iptables import savefile
 from istio_init.errors import IstioInitError
-from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Option, Rule, is_builtin
+from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Rule, is_builtin
 from istio_init.render import rule_spec
-from istio_init.savefile import parse_save
 
 if TYPE_CHECKING:
     from istio_init.config import Config
@@ -134,85 +133,38 @@ class Verdict:
     hits: tuple[Hit, ...] = ()
     tables: tuple[str, ...] = ()  # "table CHAIN" hooks walked, in order
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- rule text -> Rule
+# --------------------------------------------------------------------------- live rules -> Rule
 
 
 def parse_rule(table: str, chain: str, spec: str) -> Rule:
-    """Canonical iptables-save rule text (after `-A CHAIN`) back into a model.Rule."""
-    words = shlex.split(spec)
-    parts: dict = {}
-    matches: list[Match] = []
-    target = None
-    target_options: list[Option] = []
-    i = 0
+    """Canonical iptables-save rule text as a model.Rule, or TraceError naming the rule."""
+    try:
+        return savefile.parse_rule(table, chain, spec)
+    except savefile.UnmodelledRule as exc:
+        raise TraceError(f"cannot evaluate {table} {chain} rule '{spec}': {exc}") from None
 
-    def fail(reason: str) -> TraceError:
-        return TraceError(f"cannot evaluate {table} {chain} rule '{spec}': {reason}")
 
-    def options(start: int) -> tuple[list[Option], int]:
-        found: list[Option] = []
-        j = start
-        while j < len(words):
-            negated = words[j] == "!" and j + 1 < len(words) and words[j + 1].startswith("--")
-            name_at = j + 1 if negated else j
-            if not words[name_at].startswith("--"):
-                break
-            value = ""
-            if name_at + 1 < len(words) and not words[name_at + 1].startswith("-") and words[name_at + 1] != "!":
-                value = words[name_at + 1]
-                j = name_at + 2
-            else:
-                j = name_at + 1
-            found.append(Option(words[name_at][2:], value, negated))
-        return found, j
-
-    while i < len(words):
-        word = words[i]
-        negated = word == "!"
-        if negated:
-            i += 1
-            word = words[i]
-        if word in ("-s", "-d", "-i", "-o", "-p"):
-            value = words[i + 1]
-            if negated and word != "-d":
-                raise fail(f"negated {word} is not supported")
-            key = {"-s": "source", "-d": "destination", "-i": "in_interface", "-o": "out_interface",
-                   "-p": "protocol"}[word]
-            parts[key] = value
-            if negated:
-                parts["negate_destination"] = True
-            i += 2
-        elif word == "-m":
-            module = words[i + 1]
-            opts, i = options(i + 2)
-            matches.append(Match(module, tuple(opts)))
-        elif word in ("-j", "-g"):
-            if word == "-g":
-                raise fail("goto (-g) is not supported")
-            target = words[i + 1]
-            opts, i = options(i + 2)
-            target_options = opts
-        else:
-            raise fail(f"unexpected {word!r}")
-    if target is None:
-        raise fail("no target")
-    return Rule(table, chain, target, matches=tuple(matches), target_options=tuple(target_options), **parts)
+def ruleset_from_tables(tables: Mapping[str, savefile.SavedTable]) -> dict[str, dict[str, list[Rule]]]:
+    """The rules of parsed live tables, per table and chain, in kernel order."""
+    ruleset: dict[str, dict[str, list[Rule]]] = {}
+    for name, table in tables.items():
+        chains = ruleset.setdefault(name, {})
+        for chain in table.chains:
+            chains.setdefault(chain, [])
+        for saved in table.rules:
+            if saved.rule is None:
+                raise TraceError(f"cannot evaluate {name} {saved.chain} rule '{saved.spec}': {saved.problem}")
+            chains.setdefault(saved.chain, []).append(saved.rule)
+    return ruleset
 
 
 def ruleset_from_save(text: str) -> dict[str, dict[str, list[Rule]]]:
     """The rules of iptables-save text, per table and chain, in kernel order."""
-    ruleset: dict[str, dict[str, list[Rule]]] = {}
-    for name, table in parse_save(text).items():
-        chains = ruleset.setdefault(name, {})
-        for chain in table.chains:
-            chains.setdefault(chain, [])
-        for chain, spec in table.rules:
-            chains.setdefault(chain, []).append(parse_rule(name, chain, spec))
-    return ruleset
+    return ruleset_from_tables(savefile.parse_save(text))
 
 
 def ruleset_from_plan(family: FamilyPlan) -> dict[str, dict[str, list[Rule]]]:
@@ -220,26 +172,26 @@ def ruleset_from_plan(family: FamilyPlan) -> dict[str, dict[str, list[Rule]]]:
 
 
 def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, list[Rule]]], str]:
-    """The current namespace's rules via iptables-save; returns (ruleset, tool used).
+    """The current namespace's rules, read through the backends; returns (ruleset, tool used).
 
-    With backend "auto" the legacy tables are used when they hold ISTIO_ chains,
-    else nft: a pod has its rules in exactly one of them.
+    With backend "auto" every flavour in use is asked and the first that holds
+    istio-init's rules is used: a pod has its rules in exactly one of them.
     """
-    from istio_init.backends import base
+    from istio_init import backends
     from istio_init.errors import ApplyError
 
-    flavours = {"legacy": ["legacy"], "nft": ["nft"], "libiptc": ["legacy"]}.get(backend, ["legacy", "nft"])
-    text, tool = "", ""
-    for flavour in flavours:
-        tools = base.Tools(flavour)
-        tool = tools.save(family)
+    tables: dict[str, savefile.SavedTable] = {}
+    tool = ""
+    for flavour in backends.candidates(backend, [family]):
+        reader = backends.get(flavour)
+        tool = f"{'ip6' if family == 6 else 'ip'}tables-{flavour}-save"
         try:
-            text = base.save_text(tools, family, counters=False)
+            tables = reader.read(family)
+            if reader.holds_ours([family]):
+                break
         except ApplyError as exc:
             raise TraceError(str(exc)) from None
-        if "ISTIO_" in text:
-            break
-    return ruleset_from_save(text), tool
+    return ruleset_from_tables(tables), tool
 
 
 # --------------------------------------------------------------------------- matching
@@ -465,15 +417,13 @@ def format_verdict(conn: Connection, verdict: Verdict, source: str) -> str:
 # --------------------------------------------------------------------------- the command
 
 
-def run(config: Config, conn_args: dict, live: bool, as_json: bool) -> str:
+def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool) -> str:
     """`istio-init trace`: the rules for `config` (or the live ones) applied to one connection."""
     import json
 
     from istio_init import netns
     from istio_init.rulesets import plan
 
-    if config.network_namespace:
-        netns.enter(config.network_namespace)
     local: list[IPAddress] = []
     if live:
         try:

@@ -23,7 +23,8 @@ def ruleset_for(config: Config) -> ModuleType:
 
 def plan(config: Config, ipv6: bool) -> RulePlan:
     """The plan of the rule set `config` asks for."""
-    return ruleset_for(config).plan(config, ipv6)
+    result: RulePlan = ruleset_for(config).plan(config, ipv6)
+    return result
 
 
 def owned_chains(table: str) -> frozenset[str]:
