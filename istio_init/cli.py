@@ -163,10 +163,12 @@ def check_command(as_json: bool, **given: Any) -> None:
     the missing, extra and misordered rules, chains, TPROXY routing and ::6
     when not; exit 3 when the state cannot be read. Usable as an exec probe.
     """
-    from istio_init import drift
+    from istio_init import drift, runner
 
-    report = drift.run(load_config(given))
-    click.echo(drift.to_json(report) if as_json else drift.format_text(report))
+    config = load_config(given)
+    runner.enter_namespace(config)
+    report = drift.run(config, log)
+    _out((drift.to_json(report) if as_json else drift.format_text(report)) + "\n")
     sys.exit(report.exit_code)
 
 
@@ -184,9 +186,11 @@ def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
     with --live, the installed ones). Each chain node lists its rules; each
     jump is an edge labelled with its rule number and match.
     """
-    from istio_init import graph
+    from istio_init import graph, runner
 
-    click.echo(graph.run(load_config(given), live, fmt, table), nl=False)
+    config = load_config(given)
+    runner.enter_namespace(config)
+    _out(graph.run(config, live, fmt, table, log))
 
 
 _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark")

@@ -20,18 +20,19 @@ onto the backends' `read()`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, ContextManager, NamedTuple
+from typing import TYPE_CHECKING, ContextManager, Mapping, NamedTuple
 
+from istio_init.backends.iptables.reconcile import is_ours
+from istio_init.backends.iptables.savefile import SavedTable, parse_save
 from istio_init.errors import IstioInitError
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
-from istio_init.reconcile import ISTIO_PREFIX, is_ours
 from istio_init.render import chain_order, rule_spec
 from istio_init.rulesets import owned_chains
-from istio_init.savefile import parse_save
 
 if TYPE_CHECKING:
     from istio_init.config import Config
+    from istio_init.runner import Log
 
 # table -> chain -> rule specs (the text after `-A CHAIN`) in kernel order; chains listed even when empty.
 Chains = dict[str, dict[str, list[str]]]
@@ -112,21 +113,26 @@ def chains_from_plan(family: FamilyPlan) -> Chains:
     chains: Chains = {}
     for table in family.tables():
         final = family.final_rules(table)
-        by_chain = {chain: [] for chain in family.chains(table)}
+        by_chain: dict[str, list[str]] = {chain: [] for chain in family.chains(table)}
         by_chain.update({chain: [rule_spec(rule) for rule in rules] for chain, rules in final.items()})
         chains[table] = by_chain
     return chains
 
 
-def chains_from_save(text: str) -> Chains:
-    """iptables-save text as rule text per table and chain (every chain, even empty ones)."""
+def chains_from_tables(tables: Mapping[str, SavedTable]) -> Chains:
+    """Parsed live tables as rule text per table and chain (every chain, even empty ones)."""
     chains: Chains = {}
-    for name, table in parse_save(text).items():
+    for name, table in tables.items():
         by_chain: dict[str, list[str]] = {chain: [] for chain in table.chains}
-        for chain, spec in table.rules:
-            by_chain.setdefault(chain, []).append(spec)
+        for saved in table.rules:
+            by_chain.setdefault(saved.chain, []).append(saved.spec)
         chains[name] = by_chain
     return chains
+
+
+def chains_from_save(text: str) -> Chains:
+    """iptables-save text as rule text per table and chain."""
+    return chains_from_tables(parse_save(text))
 
 
 def planned_state(rule_plan: RulePlan) -> Planned:
@@ -144,7 +150,7 @@ def divert_marks(chains: Chains) -> set[int]:
     for spec in chains.get("mangle", {}).get(_DIVERT_CHAIN, []):
         words = spec.split()
         if "--set-xmark" in words:
-            marks.add(int(words[words.index("--set-xmark") + 1].split("/")[0], 16))
+            marks.add(int(words[words.index("--set-xmark") + 1].split("/")[0], 0))
     return marks
 
 
@@ -152,10 +158,11 @@ def divert_marks(chains: Chains) -> set[int]:
 
 
 def is_own_chain(table: str, chain: str) -> bool:
-    """A chain some rule set of istio-init creates (every rule in it is istio-init's business)."""
-    if is_builtin(table, chain):
-        return False
-    return chain.startswith(ISTIO_PREFIX) or chain in owned_chains(table)
+    """A chain some rule set of istio-init creates: every rule in it is istio-init's business.
+
+    A user's ISTIO_FOO chain is not one (ownership comes from the rule sets, as in reconcile).
+    """
+    return not is_builtin(table, chain) and chain in owned_chains(table)
 
 
 def _ours(table: str, chain: str, live: list[str], planned: list[str]) -> list[tuple[int, str]]:
@@ -311,30 +318,26 @@ def to_json(report: Report) -> str:
 
 
 def read_rules(backend: str) -> dict[str, dict[int, Chains]]:
-    """The namespace's rules through the save tools: flavour -> family -> chains.
+    """The namespace's rules through the backends' read(): flavour -> family -> chains.
 
     Reads only: a flavour the kernel lacks (no legacy ip_tables, or no
     iptables-nft tables) is left out instead of being created. With a backend
     other than auto only its flavour is read.
     """
-    import os
-
-    from istio_init import netns
-    from istio_init.backends import base
+    from istio_init import backends
     from istio_init.errors import ApplyError
 
-    legacy_names = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
-    flavours = FLAVOURS if backend == "auto" else (("nft",) if backend == "nft" else ("legacy",))
+    flavours = backends.candidates(backend, [4, 6])
     rules: dict[str, dict[int, Chains]] = {}
     try:
         for flavour in flavours:
+            reader = backends.get(flavour)
             for family in (4, 6):
-                if flavour == "legacy" and not os.path.exists(legacy_names[family]):
+                if flavour == "legacy" and not backends.legacy_available([family]):
                     continue
-                if flavour == "nft" and not netns.iptables_nft_tables(family):
+                if flavour == "nft" and not backends.nft_in_use([family]):
                     continue
-                text = base.save_text(base.Tools(flavour), family, counters=False)
-                rules.setdefault(flavour, {})[family] = chains_from_save(text)
+                rules.setdefault(flavour, {})[family] = chains_from_tables(reader.read(family))
     except ApplyError as exc:
         raise CheckError(f"cannot read the rules: {exc}") from None
     return rules
@@ -382,27 +385,25 @@ def read_state(backend: str, planned: Planned) -> Live:
     return Live(rules, frozenset(routing), frozenset(addresses))
 
 
-def _apply_lock() -> ContextManager[object]:
-    """istio-init's lock, waited for briefly; none where the lock file cannot even be created.
+def _apply_lock() -> ContextManager[None]:
+    """istio-init's lock of this namespace, waited for briefly; none when no apply ever made it.
 
-    A probe container often has a read-only root file system: no apply can
-    run there either, so there is nothing to wait for.
+    An apply creates the lock file before it takes the lock, so without the
+    file there is nothing to wait for, and check creates nothing (a probe
+    container's root file system is often read-only).
     """
     import contextlib
     import os
 
-    from istio_init import apply
+    from istio_init import locks
 
-    path = os.environ.get("ISTIO_INIT_LOCKFILE") or apply.LOCK_FILE
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    except OSError:
+    if not os.path.exists(locks.namespace_lock_path()):
         return contextlib.nullcontext()
-    return apply.istio_lock(LOCK_WAIT_SECONDS)
+    return locks.namespace_lock(LOCK_WAIT_SECONDS)
 
 
-def run(config: Config) -> Report:
-    """`istio-init check`: plan for the flags in the (given) namespace, read it, compare.
+def run(config: Config, log: Log) -> Report:
+    """`istio-init check` in the current namespace: plan for the flags, read the state, compare.
 
     Holds istio-init's lock only while reading, and waits for it only a few
     seconds, so a half-finished apply (in the same container) is not reported
@@ -410,7 +411,7 @@ def run(config: Config) -> Report:
     """
     from istio_init import runner
 
-    rule_plan, _ = runner.build_plan(config)
+    rule_plan, _ = runner.build_plan(config, log)
     planned = planned_state(rule_plan)
     try:
         with _apply_lock():

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, NamedTuple
 from istio_init.drift import Chains, chains_from_plan
 from istio_init.errors import IstioInitError
 from istio_init.model import is_builtin
-from istio_init.reconcile import jump_target
 from istio_init.render import chain_order
 
 if TYPE_CHECKING:
     from istio_init.config import Config
+    from istio_init.runner import Log
 
 TABLES = ("raw", "mangle", "nat")  # the order a packet meets them
 FORMATS = ("mermaid", "dot", "svg")
@@ -190,7 +190,7 @@ def build(rules: dict[int, Chains], tables: tuple[str, ...] = TABLES) -> Graph:
                                   tuple(f"{n}: {spec}" for n, spec in enumerate(specs, 1))))
                 ends: dict[str, str] = {}
                 for n, spec in enumerate(specs, 1):
-                    target = jump_target(spec) or ""
+                    target = _split(spec)[1]
                     if target in chains and not is_builtin(table, target):
                         destination = chain_id(family, table, target)
                     else:
@@ -309,28 +309,26 @@ def render(graph: Graph, fmt: str) -> str:
 # --------------------------------------------------------------------------- the command
 
 
-def planned_rules(config: Config) -> dict[int, Chains]:
-    """The rules the flags would install, per family (enters --network-namespace first)."""
+def planned_rules(config: Config, log: Log) -> dict[int, Chains]:
+    """The rules the flags would install, per family."""
     from istio_init import runner
 
-    rule_plan, _ = runner.build_plan(config)
+    rule_plan, _ = runner.build_plan(config, log)
     return {family.family: chains_from_plan(family) for family in rule_plan.families()}
 
 
 def live_rules(config: Config) -> dict[int, Chains]:
     """The installed rules, in the flavour that holds istio-init's (as `check` picks it)."""
-    from istio_init import drift, netns
+    from istio_init import drift
 
-    if config.network_namespace:
-        netns.enter(config.network_namespace)
     rules = drift.read_rules(config.iptables_backend)
     return rules.get(drift.pick_flavour(config.iptables_backend, rules), {})
 
 
-def run(config: Config, live: bool, fmt: str, table: str) -> str:
-    """`istio-init graph`: the picture of the plan for `config`, or of the live rules."""
+def run(config: Config, live: bool, fmt: str, table: str, log: Log) -> str:
+    """`istio-init graph` in the current namespace: the plan for `config`, or the live rules, drawn."""
     if fmt not in FORMATS:
         raise GraphError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     tables = TABLES if table == "all" else (table,)
-    rules = live_rules(config) if live else planned_rules(config)
+    rules = live_rules(config) if live else planned_rules(config, log)
     return render(build(rules, tables), fmt)
