@@ -398,8 +398,8 @@ def trace(ruleset: Ruleset, conn: Connection) -> Verdict:
     current = conn
     marks = (0, 0)
     for table, hook in _hooks(conn):
-        if hook not in BUILTIN_CHAINS[table] or (table == "raw" and table not in ruleset):
-            continue  # the raw table only when the rules use it (current Istio's DNS zones)
+        if hook not in BUILTIN_CHAINS[table] or (table == "raw" and not any(ruleset.get(table, {}).values())):
+            continue  # the raw table only when it holds rules (current Istio's DNS zones)
         walked.append(f"{table} {hook}")
         walk = walk_table(ruleset, table, hook, current, marks)
         marks = walk.marks
