@@ -86,6 +86,15 @@ def test_user_rules_and_chains_are_not_drift() -> None:
     assert compare(planned_state(rule_plan), live, "legacy").differences == ()
 
 
+def test_a_users_istio_named_chain_is_not_drift() -> None:
+    """Ownership comes from the rule sets' chains, not the ISTIO_ prefix (as in reconcile)."""
+    rule_plan = _plan(SEED_ARGS)
+    live = _live_as_installed(rule_plan)
+    live.rules["legacy"][4]["nat"]["ISTIO_FOO"] = ["-p tcp -j ACCEPT"]
+    live.rules["legacy"][4]["nat"]["OUTPUT"].append("-j ISTIO_FOO")
+    assert compare(planned_state(rule_plan), live, "legacy").differences == ()
+
+
 def test_foreign_rule_in_our_chain_and_our_rule_in_a_builtin_are_drift() -> None:
     rule_plan = _plan(SEED_ARGS)
     live = _live_as_installed(rule_plan)
