@@ -163,6 +163,46 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     _out(trace.run(config, conn, live, as_json) + "\n")
 
 
+@cli.command("check", context_settings={"help_option_names": ["-h", "--help"]})
+@_flag_options
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print the result as JSON.")
+def check_command(as_json: bool, **given: Any) -> None:
+    """Compare the installed rules with what the flags would install; change nothing.
+
+    Takes every flag of `run`. Exit 0 and one line when in sync; exit 1 and
+    the missing, extra and misordered rules, chains, TPROXY routing and ::6
+    when not; exit 3 when the state cannot be read. Usable as an exec probe.
+    """
+    from istio_init import drift, runner
+
+    config = load_config(given)
+    runner.enter_namespace(config)
+    report = drift.run(config, log)
+    _out((drift.to_json(report) if as_json else drift.format_text(report)) + "\n")
+    sys.exit(report.exit_code)
+
+
+@cli.command("graph", context_settings={"help_option_names": ["-h", "--help"]})
+@_flag_options
+@click.option("--live", is_flag=True, default=False,
+              help="Draw the rules installed in the namespace (iptables-save) instead of the plan.")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "svg"]), default="mermaid",
+              show_default=True, help="mermaid for Markdown, dot for Graphviz, svg through Graphviz's dot.")
+@click.option("--table", type=click.Choice(["nat", "mangle", "raw", "all"]), default="all", show_default=True)
+def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
+    """Draw the chains as a directed graph: hooks and chains, jumps, outcomes.
+
+    Takes every flag of `run`; draws the rules those flags would install (or,
+    with --live, the installed ones). Each chain node lists its rules; each
+    jump is an edge labelled with its rule number and match.
+    """
+    from istio_init import graph, runner
+
+    config = load_config(given)
+    runner.enter_namespace(config)
+    _out(graph.run(config, live, fmt, table, log))
+
+
 _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark")
 
 

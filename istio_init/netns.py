@@ -280,6 +280,12 @@ def policy_routing_for_marks(family: int, marks: set[int]) -> list[Routing]:
     return list(dict.fromkeys(found))
 
 
+def local_default_route_tables(family: int, tables: set[int]) -> set[int]:
+    """Which of `tables` hold a `local default dev lo` route (read-only, for `check`)."""
+    with _iproute() as ipr:
+        return {table for table in tables if _local_default_routes(ipr, family, table)}
+
+
 def _split(address: str) -> tuple[str, int]:
     ip, _, prefix = address.partition("/")
     return ip, int(prefix or 128)
