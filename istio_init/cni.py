@@ -1,0 +1,448 @@
+"""`istio-init-cni`: the same capture, installed from the node by the container runtime.
+
+Clusters that cannot give pods NET_ADMIN (restricted Pod Security, OpenShift,
+managed clusters) chain this plugin after their own CNI plugin. The runtime
+runs it on the node for every pod sandbox, with the pod's network namespace in
+CNI_NETNS, and it installs exactly what the init container would: the
+configuration's `"args"` are the init container's `args:` and go through the
+same click options and `config.from_sources`, so there is one contract. A
+validation init container without capabilities (`--run-validation
+--skip-rule-apply` as uid 1337) then proves the rules work.
+
+The CNI specification (1.0 and 1.1) fixes the protocol: the command in
+CNI_COMMAND, the network configuration with `prevResult` on stdin, the result
+(ADD: prevResult unchanged, since this plugin adds no interface or address) or
+an error object on stdout, exit status non-zero on error. stdout belongs to
+the protocol, so file descriptor 1 is pointed at the log (a `"logFile"` from
+the configuration, else stderr) for the whole run, and the one answer is
+written to a saved copy of the original descriptor: nothing the apply path or
+a tool it runs prints can corrupt the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Mapping, NoReturn
+
+from istio_init.config import Config
+from istio_init.errors import ConfigError, IstioInitError
+
+PROG = "istio-init-cni"
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION = SUPPORTED_VERSIONS[-1]
+CHECK_SINCE = "0.4.0"  # CHECK exists from spec 0.4.0 on
+LOCK_DIR = "/run/istio-init-cni"
+LOCK_ENV = "ISTIO_INIT_LOCKFILE"  # how apply.py is told which lock file to take
+
+# Error codes of the CNI specification (SPEC.md, "Error"), and this plugin's own (100 and up).
+ERR_VERSION = 1
+ERR_UNKNOWN_CONTAINER = 3
+ERR_ENVIRONMENT = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_CONFIG = 7
+ERR_NOT_AVAILABLE = 50  # STATUS, spec 1.1
+ERR_APPLY = 100
+ERR_DRIFT = 101
+ERR_INTERNAL = 102
+
+# Flags of `run` that make no sense when the runtime calls the plugin: it programs the
+# namespace in CNI_NETNS for real, and validation belongs to the pod's own init container.
+_RUNTIME_OWNED = {"network_namespace": "--network-namespace (the runtime gives CNI_NETNS)",
+                  "dry_run": "-n/--dry-run", "skip_rule_apply": "--skip-rule-apply",
+                  "run_validation": "--run-validation (run it in the pod's validation init container)",
+                  "cleanup_only": "--cleanup-only (the runtime calls DEL)"}
+
+
+class CniError(Exception):
+    """A failure reported as the specification's error object."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+
+# ---- the network configuration ----------------------------------------------------------------
+
+class NetConf:
+    """The parts of the network configuration this plugin reads, checked before anything changes."""
+
+    def __init__(self, data: Mapping[str, Any], command: str) -> None:
+        self.version = _version(data)
+        self.name = str(data.get("name", ""))
+        self.args = _string_list(data, "args") + _ruleset_flags(data)
+        self.env = _string_map(data, "env")
+        self.exclude_namespaces = _string_list(data, "excludeNamespaces")
+        log_file = data.get("logFile")
+        if log_file is not None and (not isinstance(log_file, str) or not log_file):
+            raise CniError(ERR_CONFIG, "invalid network configuration: logFile must be a path")
+        self.log_file: str | None = log_file
+        self.prev_result = data.get("prevResult")
+        if command in ("ADD", "CHECK") and not isinstance(self.prev_result, dict):
+            raise CniError(ERR_CONFIG, "invalid network configuration: no prevResult",
+                           f"{PROG} is a chained plugin: list it after the plugin that creates the interface")
+
+
+def _version(data: Mapping[str, Any]) -> str:
+    version = data.get("cniVersion")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(ERR_VERSION, f"incompatible CNI version {version!r}",
+                       "supported: " + ", ".join(SUPPORTED_VERSIONS))
+    return version
+
+
+def _string_list(data: Mapping[str, Any], key: str) -> list[str]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise CniError(ERR_CONFIG, f"invalid network configuration: {key} must be a list of strings")
+    return list(value)
+
+
+def _string_map(data: Mapping[str, Any], key: str) -> dict[str, str]:
+    value = data.get(key, {})
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise CniError(ERR_CONFIG, f"invalid network configuration: {key} must map names to strings")
+    return dict(value)
+
+
+def _ruleset_flags(data: Mapping[str, Any]) -> list[str]:
+    """`rulesVersion` and `nativeNftables` as the init container's flags.
+
+    They are passed on as flags, not interpreted here, so the flag parser
+    decides whether they exist and which values are valid (one contract).
+    """
+    flags = []
+    if "rulesVersion" in data:
+        if not isinstance(data["rulesVersion"], str):
+            raise CniError(ERR_CONFIG, "invalid network configuration: rulesVersion must be a string")
+        flags += ["--rules-version", data["rulesVersion"]]
+    if "nativeNftables" in data:
+        if not isinstance(data["nativeNftables"], bool):
+            raise CniError(ERR_CONFIG, "invalid network configuration: nativeNftables must be true or false")
+        if data["nativeNftables"]:
+            flags.append("--native-nftables")
+    return flags
+
+
+def parse_netconf(text: str, command: str) -> NetConf:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise CniError(ERR_DECODE, "cannot decode the network configuration", str(exc)) from None
+    if not isinstance(data, dict):
+        raise CniError(ERR_DECODE, "cannot decode the network configuration", "not a JSON object")
+    return NetConf(data, command)
+
+
+def flags_config(args: list[str], env: Mapping[str, str]) -> Config:
+    """The Config the init container would get from `args:` and `env:`, through its own parser.
+
+    The runtime's environment is not consulted: only the configuration
+    speaks, so two nodes with different environments program pods alike.
+    """
+    import click
+
+    from istio_init.cli import ISTIO_BINARY_NAME, PROG as CLI_PROG, run_command
+    from istio_init.config import from_sources
+
+    argv = args[1:] if args[:1] == [ISTIO_BINARY_NAME] else list(args)
+    try:
+        with run_command.make_context(CLI_PROG, argv) as ctx:
+            given = dict(ctx.params)
+    except click.exceptions.Exit:
+        raise CniError(ERR_CONFIG, "invalid network configuration: args asked for help, not for rules") from None
+    except click.ClickException as exc:
+        raise CniError(ERR_CONFIG, f"invalid network configuration: args: {exc.format_message()}") from None
+    for dest, label in _RUNTIME_OWNED.items():
+        if given.get(dest) not in (None, False):
+            raise CniError(ERR_CONFIG, f"invalid network configuration: args: {label} is not for the plugin")
+    given.pop("cleanup_only", None)
+    try:
+        return from_sources(given, environ=env)
+    except ConfigError as exc:
+        raise CniError(ERR_CONFIG, f"invalid network configuration: args: {exc}") from None
+
+
+def pod_namespace(cni_args: str) -> str | None:
+    """K8S_POD_NAMESPACE from CNI_ARGS (`K=V;K=V`), as the kubelet's runtime sets it."""
+    for item in cni_args.split(";"):
+        key, _, value = item.partition("=")
+        if key.strip() == "K8S_POD_NAMESPACE":
+            return value.strip()
+    return None
+
+
+# ---- the namespace and its lock ------------------------------------------------------------------
+
+def netns_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the network namespace at `path`, or None when there is none.
+
+    A namespace file lives on nsfs, which every namespace shares with this
+    process's own; a leftover plain file or an unmounted bind point does not.
+    """
+    try:
+        found = os.stat(path)
+        own = os.stat("/proc/self/ns/net")
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if found.st_dev == own.st_dev else None
+
+
+def lock_path(identity: tuple[int, int]) -> str:
+    """The lock file of one namespace: parallel ADDs for different pods do not wait for each other."""
+    return os.path.join(LOCK_DIR, f"netns-{identity[0]}-{identity[1]}.lock")
+
+
+def use_namespace_lock(identity: tuple[int, int]) -> str:
+    """Point apply.py's lock at the namespace's own file (it reads ISTIO_INIT_LOCKFILE)."""
+    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    path = lock_path(identity)
+    os.environ[LOCK_ENV] = path
+    return path
+
+
+# ---- the adapter: the one place the plugin calls istio-init's core ------------------------------
+
+def core(action: str, config: Config) -> list[str]:
+    """Run istio-init's apply ("ADD"), clean ("DEL") or drift check ("CHECK") in-process.
+
+    The only function here that calls runner/apply, so a change of their
+    interface (results returned instead of printed) is absorbed here. What they
+    print goes to the log: fd 1 and 2 point there while the plugin runs.
+    Returns the drift found by CHECK (empty otherwise).
+    """
+    from istio_init import runner
+
+    if action == "ADD":
+        runner.run(config)
+        return []
+    if action == "DEL":
+        runner.clean(config)
+        return []
+    from istio_init import apply
+
+    with apply.istio_lock():
+        return live_drift(config)
+
+
+def live_drift(config: Config) -> list[str]:
+    """What differs between the namespace and the plan for `config`; empty when they agree.
+
+    A stand-in for the `istio-init check` command being written on branch
+    `ops`: it decides drift with the same pure reconcile() an apply uses (a
+    converged table needs no change), plus the TPROXY routes and ::6, and is
+    the one function to swap for check's logic when that lands.
+    """
+    from istio_init import apply, netns, runner
+    from istio_init.backends import base
+    from istio_init.backends.iptables.reconcile import reconcile
+    from istio_init.backends.iptables.savefile import parse_save
+
+    rule_plan, _ = runner.build_plan(config)
+    plans = {family.family: family for family in rule_plan.families()}
+    name, _ = apply.choose_backend(config, [4, 6], sum(len(f.steps) for f in plans.values()))
+    backend = base.get(name)
+    problems = []
+    with backend.session():
+        for family in (4, 6):
+            for change in reconcile(parse_save(backend.read(family)), plans.get(family)):
+                problems.append(f"IPv{family} {change.table}: " + _describe(change))
+    for route in rule_plan.routes:
+        found = netns.policy_routing_for_marks(route.family, {route.fwmark})
+        if netns.Routing("rule", route.family, route.fwmark, route.table) not in found:
+            problems.append(f"missing ip rule fwmark {route.fwmark:#x} lookup {route.table}")
+        if netns.Routing("route", route.family, 0, route.table) not in found:
+            problems.append(f"missing route local default dev lo table {route.table}")
+    for address in rule_plan.loopback_addresses:
+        if not netns.has_loopback_address(address):
+            problems.append(f"missing address {address} on lo")
+    return problems
+
+
+def _describe(change: Any) -> str:
+    parts = [f"{len(change.create_chains)} chain(s) missing" if change.create_chains else "",
+             f"{len(change.delete_chains)} stale chain(s)" if change.delete_chains else "",
+             f"{len(change.delete_rules)} rule(s) outside our chains to remove" if change.delete_rules else "",
+             f"{len(change.steps)} planned rule(s) not in place" if change.steps else ""]
+    return ", ".join(p for p in parts if p) or "differs from the plan"
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+
+def _require(environ: Mapping[str, str], *names: str) -> None:
+    for name in names:
+        if not environ.get(name):
+            raise CniError(ERR_ENVIRONMENT, f"{name} is not set", "the container runtime sets it")
+
+
+def _excluded(conf: NetConf, environ: Mapping[str, str]) -> bool:
+    namespace = pod_namespace(environ.get("CNI_ARGS", ""))
+    return namespace is not None and namespace in conf.exclude_namespaces
+
+
+def _kernel_error(exc: IstioInitError) -> CniError:
+    if isinstance(exc, ConfigError):
+        return CniError(ERR_CONFIG, f"invalid network configuration: args: {exc}")
+    return CniError(ERR_APPLY, "installing the capture failed", str(exc))
+
+
+def cmd_add(conf: NetConf, environ: Mapping[str, str]) -> dict[str, Any]:
+    _require(environ, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
+    if _excluded(conf, environ):
+        log("ADD: pod namespace is in excludeNamespaces; no rules")
+        return conf.prev_result  # type: ignore[return-value]
+    config = flags_config(conf.args, conf.env)
+    identity = netns_identity(environ["CNI_NETNS"])
+    if identity is None:
+        raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
+    use_namespace_lock(identity)
+    started = time.monotonic()
+    try:
+        core("ADD", config._replace(network_namespace=environ["CNI_NETNS"]))
+    except IstioInitError as exc:
+        raise _kernel_error(exc) from None
+    log(f"ADD: capture installed in {(time.monotonic() - started) * 1000:.1f} ms")
+    return conf.prev_result  # type: ignore[return-value]
+
+
+def cmd_del(conf: NetConf, environ: Mapping[str, str]) -> None:
+    """Remove the rules; success when the namespace is already gone, and when run twice."""
+    _require(environ, "CNI_CONTAINERID", "CNI_IFNAME")
+    path = environ.get("CNI_NETNS", "")
+    identity = netns_identity(path) if path else None
+    if identity is None:
+        log(f"DEL: no network namespace at {path or '(CNI_NETNS empty)'}; nothing to remove")
+        return
+    try:
+        config = flags_config(conf.args, conf.env)
+    except CniError as exc:
+        # The pod must still be deletable: clean removes every ISTIO_ chain whatever the flags.
+        log(f"DEL: {exc.msg}; cleaning with the default flags")
+        config = Config()
+    use_namespace_lock(identity)
+    try:
+        core("DEL", config._replace(network_namespace=path))
+    except IstioInitError as exc:
+        raise CniError(ERR_APPLY, "removing the capture failed", str(exc)) from None
+    try:
+        os.unlink(lock_path(identity))
+    except FileNotFoundError:
+        pass
+
+
+def cmd_check(conf: NetConf, environ: Mapping[str, str]) -> None:
+    _require(environ, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
+    if tuple(map(int, conf.version.split("."))) < tuple(map(int, CHECK_SINCE.split("."))):
+        raise CniError(ERR_VERSION, f"CHECK needs cniVersion {CHECK_SINCE} or later, got {conf.version}")
+    if _excluded(conf, environ):
+        return
+    config = flags_config(conf.args, conf.env)
+    identity = netns_identity(environ["CNI_NETNS"])
+    if identity is None:
+        raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
+    use_namespace_lock(identity)
+    try:
+        problems = core("CHECK", config._replace(network_namespace=environ["CNI_NETNS"]))
+    except IstioInitError as exc:
+        raise _kernel_error(exc) from None
+    if problems:
+        raise CniError(ERR_DRIFT, "the capture rules differ from the configuration", "; ".join(problems))
+
+
+def cmd_status() -> None:
+    """Ready when the tools every backend reads with are installed (spec 1.1 STATUS)."""
+    if not any(shutil.which(tool) for tool in ("iptables-legacy-save", "iptables-nft-save")):
+        raise CniError(ERR_NOT_AVAILABLE, "no iptables-legacy-save or iptables-nft-save on this node")
+
+
+def cmd_version(text: str) -> dict[str, Any]:
+    try:
+        asked = json.loads(text).get("cniVersion") if text.strip() else None
+    except (ValueError, AttributeError):
+        asked = None
+    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST_VERSION,
+            "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+# ---- the process: stdout for the answer only ------------------------------------------------------
+
+def log(message: str) -> None:
+    """One line to the log (fd 2: the log file once _log_to() ran, else the runtime's stderr)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} {PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
+          file=sys.stderr, flush=True)
+
+
+def _log_to(path: str | None) -> None:
+    """Point fd 1 and 2 (and so everything istio-init and its tools print) at the log file."""
+    if path is None:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise CniError(ERR_IO, f"cannot open the log file {path}", exc.strerror or str(exc)) from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def run(environ: Mapping[str, str], stdin_text: str) -> dict[str, Any] | None:
+    """One invocation: the answer for stdout, or None (DEL, CHECK, STATUS succeed silently)."""
+    command = environ.get("CNI_COMMAND", "")
+    if command == "VERSION":
+        return cmd_version(stdin_text)
+    if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
+        raise CniError(ERR_ENVIRONMENT, f"CNI_COMMAND {command!r} is not a CNI command")
+    conf = parse_netconf(stdin_text, command)
+    _log_to(conf.log_file)
+    log(f"{command} netns={environ.get('CNI_NETNS', '')} args={environ.get('CNI_ARGS', '')}")
+    if command == "ADD":
+        return cmd_add(conf, environ)
+    if command == "DEL":
+        cmd_del(conf, environ)
+    elif command == "CHECK":
+        cmd_check(conf, environ)
+    elif command == "STATUS":
+        cmd_status()
+    # GC (spec 1.1): nothing of ours outlives a pod's namespace but its lock file, removed by DEL.
+    return None
+
+
+def _answer(fd: int, value: Mapping[str, Any]) -> None:
+    data = (json.dumps(value) + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def main() -> NoReturn:
+    """Console-script entry; the exit status and stdout follow the CNI specification."""
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)  # until the log is open, stray output goes to stderr, never to the answer
+    version = LATEST_VERSION
+    try:
+        text = sys.stdin.read()
+        try:
+            version = json.loads(text).get("cniVersion") or version
+        except (ValueError, AttributeError):
+            pass
+        result = run(os.environ, text)
+    except CniError as exc:
+        log(f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
+        _answer(answer_fd, {"cniVersion": version, "code": exc.code, "msg": exc.msg, "details": exc.details})
+        sys.exit(1)
+    except Exception as exc:  # a bug: still the protocol's error object, and the log has the type
+        log(f"unexpected error: {type(exc).__name__}: {exc}")
+        _answer(answer_fd, {"cniVersion": version, "code": ERR_INTERNAL,
+                            "msg": f"unexpected error: {type(exc).__name__}", "details": str(exc)})
+        sys.exit(1)
+    if result is not None:
+        _answer(answer_fd, result)
+    sys.exit(0)
