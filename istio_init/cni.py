@@ -241,8 +241,8 @@ def live_drift(config: Config) -> list[str]:
     """
     from istio_init import apply, netns, runner
     from istio_init.backends import base
-    from istio_init.backends.iptables.reconcile import reconcile
-    from istio_init.backends.iptables.savefile import parse_save
+    from istio_init.reconcile import reconcile
+    from istio_init.savefile import parse_save
 
     rule_plan, _ = runner.build_plan(config)
     plans = {family.family: family for family in rule_plan.families()}
