@@ -286,31 +286,3 @@ def test_the_lock_is_per_namespace(node: Node) -> None:
     assert still_waiting, "the ADD into the busy namespace did not wait for that namespace's lock"
     assert finished.code == 0, finished.stdout
     assert rules(free) == golden("seed") and rules(busy) == golden("seed")
-
-
-# ---- VERSION, STATUS and the protocol's edges ----------------------------------------------------------
-
-def _plugin(command: str, text: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command, **(extra_env or {})}
-    return subprocess.run([str(PLUGIN)], input=text, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)
-
-
-def test_version_and_status() -> None:
-    version = _plugin("VERSION", '{"cniVersion": "1.1.0"}')
-    assert version.returncode == 0
-    answer = only_one_answer(version.stdout)
-    assert answer["cniVersion"] == "1.1.0"
-    assert {"1.0.0", "1.1.0"} <= set(answer["supportedVersions"])
-    status = _plugin("STATUS", json.dumps({"cniVersion": "1.1.0", "name": "podnet", "type": "istio-init-cni"}))
-    assert (status.returncode, status.stdout) == (0, "")
-
-
-def test_missing_environment_and_unknown_command_are_cni_errors() -> None:
-    conf = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "istio-init-cni", "prevResult": {}})
-    missing = _plugin("ADD", conf)
-    assert missing.returncode != 0 and only_one_answer(missing.stdout)["code"] == 4
-    unknown = _plugin("FROB", conf)
-    assert unknown.returncode != 0 and only_one_answer(unknown.stdout)["code"] == 4
-    gone = _plugin("ADD", conf, {"CNI_CONTAINERID": "x", "CNI_IFNAME": "eth0", "CNI_NETNS": "/run/netns/no-such-ns"})
-    assert gone.returncode != 0 and only_one_answer(gone.stdout)["code"] == 3
