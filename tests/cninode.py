@@ -128,20 +128,22 @@ class Node:
                                          if pod else "")}
 
     def start(self, plugin: Path, command: str, pod: CniPod | None, conf: dict[str, Any] | str,
-              cni_args: str = "", netns: str | None = None) -> subprocess.Popen:
+              cni_args: str = "", netns: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start `plugin` in the node namespace as the runtime does; the caller waits for it."""
         text = conf if isinstance(conf, str) else json.dumps(conf)
         conf_file = self.state_dir / f"conf-{next(_invocations)}.json"
         conf_file.write_text(text)
         with conf_file.open() as stdin:
             return subprocess.Popen(["nsenter", f"--net=/run/netns/{self.name}", str(plugin)], stdin=stdin,
-                                    env=self._env(command, pod, cni_args, netns), stdout=subprocess.PIPE,
+                                    env={**self._env(command, pod, cni_args, netns), **(env or {})},
+                                    stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
 
     def invoke(self, plugin: Path, command: str, pod: CniPod | None, conf: dict[str, Any] | str,
-               cni_args: str = "", netns: str | None = None, timeout: float = 90) -> Invocation:
+               cni_args: str = "", netns: str | None = None, timeout: float = 90,
+               env: dict[str, str] | None = None) -> Invocation:
         """Run `plugin` in the node namespace as the runtime does, and wait for it."""
-        return wait(self.start(plugin, command, pod, conf, cni_args, netns), timeout)
+        return wait(self.start(plugin, command, pod, conf, cni_args, netns, env), timeout)
 
     def add_pod(self, tag: str, ipv6: bool = False) -> CniPod:
         """A pod namespace wired by the reference bridge plugin (the cluster's own CNI)."""

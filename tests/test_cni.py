@@ -69,12 +69,12 @@ def only_one_answer(stdout: str) -> object:
 
 # ---- ADD: the golden rules, the result unchanged ---------------------------------------------
 
-@pytest.mark.parametrize("name", ["seed", "tproxy_wildcard", "ipv6_seed"])
+@pytest.mark.parametrize("name", ["seed", "tproxy_wildcard", "ipv6_seed", "dns_capture_env"])
 def test_add_leaves_the_golden_rules_and_prints_the_bridge_result(node: Node, name: str) -> None:
     case = CASE[name]
     # ipv6_seed's pod gets only an IPv6 address from the bridge: the family is detected, not pinned.
     pod = node.add_pod(name.replace("_", ""), ipv6=case.ipv6)
-    done = node.istio("ADD", pod, list(case.args))
+    done = node.istio("ADD", pod, list(case.args), extra={"env": case.env} if case.env else {})
     assert done.code == 0, (done.stdout, done.stderr)
     assert only_one_answer(done.stdout) == pod.result
     assert rules(pod) == golden(name)
@@ -246,6 +246,17 @@ def test_bad_configuration_is_a_cni_error_and_changes_nothing(node: Node, kind: 
     assert state(pod) == before
     if kind == "bad flag value":
         assert "-p/--envoy-port" in error["msg"] and "'abc'" in error["msg"]
+
+
+def test_a_kernel_failure_is_error_100_and_leaves_the_pod_as_it_was(node: Node) -> None:
+    pod = node.add_pod("fault")
+    before = state(pod)
+    # apply.py's test-only fault: fail right after the nat commit, so the rollback must undo it.
+    done = node.istio("ADD", pod, SEED_ARGS, env={"ISTIO_INIT_FAULT": "after-commit:nat"})
+    assert done.code != 0
+    error = only_one_answer(done.stdout)
+    assert error["code"] == 100 and "table nat" in error["details"], error
+    assert state(pod) == before
 
 
 # ---- parallel ADDs and the lock per namespace --------------------------------------------------------
