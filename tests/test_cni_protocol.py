@@ -39,6 +39,9 @@ def test_version_answers_with_the_asked_version_and_lists_1_0_and_1_1() -> None:
 def test_status_succeeds_silently_when_the_tools_are_there() -> None:
     done = _plugin("STATUS", json.dumps({"cniVersion": "1.1.0", "name": "podnet", "type": "istio-init-cni"}))
     assert (done.returncode, done.stdout) == (0, "")
+    without_tools = _plugin("STATUS", json.dumps({"cniVersion": "1.1.0", "name": "podnet"}),
+                            {"PATH": "/nonexistent"})
+    assert without_tools.returncode != 0 and json.loads(without_tools.stdout)["code"] == 50
 
 
 def test_missing_environment_unknown_command_and_missing_namespace_are_cni_errors() -> None:
