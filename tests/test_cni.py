@@ -80,9 +80,10 @@ def test_add_leaves_the_golden_rules_and_prints_the_bridge_result(node: Node, na
     assert rules(pod) == golden(name)
     log = (node.state_dir / "istio-init-cni.log").read_text()
     assert "capture installed" in log and "iptables backend" in log  # the apply's output went to the log
+    live = routing(Namespace(pod.name))
     if "TPROXY" in case.args:
-        found = routing(Namespace(pod.name))["rules"]
-        assert any(("FRA_FWMARK", "1337") in rule and ("FRA_TABLE", "133") in rule for rule in found)
+        assert any(("FRA_FWMARK", "1337") in rule and ("FRA_TABLE", "133") in rule for rule in live["rules"])
+    assert any(("IFA_ADDRESS", "::6") in address for address in live["addresses"]) == case.ipv6
 
 
 def test_add_twice_leaves_one_rule_set(node: Node) -> None:
