@@ -21,6 +21,7 @@ a tool it runs prints can corrupt the result.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,8 +36,6 @@ PROG = "istio-init-cni"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
 CHECK_SINCE = "0.4.0"  # CHECK exists from spec 0.4.0 on
-LOCK_DIR = "/run/istio-init-cni"
-LOCK_ENV = "ISTIO_INIT_LOCKFILE"  # how apply.py is told which lock file to take
 
 # Error codes of the CNI specification (SPEC.md, "Error"), and this plugin's own (100 and up).
 ERR_VERSION = 1
@@ -91,7 +90,7 @@ class NetConf:
 
 def _version(data: Mapping[str, Any]) -> str:
     version = data.get("cniVersion")
-    if version not in SUPPORTED_VERSIONS:
+    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
         raise CniError(ERR_VERSION, f"incompatible CNI version {version!r}",
                        "supported: " + ", ".join(SUPPORTED_VERSIONS))
     return version
@@ -178,7 +177,7 @@ def pod_namespace(cni_args: str) -> str | None:
     return None
 
 
-# ---- the namespace and its lock ------------------------------------------------------------------
+# ---- the namespace ------------------------------------------------------------------------------
 
 def netns_identity(path: str) -> tuple[int, int] | None:
     """(device, inode) of the network namespace at `path`, or None when there is none.
@@ -194,65 +193,54 @@ def netns_identity(path: str) -> tuple[int, int] | None:
     return (found.st_dev, found.st_ino) if found.st_dev == own.st_dev else None
 
 
-def lock_path(identity: tuple[int, int]) -> str:
-    """The lock file of one namespace: parallel ADDs for different pods do not wait for each other."""
-    return os.path.join(LOCK_DIR, f"netns-{identity[0]}-{identity[1]}.lock")
-
-
-def use_namespace_lock(identity: tuple[int, int]) -> str:
-    """Point apply.py's lock at the namespace's own file (it reads ISTIO_INIT_LOCKFILE)."""
-    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
-    path = lock_path(identity)
-    os.environ[LOCK_ENV] = path
-    return path
-
-
 # ---- the adapter: the one place the plugin calls istio-init's core ------------------------------
 
-def core(action: str, config: Config) -> list[str]:
+def core(action: str, config: Config, wrap: Any = None) -> list[str]:
     """Run istio-init's apply ("ADD"), clean ("DEL") or drift check ("CHECK") in-process.
 
-    The only function here that calls runner/apply, so a change of their
-    interface (results returned instead of printed) is absorbed here. What they
-    print goes to the log: fd 1 and 2 point there while the plugin runs.
-    Returns the drift found by CHECK (empty otherwise).
+    The only function here that calls the runner, so a change of its interface
+    is absorbed here. The runner enters config.network_namespace, takes the
+    lock of that namespace (locks.namespace_lock: parallel ADDs for different
+    pods do not wait for each other) and returns what the CLI would print,
+    which goes to the log. Returns the drift found by CHECK (empty otherwise).
+    `wrap` wraps the chosen backend, as the CLI's wrap_backend (tests inject
+    faults with it).
     """
-    from istio_init import runner
+    from istio_init import locks, runner
 
     if action == "ADD":
-        runner.run(config)
+        _log_text(runner.run(config, log, wrap))
         return []
     if action == "DEL":
-        runner.clean(config)
+        _log_text(runner.clean(config, log, wrap))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(locks.namespace_lock_path())  # the pod is going; its lock file goes with it
         return []
-    from istio_init import apply
-
-    with apply.istio_lock():
+    runner.enter_namespace(config)
+    with locks.namespace_lock():
         return live_drift(config)
 
 
 def live_drift(config: Config) -> list[str]:
-    """What differs between the namespace and the plan for `config`; empty when they agree.
+    """What differs between the namespace (entered) and the plan for `config`; empty when they agree.
 
     A stand-in for the `istio-init check` command being written on branch
     `ops`: it decides drift with the same pure reconcile() an apply uses (a
     converged table needs no change), plus the TPROXY routes and ::6, and is
     the one function to swap for check's logic when that lands.
     """
-    from istio_init import apply, netns, runner
-    from istio_init.backends import base
-    from istio_init.reconcile import reconcile
-    from istio_init.savefile import parse_save
+    from istio_init import backends, netns, runner
+    from istio_init.backends.iptables.reconcile import reconcile
 
-    rule_plan, _ = runner.build_plan(config)
+    rule_plan, _ = runner.build_plan(config, log)
     plans = {family.family: family for family in rule_plan.families()}
-    name, _ = apply.choose_backend(config, [4, 6], sum(len(f.steps) for f in plans.values()))
-    backend = base.get(name)
+    choice = backends.choose(config.iptables_backend, list(plans), sum(len(f.steps) for f in plans.values()),
+                             config.kube_virt_interfaces)
+    backend = backends.get(choice.name)
     problems = []
-    with backend.session():
-        for family in (4, 6):
-            for change in reconcile(parse_save(backend.read(family)), plans.get(family)):
-                problems.append(f"IPv{family} {change.table}: " + _describe(change))
+    for family in (4, 6):
+        for change in reconcile(backend.read(family), plans.get(family)):
+            problems.append(f"IPv{family} {change.table}: " + _describe(change))
     for route in rule_plan.routes:
         found = netns.policy_routing_for_marks(route.family, {route.fwmark})
         if netns.Routing("rule", route.family, route.fwmark, route.table) not in found:
@@ -292,7 +280,7 @@ def _kernel_error(exc: IstioInitError) -> CniError:
     return CniError(ERR_APPLY, "installing the capture failed", str(exc))
 
 
-def cmd_add(conf: NetConf, environ: Mapping[str, str]) -> dict[str, Any]:
+def cmd_add(conf: NetConf, environ: Mapping[str, str], wrap: Any = None) -> dict[str, Any]:
     _require(environ, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
     if _excluded(conf, environ):
         log("ADD: pod namespace is in excludeNamespaces; no rules")
@@ -301,17 +289,16 @@ def cmd_add(conf: NetConf, environ: Mapping[str, str]) -> dict[str, Any]:
     identity = netns_identity(environ["CNI_NETNS"])
     if identity is None:
         raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
-    use_namespace_lock(identity)
     started = time.monotonic()
     try:
-        core("ADD", config._replace(network_namespace=environ["CNI_NETNS"]))
+        core("ADD", config._replace(network_namespace=environ["CNI_NETNS"]), wrap)
     except IstioInitError as exc:
         raise _kernel_error(exc) from None
     log(f"ADD: capture installed in {(time.monotonic() - started) * 1000:.1f} ms")
     return conf.prev_result  # type: ignore[return-value]
 
 
-def cmd_del(conf: NetConf, environ: Mapping[str, str]) -> None:
+def cmd_del(conf: NetConf, environ: Mapping[str, str], wrap: Any = None) -> None:
     """Remove the rules; success when the namespace is already gone, and when run twice."""
     _require(environ, "CNI_CONTAINERID", "CNI_IFNAME")
     path = environ.get("CNI_NETNS", "")
@@ -325,15 +312,10 @@ def cmd_del(conf: NetConf, environ: Mapping[str, str]) -> None:
         # The pod must still be deletable: clean removes every ISTIO_ chain whatever the flags.
         log(f"DEL: {exc.msg}; cleaning with the default flags")
         config = Config()
-    use_namespace_lock(identity)
     try:
-        core("DEL", config._replace(network_namespace=path))
+        core("DEL", config._replace(network_namespace=path), wrap)
     except IstioInitError as exc:
         raise CniError(ERR_APPLY, "removing the capture failed", str(exc)) from None
-    try:
-        os.unlink(lock_path(identity))
-    except FileNotFoundError:
-        pass
 
 
 def cmd_check(conf: NetConf, environ: Mapping[str, str]) -> None:
@@ -346,7 +328,6 @@ def cmd_check(conf: NetConf, environ: Mapping[str, str]) -> None:
     identity = netns_identity(environ["CNI_NETNS"])
     if identity is None:
         raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
-    use_namespace_lock(identity)
     try:
         problems = core("CHECK", config._replace(network_namespace=environ["CNI_NETNS"]))
     except IstioInitError as exc:
@@ -373,10 +354,17 @@ def cmd_version(text: str) -> dict[str, Any]:
 # ---- the process: stdout for the answer only ------------------------------------------------------
 
 def log(message: str) -> None:
-    """One line to the log (fd 2: the log file once _log_to() ran, else the runtime's stderr)."""
+    """One entry in the log (fd 2: the log file once _log_to() ran, else the runtime's stderr)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     print(f"{stamp} {PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
           file=sys.stderr, flush=True)
+
+
+def _log_text(text: str) -> None:
+    """What the CLI would print on stdout (the tables after an apply): for the log, not the runtime."""
+    if text:
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        sys.stderr.flush()
 
 
 def _log_to(path: str | None) -> None:
@@ -394,7 +382,7 @@ def _log_to(path: str | None) -> None:
     os.close(fd)
 
 
-def run(environ: Mapping[str, str], stdin_text: str) -> dict[str, Any] | None:
+def run(environ: Mapping[str, str], stdin_text: str, wrap: Any = None) -> dict[str, Any] | None:
     """One invocation: the answer for stdout, or None (DEL, CHECK, STATUS succeed silently)."""
     command = environ.get("CNI_COMMAND", "")
     if command == "VERSION":
@@ -405,9 +393,9 @@ def run(environ: Mapping[str, str], stdin_text: str) -> dict[str, Any] | None:
     _log_to(conf.log_file)
     log(f"{command} netns={environ.get('CNI_NETNS', '')} args={environ.get('CNI_ARGS', '')}")
     if command == "ADD":
-        return cmd_add(conf, environ)
+        return cmd_add(conf, environ, wrap)
     if command == "DEL":
-        cmd_del(conf, environ)
+        cmd_del(conf, environ, wrap)
     elif command == "CHECK":
         cmd_check(conf, environ)
     elif command == "STATUS":
@@ -422,8 +410,11 @@ def _answer(fd: int, value: Mapping[str, Any]) -> None:
         data = data[os.write(fd, data):]
 
 
-def main() -> NoReturn:
-    """Console-script entry; the exit status and stdout follow the CNI specification."""
+def main(wrap_backend: Any = None) -> NoReturn:
+    """Console-script entry; the exit status and stdout follow the CNI specification.
+
+    `wrap_backend` is the CLI's: it wraps the backend a run chooses (tests inject faults).
+    """
     answer_fd = os.dup(1)
     os.dup2(2, 1)  # until the log is open, stray output goes to stderr, never to the answer
     version = LATEST_VERSION
@@ -433,7 +424,7 @@ def main() -> NoReturn:
             version = json.loads(text).get("cniVersion") or version
         except (ValueError, AttributeError):
             pass
-        result = run(os.environ, text)
+        result = run(os.environ, text, wrap_backend)
     except CniError as exc:
         log(f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
         _answer(answer_fd, {"cniVersion": version, "code": exc.code, "msg": exc.msg, "details": exc.details})

@@ -97,6 +97,11 @@ class CniPod:
     def save(self, family: int = 4) -> str:
         return self.run("ip6tables-legacy-save" if family == 6 else "iptables-legacy-save").stdout
 
+    def lock_path(self) -> str:
+        """istio-init's lock file for this pod's namespace, as istio-init names it from inside."""
+        return self.run(sys.executable, "-c", "from istio_init import locks; print(locks.namespace_lock_path())",
+                        ).stdout.strip()
+
 
 @dataclass
 class Node:
@@ -127,19 +132,20 @@ class Node:
                 "CNI_ARGS": cni_args or (f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod.name}"
                                          if pod else "")}
 
-    def start(self, plugin: Path, command: str, pod: CniPod | None, conf: dict[str, Any] | str,
+    def start(self, plugin: Path | list[str], command: str, pod: CniPod | None, conf: dict[str, Any] | str,
               cni_args: str = "", netns: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start `plugin` in the node namespace as the runtime does; the caller waits for it."""
+        """Start `plugin` (a path, or an argv) in the node namespace as the runtime does; the caller waits."""
         text = conf if isinstance(conf, str) else json.dumps(conf)
         conf_file = self.state_dir / f"conf-{next(_invocations)}.json"
         conf_file.write_text(text)
         with conf_file.open() as stdin:
-            return subprocess.Popen(["nsenter", f"--net=/run/netns/{self.name}", str(plugin)], stdin=stdin,
+            argv = plugin if isinstance(plugin, list) else [str(plugin)]
+            return subprocess.Popen(["nsenter", f"--net=/run/netns/{self.name}", *argv], stdin=stdin,
                                     env={**self._env(command, pod, cni_args, netns), **(env or {})},
                                     stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
 
-    def invoke(self, plugin: Path, command: str, pod: CniPod | None, conf: dict[str, Any] | str,
+    def invoke(self, plugin: Path | list[str], command: str, pod: CniPod | None, conf: dict[str, Any] | str,
                cni_args: str = "", netns: str | None = None, timeout: float = 90,
                env: dict[str, str] | None = None) -> Invocation:
         """Run `plugin` in the node namespace as the runtime does, and wait for it."""
@@ -167,7 +173,7 @@ class Node:
 
     def istio(self, command: str, pod: CniPod | None, args: list[str] | tuple[str, ...] = (), **kw: Any) -> Invocation:
         conf = kw.pop("conf", None) or self.istio_conf(pod, args, **kw.pop("extra", {}))
-        return self.invoke(PLUGIN, command, pod, conf, **kw)
+        return self.invoke(kw.pop("plugin", PLUGIN), command, pod, conf, **kw)
 
     def remove_pod(self, pod: CniPod) -> None:
         """The runtime's DEL, last plugin first: istio-init-cni, then bridge; then the namespace."""

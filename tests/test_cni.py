@@ -23,9 +23,8 @@ import pytest
 
 from cases import CASES, SEED_ARGS
 from cninode import GATEWAY_V4, PLUGIN, CniPod, Node, reference_plugins_missing, wait
-from istio_init.cni import lock_path, netns_identity
 from istio_init.render import split_families
-from istio_init.savefile import normalize
+from istio_init.backends.iptables.savefile import normalize
 from nsutil import Namespace
 from podnet import APP_UID, PROXY_UID, run_client, start_server
 from test_apply import exact, routing
@@ -133,13 +132,13 @@ def test_del_removes_rules_routes_and_the_ipv6_address_and_succeeds_once_the_nam
     after_add = routing(Namespace(pod.name))
     assert any(("IFA_ADDRESS", "::6") in address for address in after_add["addresses"])
     assert after_add["rules"] != before[2]["rules"]
-    identity = netns_identity(pod.path)
-    assert identity is not None and os.path.exists(lock_path(identity))
+    lock = pod.lock_path()
+    assert os.path.exists(lock)
 
     done = node.istio("DEL", pod, CASE["tproxy_wildcard"].args)
     assert (done.code, done.stdout) == (0, "")
     assert state(pod) == before
-    assert not os.path.exists(lock_path(identity))  # the namespace's lock file goes with it
+    assert not os.path.exists(lock)  # the namespace's lock file goes with it
     assert node.istio("DEL", pod, CASE["tproxy_wildcard"].args).code == 0  # idempotent
 
     node.remove_pod(pod)  # the runtime deletes the sandbox; a DEL retried after that still succeeds
@@ -252,8 +251,9 @@ def test_bad_configuration_is_a_cni_error_and_changes_nothing(node: Node, kind: 
 def test_a_kernel_failure_is_error_100_and_leaves_the_pod_as_it_was(node: Node) -> None:
     pod = node.add_pod("fault")
     before = state(pod)
-    # apply.py's test-only fault: fail right after the nat commit, so the rollback must undo it.
-    done = node.istio("ADD", pod, SEED_ARGS, env={"ISTIO_INIT_FAULT": "after-commit:nat"})
+    # The backend fails right after the nat commit (tests/faultinject.py), so the rollback must undo it.
+    faulty = [sys.executable, str(Path(__file__).with_name("cnifault.py")), "after-commit:nat"]
+    done = node.istio("ADD", pod, SEED_ARGS, plugin=faulty)
     assert done.code != 0
     error = only_one_answer(done.stdout)
     assert error["code"] == 100 and "table nat" in error["details"], error
@@ -281,10 +281,10 @@ def test_twenty_parallel_adds_each_get_exactly_their_rules(node: Node) -> None:
 def test_the_lock_is_per_namespace(node: Node) -> None:
     """An ADD waits for its own namespace's lock only: another pod's ADD goes ahead meanwhile."""
     busy, free = node.add_pod("busy"), node.add_pod("free")
-    identity = netns_identity(busy.path)
-    assert identity is not None
-    os.makedirs(os.path.dirname(lock_path(identity)), exist_ok=True)
-    with open(lock_path(identity), "w") as held:
+    lock = busy.lock_path()
+    assert lock != free.lock_path()
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a slow ADD in `busy` would hold it
         waiting = node.start(PLUGIN, "ADD", busy, node.istio_conf(busy, SEED_ARGS))
         started = time.monotonic()
