@@ -179,18 +179,16 @@ def pod_namespace(cni_args: str) -> str | None:
 
 # ---- the namespace ------------------------------------------------------------------------------
 
-def netns_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the network namespace at `path`, or None when there is none.
+def is_netns(path: str) -> bool:
+    """Whether `path` is a network namespace (DEL succeeds when it is not, any more).
 
     A namespace file lives on nsfs, which every namespace shares with this
     process's own; a leftover plain file or an unmounted bind point does not.
     """
     try:
-        found = os.stat(path)
-        own = os.stat("/proc/self/ns/net")
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
     except OSError:
-        return None
-    return (found.st_dev, found.st_ino) if found.st_dev == own.st_dev else None
+        return False
 
 
 # ---- the adapter: the one place the plugin calls istio-init's core ------------------------------
@@ -286,8 +284,7 @@ def cmd_add(conf: NetConf, environ: Mapping[str, str], wrap: Any = None) -> dict
         log("ADD: pod namespace is in excludeNamespaces; no rules")
         return conf.prev_result  # type: ignore[return-value]
     config = flags_config(conf.args, conf.env)
-    identity = netns_identity(environ["CNI_NETNS"])
-    if identity is None:
+    if not is_netns(environ["CNI_NETNS"]):
         raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
     started = time.monotonic()
     try:
@@ -302,8 +299,7 @@ def cmd_del(conf: NetConf, environ: Mapping[str, str], wrap: Any = None) -> None
     """Remove the rules; success when the namespace is already gone, and when run twice."""
     _require(environ, "CNI_CONTAINERID", "CNI_IFNAME")
     path = environ.get("CNI_NETNS", "")
-    identity = netns_identity(path) if path else None
-    if identity is None:
+    if not (path and is_netns(path)):
         log(f"DEL: no network namespace at {path or '(CNI_NETNS empty)'}; nothing to remove")
         return
     try:
@@ -325,8 +321,7 @@ def cmd_check(conf: NetConf, environ: Mapping[str, str]) -> None:
     if _excluded(conf, environ):
         return
     config = flags_config(conf.args, conf.env)
-    identity = netns_identity(environ["CNI_NETNS"])
-    if identity is None:
+    if not is_netns(environ["CNI_NETNS"]):
         raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
     try:
         problems = core("CHECK", config._replace(network_namespace=environ["CNI_NETNS"]))
