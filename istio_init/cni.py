@@ -12,11 +12,9 @@ validation init container without capabilities (`--run-validation
 The CNI specification (1.0 and 1.1) fixes the protocol: the command in
 CNI_COMMAND, the network configuration with `prevResult` on stdin, the result
 (ADD: prevResult unchanged, since this plugin adds no interface or address) or
-an error object on stdout, exit status non-zero on error. stdout belongs to
-the protocol, so file descriptor 1 is pointed at the log (a `"logFile"` from
-the configuration, else stderr) for the whole run, and the one answer is
-written to a saved copy of the original descriptor: nothing the apply path or
-a tool it runs prints can corrupt the result.
+an error object on stdout, exit status non-zero on error. This module decides
+the answer; the process side (stdin, the log file, stdout kept for the one
+answer) is `cli.cni_main`, as only the CLI does I/O.
 """
 
 from __future__ import annotations
@@ -25,9 +23,8 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
-from typing import Any, Mapping, NoReturn
+from typing import Any, Callable, Mapping, NamedTuple
 
 from istio_init.config import Config
 from istio_init.errors import ConfigError, IstioInitError
@@ -55,6 +52,19 @@ _RUNTIME_OWNED = {"network_namespace": "--network-namespace (the runtime gives C
                   "dry_run": "-n/--dry-run", "skip_rule_apply": "--skip-rule-apply",
                   "run_validation": "--run-validation (run it in the pod's validation init container)",
                   "cleanup_only": "--cleanup-only (the runtime calls DEL)"}
+
+
+Log = Callable[[str], None]
+ParseFlags = Callable[[list[str]], dict[str, Any]]
+
+
+class Call(NamedTuple):
+    """One invocation's surroundings, given by the CLI: the runtime's variables, the log, the flag parser."""
+
+    environ: Mapping[str, str]
+    log: Log
+    parse_flags: ParseFlags
+    wrap: Any = None  # wraps the backend a run chooses (tests inject faults)
 
 
 class CniError(Exception):
@@ -139,21 +149,21 @@ def parse_netconf(text: str, command: str) -> NetConf:
     return NetConf(data, command)
 
 
-def flags_config(args: list[str], env: Mapping[str, str]) -> Config:
+def flags_config(args: list[str], env: Mapping[str, str], parse_flags: ParseFlags) -> Config:
     """The Config the init container would get from `args:` and `env:`, through its own parser.
 
-    The runtime's environment is not consulted: only the configuration
-    speaks, so two nodes with different environments program pods alike.
+    `parse_flags` is the CLI's: the `run` command's click options applied to
+    `args` (cli.cni_flags), so the plugin and the init container share one
+    flag contract. The runtime's environment is not consulted: only the
+    configuration speaks, so two nodes with different environments program
+    pods alike.
     """
     import click
 
-    from istio_init.cli import ISTIO_BINARY_NAME, PROG as CLI_PROG, run_command
     from istio_init.config import from_sources
 
-    argv = args[1:] if args[:1] == [ISTIO_BINARY_NAME] else list(args)
     try:
-        with run_command.make_context(CLI_PROG, argv) as ctx:
-            given = dict(ctx.params)
+        given = parse_flags(list(args))
     except click.exceptions.Exit:
         raise CniError(ERR_CONFIG, "invalid network configuration: args asked for help, not for rules") from None
     except click.ClickException as exc:
@@ -193,7 +203,7 @@ def is_netns(path: str) -> bool:
 
 # ---- the adapter: the one place the plugin calls istio-init's core ------------------------------
 
-def core(action: str, config: Config, wrap: Any = None) -> list[str]:
+def core(action: str, config: Config, call: Call) -> list[str]:
     """Run istio-init's apply ("ADD"), clean ("DEL") or drift check ("CHECK") in-process.
 
     The only function here that calls the runner, so a change of its interface
@@ -201,25 +211,26 @@ def core(action: str, config: Config, wrap: Any = None) -> list[str]:
     lock of that namespace (locks.namespace_lock: parallel ADDs for different
     pods do not wait for each other) and returns what the CLI would print,
     which goes to the log. Returns the drift found by CHECK (empty otherwise).
-    `wrap` wraps the chosen backend, as the CLI's wrap_backend (tests inject
-    faults with it).
+    `call.wrap` wraps the chosen backend, as the CLI's wrap_backend (tests
+    inject faults with it).
     """
     from istio_init import locks, runner
 
     if action == "ADD":
-        _log_text(runner.run(config, log, wrap))
+        dump = runner.run(config, call.log, call.wrap)
+        call.log(f"the tables after the apply:\n{dump.rstrip()}")
         return []
     if action == "DEL":
-        _log_text(runner.clean(config, log, wrap))
+        runner.clean(config, call.log, call.wrap)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(locks.namespace_lock_path())  # the pod is going; its lock file goes with it
         return []
     runner.enter_namespace(config)
     with locks.namespace_lock():
-        return live_drift(config)
+        return live_drift(config, call.log)
 
 
-def live_drift(config: Config) -> list[str]:
+def live_drift(config: Config, log: Log) -> list[str]:
     """What differs between the namespace (entered) and the plan for `config`; empty when they agree.
 
     A stand-in for the `istio-init check` command being written on branch
@@ -278,53 +289,56 @@ def _kernel_error(exc: IstioInitError) -> CniError:
     return CniError(ERR_APPLY, "installing the capture failed", str(exc))
 
 
-def cmd_add(conf: NetConf, environ: Mapping[str, str], wrap: Any = None) -> dict[str, Any]:
+def cmd_add(conf: NetConf, call: Call) -> dict[str, Any]:
+    environ = call.environ
     _require(environ, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
     if _excluded(conf, environ):
-        log("ADD: pod namespace is in excludeNamespaces; no rules")
+        call.log("ADD: pod namespace is in excludeNamespaces; no rules")
         return conf.prev_result  # type: ignore[return-value]
-    config = flags_config(conf.args, conf.env)
+    config = flags_config(conf.args, conf.env, call.parse_flags)
     if not is_netns(environ["CNI_NETNS"]):
         raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
     started = time.monotonic()
     try:
-        core("ADD", config._replace(network_namespace=environ["CNI_NETNS"]), wrap)
+        core("ADD", config._replace(network_namespace=environ["CNI_NETNS"]), call)
     except IstioInitError as exc:
         raise _kernel_error(exc) from None
-    log(f"ADD: capture installed in {(time.monotonic() - started) * 1000:.1f} ms")
+    call.log(f"ADD: capture installed in {(time.monotonic() - started) * 1000:.1f} ms")
     return conf.prev_result  # type: ignore[return-value]
 
 
-def cmd_del(conf: NetConf, environ: Mapping[str, str], wrap: Any = None) -> None:
+def cmd_del(conf: NetConf, call: Call) -> None:
     """Remove the rules; success when the namespace is already gone, and when run twice."""
+    environ = call.environ
     _require(environ, "CNI_CONTAINERID", "CNI_IFNAME")
     path = environ.get("CNI_NETNS", "")
     if not (path and is_netns(path)):
-        log(f"DEL: no network namespace at {path or '(CNI_NETNS empty)'}; nothing to remove")
+        call.log(f"DEL: no network namespace at {path or '(CNI_NETNS empty)'}; nothing to remove")
         return
     try:
-        config = flags_config(conf.args, conf.env)
+        config = flags_config(conf.args, conf.env, call.parse_flags)
     except CniError as exc:
         # The pod must still be deletable: clean removes every ISTIO_ chain whatever the flags.
-        log(f"DEL: {exc.msg}; cleaning with the default flags")
+        call.log(f"DEL: {exc.msg}; cleaning with the default flags")
         config = Config()
     try:
-        core("DEL", config._replace(network_namespace=path), wrap)
+        core("DEL", config._replace(network_namespace=path), call)
     except IstioInitError as exc:
         raise CniError(ERR_APPLY, "removing the capture failed", str(exc)) from None
 
 
-def cmd_check(conf: NetConf, environ: Mapping[str, str]) -> None:
+def cmd_check(conf: NetConf, call: Call) -> None:
+    environ = call.environ
     _require(environ, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
     if tuple(map(int, conf.version.split("."))) < tuple(map(int, CHECK_SINCE.split("."))):
         raise CniError(ERR_VERSION, f"CHECK needs cniVersion {CHECK_SINCE} or later, got {conf.version}")
     if _excluded(conf, environ):
         return
-    config = flags_config(conf.args, conf.env)
+    config = flags_config(conf.args, conf.env, call.parse_flags)
     if not is_netns(environ["CNI_NETNS"]):
         raise CniError(ERR_UNKNOWN_CONTAINER, f"no network namespace at {environ['CNI_NETNS']}")
     try:
-        problems = core("CHECK", config._replace(network_namespace=environ["CNI_NETNS"]))
+        problems = core("CHECK", config._replace(network_namespace=environ["CNI_NETNS"]), call)
     except IstioInitError as exc:
         raise _kernel_error(exc) from None
     if problems:
@@ -346,89 +360,49 @@ def cmd_version(text: str) -> dict[str, Any]:
             "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
-# ---- the process: stdout for the answer only ------------------------------------------------------
+# ---- one invocation ------------------------------------------------------------------------------
 
-def log(message: str) -> None:
-    """One entry in the log (fd 2: the log file once _log_to() ran, else the runtime's stderr)."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    print(f"{stamp} {PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
-          file=sys.stderr, flush=True)
+def run(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> dict[str, Any] | None:
+    """The answer for stdout, or None (DEL, CHECK, STATUS and GC succeed silently).
 
-
-def _log_text(text: str) -> None:
-    """What the CLI would print on stdout (the tables after an apply): for the log, not the runtime."""
-    if text:
-        sys.stderr.write(text if text.endswith("\n") else text + "\n")
-        sys.stderr.flush()
-
-
-def _log_to(path: str | None) -> None:
-    """Point fd 1 and 2 (and so everything istio-init and its tools print) at the log file."""
-    if path is None:
-        return
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    except OSError as exc:
-        raise CniError(ERR_IO, f"cannot open the log file {path}", exc.strerror or str(exc)) from None
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-def run(environ: Mapping[str, str], stdin_text: str, wrap: Any = None) -> dict[str, Any] | None:
-    """One invocation: the answer for stdout, or None (DEL, CHECK, STATUS succeed silently)."""
+    `log_to(path)` is called with the configuration's logFile, once it is read.
+    """
+    environ = call.environ
     command = environ.get("CNI_COMMAND", "")
     if command == "VERSION":
         return cmd_version(stdin_text)
     if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
         raise CniError(ERR_ENVIRONMENT, f"CNI_COMMAND {command!r} is not a CNI command")
     conf = parse_netconf(stdin_text, command)
-    _log_to(conf.log_file)
-    log(f"{command} netns={environ.get('CNI_NETNS', '')} args={environ.get('CNI_ARGS', '')}")
+    if conf.log_file is not None:
+        log_to(conf.log_file)
+    call.log(f"{command} netns={environ.get('CNI_NETNS', '')} args={environ.get('CNI_ARGS', '')}")
     if command == "ADD":
-        return cmd_add(conf, environ, wrap)
+        return cmd_add(conf, call)
     if command == "DEL":
-        cmd_del(conf, environ, wrap)
+        cmd_del(conf, call)
     elif command == "CHECK":
-        cmd_check(conf, environ)
+        cmd_check(conf, call)
     elif command == "STATUS":
         cmd_status()
     # GC (spec 1.1): nothing of ours outlives a pod's namespace but its lock file, removed by DEL.
     return None
 
 
-def _answer(fd: int, value: Mapping[str, Any]) -> None:
-    data = (json.dumps(value) + "\n").encode()
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def main(wrap_backend: Any = None) -> NoReturn:
-    """Console-script entry; the exit status and stdout follow the CNI specification.
-
-    `wrap_backend` is the CLI's: it wraps the backend a run chooses (tests inject faults).
-    """
-    answer_fd = os.dup(1)
-    os.dup2(2, 1)  # until the log is open, stray output goes to stderr, never to the answer
+def invoke(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> tuple[int, dict[str, Any] | None]:
+    """(exit status, answer) of one invocation: a failure becomes the specification's error object."""
     version = LATEST_VERSION
     try:
-        text = sys.stdin.read()
-        try:
-            version = json.loads(text).get("cniVersion") or version
-        except (ValueError, AttributeError):
-            pass
-        result = run(os.environ, text, wrap_backend)
+        asked = json.loads(stdin_text).get("cniVersion")
+        version = asked if isinstance(asked, str) and asked else version
+    except (ValueError, AttributeError):
+        pass
+    try:
+        return 0, run(call, stdin_text, log_to)
     except CniError as exc:
-        log(f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
-        _answer(answer_fd, {"cniVersion": version, "code": exc.code, "msg": exc.msg, "details": exc.details})
-        sys.exit(1)
+        call.log(f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
+        return 1, {"cniVersion": version, "code": exc.code, "msg": exc.msg, "details": exc.details}
     except Exception as exc:  # a bug: still the protocol's error object, and the log has the type
-        log(f"unexpected error: {type(exc).__name__}: {exc}")
-        _answer(answer_fd, {"cniVersion": version, "code": ERR_INTERNAL,
-                            "msg": f"unexpected error: {type(exc).__name__}", "details": str(exc)})
-        sys.exit(1)
-    if result is not None:
-        _answer(answer_fd, result)
-    sys.exit(0)
+        call.log(f"unexpected error: {type(exc).__name__}: {exc}")
+        return 1, {"cniVersion": version, "code": ERR_INTERNAL, "msg": f"unexpected error: {type(exc).__name__}",
+                   "details": str(exc)}

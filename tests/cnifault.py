@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from faultinject import wrapper
-from istio_init import cni
+from istio_init import cli
 
 if __name__ == "__main__":
-    cni.main(wrap_backend=wrapper(sys.argv[1]))
+    cli.cni_main(wrap_backend=wrapper(sys.argv[1]))

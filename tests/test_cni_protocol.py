@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cases import CASES, SEED_ARGS
 from cninode import PLUGIN
+from istio_init.cli import cni_flags
 from istio_init.cni import NetConf, flags_config, pod_namespace
 from istio_init.render import render_plan
 from istio_init.rulesets import plan
@@ -66,4 +67,4 @@ def test_the_shipped_conflist_gives_the_seed_rules() -> None:
     conf = NetConf({"cniVersion": conflist["cniVersion"], **entry, "prevResult": {}}, "ADD")
     assert conf.args == list(SEED_ARGS)
     seed = next(case for case in CASES if case.name == "seed")
-    assert render_plan(plan(flags_config(conf.args, {}), False)) == seed.golden.read_text()
+    assert render_plan(plan(flags_config(conf.args, {}, cni_flags), False)) == seed.golden.read_text()
