@@ -267,3 +267,63 @@ def _run(args: list[str], obj: dict[str, Any]) -> int:
 def _one_line(message: str) -> str:
     """Tool output quoted in an error can span lines; a pod's log gets one."""
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+# ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------
+
+CNI_PROG = "istio-init-cni"
+
+
+def cni_flags(argv: list[str]) -> dict[str, Any]:
+    """The `run` command's options parsed from a conflist's "args" (click's errors propagate)."""
+    if argv[:1] == [ISTIO_BINARY_NAME]:
+        argv = argv[1:]
+    with run_command.make_context(PROG, argv) as ctx:
+        return dict(ctx.params)
+
+
+def _cni_log(message: str) -> None:
+    """One entry in the plugin's log: fd 2, which is the configuration's logFile once it is read."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
+          file=sys.stderr, flush=True)
+
+
+def _cni_log_to(path: str) -> None:
+    """Point fd 1 and 2 (so everything the apply and its tools print) at the log file."""
+    from istio_init.cni import ERR_IO, CniError
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise CniError(ERR_IO, f"cannot open the log file {path}", exc.strerror or str(exc)) from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def cni_main(wrap_backend: Any = None) -> None:
+    """Console-script entry of istio-init-cni; stdout and the exit status follow the CNI specification.
+
+    stdout belongs to the protocol: a copy of it is kept for the one answer and
+    fd 1 points at stderr (then at the log file), so nothing the apply path or
+    a tool it runs prints can reach the runtime. `wrap_backend` wraps the
+    backend a run chooses (tests inject faults with it).
+    """
+    import json
+
+    from istio_init import cni
+
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)
+    call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)
+    code, answer = cni.invoke(call, sys.stdin.read(), _cni_log_to)
+    if answer is not None:
+        data = (json.dumps(answer) + "\n").encode()
+        while data:
+            data = data[os.write(answer_fd, data):]
+    sys.exit(code)
