@@ -125,7 +125,7 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     click.echo(trace.run(load_config(given), conn, live, as_json))
 
 
-_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark")
+_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "native_nftables")
 
 
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})

@@ -147,6 +147,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("multiport", None, "multiport", "ISTIO_MULTIPORT", "false",
              "Group port lists into '-m multiport' rules of up to 15 ports (not Istio's rule "
              "set; fewer rules for long lists).", is_switch=True),
+    FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
+             "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
+             "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
 )
 
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
@@ -185,6 +188,7 @@ class Config(NamedTuple):
     probe_timeout: float = 5.0
     iptables_backend: str = "auto"
     network_namespace: str | None = None
+    native_nftables: bool = False
     # Where each value came from, for the effective-configuration summary.
     sources: Mapping[str, str] = MappingProxyType({})
 
@@ -270,6 +274,7 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
         probe_timeout=parse.duration("probe_timeout"),
         iptables_backend=parse.choice("iptables_backend", BACKENDS),
         network_namespace=parse.namespace("network_namespace"),
+        native_nftables=parse.switch("native_nftables"),
         sources=sources,
     )
 

@@ -63,6 +63,10 @@ def run(config: Config) -> None:
     # Like Istio, every run logs what it was asked to do: the first thing to
     # read in `kubectl logs POD -c istio-init` when a pod's traffic looks wrong.
     print(summary(config, ipv6), file=sys.stderr, flush=True)
+    if config.native_nftables:
+        from istio_init import nft_apply
+
+        return nft_apply.run(config, rule_plan, ipv6)
     if config.dry_run:
         sys.stdout.write(render_plan(rule_plan))
         sys.stdout.flush()
@@ -81,6 +85,10 @@ def clean(config: Config) -> None:
         from istio_init import netns
 
         netns.enter(config.network_namespace)
+    if config.native_nftables:
+        from istio_init import nft_apply
+
+        return nft_apply.clean(config)
     from istio_init import apply
 
     apply.clean(config, dry_run=config.dry_run)
