@@ -162,7 +162,7 @@ def _describe(err: str, text: str, where: list[TransactionLine]) -> str:
     """nft's error, with what the failing line was adding."""
     found = _ERROR_LINE.search(err)
     if not found:
-        return f"nft transaction refused (nothing changed): {err.strip()}"
+        return f"nft transaction refused: {err.strip()}"
     number, message = int(found.group(1)), found.group(2).strip()
     lines = text.splitlines()
     line = lines[number - 1] if 0 < number <= len(lines) else ""
@@ -175,4 +175,4 @@ def _describe(err: str, text: str, where: list[TransactionLine]) -> str:
         what = f"table {FAMILY} {place.table}"
     else:
         what = f"'{line}'"
-    return f"nft transaction refused at line {number} ({what}): {message} (nothing changed)"
+    return f"nft transaction refused at line {number} ({what}): {message}"
