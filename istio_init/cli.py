@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from istio_init.config import FLAGS, Config, FlagSpec, from_sources
+from istio_init import logs
+from istio_init.config import FLAGS, Config, FlagSpec, from_sources, ignored_environment
 from istio_init.errors import IstioInitError
 
 PROG = "istio-init"
@@ -51,7 +52,7 @@ def _help(spec: FlagSpec) -> str:
 def _options_for(dests: tuple[str, ...] | None = None) -> Any:
     """A decorator adding one click option per entry of config.FLAGS (or the named ones)."""
     def decorate(command: Any) -> Any:
-        for spec in reversed([s for s in FLAGS if dests is None or s.dest in dests]):
+        for spec in reversed([s for s in FLAGS if (dests is None or s.dest in dests) and not s.env_only]):
             names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
             kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
             command = click.option(*names, default=None, help=_help(spec), **kind)(command)
@@ -63,8 +64,14 @@ _flag_options = _options_for()
 
 
 def load_config(given: dict[str, Any]) -> Config:
-    """Config from the parsed flags (None: not given) and the environment."""
-    return from_sources(given)
+    """Config from the parsed flags (None: not given) and the environment.
+
+    Variables only the other rule set reads are named on stderr, one line each.
+    """
+    config = from_sources(given)
+    for warning in ignored_environment(config):
+        logs.emit("warn", f"{PROG}: {warning}")
+    return config
 
 
 @click.group(cls=_IstioGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -143,27 +150,44 @@ def clean_command(**given: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry: click errors and IstioInitError become one stderr line."""
+    """Console-script entry: click errors and IstioInitError become one stderr line.
+
+    pilot-agent's logging flags are taken out first (logs.py): they shape
+    stderr for the whole run, whatever the command and rule set.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
-    except click.Abort:
-        print(f"{PROG}: aborted", file=sys.stderr)
-        sys.exit(1)
-    except click.ClickException as exc:
-        print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        args, log_options = logs.split_args(args)
     except IstioInitError as exc:
         print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    with logs.configured(log_options):
+        code = _run(args)
+    sys.exit(code)
+
+
+def _run(args: list[str]) -> int:
+    """The command's exit code; every failure already reported as one line."""
+    try:
+        cli.main(args=args, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.Abort:
+        logs.emit("error", f"{PROG}: aborted")
+        return 1
+    except click.ClickException as exc:
+        logs.emit("error", f"{PROG}: {exc.format_message()}")
+        return exc.exit_code
+    except IstioInitError as exc:
+        logs.emit("error", f"{PROG}: {_one_line(str(exc))}")
+        return exc.exit_code
     except Exception as exc:  # a bug or an unforeseen kernel refusal: still one line in the pod's log
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(0)
+        logs.emit("error", f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
+                           f"(set {DEBUG_ENV}=1 for the traceback)")
+        return 1
+    return 0
 
 
 def _one_line(message: str) -> str:

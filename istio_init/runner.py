@@ -11,7 +11,7 @@ import sys
 
 from istio_init.config import Config
 from istio_init.model import RulePlan
-from istio_init.rulesets import plan
+from istio_init.rulesets import plan, resolvers_needed
 from istio_init.render import render_plan
 
 
@@ -37,6 +37,8 @@ def decide_ipv6(config: Config) -> bool:
     from istio_init import netns
 
     try:
+        if config.dual_stack:  # current rule set: any IPv6 address of the pod
+            return any(address.version == 6 for address in netns.pod_addresses())
         return netns.detect_ipv6()
     except OSError as exc:
         print(f"istio-init: cannot read the pod's addresses ({exc}); making IPv4 rules only",
@@ -50,7 +52,20 @@ def build_plan(config: Config) -> tuple[RulePlan, bool]:
 
         netns.enter(config.network_namespace)
     ipv6 = decide_ipv6(config)
-    return plan(config, ipv6), ipv6
+    return plan(config, ipv6, pod_resolvers(config)), ipv6
+
+
+def pod_resolvers(config: Config) -> list[str]:
+    """The pod's nameservers when the plan needs them; none: DNS is not captured, with a warning."""
+    if not resolvers_needed(config):
+        return []
+    from istio_init import logs, resolvconf
+
+    servers, problem = resolvconf.read()
+    if problem:
+        logs.emit("warn", f"istio-init: warning: DNS capture is on but {problem}; DNS is not captured "
+                          "(--capture-all-dns captures every port-53 query)")
+    return servers
 
 
 def run(config: Config) -> None:
