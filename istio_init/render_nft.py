@@ -99,7 +99,7 @@ def _role(address: str) -> str:
     """What an address is for, so that 127.0.0.1/32 pairs with ::1/128 and 127.0.0.6 with ::6."""
     if address in ("127.0.0.6/32", "::6/128"):
         return "SIX"
-    if address.startswith("127.") or address == "::1/128":
+    if address.startswith("127.0.0.1/") or address == "::1/128":  # the loopback CIDR, whatever its mask
         return "LOOP"
     return "ADDR"
 
@@ -231,8 +231,11 @@ def write_rule(rule: Rule, family: int) -> _Written:
         exprs.append(_interface("iifname", rule.in_interface))
     if rule.out_interface:
         exprs.append(_interface("oifname", rule.out_interface))
-    if rule.protocol:
-        exprs.append(_Expr(f"meta l4proto {rule.protocol}", f"meta l4proto {rule.protocol}"))
+    protocol = rule.protocol
+    if protocol is None and rule.option("conntrack", "ctstate") == Option("ctstate", "INVALID"):
+        protocol = "tcp"  # Istio's nft rule set drops INVALID TCP only (its iptables form: any protocol)
+    if protocol:
+        exprs.append(_Expr(f"meta l4proto {protocol}", f"meta l4proto {protocol}"))
     addresses = []
     if rule.source:
         addresses.append(_address("saddr", rule.source, False))
