@@ -10,6 +10,8 @@ rule and after the commit, which must leave tables and routes as they were.
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Iterator
 
 import pytest
@@ -78,7 +80,7 @@ def test_18_apply_rerun_converge_clean(netns: Namespace, other_netns: Namespace,
     load(netns, FOREIGN)
     first = istio_init(netns, *args_18(case), env=case.env)
     assert listing(netns) == want
-    assert "table inet istio-proxy-nat" in first.stdout  # what it installed, printed as Istio does
+    assert first.stdout == istio_init(other_netns, *args_18(case), "-n", env=case.env).stdout  # printed as Istio
     assert_no_iptables_rules(netns)
 
     istio_init(netns, *args_18(case), env=case.env)  # a re-run with the same flags changes nothing
@@ -194,3 +196,16 @@ def test_istio_golden(netns: Namespace, other_netns: Namespace, case: NftCase) -
 
     istio_init(netns, "clean", "--native-nftables")
     assert listing(netns) == FOREIGN
+
+
+def test_backend_reads_json_and_dumps_only_our_tables(netns: Namespace) -> None:
+    load(netns, FOREIGN)
+    istio_init(netns, *TPROXY_FLAGS)
+    script = ("import json; from istio_init.backends.nftables import NftablesBackend as B; b = B(); "
+              "print(json.dumps(sorted({o['table']['name'] for o in b.ours() if 'table' in o}))); "
+              "print(b.dump(), end='')")
+    out = run_in(netns, [sys.executable, "-c", script]).stdout
+    names, dumped = out.split("\n", 1)
+    assert json.loads(names) == ["istio-proxy-mangle", "istio-proxy-nat"]
+    assert dumped.startswith("table inet istio-proxy-nat {") and "table inet filter" not in dumped
+    assert "istio-proxy-mangle" in dumped and "counter packets" in dumped

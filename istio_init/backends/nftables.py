@@ -107,9 +107,9 @@ class NftablesBackend:
     def ours(self) -> list[dict[str, Any]]:
         return [obj for obj in self.read() if _is_ours(obj)]
 
-    def dump(self) -> str:
-        """Our tables as `nft list` prints them (for the log; never parsed)."""
-        present = {obj["table"]["name"] for obj in self.ours() if "table" in obj}
+    def dump(self, ours: list[dict[str, Any]] | None = None) -> str:
+        """Our tables as `nft list` prints them (for the log; never parsed); `ours`: a fresh read, if at hand."""
+        present = {obj["table"]["name"] for obj in (self.ours() if ours is None else ours) if "table" in obj}
         out = []
         for name in OUR_TABLES:
             if name in present:
