@@ -11,6 +11,7 @@ rule and after the commit, which must leave tables and routes as they were.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from typing import Iterator
 
@@ -209,3 +210,24 @@ def test_backend_reads_json_and_dumps_only_our_tables(netns: Namespace) -> None:
     assert json.loads(names) == ["istio-proxy-mangle", "istio-proxy-nat"]
     assert dumped.startswith("table inet istio-proxy-nat {") and "table inet filter" not in dumped
     assert "istio-proxy-mangle" in dumped and "counter packets" in dumped
+
+
+@pytest.mark.parametrize("rules", ["1.8", "current"])
+def test_run_validation_with_native_nftables(rules: str) -> None:
+    """--run-validation proves capture through the nft rules; without them it fails with 126."""
+    from cases import SEED_ARGS
+    from podnet import Pod
+
+    extra = ("--native-nftables", "--rules-version", rules)
+    pod = Pod.up((*SEED_ARGS, *extra), ipv6=True, listeners=False, apply=False, tag=f"nftvalid{rules.replace('.', '')}")
+    try:
+        base = [sys.executable, "-m", "istio_init", *SEED_ARGS, *extra, "--ipv6", "true", "--run-validation",
+                "--network-namespace", f"/run/netns/{pod.name}"]
+        unvalidated = subprocess.run([*base, "--skip-rule-apply", "--probe-timeout", "1s"], capture_output=True,
+                                     text=True, timeout=60, check=False)
+        assert unvalidated.returncode == 126, unvalidated.stderr
+        done = subprocess.run(base, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "validation passed: IPv4" in done.stderr and "IPv6" in done.stderr
+    finally:
+        pod.down()
