@@ -421,6 +421,3 @@ def clean_transaction() -> str:
     """`clean`: our tables removed, whether or not they exist, in one transaction."""
     return "\n".join(_reset_lines()) + "\n"
 
-
-def rule_count(plan: RulePlan) -> int:
-    return sum(len(rules) for table in build_tables(plan) for rules in table.rules.values())

@@ -231,3 +231,11 @@ def test_run_validation_with_native_nftables(rules: str) -> None:
         assert "validation passed: IPv4" in done.stderr and "IPv6" in done.stderr
     finally:
         pod.down()
+
+
+def test_first_apply_refused_removes_the_routes_and_address_it_added(netns: Namespace) -> None:
+    load(netns, FOREIGN)
+    before = _state(netns)
+    done = istio_init(netns, *TPROXY_FLAGS, env={"ISTIO_INIT_FAULT": "reject:nft"}, check=False)
+    assert done.returncode == 1 and "chain istio-inbound" in done.stderr, done.stderr
+    assert _state(netns) == before  # no fwmark rule, no table 134 route, no ::6, no tables
