@@ -255,7 +255,7 @@ def _apply_routing(state: _Run, rule_plan: RulePlan, live_marks: set[int], fault
             state.added_routing += netns.add_policy_route(route.family, route.fwmark, route.table)
         if stale:
             step = "removing the policy routes of earlier TPROXY marks"
-            found = netns.policy_routing_for_marks(4, stale)
+            found = [*netns.policy_routing_for_marks(4, stale), *netns.policy_routing_for_marks(6, stale)]
             netns.remove_routing(found)
             state.removed_routing += found
         if fault == "route":
@@ -329,7 +329,8 @@ def _clean_routing(marks: set[int], dry_run: bool) -> int:
     from istio_init import netns
     from istio_init.rulesets.istio_1_8 import IPV6_PASSTHROUGH_ADDRESS
 
-    found = netns.policy_routing_for_marks(4, marks)
+    # The current rule set routes TPROXY marks in IPv6 too.
+    found = [*netns.policy_routing_for_marks(4, marks), *netns.policy_routing_for_marks(6, marks)]
     has_address = netns.has_loopback_address(IPV6_PASSTHROUGH_ADDRESS)
     if dry_run:
         for item in found:

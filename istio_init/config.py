@@ -370,6 +370,11 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
 
 
 DNS_CAPTURE_ALIAS = "ISTIO_META_DNS_CAPTURE"
+# Config fields that mean something to one rule set only (left out of the other's summary).
+CURRENT_ONLY_FIELDS = frozenset({"exclude_interfaces", "capture_all_dns", "drop_invalid", "dual_stack", "cni_mode",
+                                 "reconcile", "force_apply", "owner_groups_include", "owner_groups_exclude",
+                                 "ipv4_loopback_cidr"})
+ONLY_1_8_FIELDS = frozenset({"multiport"})
 
 
 def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str, str]) -> str:
@@ -450,7 +455,7 @@ class _Parser:
         spec = FLAGS_BY_DEST[dest]
         label = spec.label
         source = self.sources.get(dest, "")
-        if source not in ("flag", "default", ""):
+        if source not in ("flag", "default", "") and not spec.env_only:
             label = f"{label} (from {source})"
         return ConfigError(label, value, reason)
 

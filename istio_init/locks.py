@@ -23,7 +23,9 @@ def held(path: str, timeout: float, holder: str) -> Iterator[None]:
     `holder` says who is waited for, in the error: "another istio-init run".
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Read-only is enough for flock, and the only way to open a network namespace
+        # file, which --cni-mode uses as the pod's xtables lock (as iptables does).
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ApplyError(f"cannot open the lock file {path}: {exc.strerror}") from None
     try:

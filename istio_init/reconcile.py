@@ -33,6 +33,18 @@ _BUILTIN_SHAPES: dict[tuple[str, str], tuple[re.Pattern[str], ...]] = {
         re.compile(r"-s 127\.0\.0\.1/32 ! -d 127\.0\.0\.1/32 -p tcp -j MARK --set-xmark \S+"),
     ),
 }
+# The current rule set's (RULES-CURRENT.md steps 1 and 17): -c interfaces and the TPROXY marks.
+_CONNMARK_MASKS = r"--nfmask 0xffffffff --ctmask 0xffffffff"
+_CURRENT_SHAPES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("nat", "OUTPUT"): (r"-o \S+ -j RETURN",),
+    ("mangle", "PREROUTING"): (r"-i \S+ -j RETURN",
+                               rf"-p tcp -m mark --mark \S+ -j CONNMARK --save-mark {_CONNMARK_MASKS}"),
+    ("mangle", "OUTPUT"): (r"-o \S+ -j RETURN", r"-o lo -p tcp -m mark --mark \S+ -j RETURN",
+                           r"! -d \S+ -o lo -p tcp -m owner --(?:uid|gid)-owner \d+ -j MARK --set-xmark \S+",
+                           rf"-p tcp -m connmark --mark \S+ -j CONNMARK --restore-mark {_CONNMARK_MASKS}"),
+}
+_BUILTIN_SHAPES = {key: _BUILTIN_SHAPES.get(key, ()) + tuple(re.compile(p) for p in _CURRENT_SHAPES.get(key, ()))
+                   for key in {*_BUILTIN_SHAPES, *_CURRENT_SHAPES}}
 _JUMP = re.compile(r"(?:^|\s)-[jg] (\S+)")
 
 

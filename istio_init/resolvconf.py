@@ -29,7 +29,7 @@ def nameservers(text: str) -> list[str]:
     found = []
     for line in text.splitlines():
         words = line.split()
-        if len(words) < 2 or words[0] != "nameserver":
+        if len(words) < 2 or words[0] != "nameserver" or "%" in words[1]:
             continue
         try:
             found.append(str(ipaddress.ip_address(words[1])))

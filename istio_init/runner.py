@@ -7,9 +7,10 @@ imports nothing it does not use.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from istio_init.config import Config
+from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config
 from istio_init.model import RulePlan
 from istio_init.rulesets import plan, resolvers_needed
 from istio_init.render import render_plan
@@ -18,9 +19,11 @@ from istio_init.render import render_plan
 def summary(config: Config, ipv6: bool) -> str:
     """The effective configuration, for stderr, as Istio prints its variables."""
     lines = ["istio-init effective configuration:"]
+    other = ONLY_1_8_FIELDS if config.rules_version == RULES_CURRENT else CURRENT_ONLY_FIELDS
     for name in config._fields:
-        if name != "sources":
-            lines.append(f"  {name}: {_show(getattr(config, name))}")
+        if name != "sources" and name not in other:
+            value = getattr(config, name)
+            lines.append(f"  {name}: {'*' if name == 'owner_groups_include' and value is None else _show(value)}")
     lines.append(f"  ip families: {'IPv4, IPv6' if ipv6 else 'IPv4'}")
     return "\n".join(lines)
 
@@ -88,6 +91,9 @@ def run(config: Config) -> None:
         return
     from istio_init import apply
 
+    if config.cni_mode and config.network_namespace:
+        # Run from the host for one pod: lock that pod's tables only, as Istio's CNI mode does.
+        os.environ["XTABLES_LOCKFILE"] = config.network_namespace
     apply.run(config, rule_plan)  # does nothing with --skip-rule-apply
     if config.run_validation:
         from istio_init import validation
