@@ -181,6 +181,7 @@ def golden_listing(ns: Namespace, case: NftCase) -> str:
 @pytest.mark.parametrize("case", NFT_CASES, ids=lambda c: c.name)
 def test_istio_golden(netns: Namespace, other_netns: Namespace, case: NftCase) -> None:
     files = _files(case)
+    fresh_routing = routing(netns)
     want = golden_listing(other_netns, case)
     assert dry_run_listing(other_netns, case.argv, case.env, files) == want
 
@@ -197,6 +198,7 @@ def test_istio_golden(netns: Namespace, other_netns: Namespace, case: NftCase) -
 
     istio_init(netns, "clean", "--native-nftables")
     assert listing(netns) == FOREIGN
+    assert routing(netns) == fresh_routing  # IPv4 and IPv6 TPROXY routes and ::6: gone
 
 
 def test_backend_reads_json_and_dumps_only_our_tables(netns: Namespace) -> None:
