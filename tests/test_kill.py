@@ -98,6 +98,6 @@ def test_sigkill_at_random_points_then_rerun_leaves_one_run(backend: str) -> Non
         # most kills must land before the process ends, or the test proves little
         assert landed["during"] >= KILLS_PER_BACKEND // 2, landed
         print(f"{backend}: {landed['during']} of {KILLS_PER_BACKEND} kills landed before the run ended, "
-              f"{landed['left unfinished']} left the namespace not at this run's rules (one run {span * 1000:.0f} ms)")
+              f"{landed['not converged']} left the namespace not at this run's rules (one run {span * 1000:.0f} ms)")
     finally:
         ns.remove()
