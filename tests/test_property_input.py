@@ -210,7 +210,7 @@ def _named_spec(line: str, argv: list[str], env: dict[str, str]) -> None:
 # ---- pure: the Config, for every flag and variable including the switches --------------------
 
 
-@_bounded(max_examples=400, deadline_ms=1000)
+@_bounded(max_examples=250, deadline_ms=2000)
 @given(invocations())
 def test_every_value_is_a_config_or_one_config_error(case: tuple[list[str], dict[str, str], dict]) -> None:
     argv, env, given_flags = case
@@ -263,7 +263,7 @@ def _resolved_namespace(given_flags: dict, env: dict[str, str]) -> str | None:
 
 
 @pytest.mark.root
-@_bounded(max_examples=250, deadline_ms=5000)
+@_bounded(max_examples=150, deadline_ms=5000)
 @given(invocations())
 def test_dry_run_exits_0_with_loadable_rules_or_2_with_one_line(
         loader: Namespace, case: tuple[list[str], dict[str, str], dict]) -> None:
@@ -303,7 +303,7 @@ def seeded() -> Iterator[Namespace]:
 
 
 @pytest.mark.root
-@_bounded(max_examples=50, deadline_ms=30000)
+@_bounded(max_examples=30, deadline_ms=30000)
 @given(invocations(exclude=("dry_run", "run_validation", "network_namespace")), st.booleans())
 def test_real_apply_exits_0_or_2_and_a_refusal_changes_nothing(
         seeded: Namespace, case: tuple[list[str], dict[str, str], dict], via_flag: bool) -> None:
@@ -329,7 +329,7 @@ def test_real_apply_exits_0_or_2_and_a_refusal_changes_nothing(
 
 
 @pytest.mark.root
-@_bounded(max_examples=80, deadline_ms=2000)
+@_bounded(max_examples=50, deadline_ms=2000)
 @given(st.one_of(_IFNAME, st.text(min_size=1, max_size=16)).filter(_passable))
 def test_kernel_refusal_is_the_kernels_rule(loader: Namespace, name: str) -> None:
     from pyroute2 import NetNS
