@@ -144,6 +144,11 @@ def clean_command(**given: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line."""
+    # Rules read back from the namespace may hold bytes that are not UTF-8 (see
+    # backends/base.py); they are printed as the bytes they are, whatever the locale.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
     try:
         cli.main(args=argv, prog_name=PROG, standalone_mode=False)
     except click.exceptions.Exit as done:
