@@ -120,8 +120,9 @@ _VALID: dict[str, st.SearchStrategy[str]] = {
        for d in ("inbound_ports", "local_exclude_ports", "outbound_ports", "outbound_ports_exclude")},
     **{d: st.lists(st.integers(0, 2**32 - 2).map(str), min_size=1, max_size=3).map(",".join)
        for d in ("proxy_uid", "proxy_gid")},
-    "service_cidr": st.one_of(st.just("*"), st.lists(_CIDRISH.filter(lambda c: "/" in c and c[0].isdigit()),
-                                                     max_size=3).map(",".join)),
+    "service_cidr": st.one_of(st.just("*"), st.lists(st.one_of(
+        st.tuples(st.ip_addresses(v=4), st.integers(0, 32)), st.tuples(st.ip_addresses(v=6), st.integers(0, 128)),
+    ).map(lambda t: f"{t[0]}/{t[1]}"), max_size=3).map(",".join)),
     "service_exclude_cidr": st.lists(st.sampled_from(["10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32", "0.0.0.0/0",
                                                       "127.0.0.1", "::1/128", "198.51.100.7/33"]),
                                      max_size=3).map(",".join),
