@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
     `wrap_backend` wraps the backend a run chooses and `network` replaces the
     route and address steps, when given (tests pass fault injectors).
     """
+    # Rules read back from the namespace may hold bytes that are not UTF-8 (see
+    # backends/iptables/tools.py); they are printed as the bytes they are, whatever the locale.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         args, log_options = logs.split_args(args)

@@ -534,7 +534,7 @@ class _Parser:
     def id_list(self, dest: str) -> tuple[int, ...]:
         ids = []
         for item in self.items(dest):
-            if not item.isascii() or not item.isdigit() or not _DECIMAL.fullmatch(item) or int(item) > 0xFFFFFFFE:
+            if not _DECIMAL.fullmatch(item) or int(item) > 0xFFFFFFFE:
                 raise self.fail(dest, item, "not a numeric id")
             ids.append(int(item))
         if not ids:

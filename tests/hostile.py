@@ -3,12 +3,13 @@
 A pod namespace has `pod0` (one end of a veth pair kept inside it) at
 192.0.2.10/24. `snapshot()` is everything a run of istio-init could change,
 as bytes: the legacy and nft tables of both families (iptables-save without
-its timestamp comments) and the policy rules and routes of both families
+its timestamp comments, chain counters zeroed) and the policy rules and routes of both families
 (read with pyroute2), so "nothing changed" is one equality.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -46,9 +47,15 @@ def istio_init(ns: Namespace, *args: str, env: dict[str, str] | None = None,
                   timeout=timeout)
 
 
+_COUNTERS = re.compile(rb" \[\d+:\d+\]$")
+
+
 def _save(ns: Namespace, tool: str) -> bytes:
+    """The tool's text without timestamp comments, and with chain counters zeroed: the
+    kernel's own IPv6 neighbour discovery on pod0 counts packets on the policies."""
     out = subprocess.run(["nsenter", f"--net={ns.path}", tool], capture_output=True, check=True, timeout=60)
-    return b"\n".join(line for line in out.stdout.splitlines() if not line.startswith(b"#"))
+    return b"\n".join(_COUNTERS.sub(b" [0:0]", line) if line.startswith(b":") else line
+                      for line in out.stdout.splitlines() if not line.startswith(b"#"))
 
 
 def routing(ns: Namespace) -> list[tuple]:

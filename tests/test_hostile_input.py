@@ -10,10 +10,11 @@ backend can carry the value exactly, the exact rule.
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
-from clirun import invoke
+from clirun import clean_environ, invoke
 from hostile import SEED, istio_init, one_line_naming, pod_namespace, snapshot
 from istio_init import ifnames
 from istio_init.config import FLAGS_BY_DEST
@@ -209,3 +210,32 @@ def _dest_of(flag: str) -> str:
         if flag in (f"-{spec.short}", f"--{spec.long}"):
             return dest
     raise KeyError(flag)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["libiptc", "legacy", "nft"])
+def test_a_namespace_left_with_non_utf8_names_converges_and_cleans(backend: str) -> None:
+    """The state finding 2 left (`-i éééé\\xc3+`, half a UTF-8 sequence) no longer blocks every later run.
+
+    iptables-save's text is carried byte for byte (surrogateescape): our broken rule is
+    removed, someone else's rule with a non-UTF-8 name stays exactly, whatever the locale.
+    """
+    flavour = "nft" if backend == "nft" else "legacy"
+    left = (b"*nat\n:ISTIO_REDIRECT - [0:0]\n-A PREROUTING -i \xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3+ -j ISTIO_REDIRECT\n"
+            b"-A POSTROUTING -o \xff -j MASQUERADE\nCOMMIT\n")
+    foreign = b"-A POSTROUTING -o \xff -j MASQUERADE"
+    ns = pod_namespace()
+    try:
+        subprocess.run(["nsenter", f"--net={ns.path}", f"iptables-{flavour}-restore", "--noflush"], input=left,
+                       check=True, capture_output=True)
+        env = {**clean_environ(), "PYTHONIOENCODING": "utf-8:strict"}
+        for argv in (SEED, SEED, ("clean",)):
+            done = subprocess.run(["nsenter", f"--net={ns.path}", sys.executable, "-m", "istio_init", *argv,
+                                   "--iptables-backend", backend], capture_output=True, env=env, timeout=60)
+            assert done.returncode == 0, done.stderr.decode(errors="replace")
+            saved = subprocess.run(["nsenter", f"--net={ns.path}", f"iptables-{flavour}-save"], capture_output=True,
+                                   check=True).stdout
+            assert b"\xc3+" not in saved and foreign in saved.splitlines()
+        assert b"ISTIO" not in saved
+    finally:
+        ns.remove()

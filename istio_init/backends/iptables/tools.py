@@ -22,9 +22,17 @@ class Tools(NamedTuple):
         return f"{'ip6' if family == 6 else 'ip'}tables-{self.flavour}-restore"
 
 
+# The tools' text is bytes: a rule someone else made (or an old python-iptables
+# cut) can hold an interface name that is not UTF-8. Carried as lone surrogates,
+# such a rule is read, compared and written back byte for byte instead of
+# failing every later run with UnicodeDecodeError.
+TOOL_TEXT_ERRORS = "surrogateescape"
+
+
 def run_tool(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=WAIT_SECONDS + 30)
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, errors=TOOL_TEXT_ERRORS,
+                              timeout=WAIT_SECONDS + 30)
     except FileNotFoundError:
         raise ApplyError(f"{argv[0]} not found; install iptables or choose another --iptables-backend") from None
     except subprocess.TimeoutExpired:
@@ -40,7 +48,8 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     """
     argv = [tools.save(family)] + (["-c"] if counters else [])
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                errors=TOOL_TEXT_ERRORS)
     except FileNotFoundError:
         raise ApplyError(f"{argv[0]} not found; install iptables or choose another --iptables-backend") from None
     try:
