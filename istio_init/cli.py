@@ -1,16 +1,17 @@
-"""The `istio-init` command line.
+"""The `istio-init` command line, and the only module that writes to stdout or stderr.
 
 `istio-init [istio-iptables] FLAGS` is Istio's init container: the first word
 of the seed's `args:` is accepted and ignored, and anything that is not a
 subcommand name runs the default `run` command, so Istio's argument lists work
 unchanged. Every user mistake becomes one line on stderr and exit code 2.
+The rest of the package returns what to print and logs through `log`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import click
 
@@ -49,9 +50,12 @@ def _help(spec: FlagSpec) -> str:
     return f"{spec.help} {extra}]"
 
 
-def _options_for(dests: tuple[str, ...] | None = None) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _options_for(dests: tuple[str, ...] | None = None) -> Callable[[F], F]:
     """A decorator adding one click option per entry of config.FLAGS (or the named ones)."""
-    def decorate(command: Any) -> Any:
+    def decorate(command: F) -> F:
         for spec in reversed([s for s in FLAGS if (dests is None or s.dest in dests) and not s.env_only]):
             names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
             kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
@@ -74,6 +78,30 @@ def load_config(given: dict[str, Any]) -> Config:
     return config
 
 
+def log(message: str, level: str = "info") -> None:
+    """One progress or diagnostic line on stderr at `level` (logs.py filters and formats it)."""
+    first, *rest = message.splitlines() or [""]
+    logs.emit(level, f"{PROG}: {first}" if not first.startswith(f"{PROG} ") else first)
+    for line in rest:  # one record per line, as a pod's log (and --log_as_json) wants
+        logs.emit(level, line)
+
+
+def _out(text: str) -> None:
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _wrap(ctx: click.Context) -> Any:
+    """A backend wrapper passed in by a caller of main() (tests inject faults this way)."""
+    return (ctx.find_root().obj or {}).get("wrap_backend")
+
+
+def _network(ctx: click.Context) -> Any:
+    """Network steps (routes, addresses) passed in by a caller of main(); None: the real ones."""
+    return (ctx.find_root().obj or {}).get("network")
+
+
 @click.group(cls=_IstioGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """istio-init: Istio's istio-iptables init container, in Python."""
@@ -85,7 +113,8 @@ def cli() -> None:
 @_flag_options
 @click.option("--cleanup-only", is_flag=True, default=False,
               help="Remove istio-init's rules, routes and addresses instead of applying.")
-def run_command(cleanup_only: bool, **given: Any) -> None:
+@click.pass_context
+def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None:
     """Install Istio's sidecar capture rules in this pod's network namespace.
 
     Flags and environment variables are those of Istio's istio-iptables; a
@@ -96,9 +125,9 @@ def run_command(cleanup_only: bool, **given: Any) -> None:
 
     config = load_config(given)
     if cleanup_only:
-        runner.clean(config)
+        _out(runner.clean(config, log, _wrap(ctx)))
     else:
-        runner.run(config)
+        _out(runner.run(config, log, _wrap(ctx), _network(ctx)))
 
 
 @cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,11 +154,53 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     Takes every flag of `run`; walks the rules those flags would install (or,
     with --live, the installed ones) as netfilter's mangle and nat hooks would.
     """
-    from istio_init import trace
+    from istio_init import runner, trace
 
+    config = load_config(given)
+    runner.enter_namespace(config)
     conn = {"direction": direction, "dst": dst, "dport": dport, "src": src, "uid": uid, "gid": gid,
             "protocol": protocol, "in_interface": in_interface, "out_interface": out_interface}
-    click.echo(trace.run(load_config(given), conn, live, as_json))
+    _out(trace.run(config, conn, live, as_json) + "\n")
+
+
+@cli.command("check", context_settings={"help_option_names": ["-h", "--help"]})
+@_flag_options
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print the result as JSON.")
+def check_command(as_json: bool, **given: Any) -> None:
+    """Compare the installed rules with what the flags would install; change nothing.
+
+    Takes every flag of `run`. Exit 0 and one line when in sync; exit 1 and
+    the missing, extra and misordered rules, chains, TPROXY routing and ::6
+    when not; exit 3 when the state cannot be read. Usable as an exec probe.
+    """
+    from istio_init import drift, runner
+
+    config = load_config(given)
+    runner.enter_namespace(config)
+    report = drift.run(config, log)
+    _out((drift.to_json(report) if as_json else drift.format_text(report)) + "\n")
+    sys.exit(report.exit_code)
+
+
+@cli.command("graph", context_settings={"help_option_names": ["-h", "--help"]})
+@_flag_options
+@click.option("--live", is_flag=True, default=False,
+              help="Draw the rules installed in the namespace (iptables-save) instead of the plan.")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "svg"]), default="mermaid",
+              show_default=True, help="mermaid for Markdown, dot for Graphviz, svg through Graphviz's dot.")
+@click.option("--table", type=click.Choice(["nat", "mangle", "raw", "all"]), default="all", show_default=True)
+def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
+    """Draw the chains as a directed graph: hooks and chains, jumps, outcomes.
+
+    Takes every flag of `run`; draws the rules those flags would install (or,
+    with --live, the installed ones). Each chain node lists its rules; each
+    jump is an edge labelled with its rule number and match.
+    """
+    from istio_init import graph, runner
+
+    config = load_config(given)
+    runner.enter_namespace(config)
+    _out(graph.run(config, live, fmt, table, log))
 
 
 _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark")
@@ -137,7 +208,8 @@ _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark
 
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})
 @_options_for(_CLEAN_FLAGS)
-def clean_command(**given: Any) -> None:
+@click.pass_context
+def clean_command(ctx: click.Context, /, **given: Any) -> None:
     """Remove istio-init's rules, TPROXY routes and the ::6 address, in both families.
 
     Removes every ISTIO_ chain, every jump to one and the few rules istio-init
@@ -146,14 +218,16 @@ def clean_command(**given: Any) -> None:
     """
     from istio_init import runner
 
-    runner.clean(load_config(given))
+    _out(runner.clean(load_config(given), log, _wrap(ctx)))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line.
 
     pilot-agent's logging flags are taken out first (logs.py): they shape
     stderr for the whole run, whatever the command and rule set.
+    `wrap_backend` wraps the backend a run chooses and `network` replaces the
+    route and address steps, when given (tests pass fault injectors).
     """
     args = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -162,14 +236,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     with logs.configured(log_options):
-        code = _run(args)
+        code = _run(args, {"wrap_backend": wrap_backend, "network": network})
     sys.exit(code)
 
 
-def _run(args: list[str]) -> int:
+def _run(args: list[str], obj: dict[str, Any]) -> int:
     """The command's exit code; every failure already reported as one line."""
     try:
-        cli.main(args=args, prog_name=PROG, standalone_mode=False)
+        cli.main(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.Abort:
@@ -193,3 +267,63 @@ def _run(args: list[str]) -> int:
 def _one_line(message: str) -> str:
     """Tool output quoted in an error can span lines; a pod's log gets one."""
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+# ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------
+
+CNI_PROG = "istio-init-cni"
+
+
+def cni_flags(argv: list[str]) -> dict[str, Any]:
+    """The `run` command's options parsed from a conflist's "args" (click's errors propagate)."""
+    if argv[:1] == [ISTIO_BINARY_NAME]:
+        argv = argv[1:]
+    with run_command.make_context(PROG, argv) as ctx:
+        return dict(ctx.params)
+
+
+def _cni_log(message: str) -> None:
+    """One entry in the plugin's log: fd 2, which is the configuration's logFile once it is read."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
+          file=sys.stderr, flush=True)
+
+
+def _cni_log_to(path: str) -> None:
+    """Point fd 1 and 2 (so everything the apply and its tools print) at the log file."""
+    from istio_init.cni import ERR_IO, CniError
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise CniError(ERR_IO, f"cannot open the log file {path}", exc.strerror or str(exc)) from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def cni_main(wrap_backend: Any = None) -> None:
+    """Console-script entry of istio-init-cni; stdout and the exit status follow the CNI specification.
+
+    stdout belongs to the protocol: a copy of it is kept for the one answer and
+    fd 1 points at stderr (then at the log file), so nothing the apply path or
+    a tool it runs prints can reach the runtime. `wrap_backend` wraps the
+    backend a run chooses (tests inject faults with it).
+    """
+    import json
+
+    from istio_init import cni
+
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)
+    call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)
+    code, answer = cni.invoke(call, sys.stdin.read(), _cni_log_to)
+    if answer is not None:
+        data = (json.dumps(answer) + "\n").encode()
+        while data:
+            data = data[os.write(answer_fd, data):]
+    sys.exit(code)

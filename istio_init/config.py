@@ -15,6 +15,7 @@ import re
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
+from istio_init import ifnames
 from istio_init.errors import ConfigError
 
 
@@ -32,7 +33,7 @@ class Cidr(NamedTuple):
 
 _SIMPLE_IPV4_CIDR = re.compile(r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\."
                                r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-                               r"(?:/(3[0-2]|[12]?\d))?")
+                               r"(?:/(3[0-2]|[12]?\d))?", re.ASCII)
 
 
 def parse_cidr(text: str) -> Cidr:
@@ -61,12 +62,26 @@ BACKENDS = ("auto", "libiptc", "legacy", "nft")
 # legitimate value of any flag contains one, and rejecting them everywhere means
 # nothing a pod spec says can be smuggled into a restore file or a log line.
 _FORBIDDEN = re.compile(r"[;&|$`<>(){}\[\]\\'\"!?~#\x00-\x1f\x7f]")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Bounds on what a value may be, so that every accepted value is one the kernel
+# and every backend can represent and every refusal is one readable line.
+# A value longer than one exec argument may be (MAX_ARG_STRLEN) cannot come from
+# a pod spec anyway; numbers are ASCII digits, at most as many as uint32 needs.
+_MAX_VALUE_CHARS = 131072
+_DECIMAL = re.compile(r"[0-9]{1,10}")
+_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,8}")
+_MAX_DURATION_CHARS = 64
+_MAX_PROBE_SECONDS = 3600.0
+_PATH_MAX, _NAME_MAX = 4095, 255
+# Values that may hold non-ASCII text: interface and namespace names, and Go's
+# spellings of microseconds. Every other value is ASCII: Unicode digits such as
+# '²', '１' or '١' pass str.isdigit() and int(), and must not become ports.
+_NON_ASCII_ALLOWED = {"kube_virt_interfaces": None, "network_namespace": None, "probe_timeout": "µμ"}
+_SHOWN_CHARS = 60
 # Route tables the kernel uses itself: a `local default` route in one of them
 # would swallow every packet of the pod.
 _RESERVED_ROUTE_TABLES = {0, 253, 254, 255}
-_IFNAMSIZ = 16
 
 
 class FlagSpec(NamedTuple):
@@ -276,7 +291,7 @@ def default_proxy_uid(environ: Mapping[str, str]) -> str:
 
     try:
         return str(pwd.getpwnam(environ.get("ENVOY_USER") or "istio-proxy").pw_uid)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a name with a NUL or a lone surrogate
         return "1337"
 
 
@@ -447,30 +462,44 @@ class _Parser:
         self.sources = sources
 
     def fail(self, dest: str, value: str, reason: str) -> ConfigError:
-        spec = FLAGS_BY_DEST[dest]
-        label = spec.label
-        source = self.sources.get(dest, "")
-        if source not in ("flag", "default", "") and not spec.env_only:
-            label = f"{label} (from {source})"
-        return ConfigError(label, value, reason)
+        if len(value) > _SHOWN_CHARS:  # the one line stays readable for a 5,000-digit value
+            value = f"{value[:_SHOWN_CHARS]}... ({len(value)} characters)"
+        return ConfigError(flag_label(dest, self.sources), value, reason)
 
     def check_characters(self, dest: str) -> None:
         value = self.raw[dest]
+        if len(value) > _MAX_VALUE_CHARS:
+            raise self.fail(dest, value, f"longer than {_MAX_VALUE_CHARS} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.fail(dest, value, "not valid UTF-8") from None
         bad = _FORBIDDEN.search(value)
         if bad:
             raise self.fail(dest, value, f"character {bad.group()!r} is not allowed")
+        if dest in _NON_ASCII_ALLOWED:
+            allowed = _NON_ASCII_ALLOWED[dest]
+            if allowed is None:
+                return
+            value = "".join(c for c in value if c not in allowed)
+        bad_char = next((c for c in value if not c.isascii()), None)
+        if bad_char is not None:
+            raise self.fail(dest, self.raw[dest], f"character {bad_char!r} is not ASCII")
 
     def items(self, dest: str) -> list[str]:
         """Comma list items, whitespace-trimmed; empty items are skipped as in Istio."""
-        return [item.strip() for item in self.raw[dest].split(",") if item.strip()]
+        return [item.strip(" ") for item in self.raw[dest].split(",") if item.strip(" ")]
+
+    def _decimal(self, dest: str, text: str, what: str, maximum: int, range_text: str) -> int:
+        """ASCII digits only, at most 10 (no int() of a 5,000-digit string), up to `maximum`."""
+        if not text.isascii() or not text.isdigit():
+            raise self.fail(dest, text, f"not a {what}")
+        if not _DECIMAL.fullmatch(text) or int(text) > maximum:
+            raise self.fail(dest, text, f"{what} out of range {range_text}")
+        return int(text)
 
     def _port_value(self, dest: str, text: str) -> int:
-        if not text.isdigit():
-            raise self.fail(dest, text, "not a port number")
-        port = int(text)
-        if port > 65535:
-            raise self.fail(dest, text, "port out of range 0-65535")
-        return port
+        return self._decimal(dest, text, "port number", 65535, "0-65535")
 
     def port(self, dest: str) -> int:
         return self._port_value(dest, self.raw[dest].strip())
@@ -500,7 +529,7 @@ class _Parser:
     def id_list(self, dest: str) -> tuple[int, ...]:
         ids = []
         for item in self.items(dest):
-            if not item.isdigit() or int(item) > 0xFFFFFFFE:
+            if not item.isascii() or not item.isdigit() or not _DECIMAL.fullmatch(item) or int(item) > 0xFFFFFFFE:
                 raise self.fail(dest, item, "not a numeric id")
             ids.append(int(item))
         if not ids:
@@ -515,8 +544,8 @@ class _Parser:
             return True, ()
         gids = []
         for item in self.items(dest):
-            if item.isdigit():
-                if int(item) > 0xFFFFFFFE:
+            if item.isascii() and item.isdigit():
+                if len(item) > 10 or int(item) > 0xFFFFFFFE:
                     raise self.fail(dest, item, "not a valid gid")
                 gids.append(int(item))
                 continue
@@ -545,19 +574,24 @@ class _Parser:
 
     def interfaces(self, dest: str) -> tuple[str, ...]:
         names = self.items(dest)
+        backend = self.raw["iptables_backend"].strip().lower()
         for name in names:
-            # The kernel's dev_valid_name(): 1-15 bytes, not . or .., no '/', ':' or space.
-            if (len(name.encode()) >= _IFNAMSIZ or name in (".", "..")
-                    or any(c in "/:" or c.isspace() for c in name)):
-                raise self.fail(dest, name, "not an interface name the kernel accepts")
+            refusal = (ifnames.kernel_refusal(name) or ifnames.common_refusal(name)
+                       or ifnames.backend_refusal(name, backend))
+            if refusal:
+                raise self.fail(dest, name, refusal)
         return tuple(names)
 
     def uint32(self, dest: str) -> int:
-        text = self.raw[dest].strip()
-        try:
-            value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-        except ValueError:
-            raise self.fail(dest, text, "not a number") from None
+        text = self.raw[dest].strip(" ")
+        if _HEX.fullmatch(text):
+            value = int(text, 16)
+        elif _DECIMAL.fullmatch(text):
+            value = int(text, 10)
+        elif text.isascii() and (text.isdigit() or re.fullmatch(r"0[xX][0-9a-fA-F]+", text)):
+            raise self.fail(dest, text, "must be between 1 and 4294967295")
+        else:
+            raise self.fail(dest, text, "not a number (decimal or 0x hex)")
         if not 0 < value <= 0xFFFFFFFF:
             raise self.fail(dest, text, "must be between 1 and 4294967295")
         return value
@@ -594,20 +628,39 @@ class _Parser:
         return self.switch(dest)
 
     def duration(self, dest: str) -> float:
-        text = self.raw[dest].strip()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            return float(text)
-        parts = _DURATION_PART.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
-            raise self.fail(dest, text, "not a duration such as 5s or 500ms")
-        return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        text = self.raw[dest].strip(" ")
+        if len(text) > _MAX_DURATION_CHARS:
+            raise self.fail(dest, text, f"longer than {_MAX_DURATION_CHARS} characters")
+        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+            seconds = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not text or "".join(n + u for n, u in parts) != text:
+                raise self.fail(dest, text, "not a duration such as 5s or 500ms")
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        # 64 characters of digits still make 1e63 s; a probe waits an hour at most.
+        if not seconds <= _MAX_PROBE_SECONDS:
+            raise self.fail(dest, text, f"longer than {_MAX_PROBE_SECONDS:g}s (1h)")
+        return seconds
 
     def namespace(self, dest: str) -> str | None:
-        value = self.raw[dest].strip()
+        value = self.raw[dest].strip(" ")
         if not value:
             return None
+        if len(value.encode()) > _PATH_MAX:
+            raise self.fail(dest, value, f"longer than {_PATH_MAX} bytes")
         if "/" not in value:
-            if value in (".", "..") or any(c.isspace() for c in value):
+            if value in (".", "..") or any(c.isspace() for c in value) or len(value.encode()) > _NAME_MAX:
                 raise self.fail(dest, value, "not a network namespace name")
             return os.path.join("/run/netns", value)
         return value
+
+
+def flag_label(dest: str, sources: Mapping[str, str]) -> str:
+    """How a message names the flag and, when the value came from one, its variable."""
+    spec = FLAGS_BY_DEST[dest]
+    label = spec.label
+    source = sources.get(dest, "")
+    if source not in ("flag", "default", "") and not spec.env_only:
+        label = f"{label} (from {source})"
+    return label

@@ -1,8 +1,14 @@
-"""Waiting for an flock-style lock file, as `iptables -w` does.
+"""Waiting for an flock-style lock file, as `iptables -w` does, and istio-init's lock per namespace.
 
 Two locks use it: istio-init's own (read, decide and commit must not
-interleave with another run in the same node) and the xtables lock every
-iptables binary takes (python-iptables does not take it itself).
+interleave with another run in the same network namespace) and the xtables
+lock every iptables binary takes (python-iptables does not take it itself).
+istio-init's lock is one file per network namespace, named by the
+namespace's inode, so two pods' applies from one node (a CNI plugin's
+parallel ADDs) never wait for each other, while two applies into one
+namespace always do. The directory is world-writable and sticky like /tmp,
+and a lock can be taken through a read-only descriptor, so a process with
+NET_ADMIN but without root (a validation or CNI case) can take it too.
 """
 
 from __future__ import annotations
@@ -15,19 +21,48 @@ from typing import Iterator
 
 from istio_init.errors import ApplyError
 
+LOCK_DIR = "/run/istio-init"
+LOCK_WAIT_SECONDS = 60
+
+
+def namespace_lock_path() -> str:
+    """The lock file of the network namespace this process is in ($ISTIO_INIT_LOCKFILE overrides)."""
+    override = os.environ.get("ISTIO_INIT_LOCKFILE")
+    if override:
+        return override
+    directory = os.environ.get("ISTIO_INIT_LOCK_DIR") or LOCK_DIR
+    stat = os.stat("/proc/self/ns/net")
+    return os.path.join(directory, f"netns-{stat.st_dev}-{stat.st_ino}.lock")
+
+
+def _open(path: str, make_dir: bool) -> int:
+    directory = os.path.dirname(path)
+    if make_dir and not os.path.isdir(directory):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o755)
+            os.chmod(directory, 0o1777)  # sticky and world-writable, as /tmp
+    # Read-only is enough for flock, and the only way to open a network namespace
+    # file, which --cni-mode uses as the pod's xtables lock (as iptables does).
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileExistsError:  # made by a concurrent run in between
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
 
 @contextlib.contextmanager
-def held(path: str, timeout: float, holder: str) -> Iterator[None]:
+def held(path: str, timeout: float, holder: str, make_dir: bool = False) -> Iterator[None]:
     """Hold the exclusive lock on `path`, polling up to `timeout` seconds for it.
 
     `holder` says who is waited for, in the error: "another istio-init run".
     """
     try:
-        # Read-only is enough for flock, and the only way to open a network namespace
-        # file, which --cni-mode uses as the pod's xtables lock (as iptables does).
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open(path, make_dir)
     except OSError as exc:
-        raise ApplyError(f"cannot open the lock file {path}: {exc.strerror}") from None
+        raise ApplyError(f"cannot open the lock file {path}: {exc.strerror} (nothing was changed)") from None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -36,8 +71,14 @@ def held(path: str, timeout: float, holder: str) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise ApplyError(f"{holder} held {path} for {timeout:g}s") from None
+                    raise ApplyError(f"{holder} held {path} for {timeout:g}s (nothing was changed)") from None
                 time.sleep(0.01)
         yield
     finally:
         os.close(fd)
+
+
+def namespace_lock(timeout: float = LOCK_WAIT_SECONDS) -> contextlib.AbstractContextManager[None]:
+    """One istio-init run at a time per network namespace: read, decide and commit must not interleave."""
+    path = namespace_lock_path()
+    return held(path, timeout, "another istio-init run", make_dir=not os.environ.get("ISTIO_INIT_LOCKFILE"))

@@ -7,13 +7,14 @@ netlink dump over a raw socket replaces pyroute2 here (pyroute2 costs about
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
 import struct
 from typing import Any, NamedTuple
 
-from istio_init.errors import IstioInitError
+from istio_init.errors import ConfigError, IstioInitError
 
 _NLMSG_HEADER = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
@@ -138,19 +139,41 @@ def iptables_nft_tables(family: int) -> set[str]:
     return names
 
 
-def enter(path: str) -> None:
-    """Move this process (single-threaded) into the network namespace at `path`."""
+_CAP_NET_ADMIN = 12
+
+
+def has_net_admin() -> bool | None:
+    """Whether this process holds CAP_NET_ADMIN (None: cannot tell; let the kernel decide)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(ln for ln in status if ln.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return None
+    return bool(int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN))
+
+
+def enter(path: str, label: str = "--network-namespace") -> None:
+    """Move this process (single-threaded) into the network namespace at `path`.
+
+    `label` names the flag and, when the value came from it, the variable. A
+    path that is missing or not a network namespace is the user's mistake (exit
+    2); a refusal for want of privilege is not.
+    """
     import ctypes
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise IstioInitError(f"--network-namespace {path}: {exc.strerror}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise IstioInitError(f"{label} {path}: {exc.strerror}") from None
+        raise ConfigError(label, path, exc.strerror or "cannot open") from None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.setns(fd, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise IstioInitError(f"--network-namespace {path}: cannot enter: {os.strerror(err)}")
+            if err == errno.EINVAL:
+                raise ConfigError(label, path, "not a network namespace")
+            raise IstioInitError(f"{label} {path}: cannot enter: {os.strerror(err)}")
     finally:
         os.close(fd)
 
@@ -178,13 +201,13 @@ class Routing(NamedTuple):
 
 
 def _iproute() -> Any:
-    from pyroute2 import IPRoute
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
     return IPRoute()
 
 
 def _rule_table(rule: Any) -> int:
-    return rule.get_attr("FRA_TABLE") or rule["table"]
+    return int(rule.get_attr("FRA_TABLE") or rule["table"])
 
 
 def _has_policy_rule(ipr: Any, family: int, fwmark: int, table: int) -> bool:
@@ -202,7 +225,7 @@ def _af(family: int) -> int:
 
 
 def _lo_index(ipr: Any) -> int:
-    return ipr.link_lookup(ifname="lo")[0]
+    return int(ipr.link_lookup(ifname="lo")[0])
 
 
 def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
@@ -211,14 +234,19 @@ def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
     What already exists is kept; returns what was added, for remove_routing().
     """
     added: list[Routing] = []
-    with _iproute() as ipr:
-        if not _local_default_routes(ipr, family, table):
-            ipr.route("add", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
-                      proto=_RTPROT_BOOT, table=table, oif=_lo_index(ipr))
-            added.append(Routing("route", family, 0, table))
-        if not _has_policy_rule(ipr, family, fwmark, table):
-            ipr.rule("add", family=_af(family), fwmark=fwmark, table=table)
-            added.append(Routing("rule", family, fwmark, table))
+    try:
+        with _iproute() as ipr:
+            if not _local_default_routes(ipr, family, table):
+                ipr.route("add", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
+                          proto=_RTPROT_BOOT, table=table, oif=_lo_index(ipr))
+                added.append(Routing("route", family, 0, table))
+            if not _has_policy_rule(ipr, family, fwmark, table):
+                ipr.rule("add", family=_af(family), fwmark=fwmark, table=table)
+                added.append(Routing("rule", family, fwmark, table))
+    except Exception:
+        if added:  # the route went in but the rule did not: leave nothing half made
+            remove_routing(added)
+        raise
     return added
 
 
@@ -250,6 +278,12 @@ def policy_routing_for_marks(family: int, marks: set[int]) -> list[Routing]:
                 if _local_default_routes(ipr, family, table):
                     found.append(Routing("route", family, 0, table))
     return list(dict.fromkeys(found))
+
+
+def local_default_route_tables(family: int, tables: set[int]) -> set[int]:
+    """Which of `tables` hold a `local default dev lo` route (read-only, for `check`)."""
+    with _iproute() as ipr:
+        return {table for table in tables if _local_default_routes(ipr, family, table)}
 
 
 def _split(address: str) -> tuple[str, int]:

@@ -1,19 +1,30 @@
 """What one run of istio-init does, in order, once the Config is valid.
 
 Kept apart from the CLI so the sequence (enter the namespace, decide the IP
-family, plan, then print or apply) reads in one place and so the dry run path
-imports nothing it does not use.
+family, plan, then render or apply) reads in one place and so the dry run
+path imports nothing it does not use. Nothing here prints: progress goes to
+the `log` callable the CLI passes in (stderr), and what belongs on stdout is
+returned.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config
+from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config, flag_label
+from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
-from istio_init.rulesets import plan, resolvers_needed
 from istio_init.render import render_plan
+from istio_init.rulesets import plan, resolvers_needed
+
+if TYPE_CHECKING:
+    from istio_init.backends.base import Backend
+
+# log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
+Log = Callable[..., None]
+# Lets a caller (a test) wrap the backend the run chose, e.g. to inject a fault.
+WrapBackend = Callable[["Backend"], "Backend"]
 
 
 def summary(config: Config, ipv6: bool) -> str:
@@ -34,7 +45,15 @@ def _show(value: object) -> str:
     return "(auto)" if value is None else str(value)
 
 
-def decide_ipv6(config: Config) -> bool:
+def enter_namespace(config: Config) -> None:
+    """The one place a command moves into --network-namespace."""
+    if config.network_namespace:
+        from istio_init import netns
+
+        netns.enter(config.network_namespace, flag_label("network_namespace", config.sources))
+
+
+def decide_ipv6(config: Config, log: Log) -> bool:
     if config.ipv6 is not None:
         return config.ipv6
     from istio_init import netns
@@ -45,73 +64,105 @@ def decide_ipv6(config: Config) -> bool:
         addresses = netns.pod_addresses()
         if not addresses:
             # Current Istio exits 1 here; RULES-CURRENT.md keeps RULES.md's IPv4 rules, and says so.
-            from istio_init import logs
-
-            logs.emit("warn", "istio-init: warning: the pod has no address but loopback and link-local ones; "
-                              "making IPv4 rules only")
+            log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
+                "warn")
             return False
         if config.dual_stack:  # any IPv6 address of the pod
             return any(address.version == 6 for address in addresses)
         return addresses[0].version == 6
     except OSError as exc:
-        print(f"istio-init: cannot read the pod's addresses ({exc}); making IPv4 rules only",
-              file=sys.stderr)
+        log(f"cannot read the pod's addresses ({exc}); making IPv4 rules only")
         return False
 
 
-def build_plan(config: Config) -> tuple[RulePlan, bool]:
-    if config.network_namespace:
-        from istio_init import netns
-
-        netns.enter(config.network_namespace)
-    ipv6 = decide_ipv6(config)
-    return plan(config, ipv6, pod_resolvers(config)), ipv6
+def build_plan(config: Config, log: Log) -> tuple[RulePlan, bool]:
+    ipv6 = decide_ipv6(config, log)
+    return plan(config, ipv6, pod_resolvers(config, log)), ipv6
 
 
-def pod_resolvers(config: Config) -> list[str]:
+def pod_resolvers(config: Config, log: Log) -> list[str]:
     """The pod's nameservers when the plan needs them; none: DNS is not captured, with a warning."""
     if not resolvers_needed(config):
         return []
-    from istio_init import logs, resolvconf
+    from istio_init import resolvconf
 
     servers, problem = resolvconf.read()
     if problem:
-        logs.emit("warn", f"istio-init: warning: DNS capture is on but {problem}; DNS is not captured "
-                          "(--capture-all-dns captures every port-53 query)")
+        log(f"warning: DNS capture is on but {problem}; DNS is not captured "
+            "(--capture-all-dns captures every port-53 query)", "warn")
     return servers
 
 
-def run(config: Config) -> None:
-    rule_plan, ipv6 = build_plan(config)
+def require_net_admin() -> None:
+    """Fail before touching anything when the kernel would refuse every change.
+
+    Without CAP_NET_ADMIN each backend fails in its own way (python-iptables
+    deep in a table handle, the restore tool at line 1, the rollback after
+    it); one line that says what is missing is what a pod's log needs.
+    """
+    from istio_init import netns
+
+    if netns.has_net_admin() is False:
+        raise ApplyError("needs CAP_NET_ADMIN (run as root with NET_ADMIN, as Istio's init container does; "
+                         "-n prints the rules without privileges)")
+
+
+def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any = None) -> str:
+    """The whole run (dry run, apply, validation); returns what goes to stdout."""
+    enter_namespace(config)
+    rule_plan, ipv6 = build_plan(config, log)
     applying = not (config.dry_run or config.skip_rule_apply)
     if applying:
-        from istio_init.apply import require_net_admin
-
         require_net_admin()  # before anything is logged: the pod's log then says just this
     # Like Istio, every run logs what it was asked to do: the first thing to
     # read in `kubectl logs POD -c istio-init` when a pod's traffic looks wrong.
-    print(summary(config, ipv6), file=sys.stderr, flush=True)
+    log(summary(config, ipv6))
     if config.dry_run:
-        sys.stdout.write(render_plan(rule_plan))
-        sys.stdout.flush()
-        return
-    from istio_init import apply
-
-    if config.cni_mode and config.network_namespace:
-        # Run from the host for one pod: lock that pod's tables only, as Istio's CNI mode does.
-        os.environ["XTABLES_LOCKFILE"] = config.network_namespace
-    apply.run(config, rule_plan)  # does nothing with --skip-rule-apply
+        return render_plan(rule_plan)
+    out = ""
+    if config.skip_rule_apply:
+        log("--skip-rule-apply: not applying any rules")
+    else:
+        if config.cni_mode and config.network_namespace:
+            # Run from the host for one pod: lock that pod's tables only, as Istio's CNI mode does.
+            os.environ["XTABLES_LOCKFILE"] = config.network_namespace
+        out = apply_plan(config, rule_plan, log, wrap, network)
     if config.run_validation:
         from istio_init import validation
 
-        validation.run(config, ipv6)
+        for message in validation.run(config, ipv6):
+            log(f"validation passed: {message}")
+    return out
 
 
-def clean(config: Config) -> None:
-    if config.network_namespace:
-        from istio_init import netns
+def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend | None = None,
+               network: Any = None) -> str:
+    from istio_init import apply, backends
 
-        netns.enter(config.network_namespace)
-    from istio_init import apply
+    families = [family.family for family in rule_plan.families()]
+    choice = backends.choose(config.iptables_backend, families, sum(len(f.steps) for f in rule_plan.families()),
+                             config.kube_virt_interfaces)
+    log(f"iptables backend {choice.name} ({choice.reason})")
+    backend = backends.get(choice.name)
+    if wrap is not None:
+        backend = wrap(backend)
+    applied = apply.run(rule_plan, backend, lambda: backends.others_holding_ours(choice.name, [4, 6]), network)
+    for note in applied.notes:
+        log(note)
+    return applied.dump
 
-    apply.clean(config, dry_run=config.dry_run)
+
+def clean(config: Config, log: Log, wrap: WrapBackend | None = None) -> str:
+    """`clean` / `--cleanup-only`: remove istio-init's rules from every flavour that may hold them."""
+    from istio_init import apply, backends
+
+    enter_namespace(config)
+    require_net_admin()
+    chosen: Sequence[Backend] = [backends.get(name) for name in backends.candidates(config.iptables_backend, [4, 6])]
+    if wrap is not None:
+        chosen = [wrap(b) for b in chosen]
+    result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run)
+    if config.dry_run:
+        return "".join(result.planned)
+    log(f"clean: {'changed ' + str(len(result.changed)) + ' table(s) or route(s)' if result.changed else 'nothing to remove'}")
+    return ""

@@ -5,13 +5,16 @@ table" but "why did (or didn't) this connection reach the proxy". This module
 answers it by walking the rules the way netfilter does for the first packet
 of a connection:
 
-- outbound (locally generated): mangle OUTPUT, nat OUTPUT, then nat
-  POSTROUTING with the destination after any DNAT/REDIRECT;
-- inbound: mangle PREROUTING, then nat PREROUTING.
+- outbound (locally generated): raw OUTPUT, mangle OUTPUT, nat OUTPUT, then
+  nat POSTROUTING with the destination after any DNAT/REDIRECT;
+- inbound: raw PREROUTING, mangle PREROUTING, then nat PREROUTING.
 
 Jumps push a chain, RETURN and the end of a user chain pop it, the end of a
 built-in chain is its ACCEPT policy. Conntrack state is assumed NEW (it is the
-first packet). REDIRECT, DNAT and TPROXY are "captured"; anything else that
+first packet), its source port an ephemeral one no rule names, and its
+packet and connection marks start at 0 and follow the MARK and CONNMARK rules
+it passes (current Istio's TPROXY rules test them); CT (a conntrack zone for
+DNS) does not end the walk. REDIRECT, DNAT and TPROXY are "captured"; anything else that
 ends the walk is "not captured", blamed on the last rule that matched (the
 RETURN that let the connection go), so the answer names the rule to look at.
 
@@ -26,14 +29,13 @@ guessing.
 from __future__ import annotations
 
 import ipaddress
-import shlex
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
+from istio_init.backends.iptables import savefile
 from istio_init.errors import IstioInitError
-from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Option, Rule, is_builtin
+from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Rule, is_builtin
 from istio_init.render import rule_spec
-from istio_init.savefile import parse_save
 
 if TYPE_CHECKING:
     from istio_init.config import Config
@@ -134,85 +136,38 @@ class Verdict:
     hits: tuple[Hit, ...] = ()
     tables: tuple[str, ...] = ()  # "table CHAIN" hooks walked, in order
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- rule text -> Rule
+# --------------------------------------------------------------------------- live rules -> Rule
 
 
 def parse_rule(table: str, chain: str, spec: str) -> Rule:
-    """Canonical iptables-save rule text (after `-A CHAIN`) back into a model.Rule."""
-    words = shlex.split(spec)
-    parts: dict = {}
-    matches: list[Match] = []
-    target = None
-    target_options: list[Option] = []
-    i = 0
+    """Canonical iptables-save rule text as a model.Rule, or TraceError naming the rule."""
+    try:
+        return savefile.parse_rule(table, chain, spec)
+    except savefile.UnmodelledRule as exc:
+        raise TraceError(f"cannot evaluate {table} {chain} rule '{spec}': {exc}") from None
 
-    def fail(reason: str) -> TraceError:
-        return TraceError(f"cannot evaluate {table} {chain} rule '{spec}': {reason}")
 
-    def options(start: int) -> tuple[list[Option], int]:
-        found: list[Option] = []
-        j = start
-        while j < len(words):
-            negated = words[j] == "!" and j + 1 < len(words) and words[j + 1].startswith("--")
-            name_at = j + 1 if negated else j
-            if not words[name_at].startswith("--"):
-                break
-            value = ""
-            if name_at + 1 < len(words) and not words[name_at + 1].startswith("-") and words[name_at + 1] != "!":
-                value = words[name_at + 1]
-                j = name_at + 2
-            else:
-                j = name_at + 1
-            found.append(Option(words[name_at][2:], value, negated))
-        return found, j
-
-    while i < len(words):
-        word = words[i]
-        negated = word == "!"
-        if negated:
-            i += 1
-            word = words[i]
-        if word in ("-s", "-d", "-i", "-o", "-p"):
-            value = words[i + 1]
-            if negated and word != "-d":
-                raise fail(f"negated {word} is not supported")
-            key = {"-s": "source", "-d": "destination", "-i": "in_interface", "-o": "out_interface",
-                   "-p": "protocol"}[word]
-            parts[key] = value
-            if negated:
-                parts["negate_destination"] = True
-            i += 2
-        elif word == "-m":
-            module = words[i + 1]
-            opts, i = options(i + 2)
-            matches.append(Match(module, tuple(opts)))
-        elif word in ("-j", "-g"):
-            if word == "-g":
-                raise fail("goto (-g) is not supported")
-            target = words[i + 1]
-            opts, i = options(i + 2)
-            target_options = opts
-        else:
-            raise fail(f"unexpected {word!r}")
-    if target is None:
-        raise fail("no target")
-    return Rule(table, chain, target, matches=tuple(matches), target_options=tuple(target_options), **parts)
+def ruleset_from_tables(tables: Mapping[str, savefile.SavedTable]) -> dict[str, dict[str, list[Rule]]]:
+    """The rules of parsed live tables, per table and chain, in kernel order."""
+    ruleset: dict[str, dict[str, list[Rule]]] = {}
+    for name, table in tables.items():
+        chains = ruleset.setdefault(name, {})
+        for chain in table.chains:
+            chains.setdefault(chain, [])
+        for saved in table.rules:
+            if saved.rule is None:
+                raise TraceError(f"cannot evaluate {name} {saved.chain} rule '{saved.spec}': {saved.problem}")
+            chains.setdefault(saved.chain, []).append(saved.rule)
+    return ruleset
 
 
 def ruleset_from_save(text: str) -> dict[str, dict[str, list[Rule]]]:
     """The rules of iptables-save text, per table and chain, in kernel order."""
-    ruleset: dict[str, dict[str, list[Rule]]] = {}
-    for name, table in parse_save(text).items():
-        chains = ruleset.setdefault(name, {})
-        for chain in table.chains:
-            chains.setdefault(chain, [])
-        for chain, spec in table.rules:
-            chains.setdefault(chain, []).append(parse_rule(name, chain, spec))
-    return ruleset
+    return ruleset_from_tables(savefile.parse_save(text))
 
 
 def ruleset_from_plan(family: FamilyPlan) -> dict[str, dict[str, list[Rule]]]:
@@ -220,26 +175,26 @@ def ruleset_from_plan(family: FamilyPlan) -> dict[str, dict[str, list[Rule]]]:
 
 
 def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, list[Rule]]], str]:
-    """The current namespace's rules via iptables-save; returns (ruleset, tool used).
+    """The current namespace's rules, read through the backends; returns (ruleset, tool used).
 
-    With backend "auto" the legacy tables are used when they hold ISTIO_ chains,
-    else nft: a pod has its rules in exactly one of them.
+    With backend "auto" every flavour in use is asked and the first that holds
+    istio-init's rules is used: a pod has its rules in exactly one of them.
     """
-    from istio_init.backends import base
+    from istio_init import backends
     from istio_init.errors import ApplyError
 
-    flavours = {"legacy": ["legacy"], "nft": ["nft"], "libiptc": ["legacy"]}.get(backend, ["legacy", "nft"])
-    text, tool = "", ""
-    for flavour in flavours:
-        tools = base.Tools(flavour)
-        tool = tools.save(family)
+    tables: dict[str, savefile.SavedTable] = {}
+    tool = ""
+    for flavour in backends.candidates(backend, [family]):
+        reader = backends.get(flavour)
+        tool = f"{'ip6' if family == 6 else 'ip'}tables-{flavour}-save"
         try:
-            text = base.save_text(tools, family, counters=False)
+            tables = reader.read(family)
+            if reader.holds_ours([family]):
+                break
         except ApplyError as exc:
             raise TraceError(str(exc)) from None
-        if "ISTIO_" in text:
-            break
-    return ruleset_from_save(text), tool
+    return ruleset_from_tables(tables), tool
 
 
 # --------------------------------------------------------------------------- matching
@@ -276,10 +231,21 @@ def _id_in(spec: str, ident: int) -> bool:
     return int(low) <= ident <= int(high or low)
 
 
-def _match_module(match: Match, conn: Connection, hook: str, where: str) -> bool:
+def _mark_matches(spec: str, mark: int) -> bool:
+    """`--mark VALUE[/MASK]` against a mark."""
+    value, _, mask = spec.partition("/")
+    bits = int(mask, 0) if mask else 0xFFFFFFFF
+    return mark & bits == int(value, 0) & bits
+
+
+def _match_module(match: Match, conn: Connection, hook: str, where: str, marks: tuple[int, int] = (0, 0)) -> bool:
     for opt in match.options:
         if match.module in ("tcp", "udp") and opt.name in ("dport", "destination-port"):
             ok = match.module == conn.protocol and _port_in(opt.value, conn.dport)
+        elif match.module in ("tcp", "udp") and opt.name in ("sport", "source-port"):
+            ok = False  # an ephemeral source port: never one a rule names
+        elif match.module in ("mark", "connmark") and opt.name == "mark":
+            ok = _mark_matches(opt.value, marks[0] if match.module == "mark" else marks[1])
         elif match.module == "multiport" and opt.name in ("dports", "destination-ports"):
             ok = conn.protocol in ("tcp", "udp") and _port_in(opt.value, conn.dport)
         elif match.module == "owner" and opt.name in ("uid-owner", "gid-owner"):
@@ -295,8 +261,8 @@ def _match_module(match: Match, conn: Connection, hook: str, where: str) -> bool
     return True
 
 
-def rule_matches(rule: Rule, conn: Connection, hook: str, where: str = "") -> bool:
-    """Does `rule` match the first packet of `conn` in built-in chain `hook`?"""
+def rule_matches(rule: Rule, conn: Connection, hook: str, where: str = "", marks: tuple[int, int] = (0, 0)) -> bool:
+    """Does `rule` match the first packet of `conn` in built-in chain `hook`? `marks`: (packet, connection)."""
     where = where or f"{rule.table} {rule.chain} rule '{rule_spec(rule)}'"
     if rule.protocol and rule.protocol not in (conn.protocol, "all"):
         return False
@@ -308,7 +274,7 @@ def rule_matches(rule: Rule, conn: Connection, hook: str, where: str = "") -> bo
         return False
     if rule.out_interface and not _iface_matches(rule.out_interface, conn.out_interface):
         return False
-    return all(_match_module(match, conn, hook, where) for match in rule.matches)
+    return all(_match_module(match, conn, hook, where, marks) for match in rule.matches)
 
 
 # --------------------------------------------------------------------------- walking
@@ -321,6 +287,7 @@ class _Walk:
     hits: list[Hit] = field(default_factory=list)
     final: Hit | None = None
     last: Hit | None = None
+    marks: tuple[int, int] = (0, 0)  # the packet's and its connection's mark after the walk
 
 
 def _option(rule: Rule, name: str) -> str | None:
@@ -330,9 +297,26 @@ def _option(rule: Rule, name: str) -> str | None:
     return None
 
 
-def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection) -> _Walk:
-    """Walk built-in chain `hook` of `table` (and its jumps) for `conn`."""
-    walk = _Walk()
+def _set_marks(rule: Rule, marks: tuple[int, int]) -> tuple[int, int]:
+    """The (packet, connection) marks after a MARK or CONNMARK rule."""
+    mark, connmark = marks
+    for opt in rule.target_options:
+        value, _, mask = opt.value.partition("/")
+        bits = int(mask, 0) if mask else 0xFFFFFFFF
+        if opt.name == "set-xmark":
+            mark = (mark & ~bits & 0xFFFFFFFF) ^ int(value, 0)
+        elif opt.name == "set-mark":
+            mark = (mark & ~bits & 0xFFFFFFFF) | int(value, 0)
+        elif opt.name == "save-mark":
+            connmark = mark
+        elif opt.name == "restore-mark":
+            mark = connmark
+    return mark, connmark
+
+
+def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection, marks: tuple[int, int] = (0, 0)) -> _Walk:
+    """Walk built-in chain `hook` of `table` (and its jumps) for `conn`, starting with `marks`."""
+    walk = _Walk(marks=marks)
     chains = ruleset.get(table, {})
     stack: list[tuple[str, int]] = [(hook, 0)]
     steps = 0
@@ -347,7 +331,7 @@ def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection) -> _Wa
             rule = rules[position]
             position += 1
             where = f"{table} {chain} rule {position} '{rule_spec(rule)}'"
-            if not rule_matches(rule, conn, hook, where):
+            if not rule_matches(rule, conn, hook, where, walk.marks):
                 continue
             hit = Hit(table, hook, chain, position, rule_spec(rule), rule.target, len(stack))
             walk.hits.append(hit)
@@ -357,7 +341,10 @@ def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection) -> _Wa
             if rule.target in CAPTURING_TARGETS or rule.target in _FINAL_TARGETS:
                 walk.final = hit
                 return walk
-            if rule.target in ("MARK", "LOG", "CONNMARK"):
+            if rule.target in ("MARK", "CONNMARK"):
+                walk.marks = _set_marks(rule, walk.marks)
+                continue
+            if rule.target in ("LOG", "CT"):
                 continue  # non-terminating
             if rule.target in chains or (rule.target.isupper() and rule.target.startswith("ISTIO_")):
                 if len(stack) > 64:
@@ -398,8 +385,8 @@ def _capture(hit: Hit, rule: Rule, conn: Connection) -> tuple[int | None, str | 
 
 def _hooks(conn: Connection) -> list[tuple[str, str]]:
     if conn.direction == OUTBOUND:
-        return [("mangle", "OUTPUT"), ("nat", "OUTPUT"), ("nat", "POSTROUTING")]
-    return [("mangle", "PREROUTING"), ("nat", "PREROUTING")]
+        return [("raw", "OUTPUT"), ("mangle", "OUTPUT"), ("nat", "OUTPUT"), ("nat", "POSTROUTING")]
+    return [("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("nat", "PREROUTING")]
 
 
 def trace(ruleset: Ruleset, conn: Connection) -> Verdict:
@@ -409,11 +396,13 @@ def trace(ruleset: Ruleset, conn: Connection) -> Verdict:
     captured: tuple[Hit, Rule] | None = None
     blamed: Hit | None = None
     current = conn
+    marks = (0, 0)
     for table, hook in _hooks(conn):
-        if hook not in BUILTIN_CHAINS[table]:
-            continue
+        if hook not in BUILTIN_CHAINS[table] or (table == "raw" and not any(ruleset.get(table, {}).values())):
+            continue  # the raw table only when it holds rules (current Istio's DNS zones)
         walked.append(f"{table} {hook}")
-        walk = walk_table(ruleset, table, hook, current)
+        walk = walk_table(ruleset, table, hook, current, marks)
+        marks = walk.marks
         hits += walk.hits
         if walk.final is not None and walk.final.target in CAPTURING_TARGETS and captured is None:
             rule = ruleset[table][walk.final.chain][walk.final.number - 1]
@@ -465,15 +454,13 @@ def format_verdict(conn: Connection, verdict: Verdict, source: str) -> str:
 # --------------------------------------------------------------------------- the command
 
 
-def run(config: Config, conn_args: dict, live: bool, as_json: bool) -> str:
+def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool) -> str:
     """`istio-init trace`: the rules for `config` (or the live ones) applied to one connection."""
     import json
 
     from istio_init import netns
     from istio_init.rulesets import plan
 
-    if config.network_namespace:
-        netns.enter(config.network_namespace)
     local: list[IPAddress] = []
     if live:
         try:

@@ -36,7 +36,6 @@ import os
 import select
 import socket
 import struct
-import sys
 import time
 from dataclasses import dataclass
 
@@ -70,9 +69,9 @@ def _original_port(conn: socket.socket) -> int | None:
     try:
         if conn.family == socket.AF_INET:
             raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            return struct.unpack_from("!2xH", raw)[0]
+            return int(struct.unpack_from("!2xH", raw)[0])
         raw = conn.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
-        return struct.unpack_from("!2xH", raw)[0]
+        return int(struct.unpack_from("!2xH", raw)[0])
     except OSError:
         return None
 
@@ -210,9 +209,10 @@ def probe_family(config: Config, probe: Probe, deadline: float) -> str:
                           f"attempt(s): {last}")
 
 
-def run(config: Config, ipv6: bool) -> None:
-    """Check IPv4 (and IPv6 when the pod has IPv6 rules) in the current namespace; raise on failure."""
+def run(config: Config, ipv6: bool) -> list[str]:
+    """Check IPv4 (and IPv6 when the pod has IPv6 rules) in the current namespace; raise on failure.
+
+    Returns one success line per family, for the CLI to log.
+    """
     deadline = time.monotonic() + config.probe_timeout
-    for family in (4, 6) if ipv6 else (4,):
-        message = probe_family(config, PROBES[family], deadline)
-        print(f"istio-init: validation passed: {message}", file=sys.stderr)
+    return [probe_family(config, PROBES[family], deadline) for family in ((4, 6) if ipv6 else (4,))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from istio_init.render import chain_order
-from istio_init.savefile import parse_save
+from istio_init.backends.iptables.savefile import parse_save
 
 _SAVE_COMMANDS = ("iptables-save", "ip6tables-save")
 
@@ -55,7 +55,7 @@ def canonical(saved: str, tables: list[str]) -> str:
         out.append(f"*{name}")
         out += [f":{chain} - [0:0]" for chain in sorted(table.user_chains())]
         rules: dict[str, list[str]] = {}
-        for chain, spec in table.rules:
+        for chain, spec in ((r.chain, r.spec) for r in table.rules):
             rules.setdefault(chain, []).append(spec)
         for chain in chain_order(name, list(rules)):
             out += [f"-A {chain} {spec}" for spec in rules[chain]]

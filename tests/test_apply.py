@@ -21,7 +21,7 @@ import pytest
 from cases import CASES, UNRELATED_V4, UNRELATED_V6, Case
 from clirun import clean_environ
 from istio_init.render import split_families
-from istio_init.savefile import normalize
+from istio_init.backends.iptables.savefile import normalize
 from nsutil import Namespace
 
 pytestmark = pytest.mark.root
@@ -31,10 +31,14 @@ SAVE_TOOL = {"libiptc": "legacy", "legacy": "legacy", "nft": "nft"}
 
 
 
+FAULT_DRIVER = os.path.join(os.path.dirname(__file__), "faultinject.py")
+
+
 def istio_init(ns: Namespace, *args: str, env: dict[str, str] | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """The real CLI, in a new process inside the namespace."""
-    done = ns.run(sys.executable, "-m", "istio_init", *args, env=clean_environ(env), check=False)
+               check: bool = True, fault: str | None = None) -> subprocess.CompletedProcess:
+    """The real CLI, in a new process inside the namespace (with `fault`: through tests/faultinject.py)."""
+    entry = [FAULT_DRIVER, fault] if fault else ["-m", "istio_init"]
+    done = ns.run(sys.executable, *entry, *args, env=clean_environ(env), check=False)
     if check and done.returncode != 0:
         raise AssertionError(f"istio-init {' '.join(args)} failed ({done.returncode}): {done.stderr}")
     return done
@@ -81,7 +85,8 @@ def expected(args: list[str], ipv6: bool, env: dict[str, str] | None = None) -> 
 
 def ours_and_theirs(state: dict) -> tuple[dict, dict]:
     """normalize() output split into istio-init's lines and everyone else's (orders kept)."""
-    from istio_init.reconcile import is_ours
+    from istio_init.backends.iptables.reconcile import is_ours
+    from istio_init.rulesets import owned_chains
 
     ours: dict[str, list[str]] = {}
     theirs: dict[str, list[str]] = {}
@@ -89,7 +94,7 @@ def ours_and_theirs(state: dict) -> tuple[dict, dict]:
         for line in lines:
             chain = line.split()[1] if line.startswith("-A ") else line[1:].split()[0]
             spec = line.split(" ", 2)[2] if line.startswith("-A ") else ""
-            mine = chain.startswith("ISTIO_") or (spec and is_ours(table, chain, spec))
+            mine = chain in owned_chains(table) or (spec and is_ours(table, chain, spec))
             (ours if mine else theirs).setdefault(table, []).append(line)
     return ours, theirs
 
@@ -226,8 +231,7 @@ def test_fault_leaves_namespace_as_before(netns: Namespace, backend: str, fault:
     istio_init(netns, "-i", "10.0.0.0/8", "-b", "80", "--ipv6", "false", "--iptables-backend", backend)
     before = snapshot(netns, flavour)
 
-    failed = istio_init(netns, *FAULT_FLAGS, "--iptables-backend", backend,
-                        env={"ISTIO_INIT_FAULT": fault}, check=False)
+    failed = istio_init(netns, *FAULT_FLAGS, "--iptables-backend", backend, fault=fault, check=False)
     assert failed.returncode == 1
     message = failed.stderr.strip().splitlines()[-1]
     assert message.startswith("istio-init: ") and "put back" in message
@@ -242,7 +246,7 @@ def test_refused_second_table_names_table_chain_and_rule(netns: Namespace, backe
     restore(netns, flavour, 4, UNRELATED_V4)
     before = snapshot(netns, flavour)
     failed = istio_init(netns, "-m", "TPROXY", "-b", "*", "-i", "*", "--ipv6", "false", "--iptables-backend",
-                        backend, env={"ISTIO_INIT_FAULT": "reject:mangle"}, check=False)
+                        backend, fault="reject:mangle", check=False)
     assert failed.returncode == 1
     message = failed.stderr.strip().splitlines()[-1]
     assert "table mangle, chain OUTPUT" in message and "-A OUTPUT -j NO_SUCH_CHAIN_FAULT" in message

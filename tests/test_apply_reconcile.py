@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Mapping
+from typing import Mapping
 from unittest import mock
 
 import pytest
@@ -20,9 +20,10 @@ from istio_init import apply
 from istio_init.config import from_sources
 from istio_init.errors import ApplyError
 from istio_init.rulesets import plan
-from istio_init.reconcile import TableChange, is_ours, reconcile, restore_text, simulate
+from istio_init.backends.iptables.reconcile import TableChange, is_ours, reconcile, restore_text, simulate
 from istio_init.render import render_family, split_families
-from istio_init.savefile import SavedTable, parse_save
+from istio_init.backends.iptables.backend import IptablesBackend
+from istio_init.backends.iptables.savefile import SavedTable, normalize, parse_save, table_blocks
 
 
 def _family(args: dict[str, str], ipv6: bool = False, family: int = 4):
@@ -137,7 +138,14 @@ def test_builtin_deletions_run_highest_number_first() -> None:
     ("mangle", "OUTPUT", "-s 127.0.0.1/32 ! -d 127.0.0.1/32 -p tcp -j MARK --set-xmark 0x539/0xffffffff", True),
     ("filter", "INPUT", "-i eth1 -j RETURN", False),
     ("nat", "MY_CHAIN", "-j RETURN", False),
-    ("nat", "ISTIO_ANYTHING", "-j RETURN", True),
+    # Issue 9: only the chains a rule set plans are istio-init's; a user's ISTIO_FOO is not.
+    ("nat", "ISTIO_OUTPUT", "-j RETURN", True),
+    ("mangle", "ISTIO_DIVERT", "-j ACCEPT", True),
+    ("nat", "ISTIO_FOO", "-j RETURN", False),
+    ("nat", "PREROUTING", "-i eth0p -j ISTIO_FOO", False),
+    ("nat", "PREROUTING", "-i cni0 -p tcp -j RETURN", False),
+    ("nat", "PREROUTING", "-p udp -m udp --dport 53 -j RETURN", False),
+    ("nat", "OUTPUT", "-o lo -p udp -j RETURN", False),
 ])
 def test_which_rules_are_ours(table: str, chain: str, spec: str, ours: bool) -> None:
     assert is_ours(table, chain, spec) is ours
@@ -153,75 +161,108 @@ def test_restore_text_declares_plan_chains_and_inserts_at_one() -> None:
 
 def test_table_blocks_keeps_counters_and_fills_absent_tables() -> None:
     saved = "# c\n*nat\n:PREROUTING ACCEPT [1:2]\n[3:4] -A PREROUTING -j RETURN\nCOMMIT\n*filter\nCOMMIT\n"
-    assert apply.table_blocks(saved, ["nat", "mangle"]) == (
+    assert table_blocks(saved, ["nat", "mangle"]) == (
         "*nat\n:PREROUTING ACCEPT [1:2]\n[3:4] -A PREROUTING -j RETURN\nCOMMIT\n*mangle\nCOMMIT\n")
 
 
-class RecordingBackend:
-    """A backend that records calls and fails on a chosen table."""
+class RecordingBackend(IptablesBackend):
+    """An iptables backend passed in by the test: it records calls, keeps state as text, fails on request.
+
+    A commit appends a rule to the table's text, so the rollback sees which
+    tables really changed; `fail_on` refuses one (family, table) and
+    `fail_after` raises right after committing one (a fault after a commit).
+    """
 
     name = "recording"
-    tools = None
 
-    def __init__(self, snapshots: Mapping[int, str], fail_on: tuple[int, str] | None) -> None:
-        self.snapshots = snapshots
+    def __init__(self, snapshots: Mapping[int, str], fail_on: tuple[int, str] | None,
+                 fail_after: tuple[int, str] | None = None) -> None:
+        self.live = dict(snapshots)
         self.fail_on = fail_on
+        self.fail_after = fail_after
         self.calls: list[tuple] = []
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
+    def session(self) -> contextlib.AbstractContextManager[None]:
         self.calls.append(("session",))
-        yield
+        return contextlib.nullcontext()
 
-    def read(self, family: int) -> str:
+    def save(self, family: int, counters: bool = True) -> str:
         self.calls.append(("read", family))
-        return self.snapshots[family]
+        return self.live[family]
 
-    def apply(self, changes, after_commit) -> None:
-        for family, family_changes in changes.items():
-            for change in family_changes:
-                if (family, change.table) == self.fail_on:
-                    raise ApplyError(f"table {change.table}: refused")
-                self.calls.append(("commit", family, change.table))
-                after_commit(family, change.table)
+    def commit_family(self, family: int, changes: list[TableChange]) -> None:
+        for change in changes:
+            if (family, change.table) == self.fail_on:
+                raise ApplyError(f"table {change.table}: refused")
+            self.calls.append(("commit", family, change.table))
+            self.live[family] += f"*{change.table}\n-A OUTPUT -j RECORDED_COMMIT\nCOMMIT\n"
+            if (family, change.table) == self.fail_after:
+                raise ApplyError(f"table {change.table}: fault injected after its commit")
 
     def restore(self, family: int, saved_blocks: str) -> None:
         self.calls.append(("restore", family, saved_blocks))
+        tables = parse_save(saved_blocks)
+        kept = [b for b in self.live[family].split("COMMIT\n") if b.strip() and
+                b.strip().splitlines()[0][1:] not in tables and not b.startswith("#")]
+        self.live[family] = "".join(b + "COMMIT\n" for b in kept) + saved_blocks
 
 
-def _run_with(backend: RecordingBackend, monkeypatch: pytest.MonkeyPatch, tmp_path, args: dict[str, str],
-              ipv6: bool, fault: str = "") -> None:
-    monkeypatch.setattr(apply.base, "get", lambda name: backend)
-    monkeypatch.setenv("ISTIO_INIT_LOCKFILE", str(tmp_path / "lock"))
-    monkeypatch.setenv(apply.FAULT_ENV, fault)
-    monkeypatch.setattr(apply, "_print_tables", lambda *a: None)
+def _run_with(backend: RecordingBackend, args: dict[str, str], ipv6: bool) -> None:
     config = from_sources({**args, "iptables_backend": "legacy"}, environ={})
-    apply.run(config, plan(config, ipv6))
+    apply.run(plan(config, ipv6), backend, lock=contextlib.nullcontext)
 
 
-def test_failed_ipv6_commit_restores_both_families(monkeypatch, tmp_path) -> None:
+def test_failed_ipv6_commit_restores_both_families() -> None:
     backend = RecordingBackend({4: UNRELATED, 6: UNRELATED}, fail_on=(6, "nat"))
     with pytest.raises(ApplyError, match="table nat: refused.*put back"):
-        _run_with(backend, monkeypatch, tmp_path, {"service_cidr": "*"}, ipv6=True)
+        _run_with(backend, {"service_cidr": "*"}, ipv6=True)
     restores = [c for c in backend.calls if c[0] == "restore"]
-    assert [(c[1], c[2].splitlines()[0]) for c in restores] == [(4, "*nat"), (6, "*nat")]
+    # IPv4's committed nat is put back; IPv6's refused nat never changed, so it needs no restore.
+    assert [(c[1], c[2].splitlines()[0]) for c in restores] == [(4, "*nat")]
     assert "-A MY_CHAIN -p udp -m udp --dport 5353 -j RETURN" in restores[0][2]
     assert "*filter" not in restores[0][2]
+    assert normalize(backend.live[4]) == normalize(UNRELATED) and normalize(backend.live[6]) == normalize(UNRELATED)
 
 
-def test_injected_fault_after_nat_commit_rolls_back(monkeypatch, tmp_path) -> None:
-    backend = RecordingBackend({4: UNRELATED}, fail_on=None)
+def test_injected_fault_after_nat_commit_rolls_back() -> None:
+    backend = RecordingBackend({4: UNRELATED}, fail_on=None, fail_after=(4, "nat"))
     args = {"service_cidr": "*", "inbound_ports": "*", "inbound_interception_mode": "TPROXY"}
-    with pytest.raises(ApplyError, match="after-commit:nat"):
-        _run_with(backend, monkeypatch, tmp_path, args, ipv6=False, fault="after-commit:nat")
+    with pytest.raises(ApplyError, match="after its commit"):
+        _run_with(backend, args, ipv6=False)
     assert ("commit", 4, "nat") in backend.calls and ("commit", 4, "mangle") not in backend.calls
     restores = [c for c in backend.calls if c[0] == "restore"]
-    assert len(restores) == 1 and restores[0][2] == apply.table_blocks(UNRELATED, ["nat", "mangle"])
+    assert len(restores) == 1 and restores[0][2] == table_blocks(UNRELATED, ["nat"])
+    assert normalize(backend.live[4]) == normalize(UNRELATED)
 
 
-def test_skip_rule_apply_touches_nothing(monkeypatch, tmp_path) -> None:
+def test_unexpected_exception_after_a_commit_rolls_back_too() -> None:
+    """Issue 12, finding 2: not only ApplyError: an encoding error, a bug, anything."""
+
+    class Broken(RecordingBackend):
+        def commit_family(self, family: int, changes: list[TableChange]) -> None:
+            super().commit_family(family, changes[:1])
+            raise UnicodeDecodeError("utf-8", b"\xc3", 0, 1, "invalid continuation byte")
+
+    backend = Broken({4: UNRELATED}, fail_on=None)
+    with pytest.raises(ApplyError, match="UnicodeDecodeError.*put back"):
+        _run_with(backend, {"service_cidr": "*", "inbound_ports": "*", "kube_virt_interfaces": "eth1"}, ipv6=False)
+    assert normalize(backend.live[4]) == normalize(UNRELATED)
+
+
+def test_refusal_before_any_change_says_nothing_was_changed() -> None:
+    """Issue 12, finding 6: a failure that changed nothing is not reported as an incomplete rollback."""
+    backend = RecordingBackend({4: UNRELATED}, fail_on=(4, "nat"))
+    with pytest.raises(ApplyError, match=r"refused \(nothing had been changed\)"):
+        _run_with(backend, {"service_cidr": "*"}, ipv6=False)
+    assert not [c for c in backend.calls if c[0] == "restore"]
+
+
+def test_skip_rule_apply_touches_nothing() -> None:
+    from istio_init import runner
+
     backend = RecordingBackend({4: ""}, fail_on=None)
-    monkeypatch.setattr(apply.base, "get", lambda name: backend)
-    config = from_sources({"skip_rule_apply": "true", "iptables_backend": "legacy"}, environ={})
-    apply.run(config, plan(config, False))
+    config = from_sources({"skip_rule_apply": "true", "iptables_backend": "legacy", "ipv6": "false"}, environ={})
+    logged: list[str] = []
+    runner.run(config, logged.append, wrap=lambda chosen: backend)
     assert backend.calls == []
+    assert any("--skip-rule-apply" in line for line in logged)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from clirun import clean_environ
-from istio_init.backends.restore import _reason, describe_line
+from istio_init.backends.iptables.restore import _reason, describe_line
 from nsutil import Namespace
 
 RESTORE_TEXT = """*nat

@@ -20,7 +20,7 @@ from cases import SEED_ARGS, UNRELATED_V4, UNRELATED_V6
 from cases_current import CURRENT_CASES
 from clirun import clean_environ
 from istio_init.render import split_families
-from istio_init.savefile import normalize
+from istio_init.backends.iptables.savefile import normalize
 from nsutil import Namespace
 from test_apply import routing
 

@@ -20,7 +20,7 @@ from cases_current import CURRENT_CASES, GROUP_GIDS, CurrentCase
 from clirun import clean_environ, invoke
 from istio_golden import canonical, final_targets, restore_inputs, tables_in_order
 from istio_init.render import split_families
-from istio_init.savefile import parse_save
+from istio_init.backends.iptables.savefile import parse_save
 from nsutil import Namespace
 
 TOOLS = {
@@ -60,8 +60,8 @@ def test_chain_order_matches_istio_golden_without_a_kernel(case: CurrentCase, tm
     for istio_text, our_text in zip(restore_inputs(case.istio_golden.read_text(), GROUP_GIDS),
                                     split_families(ours)):
         assert bool(istio_text) == bool(our_text)
-        planned = {(name, chain): [_target(spec) for c, spec in table.rules if c == chain]
-                   for name, table in parse_save(our_text).items() for chain in {c for c, _ in table.rules}}
+        planned = {(name, chain): [_target(r.spec) for r in table.rules if r.chain == chain]
+                   for name, table in parse_save(our_text).items() for chain in {r.chain for r in table.rules}}
         assert planned == final_targets(istio_text)
         assert tables_in_order(our_text) == tables_in_order(istio_text)
 

@@ -10,7 +10,7 @@ import pytest
 
 from cases import CASES, Case
 from istio_init.render import split_families
-from istio_init.savefile import normalize
+from istio_init.backends.iptables.savefile import normalize
 
 pytestmark = pytest.mark.root
 

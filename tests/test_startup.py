@@ -62,7 +62,7 @@ def test_tproxy_apply_does_import_pyroute2(netns) -> None:
 
 def test_iptc_import_leaves_ctypes_util_as_it_was() -> None:
     """The fast import swaps ctypes.util and setuptools' shim only while importing iptc."""
-    code = ("import sys, ctypes; from istio_init.backends.libiptc import _import_iptc; "
+    code = ("import sys, ctypes; from istio_init.backends.iptables.libiptc import _import_iptc; "
             "had = 'ctypes.util' in sys.modules; iptc = _import_iptc(); "
             "assert ('ctypes.util' in sys.modules) == had; "
             "import ctypes.util; assert ctypes.util.find_library.__module__ == 'ctypes.util'; "
@@ -72,13 +72,11 @@ def test_iptc_import_leaves_ctypes_util_as_it_was() -> None:
 
 
 def test_auto_sends_large_plans_to_the_restore_tool(monkeypatch: pytest.MonkeyPatch) -> None:
-    from istio_init import apply
-    from istio_init.config import from_sources
+    from istio_init import backends
 
-    monkeypatch.setattr(apply, "_nft_has_rules", lambda families: False)
-    monkeypatch.setattr(apply, "_legacy_available", lambda families: True)
-    config = from_sources({}, environ={})
-    small = apply.choose_backend(config, [4], rule_count=25)
-    large = apply.choose_backend(config, [4], rule_count=apply.AUTO_LIBIPTC_MAX_RULES + 1)
+    monkeypatch.setattr(backends, "nft_in_use", lambda families: False)
+    monkeypatch.setattr(backends, "legacy_available", lambda families: True)
+    small = backends.choose("auto", [4], rule_count=25)
+    large = backends.choose("auto", [4], rule_count=backends.AUTO_LIBIPTC_MAX_RULES + 1)
     assert small[0] == "libiptc"
     assert large[0] == "legacy" and "rules" in large[1]

@@ -31,11 +31,8 @@ def resolvers_needed(config: Config) -> bool:
 
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     """The plan of the rule set `config` asks for; `resolvers` only matter to the current one."""
-    module = ruleset_for(config)
-    if module is current:
-        return current.plan(config, ipv6, resolvers)
-    planned: RulePlan = module.plan(config, ipv6)
-    return planned
+    result: RulePlan = ruleset_for(config).plan(config, ipv6, resolvers)
+    return result
 
 
 def owned_chains(table: str) -> frozenset[str]:

@@ -7,7 +7,7 @@ step numbers in the comments are the numbered steps of RULES.md.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from istio_init.config import Cidr, Config
 from istio_init.model import APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step
@@ -45,11 +45,23 @@ OWNED_CHAINS = {
 }
 
 
-def plan(config: Config, ipv6: bool) -> RulePlan:
-    """The complete rule plan for `config` on a pod whose address family is known."""
+def shape_configs() -> list[Config]:
+    """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels."""
+    from istio_init.rulesets.sentinels import SENTINEL_ID, SENTINEL_IFACE, SENTINEL_MARK
+
+    return [Config(kube_virt_interfaces=(SENTINEL_IFACE,), dns_capture=True, proxy_uids=(SENTINEL_ID,),
+                   proxy_gids=(SENTINEL_ID,), inbound_interception_mode="TPROXY", capture_all_inbound=True,
+                   capture_all_outbound=True, tproxy_mark=SENTINEL_MARK)]
+
+
+def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
+    """The complete rule plan for `config` on a pod whose address family is known.
+
+    `resolvers` are ignored: 1.8 captures DNS to any address (RULES.md step 18).
+    """
     ipv4_plan = _Family(config, 4).build()
     ipv6_plan = _Family(config, 6).build() if ipv6 else None
-    routes = ()
+    routes: tuple[PolicyRoute, ...] = ()
     if config.tproxy and config.inbound_enabled:
         routes = (PolicyRoute(4, config.tproxy_mark, config.tproxy_route_table),)
     # Step 1: on IPv6 pods ::6 is the source of inbound passthrough connections.
@@ -96,10 +108,10 @@ class _Family:
         self.passthrough = IPV6_PASSTHROUGH_ADDRESS if self.v6 else "127.0.0.6/32"
         self.steps: list[Step] = []
 
-    def append(self, table: str, chain: str, target: str, **parts) -> None:
+    def append(self, table: str, chain: str, target: str, **parts: Any) -> None:
         self.steps.append(Step(APPEND, Rule(table, chain, target, **parts)))
 
-    def insert(self, table: str, chain: str, target: str, **parts) -> None:
+    def insert(self, table: str, chain: str, target: str, **parts: Any) -> None:
         self.steps.append(Step(INSERT, Rule(table, chain, target, **parts)))
 
     def cidrs(self, networks: Iterable[Cidr]) -> list[str]:

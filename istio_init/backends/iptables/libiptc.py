@@ -24,10 +24,11 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from istio_init import locks
-from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, Tools, save_text
+from istio_init.backends.iptables.backend import IptablesBackend, IptablesUndo
+from istio_init.backends.iptables.reconcile import TableChange
+from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, save_text
 from istio_init.errors import ApplyError
 from istio_init.model import INSERT, Rule
-from istio_init.reconcile import TableChange
 from istio_init.render import rule_spec
 
 XTABLES_LOCK = "/run/xtables.lock"
@@ -108,7 +109,7 @@ def _import_iptc() -> ModuleType:
         ctypes.util = stand_in  # type: ignore[attr-defined]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            import iptc
+            import iptc  # type: ignore[import-untyped]
     except Exception as exc:  # python-iptables raises plain Exceptions when libraries are missing
         raise ApplyError(f"--iptables-backend libiptc: python-iptables cannot load libiptc: {exc}") from None
     finally:
@@ -120,7 +121,8 @@ def _import_iptc() -> ModuleType:
             if getattr(ctypes, "util", None) is stand_in:
                 del ctypes.util  # type: ignore[attr-defined]
         sys.meta_path[:0] = shims
-    return iptc
+    module: ModuleType = iptc
+    return module
 
 
 class _Family:
@@ -206,14 +208,7 @@ class _Family:
                              f"{exc or type(exc).__name__}") from None
 
 
-def _apply_family(family: int, changes: list[TableChange], after_commit: CommitHook) -> None:
-    fam = _Family(_import_iptc(), family)
-    for change in changes:
-        fam.apply_table(change)
-        after_commit(family, change.table)
-
-
-class LibiptcBackend(SaveToolsMixin):
+class LibiptcBackend(IptablesBackend):
     """python-iptables on the legacy (x_tables) kernel tables."""
 
     name = "libiptc"
@@ -224,41 +219,47 @@ class LibiptcBackend(SaveToolsMixin):
     def session(self) -> contextlib.AbstractContextManager[None]:
         return xtables_lock()
 
-    def read(self, family: int) -> str:
+    def snapshot(self, family: int) -> str:
         return save_text(self.tools, family, meanwhile=_import_iptc)
 
-    def apply(self, changes: Mapping[int, list[TableChange]], after_commit: CommitHook) -> None:
+    def commit_family(self, family: int, changes: list[TableChange]) -> None:
+        fam = _Family(_import_iptc(), family)
+        for change in changes:
+            fam.apply_table(change)
+
+    def commit(self, changes: Mapping[int, list[TableChange]], undo: IptablesUndo) -> None:
         todo = {family: c for family, c in changes.items() if c}
+        for family, family_changes in todo.items():
+            undo.touched[family] = [c.table for c in family_changes]
         # Both families to change: IPv6 in a child forked before any target is built.
-        child = _fork_family(6, todo.pop(6), after_commit) if 4 in todo and 6 in todo else None
-        error: ApplyError | None = None
+        child = self._fork_family(6, todo.pop(6)) if 4 in todo and 6 in todo else None
+        error: BaseException | None = None
         try:
             for family, family_changes in todo.items():
-                _apply_family(family, family_changes, after_commit)
-        except ApplyError as exc:
+                self.commit_family(family, family_changes)
+        except BaseException as exc:  # the child must be waited for whatever happened here
             error = exc
         finally:
             child_error = _wait_child(*child) if child else None
         if error or child_error:
             raise error or child_error  # type: ignore[misc]
 
-
-def _fork_family(family: int, changes: list[TableChange], after_commit: CommitHook) -> tuple[int, int]:
-    """Apply one family in a child process; returns (pid, read end of its error pipe)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read_end)
-            _apply_family(family, changes, after_commit)
-            code = 0
-        except BaseException as exc:  # everything must reach the parent as a message
-            os.write(write_end, (str(exc) or type(exc).__name__).encode()[:4000])
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    return pid, read_end
+    def _fork_family(self, family: int, changes: list[TableChange]) -> tuple[int, int]:
+        """Apply one family in a child process; returns (pid, read end of its error pipe)."""
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(read_end)
+                self.commit_family(family, changes)
+                code = 0
+            except BaseException as exc:  # everything must reach the parent as a message
+                os.write(write_end, (str(exc) or type(exc).__name__).encode()[:4000])
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        return pid, read_end
 
 
 def _wait_child(pid: int, read_end: int) -> ApplyError | None:

@@ -2,94 +2,92 @@
 
 An init container is restarted whenever its pod sandbox is re-created, so a
 run must converge whatever it finds: the rules of an earlier run with the same
-flags, with other flags, or none. Deciding that is a pure function over the
-parsed `iptables-save` text, so it is tested without a kernel and every backend
-executes the same decision. A rule is "ours" when it sits in an ISTIO_ chain,
-jumps to one, or has one of the few shapes the planner puts into built-in
-chains without an ISTIO_ jump; everything else is left exactly where it is.
+flags, with other flags, of another rule set, or none. Deciding that is a pure
+function over the parsed `iptables-save` text, so it is tested without a
+kernel and every iptables backend executes the same decision. A rule is
+istio-init's when it sits in a chain a rule set owns, jumps to one, or is
+exactly a shape a rule set writes into a built-in chain (rulesets/ownership.py);
+everything else, a user's `ISTIO_FOO` chain included, is left where it is.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
-from istio_init.model import INSERT, FamilyPlan, Step
+from istio_init.model import INSERT, FamilyPlan, Step, is_builtin
 from istio_init.render import rule_spec
-from istio_init.savefile import SavedTable
-
-ISTIO_PREFIX = "ISTIO_"
-
-# Shapes the planner writes into built-in chains that do not jump to an ISTIO_ chain
-# (RULES.md steps 2, 18 and 19), keyed by (table, chain).
-_BUILTIN_SHAPES: dict[tuple[str, str], tuple[re.Pattern[str], ...]] = {
-    ("nat", "PREROUTING"): (re.compile(r"-i \S+ -j RETURN"),),
-    ("nat", "OUTPUT"): (
-        re.compile(r"-p udp -m udp --dport 53 -m owner --(?:uid|gid)-owner \d+ -j RETURN"),
-        re.compile(r"-p udp -m udp --dport 53 -j DNAT --to-destination 127\.0\.0\.1:15053"),
-    ),
-    ("nat", "POSTROUTING"): (re.compile(r"-p udp -m udp --dport 15053 -j SNAT --to-source 127\.0\.0\.1"),),
-    ("mangle", "OUTPUT"): (
-        re.compile(r"-s 127\.0\.0\.1/32 ! -d 127\.0\.0\.1/32 -p tcp -j MARK --set-xmark \S+"),
-    ),
-}
-# The current rule set's (RULES-CURRENT.md steps 1 and 17): -c interfaces and the TPROXY marks.
-_CONNMARK_MASKS = r"--nfmask 0xffffffff --ctmask 0xffffffff"
-_CURRENT_SHAPES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("nat", "OUTPUT"): (r"-o \S+ -j RETURN",),
-    ("mangle", "PREROUTING"): (r"-i \S+ -j RETURN",
-                               rf"-p tcp -m mark --mark \S+ -j CONNMARK --save-mark {_CONNMARK_MASKS}"),
-    ("mangle", "OUTPUT"): (r"-o \S+ -j RETURN", r"-o lo -p tcp -m mark --mark \S+ -j RETURN",
-                           r"! -d \S+ -o lo -p tcp -m owner --(?:uid|gid)-owner \d+ -j MARK --set-xmark \S+",
-                           rf"-p tcp -m connmark --mark \S+ -j CONNMARK --restore-mark {_CONNMARK_MASKS}"),
-}
-_BUILTIN_SHAPES = {key: _BUILTIN_SHAPES.get(key, ()) + tuple(re.compile(p) for p in _CURRENT_SHAPES.get(key, ()))
-                   for key in {*_BUILTIN_SHAPES, *_CURRENT_SHAPES}}
-_JUMP = re.compile(r"(?:^|\s)-[jg] (\S+)")
+from istio_init.rulesets import owned_chains
+from istio_init.backends.iptables.savefile import SavedRule, SavedTable
 
 
-def jump_target(spec: str) -> str | None:
-    match = _JUMP.search(spec)
-    return match.group(1) if match else None
+@functools.lru_cache(maxsize=1)
+def _builtin_shapes() -> dict[tuple[str, str], tuple[re.Pattern[str], ...]]:
+    """Each planned built-in rule as a pattern: its text, with every sentinel part matching any word."""
+    from istio_init.rulesets.ownership import SENTINEL_WORDS, builtin_rules
+
+    any_word = "|".join(re.escape(word) for word in sorted(SENTINEL_WORDS, key=len, reverse=True))
+    shapes: dict[tuple[str, str], tuple[re.Pattern[str], ...]] = {}
+    for key, rules in builtin_rules().items():
+        patterns = []
+        for rule in rules:
+            parts = re.split(f"({any_word})", rule_spec(rule))
+            patterns.append("".join(r"\S+" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
+        shapes[key] = tuple(re.compile(p) for p in dict.fromkeys(patterns))
+    return shapes
+
+
+def jump_target(rule: SavedRule) -> str | None:
+    words = rule.spec.split()
+    for flag in ("-j", "-g"):
+        if flag in words and words.index(flag) + 1 < len(words):
+            return words[words.index(flag) + 1]
+    return None
 
 
 def is_ours(table: str, chain: str, spec: str) -> bool:
     """Whether istio-init made this live rule (and may delete it)."""
-    if chain.startswith(ISTIO_PREFIX):
+    return _is_ours(table, SavedRule(table, chain, spec))
+
+
+def _is_ours(table: str, rule: SavedRule) -> bool:
+    owned = owned_chains(table)
+    if rule.chain in owned or jump_target(rule) in owned:
         return True
-    target = jump_target(spec)
-    if target and target.startswith(ISTIO_PREFIX):
-        return True
-    return any(p.fullmatch(spec) for p in _BUILTIN_SHAPES.get((table, chain), ()))
+    if not is_builtin(table, rule.chain):
+        return False
+    return any(p.fullmatch(rule.spec) for p in _builtin_shapes().get((table, rule.chain), ()))
 
 
 class TableChange(NamedTuple):
     """One table's transaction: run in field order, committed at once."""
 
     table: str
-    # (chain, 1-based rule number) outside ISTIO_ chains, highest number first within a chain,
+    # (chain, 1-based rule number) outside owned chains, highest number first within a chain,
     # so each deletion leaves the numbers still to delete valid.
     delete_rules: tuple[tuple[str, int], ...]
-    # ISTIO_ chains the plan uses: flushed when they exist, created otherwise.
+    # Owned chains the plan uses: flushed when they exist, created otherwise.
     flush_chains: tuple[str, ...]
     create_chains: tuple[str, ...]
-    # ISTIO_ chains the plan no longer uses: all flushed first, then deleted.
+    # Owned chains the plan no longer uses: all flushed first, then deleted.
     delete_chains: tuple[str, ...]
     steps: tuple[Step, ...]
 
 
 def _ours_in_table(table: SavedTable) -> list[tuple[str, int]]:
-    """(chain, 1-based number) of our rules outside ISTIO_ chains, highest first per chain.
+    """(chain, 1-based number) of our rules outside owned chains, highest first per chain.
 
-    That is our rules in built-in chains, and jumps to ISTIO_ chains from
-    anyone's chain (an ISTIO_ chain cannot be deleted while referenced).
+    That is our rules in built-in chains, and jumps to owned chains from
+    anyone's chain (an owned chain cannot be deleted while referenced).
     """
+    owned = owned_chains(table.name)
     found: list[tuple[str, int]] = []
     numbers: dict[str, int] = {}
-    for chain, spec in table.rules:
-        numbers[chain] = numbers.get(chain, 0) + 1
-        if not chain.startswith(ISTIO_PREFIX) and is_ours(table.name, chain, spec):
-            found.append((chain, numbers[chain]))
+    for rule in table.rules:
+        numbers[rule.chain] = numbers.get(rule.chain, 0) + 1
+        if rule.chain not in owned and _is_ours(table.name, rule):
+            found.append((rule.chain, numbers[rule.chain]))
     return sorted(found, key=lambda item: (item[0], -item[1]))
 
 
@@ -100,8 +98,8 @@ def simulate(live: SavedTable | None, change: TableChange | None = None) -> Stat
     """The table's (user chains, non-empty chains' rules) after `change`, without a kernel."""
     chains = set(live.user_chains()) if live else set()
     rules: dict[str, list[str]] = {}
-    for chain, spec in (live.rules if live else []):
-        rules.setdefault(chain, []).append(spec)
+    for rule in (live.rules if live else []):
+        rules.setdefault(rule.chain, []).append(rule.spec)
     if change is not None:
         for chain, number in change.delete_rules:
             del rules[chain][number - 1]
@@ -126,14 +124,14 @@ def reconcile(live: dict[str, SavedTable], family: FamilyPlan | None) -> list[Ta
     """
     planned = family.tables() if family else []
     stale = [name for name, table in live.items() if name not in planned and (
-        any(c.startswith(ISTIO_PREFIX) for c in table.user_chains())
-        or any(is_ours(name, c, s) for c, s in table.rules))]
+        any(c in owned_chains(name) for c in table.user_chains())
+        or any(_is_ours(name, rule) for rule in table.rules))]
     changes = []
     for name in planned + stale:
         table = live.get(name)
         existing = set(table.user_chains()) if table else set()
         wanted = family.chains(name) if family and name in planned else []
-        ours_existing = [c for c in (table.user_chains() if table else []) if c.startswith(ISTIO_PREFIX)]
+        ours_existing = [c for c in (table.user_chains() if table else []) if c in owned_chains(name)]
         change = TableChange(
             table=name,
             delete_rules=tuple(_ours_in_table(table)) if table else (),

@@ -10,11 +10,11 @@ python-iptables is unavailable.
 from __future__ import annotations
 
 import re
-from typing import Mapping
 
-from istio_init.backends.base import WAIT_SECONDS, CommitHook, SaveToolsMixin, Tools, run_tool
+from istio_init.backends.iptables.backend import IptablesBackend
+from istio_init.backends.iptables.reconcile import TableChange, restore_text
+from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, run_tool
 from istio_init.errors import ApplyError
-from istio_init.reconcile import TableChange, restore_text
 
 _FAILED_LINE = re.compile(r"(?:line:? (\d+) failed|Error occurred at line: (\d+))")
 _QUOTED = re.compile(r"[`'](\S+?)'")
@@ -48,24 +48,21 @@ def _reason(error: str) -> str:
     return re.sub(r"^\S*tables\S*restore v[\d.]+ \(\w+\): ", "", first)
 
 
-class RestoreBackend(SaveToolsMixin):
+class RestoreBackend(IptablesBackend):
     """Applies through `ip(6)tables-{legacy,nft}-restore --noflush`."""
 
-    def __init__(self, tools: Tools) -> None:
-        self.tools = tools
-        self.name = tools.flavour
+    def __init__(self, flavour: str) -> None:
+        self.tools = Tools(flavour)
+        self.name = flavour
 
-    def apply(self, changes: Mapping[int, list[TableChange]], after_commit: CommitHook) -> None:
-        for family, family_changes in changes.items():
-            text = restore_text(family_changes)
-            if not text:
-                continue
-            argv = [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
-            done = run_tool(argv, text)
-            if done.returncode != 0:
-                found = _FAILED_LINE.search(done.stderr)
-                where = (describe_line(text, int(found.group(1) or found.group(2)), done.stderr) if found
-                         else "tables " + ", ".join(c.table for c in family_changes))
-                raise ApplyError(f"{argv[0]}: {where}: {_reason(done.stderr)}")
-            for change in family_changes:
-                after_commit(family, change.table)
+    def commit_family(self, family: int, changes: list[TableChange]) -> None:
+        text = restore_text(changes)
+        if not text:
+            return
+        argv = [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
+        done = run_tool(argv, text)
+        if done.returncode != 0:
+            found = _FAILED_LINE.search(done.stderr)
+            where = (describe_line(text, int(found.group(1) or found.group(2)), done.stderr) if found
+                     else "tables " + ", ".join(c.table for c in changes))
+            raise ApplyError(f"{argv[0]}: {where}: {_reason(done.stderr)}")

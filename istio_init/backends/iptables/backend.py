@@ -1,0 +1,156 @@
+"""What the iptables backends share: one read -> decide -> commit -> undo-on-failure path.
+
+The snapshot taken before anything changes (`iptables-save -c`) is both the
+live state reconcile.py decides from and what a failure restores. A subclass
+only says how one family's decided changes reach the kernel (`commit_family`:
+libiptc in-process, or one `iptables-restore --noflush`) and how the lock
+around read and commit is taken. Any exception after the first commit, not
+only the expected ones, puts every table that differs from its snapshot back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import ContextManager, Mapping, Sequence
+
+from istio_init.backends.iptables.reconcile import TableChange, reconcile
+from istio_init.backends.iptables.savefile import SavedTable, normalize, parse_save, table_blocks
+from istio_init.backends.iptables.tools import Tools, restore_saved, save_text
+from istio_init.errors import ApplyError
+from istio_init.model import RulePlan
+from istio_init.rulesets import owned_chains
+
+DIVERT_CHAIN = "ISTIO_DIVERT"  # where every rule set sets its TPROXY mark
+
+
+@dataclass
+class IptablesUndo:
+    """Snapshots of every family read, and the tables a commit may have changed."""
+
+    backend: "IptablesBackend"
+    snapshots: dict[int, str] = field(default_factory=dict)
+    touched: dict[int, list[str]] = field(default_factory=dict)
+    # The decision, kept for `clean -n` and for tests.
+    decided: dict[int, list[TableChange]] = field(default_factory=dict)
+    restored: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        return tuple(f"IPv{family} {table}" for family, tables in self.touched.items() for table in tables)
+
+    @property
+    def previous_marks(self) -> frozenset[int]:
+        """TPROXY marks set by istio-init's ISTIO_DIVERT rules before this run (their routes may be stale)."""
+        marks = set()
+        for text in self.snapshots.values():
+            mangle = parse_save(text).get("mangle")
+            for saved in mangle.chain_rules(DIVERT_CHAIN) if mangle else []:
+                for option in saved.rule.target_options if saved.rule else ():
+                    if option.name in ("set-xmark", "set-mark"):
+                        marks.add(int(option.value.split("/")[0], 0))
+        return frozenset(marks)
+
+    def undo(self) -> list[str]:
+        """Restore each touched table that no longer equals its snapshot."""
+        problems = []
+        for family, tables in self.touched.items():
+            try:
+                now = normalize(self.backend.save(family, counters=False))
+                before = normalize(self.snapshots[family])
+                differ = [t for t in tables if now.get(t, []) != before.get(t, [])]
+                if differ:
+                    self.backend.restore(family, table_blocks(self.snapshots[family], differ))
+                    self.restored += [f"IPv{family} {table}" for table in differ]
+            except ApplyError as exc:
+                problems.append(f"IPv{family} tables {', '.join(tables)} may still hold this run's rules "
+                                f"({exc}); `istio-init clean --iptables-backend {self.backend.name}` removes them")
+        return problems
+
+
+class IptablesBackend:
+    """Base of the libiptc and iptables-restore backends; subclasses provide commit_family()."""
+
+    name = "iptables"
+    tools = Tools("legacy")
+
+    def session(self) -> ContextManager[None]:
+        """Held around read and commit (libiptc: the xtables lock)."""
+        return contextlib.nullcontext()
+
+    def save(self, family: int, counters: bool = True) -> str:
+        return save_text(self.tools, family, counters=counters)
+
+    def snapshot(self, family: int) -> str:
+        """The family's tables with counters, read before anything changes."""
+        return self.save(family)
+
+    def restore(self, family: int, saved_blocks: str) -> None:
+        restore_saved(self.tools, family, saved_blocks)
+
+    def read(self, family: int) -> dict[str, SavedTable]:
+        return parse_save(self.save(family, counters=False))
+
+    def dump(self, family: int, tables: Sequence[str]) -> str:
+        return table_blocks(self.save(family, counters=False), list(tables))
+
+    def holds_ours(self, families: Sequence[int]) -> bool:
+        for family in families:
+            for name, table in self.read(family).items():
+                if any(chain in owned_chains(name) for chain in table.user_chains()):
+                    return True
+                if reconcile({name: table}, None):
+                    return True
+        return False
+
+    def decide(self, live: Mapping[int, dict[str, SavedTable]], plan: RulePlan | None,
+               families: Sequence[int]) -> dict[int, list[TableChange]]:
+        plans = {f.family: f for f in plan.families()} if plan is not None else {}
+        return {family: reconcile(live[family], plans.get(family)) for family in families}
+
+    def commit(self, changes: Mapping[int, list[TableChange]], undo: IptablesUndo) -> None:
+        """Commit every family's changes; each table is recorded as touched before its commit."""
+        for family, family_changes in changes.items():
+            if family_changes:
+                undo.touched[family] = [c.table for c in family_changes]
+                self.commit_family(family, family_changes)
+
+    def commit_family(self, family: int, changes: list[TableChange]) -> None:
+        raise NotImplementedError
+
+    def converge(self, plan: RulePlan | None, families: Sequence[int]) -> IptablesUndo:
+        undo = IptablesUndo(self)
+        with self.session():
+            live = {}
+            for family in families:
+                undo.snapshots[family] = self.snapshot(family)
+                live[family] = parse_save(undo.snapshots[family])
+            undo.decided = self.decide(live, plan, families)
+            error: BaseException | None = None
+            try:
+                self.commit(undo.decided, undo)
+            except BaseException as exc:  # an encoding error, a bug, a signal: all roll back the same
+                error = exc
+        if error is not None:
+            # After the session: the restore tool takes the xtables lock libiptc's session holds.
+            problems = undo.undo()
+            raise _failed(error, problems, bool(undo.restored)) from None
+        return undo
+
+    def remove(self, families: Sequence[int]) -> IptablesUndo:
+        return self.converge(None, families)
+
+    def plan_removal(self, families: Sequence[int]) -> dict[int, list[TableChange]]:
+        """What `remove` would change, without changing it (for `clean -n`)."""
+        live = {family: parse_save(self.save(family, counters=False)) for family in families}
+        return self.decide(live, None, families)
+
+
+def _failed(exc: BaseException, problems: list[str], restored: bool) -> ApplyError:
+    message = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
+    if problems:
+        return ApplyError(f"{message}; rollback incomplete: {'; '.join(problems)}")
+    if restored:
+        return ApplyError(f"{message} (everything changed in this run was put back)")
+    return ApplyError(f"{message} (nothing had been changed)")
+

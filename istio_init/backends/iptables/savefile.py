@@ -1,0 +1,194 @@
+"""Reading `iptables-save` text back into the plan's model.
+
+The live state of a namespace is read as iptables-save text (cheap, and the
+same for the legacy and nft tools) and parsed once, here: each rule keeps its
+canonical text (what reconcile compares and deletes by) and, when the model
+can hold it, the `model.Rule` it spells (what ownership, trace and drift
+checks reason about). Everything after this module works on that data, so
+idempotency is decided by pure functions, without the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from istio_init.model import Match, Option, Rule, is_builtin
+
+
+class SavedRule(NamedTuple):
+    """One `-A CHAIN SPEC` line of a table: its canonical text, parsed into the model on demand.
+
+    Parsing is deferred because most live rules sit in istio-init's own chains,
+    which are flushed whole and never need a model: a plan of 8,000 CIDRs must
+    not pay for parsing 8,000 rules on every pod start.
+    """
+
+    table: str
+    chain: str
+    spec: str
+
+    @property
+    def rule(self) -> Rule | None:
+        """The rule as model.Rule; None for a shape istio-init never writes (see `problem`)."""
+        return _parsed(self.table, self.chain, self.spec)[0]
+
+    @property
+    def problem(self) -> str:
+        return _parsed(self.table, self.chain, self.spec)[1]
+
+
+@dataclass
+class SavedTable:
+    """One `*table` block: chain policies (built-ins) or '-' (user chains), and rules."""
+
+    name: str
+    chains: dict[str, str] = field(default_factory=dict)  # chain -> policy or '-'
+    rules: list[SavedRule] = field(default_factory=list)
+
+    def chain_rules(self, chain: str) -> list[SavedRule]:
+        return [rule for rule in self.rules if rule.chain == chain]
+
+    def user_chains(self) -> list[str]:
+        return [c for c in self.chains if not is_builtin(self.name, c)]
+
+
+class UnmodelledRule(ValueError):
+    """Rule text outside what model.Rule holds (a negated -s, a goto, ...)."""
+
+
+def parse_rule(table: str, chain: str, spec: str) -> Rule:
+    """Canonical iptables-save rule text (after `-A CHAIN`) as a model.Rule; the inverse of render.rule_spec."""
+    try:
+        words = shlex.split(spec) if '"' in spec or "'" in spec else spec.split()
+    except ValueError as exc:
+        raise UnmodelledRule(str(exc)) from None
+    parts: dict[str, str | bool] = {}
+    matches: list[Match] = []
+    target: str | None = None
+    target_options: list[Option] = []
+
+    def options(start: int) -> tuple[list[Option], int]:
+        found: list[Option] = []
+        j = start
+        while j < len(words):
+            negated = words[j] == "!" and j + 1 < len(words) and words[j + 1].startswith("--")
+            name_at = j + 1 if negated else j
+            if not words[name_at].startswith("--"):
+                break
+            value = ""
+            if name_at + 1 < len(words) and not words[name_at + 1].startswith("-") and words[name_at + 1] != "!":
+                value = words[name_at + 1]
+                j = name_at + 2
+            else:
+                j = name_at + 1
+            found.append(Option(words[name_at][2:], value, negated))
+        return found, j
+
+    i = 0
+    while i < len(words):
+        word = words[i]
+        negated = word == "!"
+        if negated:
+            i += 1
+            if i >= len(words):
+                raise UnmodelledRule("a lone '!'")
+            word = words[i]
+        if word in ("-s", "-d", "-i", "-o", "-p") and i + 1 < len(words):
+            if negated and word != "-d":
+                raise UnmodelledRule(f"negated {word} is not supported")
+            key = {"-s": "source", "-d": "destination", "-i": "in_interface", "-o": "out_interface",
+                   "-p": "protocol"}[word]
+            parts[key] = words[i + 1]
+            if negated:
+                parts["negate_destination"] = True
+            i += 2
+        elif word == "-m" and i + 1 < len(words):
+            module = words[i + 1]
+            opts, i = options(i + 2)
+            matches.append(Match(module, tuple(opts)))
+        elif word in ("-j", "-g") and i + 1 < len(words):
+            if word == "-g":
+                raise UnmodelledRule("goto (-g) is not supported")
+            target = words[i + 1]
+            target_options, i = options(i + 2)
+        else:
+            raise UnmodelledRule(f"unexpected {word!r}")
+    if target is None:
+        raise UnmodelledRule("no target")
+    return Rule(table, chain, target, matches=tuple(matches), target_options=tuple(target_options),
+                **parts)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(table: str, chain: str, spec: str) -> tuple[Rule | None, str]:
+    try:
+        return parse_rule(table, chain, spec), ""
+    except UnmodelledRule as exc:
+        return None, str(exc)
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """Parse iptables-save output (with or without `-c` counters)."""
+    tables: dict[str, SavedTable] = {}
+    current: SavedTable | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):  # `-c` packet counters before a rule
+            line = line.split("]", 1)[1].strip()
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], SavedTable(line[1:]))
+        elif line == "COMMIT":
+            current = None
+        elif current is None:
+            raise ValueError(f"line outside a table: {raw!r}")
+        elif line.startswith(":"):
+            name, policy = line[1:].split()[:2]
+            current.chains[name] = policy
+        elif line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            current.rules.append(SavedRule(current.name, chain, rest[0] if rest else ""))
+        else:
+            raise ValueError(f"unexpected line in iptables-save text: {raw!r}")
+    return tables
+
+
+def normalize(text: str) -> dict[str, list[str]]:
+    """Save text reduced to what the round trip compares, per table.
+
+    Comments, counters and built-in chains without rules are dropped; built-in
+    chain policies are kept only when they are not ACCEPT. Tables with nothing
+    left are dropped, so an empty `*filter` block equals no block.
+    """
+    result: dict[str, list[str]] = {}
+    for name, table in parse_save(text).items():
+        used = {rule.chain for rule in table.rules}
+        lines = []
+        for chain, policy in table.chains.items():
+            if is_builtin(name, chain):
+                if policy not in ("ACCEPT", "-"):
+                    lines.append(f":{chain} {policy}")
+            else:
+                lines.append(f":{chain} -")
+        lines += [f"-A {rule.chain} {rule.spec}".rstrip() for rule in table.rules]
+        if lines or used:
+            result[name] = lines
+    return result
+
+
+def table_blocks(text: str, tables: list[str]) -> str:
+    """The `*table ... COMMIT` blocks of `tables` from save text; empty blocks for absent ones."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = blocks.setdefault(line[1:].strip(), []) if line[1:].strip() in tables else None
+        if current is not None and not line.startswith("#"):
+            current.append(line)
+        if line.strip() == "COMMIT":
+            current = None
+    return "".join("\n".join(blocks.get(t) or [f"*{t}", "COMMIT"]) + "\n" for t in tables)

@@ -1,0 +1,99 @@
+"""The package's shape (issue 9): only the CLI prints, and no module imports back into a cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "istio_init"
+THE_CLI = PACKAGE / "cli.py"
+
+
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = ast.parse(path.read_text(), str(path))
+    return found
+
+
+def _writes_stdout(tree: ast.Module) -> list[str]:
+    """Every way a module writes to stdout, as 'line N: what'.
+
+    print() without a file= (or with file=sys.stdout), click.echo() without
+    err=True, and any use of sys.stdout. Writing to stderr is fine anywhere
+    the CLI's log stream is set up (logs.py); stdout is the rules' text only.
+    """
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            keywords = {k.arg: k.value for k in node.keywords}
+            if isinstance(func, ast.Name) and func.id == "print":
+                target = keywords.get("file")
+                if target is None or ast.unparse(target) == "sys.stdout":
+                    found.append(f"line {node.lineno}: print()")
+            elif (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                  and func.value.id == "click" and func.attr in ("echo", "secho")):
+                err = keywords.get("err")
+                if not (isinstance(err, ast.Constant) and err.value is True):
+                    found.append(f"line {node.lineno}: click.{func.attr}()")
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == "sys" and node.attr == "stdout"):
+            found.append(f"line {node.lineno}: sys.stdout")
+    return found
+
+
+def test_only_the_cli_writes_stdout() -> None:
+    offenders = {name: hits for name, tree in _modules().items()
+                 if name != "istio_init.cli" and (hits := _writes_stdout(tree))}
+    assert offenders == {}, "only istio_init/cli.py may write stdout; return the text instead"
+
+
+def test_the_guard_finds_stdout_writes() -> None:
+    """The scan above can fail: it sees the CLI's own writes, and each kind of stdout write."""
+    assert _writes_stdout(ast.parse(THE_CLI.read_text()))
+    sample = "import sys, click\nprint('x')\nprint('y', file=sys.stdout)\nclick.echo('z')\nsys.stdout.write('w')\n"
+    assert {hit.split(":")[0] for hit in _writes_stdout(ast.parse(sample))} == {"line 2", "line 3", "line 4", "line 5"}
+    fine = "import sys, click\nprint('x', file=sys.stderr)\nclick.echo('z', err=True)\n"
+    assert _writes_stdout(ast.parse(fine)) == []
+
+
+def _imports(name: str, tree: ast.Module) -> set[str]:
+    """istio_init modules `name` imports anywhere (functions included), except under TYPE_CHECKING."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(child) for child in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("istio_init"):
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("istio_init")}
+    return found - {name}
+
+
+def test_no_import_cycle() -> None:
+    modules = _modules()
+    graph = {name: {m for m in _imports(name, tree) if m in modules} for name, tree in modules.items()}
+    seen: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        seen[node] = 1
+        for nxt in sorted(graph[node]):
+            if seen.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in seen:
+                visit(nxt, path + [nxt])
+        seen[node] = 2
+
+    for start in sorted(graph):
+        if start not in seen:
+            visit(start, [start])
+    assert cycles == []
