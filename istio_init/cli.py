@@ -17,7 +17,7 @@ import click
 
 from istio_init import logs
 from istio_init.config import FLAGS, Config, FlagSpec, from_sources, ignored_environment
-from istio_init.errors import IstioInitError
+from istio_init.errors import ConfigError, IstioInitError
 
 PROG = "istio-init"
 DEFAULT_COMMAND = "run"
@@ -112,7 +112,7 @@ def cli() -> None:
                     "'istio-init trace --help' explains what the rules do with a connection.")
 @_flag_options
 @click.option("--cleanup-only", is_flag=True, default=False,
-              help="Remove istio-init's rules, routes and addresses instead of applying.")
+              help="Remove istio-init's rules, routes and addresses instead of applying. [env CLEANUP_ONLY]")
 @click.pass_context
 def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None:
     """Install Istio's sidecar capture rules in this pod's network namespace.
@@ -124,10 +124,23 @@ def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None
     from istio_init import runner
 
     config = load_config(given)
-    if cleanup_only:
+    if cleanup_only or _cleanup_only_from_env():
         _out(runner.clean(config, log, _wrap(ctx)))
     else:
         _out(runner.run(config, log, _wrap(ctx), _network(ctx)))
+
+
+CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
+
+
+def _cleanup_only_from_env() -> bool:
+    """Current Istio's CLEANUP_ONLY, with the flag table's spelling of true and false."""
+    value = os.environ.get(CLEANUP_ONLY_ENV)
+    if value is None or value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"--cleanup-only (from {CLEANUP_ONLY_ENV})", value, "must be true or false")
 
 
 @cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]})

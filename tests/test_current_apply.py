@@ -212,3 +212,14 @@ def test_cni_mode_locks_the_pods_namespace_not_the_node(netns: Namespace, tmp_pa
         assert done.returncode == 0
     assert "-A ISTIO_OUTPUT" in netns.save()
     os.unlink(node_lock)
+
+
+def test_cleanup_only_variable_removes_the_rules(netns: Namespace) -> None:
+    istio_init(netns, *INJECTED, "--ipv6", "false", env=IMAGE_ENV)
+    assert "ISTIO_OUTPUT" in netns.save()
+    bad = istio_init(netns, *INJECTED, "--ipv6", "false", env={**IMAGE_ENV, "CLEANUP_ONLY": "maybe"}, check=False)
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "istio-init: invalid value for --cleanup-only (from CLEANUP_ONLY): 'maybe': must be true or false"]
+    assert "ISTIO_OUTPUT" in netns.save()
+    istio_init(netns, *INJECTED, "--ipv6", "false", env={**IMAGE_ENV, "CLEANUP_ONLY": "true"})
+    assert normalize(netns.save()) == {}

@@ -81,7 +81,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     resolv.conf order); they matter only with DNS capture and without
     --capture-all-dns.
     """
-    servers = {4: [], 6: []}  # type: dict[int, list[str]]
+    servers: dict[int, list[str]] = {4: [], 6: []}
     for address in resolvers:
         parsed = ipaddress.ip_address(address)
         servers[parsed.version].append(_host(parsed))
