@@ -15,7 +15,8 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from istio_init.config import FLAGS, Config, FlagSpec, from_sources
+from istio_init import logs
+from istio_init.config import FLAGS, Config, FlagSpec, from_sources, ignored_environment
 from istio_init.errors import IstioInitError
 
 PROG = "istio-init"
@@ -55,7 +56,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _options_for(dests: tuple[str, ...] | None = None) -> Callable[[F], F]:
     """A decorator adding one click option per entry of config.FLAGS (or the named ones)."""
     def decorate(command: F) -> F:
-        for spec in reversed([s for s in FLAGS if dests is None or s.dest in dests]):
+        for spec in reversed([s for s in FLAGS if (dests is None or s.dest in dests) and not s.env_only]):
             names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
             kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
             command = click.option(*names, default=None, help=_help(spec), **kind)(command)
@@ -67,13 +68,22 @@ _flag_options = _options_for()
 
 
 def load_config(given: dict[str, Any]) -> Config:
-    """Config from the parsed flags (None: not given) and the environment."""
-    return from_sources(given)
+    """Config from the parsed flags (None: not given) and the environment.
+
+    Variables only the other rule set reads are named on stderr, one line each.
+    """
+    config = from_sources(given)
+    for warning in ignored_environment(config):
+        logs.emit("warn", f"{PROG}: {warning}")
+    return config
 
 
-def log(message: str) -> None:
-    """One progress or diagnostic line on stderr, flushed so a pod's log keeps the order."""
-    print(f"{PROG}: {message}" if not message.startswith(f"{PROG} ") else message, file=sys.stderr, flush=True)
+def log(message: str, level: str = "info") -> None:
+    """One progress or diagnostic line on stderr at `level` (logs.py filters and formats it)."""
+    first, *rest = message.splitlines() or [""]
+    logs.emit(level, f"{PROG}: {first}" if not first.startswith(f"{PROG} ") else first)
+    for line in rest:  # one record per line, as a pod's log (and --log_as_json) wants
+        logs.emit(level, line)
 
 
 def _out(text: str) -> None:
@@ -214,32 +224,106 @@ def clean_command(ctx: click.Context, /, **given: Any) -> None:
 def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line.
 
+    pilot-agent's logging flags are taken out first (logs.py): they shape
+    stderr for the whole run, whatever the command and rule set.
     `wrap_backend` wraps the backend a run chooses and `network` replaces the
     route and address steps, when given (tests pass fault injectors).
     """
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name=PROG, standalone_mode=False,
-                 obj={"wrap_backend": wrap_backend, "network": network})
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
-    except click.Abort:
-        print(f"{PROG}: aborted", file=sys.stderr)
-        sys.exit(1)
-    except click.ClickException as exc:
-        print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        args, log_options = logs.split_args(args)
     except IstioInitError as exc:
         print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    with logs.configured(log_options):
+        code = _run(args, {"wrap_backend": wrap_backend, "network": network})
+    sys.exit(code)
+
+
+def _run(args: list[str], obj: dict[str, Any]) -> int:
+    """The command's exit code; every failure already reported as one line."""
+    try:
+        cli.main(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.Abort:
+        logs.emit("error", f"{PROG}: aborted")
+        return 1
+    except click.ClickException as exc:
+        logs.emit("error", f"{PROG}: {exc.format_message()}")
+        return exc.exit_code
+    except IstioInitError as exc:
+        logs.emit("error", f"{PROG}: {_one_line(str(exc))}")
+        return exc.exit_code
     except Exception as exc:  # a bug or an unforeseen kernel refusal: still one line in the pod's log
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(0)
+        logs.emit("error", f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
+                           f"(set {DEBUG_ENV}=1 for the traceback)")
+        return 1
+    return 0
 
 
 def _one_line(message: str) -> str:
     """Tool output quoted in an error can span lines; a pod's log gets one."""
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+# ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------
+
+CNI_PROG = "istio-init-cni"
+
+
+def cni_flags(argv: list[str]) -> dict[str, Any]:
+    """The `run` command's options parsed from a conflist's "args" (click's errors propagate)."""
+    if argv[:1] == [ISTIO_BINARY_NAME]:
+        argv = argv[1:]
+    with run_command.make_context(PROG, argv) as ctx:
+        return dict(ctx.params)
+
+
+def _cni_log(message: str) -> None:
+    """One entry in the plugin's log: fd 2, which is the configuration's logFile once it is read."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
+          file=sys.stderr, flush=True)
+
+
+def _cni_log_to(path: str) -> None:
+    """Point fd 1 and 2 (so everything the apply and its tools print) at the log file."""
+    from istio_init.cni import ERR_IO, CniError
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise CniError(ERR_IO, f"cannot open the log file {path}", exc.strerror or str(exc)) from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def cni_main(wrap_backend: Any = None) -> None:
+    """Console-script entry of istio-init-cni; stdout and the exit status follow the CNI specification.
+
+    stdout belongs to the protocol: a copy of it is kept for the one answer and
+    fd 1 points at stderr (then at the log file), so nothing the apply path or
+    a tool it runs prints can reach the runtime. `wrap_backend` wraps the
+    backend a run chooses (tests inject faults with it).
+    """
+    import json
+
+    from istio_init import cni
+
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)
+    call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)
+    code, answer = cni.invoke(call, sys.stdin.read(), _cni_log_to)
+    if answer is not None:
+        data = (json.dumps(answer) + "\n").encode()
+        while data:
+            data = data[os.write(answer_fd, data):]
+    sys.exit(code)

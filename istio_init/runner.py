@@ -9,18 +9,20 @@ returned.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from istio_init.config import Config, flag_label
+from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.render import render_plan
-from istio_init.rulesets import plan
+from istio_init.rulesets import plan, resolvers_needed
 
 if TYPE_CHECKING:
     from istio_init.backends.base import Backend
 
-Log = Callable[[str], None]
+# log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
+Log = Callable[..., None]
 # Lets a caller (a test) wrap the backend the run chose, e.g. to inject a fault.
 WrapBackend = Callable[["Backend"], "Backend"]
 
@@ -28,9 +30,11 @@ WrapBackend = Callable[["Backend"], "Backend"]
 def summary(config: Config, ipv6: bool) -> str:
     """The effective configuration, for stderr, as Istio prints its variables."""
     lines = ["istio-init effective configuration:"]
+    other = ONLY_1_8_FIELDS if config.rules_version == RULES_CURRENT else CURRENT_ONLY_FIELDS
     for name in config._fields:
-        if name != "sources":
-            lines.append(f"  {name}: {_show(getattr(config, name))}")
+        if name != "sources" and name not in other:
+            value = getattr(config, name)
+            lines.append(f"  {name}: {'*' if name == 'owner_groups_include' and value is None else _show(value)}")
     lines.append(f"  ip families: {'IPv4, IPv6' if ipv6 else 'IPv4'}")
     return "\n".join(lines)
 
@@ -55,6 +59,8 @@ def decide_ipv6(config: Config, log: Log) -> bool:
     from istio_init import netns
 
     try:
+        if config.dual_stack:  # current rule set: any IPv6 address of the pod
+            return any(address.version == 6 for address in netns.pod_addresses())
         return netns.detect_ipv6()
     except OSError as exc:
         log(f"cannot read the pod's addresses ({exc}); making IPv4 rules only")
@@ -63,7 +69,20 @@ def decide_ipv6(config: Config, log: Log) -> bool:
 
 def build_plan(config: Config, log: Log) -> tuple[RulePlan, bool]:
     ipv6 = decide_ipv6(config, log)
-    return plan(config, ipv6), ipv6
+    return plan(config, ipv6, pod_resolvers(config, log)), ipv6
+
+
+def pod_resolvers(config: Config, log: Log) -> list[str]:
+    """The pod's nameservers when the plan needs them; none: DNS is not captured, with a warning."""
+    if not resolvers_needed(config):
+        return []
+    from istio_init import resolvconf
+
+    servers, problem = resolvconf.read()
+    if problem:
+        log(f"warning: DNS capture is on but {problem}; DNS is not captured "
+            "(--capture-all-dns captures every port-53 query)", "warn")
+    return servers
 
 
 def require_net_admin() -> None:
@@ -96,6 +115,9 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
     if config.skip_rule_apply:
         log("--skip-rule-apply: not applying any rules")
     else:
+        if config.cni_mode and config.network_namespace:
+            # Run from the host for one pod: lock that pod's tables only, as Istio's CNI mode does.
+            os.environ["XTABLES_LOCKFILE"] = config.network_namespace
         out = apply_plan(config, rule_plan, log, wrap, network)
     if config.run_validation:
         from istio_init import validation

@@ -170,9 +170,12 @@ def invocations(draw: st.DrawFn, exclude: tuple[str, ...] = ()) -> tuple[list[st
     for spec in FLAGS:
         if spec.dest in exclude:
             continue
-        where = draw(st.sampled_from(["absent", "absent", "flag", "env"] if spec.env else ["absent", "flag"]))
+        if spec.env_only:  # a variable with no flag (the owner groups, the loopback CIDR)
+            where = draw(st.sampled_from(["absent", "absent", "env"]))
+        else:
+            where = draw(st.sampled_from(["absent", "absent", "flag", "env"] if spec.env else ["absent", "flag"]))
         if spec.dest == hostile and where == "absent":
-            where = "flag"
+            where = "env" if spec.env_only else "flag"
         if where == "absent":
             continue
         if spec.is_switch and where == "flag":
@@ -199,7 +202,9 @@ def _named_spec(line: str, argv: list[str], env: dict[str, str]) -> None:
     label = line[len("istio-init: invalid value for "):].split(": ", 1)[0]
     flag, _, source = label.partition(" (from ")
     spec = LABEL_BY_TEXT[flag]
-    if source:
+    if spec.env_only:
+        assert spec.env in env, (label, env)
+    elif source:
         variable = source.rstrip(")")
         assert variable == spec.env and variable in env or variable == "-u", (label, env)
     else:
