@@ -145,10 +145,10 @@ def test_routing_and_address_missing_and_extra() -> None:
     stale = Routing("rule", 4, 0x53a, 134)
     live = live._replace(routing=(live.routing - {route}) | {stale}, addresses=frozenset())
     report = compare(planned_state(rule_plan), live, "legacy")
-    assert [(d.kind, d.what, d.text) for d in report.differences] == [
-        ("missing", "routing", "ip route local default dev lo table 133"),
-        ("extra", "routing", "ip rule fwmark 0x53a lookup 134"),
-        ("missing", "address", "::6/128 on lo"),
+    assert [(d.kind, d.what, d.family, d.text) for d in report.differences] == [
+        ("missing", "routing", 4, "ip route local default dev lo table 133"),
+        ("extra", "routing", 4, "ip rule fwmark 0x53a lookup 134"),
+        ("missing", "address", None, "::6/128 on lo"),
     ]
     text = format_text(report).splitlines()
     assert text[0].startswith("istio-init check: out of sync") and "2 missing, 1 extra, 0 misordered" in text[0]
