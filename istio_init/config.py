@@ -223,6 +223,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("ipv4_loopback_cidr", None, "", "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", DEFAULT_IPV4_LOOPBACK_CIDR,
              "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32.",
              only=RULES_CURRENT, env_only=True),
+    FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
+             "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
+             "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
 )
 
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
@@ -273,6 +276,7 @@ class Config(NamedTuple):
     owner_groups_include: tuple[int, ...] | None = None  # None: '*', every group
     owner_groups_exclude: tuple[int, ...] = ()
     ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK_CIDR
+    native_nftables: bool = False
     # Where each value came from, for the effective-configuration summary.
     sources: Mapping[str, str] = MappingProxyType({})
 
@@ -374,6 +378,7 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
         iptables_backend=_backend(parse),
         network_namespace=parse.namespace("network_namespace"),
         rules_version=version,
+        native_nftables=parse.switch("native_nftables"),
         sources=sources,
         **current,  # type: ignore[arg-type]
     )

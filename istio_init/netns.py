@@ -152,6 +152,31 @@ def has_net_admin() -> bool | None:
     return bool(int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN))
 
 
+_NFPROTO_INET = 1
+NATIVE_TABLE_PREFIX = "istio-proxy-"
+
+
+def native_nft_tables() -> set[str]:
+    """istio-init's own `inet istio-proxy-*` tables in this namespace (--native-nftables), over netlink.
+
+    Every iptables apply asks, so that a switch away from native nftables
+    removes them; loading libnftables to find out would cost every pod start.
+    """
+    try:
+        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO_INET, 0, 0), _NETLINK_NETFILTER)
+    except OSError:
+        return set()
+    names = set()
+    for msg_type, payload in replies:
+        if msg_type != _NFT_NEWTABLE or payload[0] != _NFPROTO_INET:
+            continue
+        raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
+        name = raw.split(b"\0", 1)[0].decode(errors="replace")
+        if name.startswith(NATIVE_TABLE_PREFIX):
+            names.add(name)
+    return names
+
+
 def enter(path: str, label: str = "--network-namespace") -> None:
     """Move this process (single-threaded) into the network namespace at `path`.
 

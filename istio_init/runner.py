@@ -110,6 +110,11 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
     # read in `kubectl logs POD -c istio-init` when a pod's traffic looks wrong.
     log(summary(config, ipv6))
     if config.dry_run:
+        if config.native_nftables:
+            from istio_init.backends.nftables import guard_single_family
+            from istio_init.render_nft import render_transaction
+
+            return render_transaction(rule_plan, guard_single_family(config.rules_version))
         return render_plan(rule_plan)
     out = ""
     if config.skip_rule_apply:
@@ -132,13 +137,20 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
     from istio_init import apply, backends
 
     families = [family.family for family in rule_plan.families()]
-    choice = backends.choose(config.iptables_backend, families, sum(len(f.steps) for f in rule_plan.families()),
-                             config.kube_virt_interfaces)
-    log(f"iptables backend {choice.name} ({choice.reason})")
-    backend = backends.get(choice.name)
+    backend: Backend
+    if config.native_nftables:
+        name = "nftables"
+        backend = backends.native(config.rules_version)
+        log("native nftables: our tables are replaced in one transaction (--native-nftables)")
+    else:
+        choice = backends.choose(config.iptables_backend, families,
+                                 sum(len(f.steps) for f in rule_plan.families()), config.kube_virt_interfaces)
+        log(f"iptables backend {choice.name} ({choice.reason})")
+        name, backend = choice.name, backends.get(choice.name)
     if wrap is not None:
         backend = wrap(backend)
-    applied = apply.run(rule_plan, backend, lambda: backends.others_holding_ours(choice.name, [4, 6]), network)
+    applied = apply.run(rule_plan, backend,
+                        lambda: backends.others_holding_ours(name, [4, 6], config.rules_version), network)
     for note in applied.notes:
         log(note)
     return applied.dump
@@ -150,7 +162,11 @@ def clean(config: Config, log: Log, wrap: WrapBackend | None = None) -> str:
 
     enter_namespace(config)
     require_net_admin()
-    chosen: Sequence[Backend] = [backends.get(name) for name in backends.candidates(config.iptables_backend, [4, 6])]
+    chosen: list[Backend] = []
+    if not config.native_nftables or config.sources.get("iptables_backend", "default") != "default":
+        chosen += [backends.get(name) for name in backends.candidates(config.iptables_backend, [4, 6])]
+    if config.native_nftables or backends.native_nft_in_use():
+        chosen.append(backends.native(config.rules_version))
     if wrap is not None:
         chosen = [wrap(b) for b in chosen]
     result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run)
