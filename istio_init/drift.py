@@ -400,7 +400,7 @@ def refuse_native_nftables(config: Config, command: str) -> None:
         from istio_init.errors import ConfigError
 
         raise ConfigError(flag_label("native_nftables", config.sources), "true",
-                          f"{command} reads iptables rules only; native nftables rules are not compared yet "
+                          f"{command} reads iptables rules only; native nftables rules are not read yet "
                           "(nft list ruleset shows them)")
 
 

@@ -205,6 +205,6 @@ def test_native_nftables_is_refused_in_one_line_not_reported_as_missing(argv: li
 
     out = invoke([*argv, "--ipv6", "false"])
     assert out.code == 2 and out.stdout == ""
-    assert out.stderr.count("\n") == 1 and "--native-nftables" in out.stderr and "not compared yet" in out.stderr
+    assert out.stderr.count("\n") == 1 and "--native-nftables" in out.stderr and "not read yet" in out.stderr
     env = invoke([*argv[:-1], "--ipv6", "false"], {"NATIVE_NFTABLES": "true"})
     assert env.code == 2 and "NATIVE_NFTABLES" in env.stderr
