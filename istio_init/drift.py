@@ -256,6 +256,12 @@ def pick_flavour(backend: str, rules: dict[str, dict[int, Chains]]) -> str:
     return "legacy"
 
 
+def _routing_text(routing: Routing) -> str:
+    """The `ip` command line that shows it: `ip rule fwmark 0x539 lookup 133`, `ip -6 route local ::/0 ...`."""
+    text = str(routing)
+    return text if routing.family == 4 else text.replace("ip ", "ip -6 ", 1).replace(" default ", " ::/0 ")
+
+
 def compare(planned: Planned, live: Live, flavour: str) -> Report:
     """Everything that differs, in a stable order: rules per flavour and family, then routing, addresses.
 
@@ -271,8 +277,10 @@ def compare(planned: Planned, live: Live, flavour: str) -> Report:
                 continue
             diffs = compare_rules(wanted, families.get(family, {}))
             found += [d._replace(flavour=name, family=family) for d in diffs]
-    found += [Difference("missing", "routing", str(r)) for r in sorted(planned.routing - live.routing)]
-    found += [Difference("extra", "routing", str(r)) for r in sorted(live.routing - planned.routing)]
+    found += [Difference("missing", "routing", _routing_text(r), family=r.family)
+              for r in sorted(planned.routing - live.routing)]
+    found += [Difference("extra", "routing", _routing_text(r), family=r.family)
+              for r in sorted(live.routing - planned.routing)]
     found += [Difference("missing", "address", f"{a} on lo") for a in sorted(planned.addresses - live.addresses)]
     found += [Difference("extra", "address", f"{a} on lo") for a in sorted(live.addresses - planned.addresses)]
     return Report(flavour, tuple(found), planned)
@@ -385,6 +393,17 @@ def read_state(backend: str, planned: Planned) -> Live:
     return Live(rules, frozenset(routing), frozenset(addresses))
 
 
+def refuse_native_nftables(config: Config, command: str) -> None:
+    """check and graph --live read iptables tables; saying "all missing" for a native nftables pod would be wrong."""
+    if getattr(config, "native_nftables", False):
+        from istio_init.config import flag_label
+        from istio_init.errors import ConfigError
+
+        raise ConfigError(flag_label("native_nftables", config.sources), "true",
+                          f"{command} reads iptables rules only; native nftables rules are not read yet "
+                          "(nft list ruleset shows them)")
+
+
 def _apply_lock() -> ContextManager[None]:
     """istio-init's lock of this namespace, waited for briefly; none when no apply ever made it.
 
@@ -411,6 +430,7 @@ def run(config: Config, log: Log) -> Report:
     """
     from istio_init import runner
 
+    refuse_native_nftables(config, "check")
     rule_plan, _ = runner.build_plan(config, log)
     planned = planned_state(rule_plan)
     try:

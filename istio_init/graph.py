@@ -321,6 +321,7 @@ def live_rules(config: Config) -> dict[int, Chains]:
     """The installed rules, in the flavour that holds istio-init's (as `check` picks it)."""
     from istio_init import drift
 
+    drift.refuse_native_nftables(config, "graph --live")
     rules = drift.read_rules(config.iptables_backend)
     return rules.get(drift.pick_flavour(config.iptables_backend, rules), {})
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from cases import CASES, SEED_ARGS, UNRELATED_V4, UNRELATED_V6, Case
+from cases_current import CURRENT_CASES, RULES, CurrentCase
 from clirun import clean_environ
 from istio_init.config import from_sources
 from istio_init.drift import Difference, chains_from_plan
@@ -57,10 +59,10 @@ def pinned(args: tuple[str, ...], ipv6: bool, backend: str) -> list[str]:
     return [*(a for a in args if a != "istio-iptables"), "--ipv6", "true" if ipv6 else "false", "--iptables-backend", backend]
 
 
-def differences(ns: Namespace, args: list[str]) -> list[Difference]:
+def differences(ns: Namespace, args: list[str], env: dict[str, str] | None = None) -> list[Difference]:
     """check's differences, from its JSON; asserts the text output names the same ones."""
-    text = istio_init(ns, "check", *args, code=1).stdout.splitlines()
-    data = json.loads(istio_init(ns, "check", *args, "--json", code=1).stdout)
+    text = istio_init(ns, "check", *args, env=env, code=1).stdout.splitlines()
+    data = json.loads(istio_init(ns, "check", *args, "--json", env=env, code=1).stdout)
     found = [Difference(**d) for d in data["differences"]]
     assert data["in_sync"] is False
     assert text[1:] == [d.line() for d in found]
@@ -81,6 +83,38 @@ def test_in_sync_right_after_an_apply(netns: Namespace, case: Case, backend: str
     istio_init(netns, *args, env=case.env)
     done = istio_init(netns, "check", *args, env=case.env)
     assert done.stdout.startswith("istio-init check: in sync") and done.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
+def test_current_rule_set_in_sync_right_after_an_apply(netns: Namespace, case: CurrentCase, backend: str,
+                                                       tmp_path: Path) -> None:
+    """Istio's 27 capture cases (raw DNS zones, owner groups, TPROXY in both families) with every backend."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(case.resolv_conf())
+    env = {**case.env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}
+    args = [*case.argv(dry_run=False), "--iptables-backend", backend]
+    istio_init(netns, *args, env=env)
+    done = istio_init(netns, "check", *args, env=env)
+    assert done.stdout.startswith("istio-init check: in sync") and done.stdout.count("\n") == 1
+
+
+def test_current_rule_set_drift_in_raw_and_an_ipv6_tproxy_route(netns: Namespace, tmp_path: Path) -> None:
+    """The current rule set's own places: a DNS conntrack-zone rule in raw, and the IPv6 TPROXY route."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\n")
+    env = {"ISTIO_INIT_RESOLV_CONF": str(resolv)}
+    args = [*RULES, "-m", "TPROXY", "-b", "*", "-i", "*", "--redirect-dns", "--ipv6", "true",
+            "--iptables-backend", "legacy"]
+    istio_init(netns, *args, env=env)
+    tool(netns, "legacy", 4, "-t", "raw", "-D", "ISTIO_OUTPUT_DNS", "2")
+    netns.run("ip", "-6", "route", "del", "local", "::/0", "dev", "lo", "table", "133")
+    found = differences(netns, args, env)
+    assert found == [
+        Difference("missing", "rule", "-p udp -m udp --sport 15053 -m owner --uid-owner 1337 -j CT --zone 2",
+                   "legacy", 4, "raw", "ISTIO_OUTPUT_DNS", 2),
+        Difference("missing", "routing", "ip -6 route local ::/0 dev lo table 133", family=6),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,7 +184,7 @@ def test_the_tproxy_route_removed(netns: Namespace, backend: str) -> None:
     istio_init(netns, "check", *args)
     netns.run("ip", "route", "del", "local", "default", "dev", "lo", "table", "133")
     assert differences(netns, args) == [
-        Difference("missing", "routing", "ip route local default dev lo table 133")]
+        Difference("missing", "routing", "ip route local default dev lo table 133", family=4)]
     netns.run("ip", "rule", "del", "fwmark", "0x539", "lookup", "133")
     assert [d.text for d in differences(netns, args)] == [
         "ip route local default dev lo table 133", "ip rule fwmark 0x539 lookup 133"]
@@ -171,7 +205,7 @@ def test_the_namespace_cleaned(netns: Namespace, backend: str) -> None:
                     want.add(("missing", "chain", flavour, family, table, chain, None, chain))
                 want |= {("missing", "rule", flavour, family, table, chain, n, spec)
                          for n, spec in enumerate(specs, 1)}
-    want |= {("missing", "routing", None, None, None, None, None, text)
+    want |= {("missing", "routing", None, 4, None, None, None, text)
              for text in ("ip rule fwmark 0x539 lookup 133", "ip route local default dev lo table 133")}
     want.add(("missing", "address", None, None, None, None, None, "::6/128 on lo"))
     found = differences(netns, args)

@@ -145,10 +145,10 @@ def test_routing_and_address_missing_and_extra() -> None:
     stale = Routing("rule", 4, 0x53a, 134)
     live = live._replace(routing=(live.routing - {route}) | {stale}, addresses=frozenset())
     report = compare(planned_state(rule_plan), live, "legacy")
-    assert [(d.kind, d.what, d.text) for d in report.differences] == [
-        ("missing", "routing", "ip route local default dev lo table 133"),
-        ("extra", "routing", "ip rule fwmark 0x53a lookup 134"),
-        ("missing", "address", "::6/128 on lo"),
+    assert [(d.kind, d.what, d.family, d.text) for d in report.differences] == [
+        ("missing", "routing", 4, "ip route local default dev lo table 133"),
+        ("extra", "routing", 4, "ip rule fwmark 0x53a lookup 134"),
+        ("missing", "address", None, "::6/128 on lo"),
     ]
     text = format_text(report).splitlines()
     assert text[0].startswith("istio-init check: out of sync") and "2 missing, 1 extra, 0 misordered" in text[0]
@@ -197,3 +197,14 @@ def test_the_kubernetes_probe_checks_the_init_containers_args() -> None:
     command = json.loads(re.search(r"command: (\[\"istio-init\", \"check\".*?\])", probe, re.S).group(1))
     assert init_args[0] == "istio-iptables"
     assert command == ["istio-init", "check", *init_args[1:]]
+
+
+@pytest.mark.parametrize("argv", [["check", "--native-nftables"], ["graph", "--live", "--native-nftables"]])
+def test_native_nftables_is_refused_in_one_line_not_reported_as_missing(argv: list[str]) -> None:
+    from clirun import invoke
+
+    out = invoke([*argv, "--ipv6", "false"])
+    assert out.code == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "--native-nftables" in out.stderr and "not read yet" in out.stderr
+    env = invoke([*argv[:-1], "--ipv6", "false"], {"NATIVE_NFTABLES": "true"})
+    assert env.code == 2 and "NATIVE_NFTABLES" in env.stderr

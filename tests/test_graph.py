@@ -17,10 +17,12 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-from cases import CASES, SEED_ARGS, Case
+from cases import CASES, SEED_ARGS
+from cases_current import CURRENT_CASES, RULES
 from clirun import clean_environ, invoke
 from istio_init.config import from_sources
 from istio_init.model import is_builtin
@@ -37,8 +39,29 @@ Node = tuple[str, tuple[str, ...]]
 Edge = tuple[str, str, str, tuple[str, ...]]
 
 
+class Case(NamedTuple):
+    """A golden case of either rule set: flags, environment, IP family, the pod's resolvers."""
+
+    name: str
+    args: tuple[str, ...]
+    ipv6: bool
+    env: dict[str, str]
+    resolvers: tuple[str, ...] = ()
+
+
+ALL_CASES = ([Case(c.name, c.args, c.ipv6, c.env) for c in CASES]
+             + [Case(f"current-{c.name}", (*RULES, *c.args), c.ipv6, c.env, c.resolvers) for c in CURRENT_CASES])
+
+
 def _args(case: Case) -> list[str]:
     return [*(a for a in case.args if a != "istio-iptables"), "--ipv6", "true" if case.ipv6 else "false"]
+
+
+def _env(case: Case, tmp_path: Path) -> dict[str, str]:
+    """The case's environment and a resolv.conf of its resolvers (never the host's)."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("".join(f"nameserver {server}\n" for server in case.resolvers))
+    return {**case.env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}
 
 
 def graph_text(case_args: list[str], fmt: str, env: dict | None = None) -> str:
@@ -95,7 +118,7 @@ def expected_chains_and_jumps(case: Case) -> tuple[dict[str, Node], set[tuple[st
     """From the plan itself: chain node name -> (cluster, label lines), the jumps, and the rules per node."""
     from test_drift import _given
 
-    rule_plan = plan(from_sources(_given(case.args), environ=case.env), case.ipv6)
+    rule_plan = plan(from_sources(_given(case.args), environ=case.env), case.ipv6, case.resolvers)
     chains: dict[str, Node] = {}
     jumps: set[tuple[str, str, str]] = set()
     rules: dict[str, list] = {}
@@ -115,10 +138,11 @@ def expected_chains_and_jumps(case: Case) -> tuple[dict[str, Node], set[tuple[st
 
 
 @needs_dot
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_dot_and_mermaid_have_the_plans_chains_and_jumps(case: Case) -> None:
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
+def test_dot_and_mermaid_have_the_plans_chains_and_jumps(case: Case, tmp_path: Path) -> None:
     chains, jumps, rules = expected_chains_and_jumps(case)
-    nodes, edges = parse_dot(graph_text(_args(case), "dot", case.env))
+    env = _env(case, tmp_path)
+    nodes, edges = parse_dot(graph_text(_args(case), "dot", env))
 
     chain_nodes = {name: node for name, node in nodes.items() if node[1][0].count("/") == 1 and "/" in name}
     outcome_nodes = {name: node for name, node in nodes.items() if name not in chain_nodes}
@@ -139,7 +163,7 @@ def test_dot_and_mermaid_have_the_plans_chains_and_jumps(case: Case) -> None:
                 assert any(t == f"REDIRECT :{port}" and any(line.startswith(f"{n}:") for line in lines)
                            for c, s, t, lines in edges if c == cluster and s == label[0])
 
-    mermaid_nodes, mermaid_edges = parse_mermaid(graph_text(_args(case), "mermaid", case.env))
+    mermaid_nodes, mermaid_edges = parse_mermaid(graph_text(_args(case), "mermaid", env))
     assert Counter(mermaid_nodes.values()) == Counter(nodes.values())
     assert mermaid_edges == edges
 
@@ -189,17 +213,18 @@ def test_the_checked_in_seed_picture_is_what_the_command_draws() -> None:
 
 @pytest.mark.root
 @needs_dot
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
 def test_live_picture_equals_the_plans_right_after_an_apply(netns: Namespace, case: Case, tmp_path: Path) -> None:
-    backend = ("libiptc", "legacy", "nft")[CASES.index(case) % 3]
+    backend = ("libiptc", "legacy", "nft")[ALL_CASES.index(case) % 3]
     args = [*_args(case), "--iptables-backend", backend]
     # Private lock files: other test runs (in other namespaces) holding the machine's must not stall this one.
-    env = clean_environ({**case.env, "ISTIO_INIT_LOCKFILE": str(tmp_path / "istio-init.lock"),
+    case_env = _env(case, tmp_path)
+    env = clean_environ({**case_env, "ISTIO_INIT_LOCKFILE": str(tmp_path / "istio-init.lock"),
                          "XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")})
     applied = netns.run(sys.executable, "-m", "istio_init", *args, env=env, check=False)
     assert applied.returncode == 0, applied.stderr
     live = netns.run(sys.executable, "-m", "istio_init", "graph", "--live", *args, "--format", "dot", env=env,
                      check=False)
     assert live.returncode == 0, live.stderr
-    assert live.stdout == graph_text(args, "dot", case.env)
+    assert live.stdout == graph_text(args, "dot", case_env)
     parse_dot(live.stdout)
