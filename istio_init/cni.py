@@ -245,10 +245,10 @@ def _excluded(conf: NetConf, environ: Mapping[str, str]) -> bool:
     return namespace is not None and namespace in conf.exclude_namespaces
 
 
-def _kernel_error(exc: IstioInitError) -> CniError:
+def _kernel_error(exc: IstioInitError, doing: str) -> CniError:
     if isinstance(exc, ConfigError):
         return CniError(ERR_CONFIG, f"invalid network configuration: args: {exc}")
-    return CniError(ERR_APPLY, "installing the capture failed", str(exc))
+    return CniError(ERR_APPLY, f"{doing} failed", str(exc))
 
 
 def cmd_add(conf: NetConf, call: Call) -> dict[str, Any]:
@@ -264,7 +264,7 @@ def cmd_add(conf: NetConf, call: Call) -> dict[str, Any]:
     try:
         core("ADD", config._replace(network_namespace=environ["CNI_NETNS"]), call)
     except IstioInitError as exc:
-        raise _kernel_error(exc) from None
+        raise _kernel_error(exc, "installing the capture") from None
     call.log(f"ADD: capture installed in {(time.monotonic() - started) * 1000:.1f} ms")
     return conf.prev_result  # type: ignore[return-value]
 
@@ -302,7 +302,7 @@ def cmd_check(conf: NetConf, call: Call) -> None:
     try:
         problems = core("CHECK", config._replace(network_namespace=environ["CNI_NETNS"]), call)
     except IstioInitError as exc:
-        raise _kernel_error(exc) from None
+        raise _kernel_error(exc, "reading the namespace's rules") from None
     if problems:
         raise CniError(ERR_DRIFT, "the capture rules differ from the configuration", "; ".join(problems))
 
