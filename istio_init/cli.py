@@ -300,12 +300,12 @@ def cni_flags(argv: list[str]) -> dict[str, Any]:
         return dict(ctx.params)
 
 
-def _cni_log(message: str) -> None:
+def _cni_log(message: str, level: str = "info") -> None:
     """One entry in the plugin's log: fd 2, which is the configuration's logFile once it is read."""
     import time
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    print(f"{stamp} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
+    print(f"{stamp} {level} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
           file=sys.stderr, flush=True)
 
 

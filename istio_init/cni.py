@@ -54,7 +54,7 @@ _RUNTIME_OWNED = {"network_namespace": "--network-namespace (the runtime gives C
                   "cleanup_only": "--cleanup-only (the runtime calls DEL)"}
 
 
-Log = Callable[[str], None]
+Log = Callable[..., None]  # log(message) or log(message, level), as runner.Log
 ParseFlags = Callable[[list[str]], dict[str, Any]]
 
 
@@ -225,49 +225,11 @@ def core(action: str, config: Config, call: Call) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(locks.namespace_lock_path())  # the pod is going; its lock file goes with it
         return []
+    # CHECK is `istio-init check`: the same plan, live state and comparison (drift.py).
+    from istio_init import drift
+
     runner.enter_namespace(config)
-    with locks.namespace_lock():
-        return live_drift(config, call.log)
-
-
-def live_drift(config: Config, log: Log) -> list[str]:
-    """What differs between the namespace (entered) and the plan for `config`; empty when they agree.
-
-    A stand-in for the `istio-init check` command being written on branch
-    `ops`: it decides drift with the same pure reconcile() an apply uses (a
-    converged table needs no change), plus the TPROXY routes and ::6, and is
-    the one function to swap for check's logic when that lands.
-    """
-    from istio_init import backends, netns, runner
-    from istio_init.backends.iptables.reconcile import reconcile
-
-    rule_plan, _ = runner.build_plan(config, log)
-    plans = {family.family: family for family in rule_plan.families()}
-    choice = backends.choose(config.iptables_backend, list(plans), sum(len(f.steps) for f in plans.values()),
-                             config.kube_virt_interfaces)
-    backend = backends.get(choice.name)
-    problems = []
-    for family in (4, 6):
-        for change in reconcile(backend.read(family), plans.get(family)):
-            problems.append(f"IPv{family} {change.table}: " + _describe(change))
-    for route in rule_plan.routes:
-        found = netns.policy_routing_for_marks(route.family, {route.fwmark})
-        if netns.Routing("rule", route.family, route.fwmark, route.table) not in found:
-            problems.append(f"missing ip rule fwmark {route.fwmark:#x} lookup {route.table}")
-        if netns.Routing("route", route.family, 0, route.table) not in found:
-            problems.append(f"missing route local default dev lo table {route.table}")
-    for address in rule_plan.loopback_addresses:
-        if not netns.has_loopback_address(address):
-            problems.append(f"missing address {address} on lo")
-    return problems
-
-
-def _describe(change: Any) -> str:
-    parts = [f"{len(change.create_chains)} chain(s) missing" if change.create_chains else "",
-             f"{len(change.delete_chains)} stale chain(s)" if change.delete_chains else "",
-             f"{len(change.delete_rules)} rule(s) outside our chains to remove" if change.delete_rules else "",
-             f"{len(change.steps)} planned rule(s) not in place" if change.steps else ""]
-    return ", ".join(p for p in parts if p) or "differs from the plan"
+    return [" ".join(difference.line().split()) for difference in drift.run(config, call.log).differences]
 
 
 # ---- the commands ---------------------------------------------------------------------------------
@@ -283,10 +245,10 @@ def _excluded(conf: NetConf, environ: Mapping[str, str]) -> bool:
     return namespace is not None and namespace in conf.exclude_namespaces
 
 
-def _kernel_error(exc: IstioInitError) -> CniError:
+def _kernel_error(exc: IstioInitError, doing: str) -> CniError:
     if isinstance(exc, ConfigError):
         return CniError(ERR_CONFIG, f"invalid network configuration: args: {exc}")
-    return CniError(ERR_APPLY, "installing the capture failed", str(exc))
+    return CniError(ERR_APPLY, f"{doing} failed", str(exc))
 
 
 def cmd_add(conf: NetConf, call: Call) -> dict[str, Any]:
@@ -302,7 +264,7 @@ def cmd_add(conf: NetConf, call: Call) -> dict[str, Any]:
     try:
         core("ADD", config._replace(network_namespace=environ["CNI_NETNS"]), call)
     except IstioInitError as exc:
-        raise _kernel_error(exc) from None
+        raise _kernel_error(exc, "installing the capture") from None
     call.log(f"ADD: capture installed in {(time.monotonic() - started) * 1000:.1f} ms")
     return conf.prev_result  # type: ignore[return-value]
 
@@ -340,7 +302,7 @@ def cmd_check(conf: NetConf, call: Call) -> None:
     try:
         problems = core("CHECK", config._replace(network_namespace=environ["CNI_NETNS"]), call)
     except IstioInitError as exc:
-        raise _kernel_error(exc) from None
+        raise _kernel_error(exc, "reading the namespace's rules") from None
     if problems:
         raise CniError(ERR_DRIFT, "the capture rules differ from the configuration", "; ".join(problems))
 

@@ -68,3 +68,9 @@ def test_the_shipped_conflist_gives_the_seed_rules() -> None:
     assert conf.args == list(SEED_ARGS)
     seed = next(case for case in CASES if case.name == "seed")
     assert render_plan(plan(flags_config(conf.args, {}, cni_flags), False)) == seed.golden.read_text()
+
+
+def test_rules_version_and_native_nftables_become_the_init_containers_flags() -> None:
+    data = {"cniVersion": "1.0.0", "args": ["-i", "*"], "rulesVersion": "current", "nativeNftables": True}
+    assert NetConf(data, "DEL").args == ["-i", "*", "--rules-version", "current", "--native-nftables"]
+    assert NetConf({**data, "nativeNftables": False}, "DEL").args == ["-i", "*", "--rules-version", "current"]
