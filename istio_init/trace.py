@@ -481,7 +481,12 @@ def run(config: Config, conn_args: dict, live: bool, as_json: bool) -> str:
         except OSError:
             local = []
     conn = make_connection(local_addresses=local, **conn_args)
-    if live:
+    if live and config.native_nftables:
+        from istio_init.nft_live import read_live as read_live_nft
+
+        ruleset, source = read_live_nft(conn.family)
+        source = f"live ({source})"
+    elif live:
         ruleset, source = read_live(conn.family, config.iptables_backend)
         source = f"live ({source})"
     else:
