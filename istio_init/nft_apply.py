@@ -27,7 +27,7 @@ from istio_init.backends.nftables import NftablesBackend, OUR_TABLES, Undo
 from istio_init.config import Config
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
-from istio_init.render_nft import FAMILY, TransactionLine, clean_transaction, render_transaction
+from istio_init.render_nft import FAMILY, TransactionLine, render_transaction
 
 FAULT_ENV = apply.FAULT_ENV  # test-only: `reject:nft` (the last rule refused), `after-commit:nft`, `route`
 _MANGLE = OUR_TABLES[1]
@@ -125,21 +125,22 @@ def clean(config: Config) -> None:
     backend = NftablesBackend()
     with apply.istio_lock():
         before = backend.ours()
+        present = [obj["table"]["name"] for obj in before if "table" in obj]
         marks = _divert_marks(before) | {config.tproxy_mark}
         if config.dry_run:
-            present = [name for name in OUR_TABLES if any(obj.get("table", {}).get("name") == name for obj in before)]
-            sys.stdout.write("".join(line + "\n" for line in clean_transaction().splitlines()
-                                     if line.split()[-1] in present and line.startswith("delete")))
+            sys.stdout.write("".join(f"delete table {FAMILY} {name}\n" for name in present))
             apply._clean_routing(marks, dry_run=True)
             return
-        backend.remove()
+        undo = backend.remove()
         try:
             removed = apply._clean_routing(marks, dry_run=False)
         except ApplyError as exc:
             try:
-                backend.restore(Undo(tuple(before)))
+                backend.restore(undo)
             except ApplyError as again:
                 raise ApplyError(f"{exc}; restoring the tables failed too: {again}") from None
             raise ApplyError(f"{exc} (the tables were put back)") from None
-    tables = sum(1 for obj in before if "table" in obj)
-    apply.log(f"clean (native nftables): {'removed ' + str(tables) + ' table(s), ' + str(removed) + ' route(s)/address(es)' if tables or removed else 'nothing to remove'}")
+    if present or removed:
+        apply.log(f"clean (native nftables): removed {len(present)} table(s), {removed} route(s) or address(es)")
+    else:
+        apply.log("clean (native nftables): nothing to remove")
