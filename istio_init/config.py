@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from types import MappingProxyType
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 from istio_init.errors import ConfigError
 
@@ -394,7 +394,7 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
     raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
 
 
-def _current_settings(parse: "_Parser", version: str) -> dict[str, object]:
+def _current_settings(parse: "_Parser", version: str) -> dict[str, Any]:
     """The Config fields only the current rule set reads (defaults under 1.8)."""
     if version != RULES_CURRENT:
         return {}

@@ -96,11 +96,11 @@ def split_args(argv: list[str]) -> tuple[list[str], LogOptions]:
         options = options._replace(stacktrace_level=scopes.get(DEFAULT_SCOPE, options.stacktrace_level))
     if "--log_as_json" in values:
         options = options._replace(as_json=_switch("--log_as_json", values["--log_as_json"]))
-    for flag, field in (("--log_target", "target"), ("--log_caller", "caller")):
-        if flag in values:
-            if any(ch in values[flag] for ch in "\n\r\x00"):
-                raise ConfigError(flag, values[flag], "control characters are not allowed")
-            options = options._replace(**{field: values[flag]})
+    for flag in ("--log_target", "--log_caller"):
+        if any(ch in values.get(flag, "") for ch in "\n\r\x00"):
+            raise ConfigError(flag, values[flag], "control characters are not allowed")
+    options = options._replace(target=values.get("--log_target", options.target),
+                               caller=values.get("--log_caller", options.caller))
     return rest, options
 
 
@@ -157,7 +157,7 @@ def configured(options: LogOptions) -> Iterator[None]:
     """sys.stderr shaped by `options` for the duration of one command."""
     real = sys.stderr
     stream = _LogStream(real, options)
-    sys.stderr = stream  # type: ignore[assignment]
+    sys.stderr = stream
     try:
         yield
     finally:

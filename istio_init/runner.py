@@ -40,9 +40,19 @@ def decide_ipv6(config: Config) -> bool:
     from istio_init import netns
 
     try:
-        if config.dual_stack:  # current rule set: any IPv6 address of the pod
-            return any(address.version == 6 for address in netns.pod_addresses())
-        return netns.detect_ipv6()
+        if config.rules_version != RULES_CURRENT:
+            return netns.detect_ipv6()
+        addresses = netns.pod_addresses()
+        if not addresses:
+            # Current Istio exits 1 here; RULES-CURRENT.md keeps RULES.md's IPv4 rules, and says so.
+            from istio_init import logs
+
+            logs.emit("warn", "istio-init: warning: the pod has no address but loopback and link-local ones; "
+                              "making IPv4 rules only")
+            return False
+        if config.dual_stack:  # any IPv6 address of the pod
+            return any(address.version == 6 for address in addresses)
+        return addresses[0].version == 6
     except OSError as exc:
         print(f"istio-init: cannot read the pod's addresses ({exc}); making IPv4 rules only",
               file=sys.stderr)

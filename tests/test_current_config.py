@@ -287,3 +287,15 @@ def test_dual_stack_makes_ipv6_rules_when_any_address_is_ipv6(netns, args: tuple
     via_env = netns.run(sys.executable, "-m", "istio_init", *CURRENT, "-n",
                         env=clean_environ({"ISTIO_DUAL_STACK": "true"} if ipv6 else {}))
     assert via_env.stdout == out.stdout
+
+
+@pytest.mark.root
+def test_pod_without_an_address_gets_ipv4_rules_and_a_warning(netns) -> None:
+    out = netns.run(sys.executable, "-m", "istio_init", *CURRENT, "-n", env=clean_environ())
+    assert "# IPv6" not in out.stdout.splitlines() and "-A OUTPUT -j ISTIO_OUTPUT" in out.stdout
+    warnings = [line for line in out.stderr.splitlines() if "warning" in line]
+    assert warnings == ["istio-init: warning: the pod has no address but loopback and link-local ones; "
+                        "making IPv4 rules only"]
+    netns.add_address("2001:db8::10/64")
+    out = netns.run(sys.executable, "-m", "istio_init", *CURRENT, "-n", env=clean_environ())
+    assert "# IPv6" in out.stdout.splitlines() and "warning" not in out.stderr

@@ -34,7 +34,8 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     module = ruleset_for(config)
     if module is current:
         return current.plan(config, ipv6, resolvers)
-    return module.plan(config, ipv6)
+    planned: RulePlan = module.plan(config, ipv6)
+    return planned
 
 
 def owned_chains(table: str) -> frozenset[str]:

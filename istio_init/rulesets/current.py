@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from istio_init.config import Cidr, Config
 from istio_init.model import APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step
@@ -70,7 +70,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     resolv.conf order); they matter only with DNS capture and without
     --capture-all-dns.
     """
-    servers = {4: [], 6: []}  # type: dict[int, list[str]]
+    servers: dict[int, list[str]] = {4: [], 6: []}
     for address in resolvers:
         parsed = ipaddress.ip_address(address)
         servers[parsed.version].append(_host(parsed))
@@ -144,10 +144,10 @@ class _Family:
         self.dns = dns  # DNS capture on and effective (capture-all, or a resolver in some family)
         self.steps: list[Step] = []
 
-    def append(self, table: str, chain: str, target: str, **parts) -> None:
+    def append(self, table: str, chain: str, target: str, **parts: Any) -> None:
         self.steps.append(Step(APPEND, Rule(table, chain, target, **parts)))
 
-    def insert(self, position: int, table: str, chain: str, target: str, **parts) -> None:
+    def insert(self, position: int, table: str, chain: str, target: str, **parts: Any) -> None:
         self.steps.append(Step(INSERT, Rule(table, chain, target, **parts), position))
 
     def cidrs(self, networks: Iterable[Cidr]) -> list[str]:
