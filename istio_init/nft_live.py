@@ -28,7 +28,7 @@ class _OtherFamily(Exception):
 
 def _chain_name(chain: dict[str, Any]) -> str:
     """A base chain by its hook (prerouting -> PREROUTING), a regular one as ISTIO_ spells it."""
-    return chain["hook"].upper() if "hook" in chain else chain["name"].upper().replace("-", "_")
+    return str(chain["hook"]).upper() if "hook" in chain else str(chain["name"]).upper().replace("-", "_")
 
 
 def _address(value: Any, family: int) -> str:

@@ -14,6 +14,7 @@ output); the text listing is only ever printed, never parsed.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -41,9 +42,7 @@ def _module() -> ModuleType:
     if "nftables" in sys.modules:
         return sys.modules["nftables"]
     try:
-        import nftables  # type: ignore[import-not-found]
-
-        return nftables
+        return importlib.import_module("nftables")
     except ImportError:
         pass
     if not os.path.exists(DEBIAN_MODULE):
