@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
 from istio_init.backends.iptables import savefile
-from istio_init.errors import IstioInitError
+from istio_init.errors import TraceError
 from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Rule, is_builtin
 from istio_init.render import rule_spec
 
@@ -50,12 +50,6 @@ CAPTURING_TARGETS = ("REDIRECT", "DNAT", "TPROXY")
 # Targets that end a table's walk without capturing.
 _FINAL_TARGETS = ("ACCEPT", "DROP", "REJECT", "SNAT", "MASQUERADE")
 _MAX_STEPS = 10000  # a loop in live rules must not hang the tool
-
-
-class TraceError(IstioInitError):
-    """The rules (or the connection) cannot be evaluated; names the rule."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -468,7 +462,12 @@ def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool) ->
         except OSError:
             local = []
     conn = make_connection(local_addresses=local, **conn_args)
-    if live:
+    if live and config.native_nftables:
+        from istio_init.nft_live import read_live as read_live_nft
+
+        ruleset, source = read_live_nft(conn.family)
+        source = f"live ({source})"
+    elif live:
         ruleset, source = read_live(conn.family, config.iptables_backend)
         source = f"live ({source})"
     else:

@@ -157,3 +157,35 @@ def test_dry_run_needs_no_privileges() -> None:
                           cwd="/", check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout == render_transaction(case_plan(CASES[0]), guard_single_family=True)
+
+
+def test_live_json_reads_back_as_the_planned_rules_per_family() -> None:
+    """nft_live undoes render_nft: each family's rules come back as that family's plan (JSON as nft gives it)."""
+    from istio_init.nft_live import ruleset_from_json
+
+    objects = [
+        {"chain": {"family": "inet", "table": "istio-proxy-nat", "name": "output", "hook": "output",
+                   "type": "nat", "prio": -100, "policy": "accept"}},
+        {"chain": {"family": "inet", "table": "istio-proxy-nat", "name": "istio-output"}},
+        {"rule": {"family": "inet", "table": "istio-proxy-nat", "chain": "output", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}},
+            {"counter": {"packets": 0, "bytes": 0}}, {"jump": {"target": "istio-output"}}]}},
+        {"rule": {"family": "inet", "table": "istio-proxy-nat", "chain": "istio-output", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "lo"}},
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "::1"}},
+            {"match": {"op": "!=", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                       "right": {"set": [53, 15008]}}},
+            {"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": 1337}},
+            {"counter": {"packets": 0, "bytes": 0}}, {"jump": {"target": "istio-in-redirect"}}]}},
+        {"rule": {"family": "inet", "table": "istio-proxy-nat", "chain": "istio-output", "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                       "right": {"prefix": {"addr": "10.0.0.0", "len": 8}}}},
+            {"counter": {"packets": 0, "bytes": 0}}, {"redirect": {"port": 15001}}]}},
+    ]
+    from istio_init.render import rule_spec
+
+    v4 = {chain: [rule_spec(r) for r in rules] for chain, rules in ruleset_from_json(objects, 4)["nat"].items()}
+    v6 = {chain: [rule_spec(r) for r in rules] for chain, rules in ruleset_from_json(objects, 6)["nat"].items()}
+    assert v4 == {"OUTPUT": ["-j ISTIO_OUTPUT"], "ISTIO_OUTPUT": ["-d 10.0.0.0/8 -j REDIRECT --to-ports 15001"]}
+    assert v6 == {"OUTPUT": [], "ISTIO_OUTPUT": [
+        "! -d ::1/128 -o lo -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT"]}
