@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from istio_init import locks
+from istio_init import locks, timing
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 
@@ -88,6 +88,7 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
     families = [family.family for family in plan.families()]
     notes: list[str] = []
     with lock():
+        timing.mark("istio-init's namespace lock")
         undo = backend.converge(plan, families)
         undos: list[Undo | _NetworkUndo] = [undo]
         try:
@@ -97,7 +98,9 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
                 notes.append(f"removed istio-init's rules from the {other.name} tables (this run uses "
                              f"{backend.name}, so two rule sets do not capture at once)")
             marks = set(undo.previous_marks).union(*(u.previous_marks for u in undos[1:]))  # type: ignore[union-attr]
+            timing.mark("other backends holding istio-init's rules")
             _apply_routing(plan, marks, network, undos)
+            timing.mark("routes and addresses")
         except BaseException as exc:  # anything after the first commit rolls everything back
             raise _undo_all(undos, exc) from None
     tables = {f.family: list(dict.fromkeys([*f.tables(), *(c.split()[1] for c in undo.changed
@@ -105,6 +108,7 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
               for f in plan.families()}
     dump = "".join(("# IPv6\n" if family == 6 else "") + backend.dump(family, names)
                    for family, names in tables.items())
+    timing.mark("the printed tables")
     return Applied(backend.name, undo.changed, dump, notes)
 
 

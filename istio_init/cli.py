@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any, Callable, TypeVar
 
+from istio_init import timing
+
 import click
 
 from istio_init.config import FLAGS, Config, FlagSpec, from_sources
@@ -68,7 +70,10 @@ _flag_options = _options_for()
 
 def load_config(given: dict[str, Any]) -> Config:
     """Config from the parsed flags (None: not given) and the environment."""
-    return from_sources(given)
+    timing.mark("click: parse the command line")
+    config = from_sources(given)
+    timing.mark("config: validate flags and environment")
+    return config
 
 
 def log(message: str) -> None:
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
     `wrap_backend` wraps the backend a run chooses and `network` replaces the
     route and address steps, when given (tests pass fault injectors).
     """
+    timing.mark("imports: click, config, the CLI's commands")
     try:
         cli.main(args=argv, prog_name=PROG, standalone_mode=False,
                  obj={"wrap_backend": wrap_backend, "network": network})
@@ -197,6 +203,10 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
         print(f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
               f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if timing.ENABLED:
+            for line in timing.report():
+                log(line)
     sys.exit(0)
 
 

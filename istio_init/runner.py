@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from istio_init import timing
 from istio_init.config import Config
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
@@ -63,7 +64,10 @@ def decide_ipv6(config: Config, log: Log) -> bool:
 
 def build_plan(config: Config, log: Log) -> tuple[RulePlan, bool]:
     ipv6 = decide_ipv6(config, log)
-    return plan(config, ipv6), ipv6
+    timing.mark("the pod's IP families")
+    rule_plan = plan(config, ipv6)
+    timing.mark("plan")
+    return rule_plan, ipv6
 
 
 def require_net_admin() -> None:
@@ -91,7 +95,9 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
     # read in `kubectl logs POD -c istio-init` when a pod's traffic looks wrong.
     log(summary(config, ipv6))
     if config.dry_run:
-        return render_plan(rule_plan)
+        text = render_plan(rule_plan)
+        timing.mark("render the dry run")
+        return text
     out = ""
     if config.skip_rule_apply:
         log("--skip-rule-apply: not applying any rules")
@@ -113,11 +119,13 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
     choice = backends.choose(config.iptables_backend, families, sum(len(f.steps) for f in rule_plan.families()))
     log(f"iptables backend {choice.name} ({choice.reason})")
     backend = backends.get(choice.name)
+    timing.mark("choose the backend")
     if wrap is not None:
         backend = wrap(backend)
     applied = apply.run(rule_plan, backend, lambda: backends.others_holding_ours(choice.name, [4, 6]), network)
     for note in applied.notes:
         log(note)
+    timing.mark("log the notes")
     return applied.dump
 
 

@@ -17,6 +17,7 @@ from typing import ContextManager, Mapping, Sequence
 from istio_init.backends.iptables.reconcile import TableChange, reconcile
 from istio_init.backends.iptables.savefile import SavedTable, normalize, parse_save, table_blocks
 from istio_init.backends.iptables.tools import Tools, restore_saved, save_text
+from istio_init import timing
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.rulesets import owned_chains
@@ -121,14 +122,19 @@ class IptablesBackend:
     def converge(self, plan: RulePlan | None, families: Sequence[int]) -> IptablesUndo:
         undo = IptablesUndo(self)
         with self.session():
+            timing.mark("backend session (libiptc: the xtables lock)")
             live = {}
             for family in families:
                 undo.snapshots[family] = self.snapshot(family)
+                timing.mark(f"snapshot IPv{family} (iptables-save -c)")
                 live[family] = parse_save(undo.snapshots[family])
+                timing.mark(f"parse the IPv{family} snapshot")
             undo.decided = self.decide(live, plan, families)
+            timing.mark("decide (reconcile)")
             error: BaseException | None = None
             try:
                 self.commit(undo.decided, undo)
+                timing.mark("commit")
             except BaseException as exc:  # an encoding error, a bug, a signal: all roll back the same
                 error = exc
         if error is not None:

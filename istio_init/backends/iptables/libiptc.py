@@ -23,7 +23,7 @@ import sys
 from types import ModuleType
 from typing import Any, Mapping
 
-from istio_init import locks
+from istio_init import locks, timing
 from istio_init.backends.iptables.backend import IptablesBackend, IptablesUndo
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, save_text
@@ -125,6 +125,12 @@ def _import_iptc() -> ModuleType:
     return module
 
 
+def _import_iptc_timed() -> None:
+    timing.mark("start iptables-save")
+    _import_iptc()
+    timing.mark("import python-iptables (while iptables-save runs)")
+
+
 class _Family:
     """One family's iptc classes and the libiptc calls python-iptables does not wrap."""
 
@@ -220,7 +226,7 @@ class LibiptcBackend(IptablesBackend):
         return xtables_lock()
 
     def snapshot(self, family: int) -> str:
-        return save_text(self.tools, family, meanwhile=_import_iptc)
+        return save_text(self.tools, family, meanwhile=_import_iptc_timed)
 
     def commit_family(self, family: int, changes: list[TableChange]) -> None:
         fam = _Family(_import_iptc(), family)
