@@ -85,9 +85,11 @@ def _import_iptc() -> ModuleType:
     through setuptools' distutils shim, which imports most of setuptools. For
     the duration of the import only, the directory is set when known,
     `ctypes.util` is a stand-in whose `find_library` is `_find_shared_library`,
-    and the shim is stepped around (Python 3.11's own distutils is then used;
-    on 3.12 python-iptables falls back to `sysconfig`). Afterwards everything
-    is as it was, so a later `import ctypes.util` gets the real module.
+    and distutils is made unimportable, so python-iptables takes the
+    `sysconfig` fallback it uses on Python 3.12 (where distutils is gone)
+    instead of Python 3.11's deprecated distutils or setuptools' shim for it.
+    Afterwards everything is as it was, so a later `import ctypes.util` gets
+    the real module.
     """
     if "iptc" in sys.modules:
         return sys.modules["iptc"]
@@ -101,18 +103,23 @@ def _import_iptc() -> ModuleType:
     stand_in.find_library = _find_shared_library  # type: ignore[attr-defined]
     had_util = "ctypes.util" in sys.modules
     real_util = sys.modules.get("ctypes.util")
+    hidden = [name for name in ("distutils", "distutils.sysconfig") if name not in sys.modules]
     shims = [finder for finder in sys.meta_path if type(finder).__module__ == "_distutils_hack"]
     try:
         for finder in shims:
             sys.meta_path.remove(finder)
         sys.modules["ctypes.util"] = stand_in
         ctypes.util = stand_in  # type: ignore[attr-defined]
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]  # `import` raises ModuleNotFoundError
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             import iptc  # type: ignore[import-untyped]
     except Exception as exc:  # python-iptables raises plain Exceptions when libraries are missing
         raise ApplyError(f"--iptables-backend libiptc: python-iptables cannot load libiptc: {exc}") from None
     finally:
+        for name in hidden:
+            sys.modules.pop(name, None)
         if had_util:
             sys.modules["ctypes.util"] = real_util  # type: ignore[assignment]
             ctypes.util = real_util  # type: ignore[attr-defined]
