@@ -28,7 +28,7 @@ from istio_init.backends.iptables.backend import IptablesBackend, IptablesUndo
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, save_text
 from istio_init.errors import ApplyError
-from istio_init.model import INSERT, Rule
+from istio_init.model import INSERT, Rule, Step
 from istio_init.render import rule_spec
 
 XTABLES_LOCK = "/run/xtables.lock"
@@ -151,6 +151,7 @@ class _Family:
             self.table_class, self.rule_class = iptc.Table, iptc.Rule
             self._delete_num = iptc.ip4tc._libiptc.iptc_delete_num_entry
         self._delete_num.restype = ctypes.c_int
+        self._built: dict[Rule, Any] = {}
 
     def delete_number(self, table: Any, chain: str, number: int) -> None:
         """Delete rule `number` (1-based) of `chain`, as `iptables -D CHAIN N`."""
@@ -158,7 +159,25 @@ class _Family:
             raise self.iptc.IPTCError(table.strerror())
 
     def build(self, rule: Rule) -> Any:
-        """An iptc rule from the model's parts (values are already in canonical form)."""
+        """An iptc rule from the model's parts (values are already in canonical form).
+
+        Rules that differ only in their addresses (thousands of `-d CIDR -j
+        RETURN`) share one built rule whose addresses are set again: making
+        the matches and the target is most of python-iptables' cost per rule,
+        and libiptc copies a rule when it is added, so re-using it is safe.
+        """
+        shape = rule._replace(source=rule.source and "*", destination=rule.destination and "*")
+        built = self._built.get(shape)
+        if built is not None:
+            if rule.source:
+                built.src = rule.source
+            if rule.destination:
+                built.dst = ("!" if rule.negate_destination else "") + rule.destination
+            return built
+        built = self._built[shape] = self._new(rule)
+        return built
+
+    def _new(self, rule: Rule) -> Any:
         built = self.rule_class()
         if rule.protocol:
             built.protocol = rule.protocol
@@ -181,6 +200,7 @@ class _Family:
 
     def apply_table(self, change: TableChange) -> None:
         chain, spec = "-", "(opening the table)"
+        step: Step | None = None
         table = None
         try:
             table = self.table_class(change.table, autocommit=False)
@@ -201,18 +221,21 @@ class _Family:
             for chain in change.delete_chains:
                 spec = f"-X {chain}"
                 table.delete_chain(chain)
+            chains: dict[str, Any] = {}
             for step in change.steps:
-                chain = step.rule.chain
-                spec = f"{f'-I {chain} {step.position}' if step.op == INSERT else f'-A {chain}'} {rule_spec(step.rule)}"
+                chain, spec = step.rule.chain, ""  # spelled only for an error message: see below
                 built = self.build(step.rule)
-                target_chain = self.iptc.Chain(table, chain)
+                target_chain = chains.get(chain) or chains.setdefault(chain, self.iptc.Chain(table, chain))
                 if step.op == INSERT:
                     target_chain.insert_rule(built, step.position - 1)
                 else:
                     target_chain.append_rule(built)
-            chain, spec = "-", "COMMIT"
+            step, chain, spec = None, "-", "COMMIT"
             table.commit()
         except Exception as exc:  # IPTCError, XTablesError, ValueError from python-iptables
+            if not spec and step is not None:
+                where = f"-I {chain} {step.position}" if step.op == INSERT else f"-A {chain}"
+                spec = f"{where} {rule_spec(step.rule)}"
             if table is not None:
                 with contextlib.suppress(Exception):
                     table.refresh()  # drop the uncommitted copy
