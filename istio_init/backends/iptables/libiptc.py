@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import sys
 from types import ModuleType
@@ -64,15 +65,26 @@ def _find_shared_library(name: str) -> str | None:
     known = _KNOWN_SONAMES.get(name)
     if known and any(os.path.exists(os.path.join(d, known)) for d in _LIBRARY_DIRS):
         return known
+    if name == "xtwrapper":  # python-iptables' own helper, installed beside it as an extension module
+        import sysconfig
+
+        bundled = f"libxtwrapper{sysconfig.get_config_var('EXT_SUFFIX')}"
+        return next((os.path.join(d, bundled) for d in sys.path if os.path.isfile(os.path.join(d, bundled))), None)
     prefix = f"lib{name}.so."
     for directory in _LIBRARY_DIRS:
-        try:
-            found = [entry for entry in os.listdir(directory) if entry.startswith(prefix)]
-        except OSError:
-            continue
+        found = [entry for entry in _listing(directory) if entry.startswith(prefix)]
         if found:
             return min(found, key=len)  # libfoo.so.12, the soname, rather than libfoo.so.12.7.0
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _listing(directory: str) -> tuple[str, ...]:
+    """A library directory's entries, read once: python-iptables asks for several names in a row."""
+    try:
+        return tuple(os.listdir(directory))
+    except OSError:
+        return ()
 
 
 def _import_iptc() -> ModuleType:
