@@ -26,12 +26,22 @@ SEED = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "RED
         "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]
 
 
-def large_args() -> list[str]:
-    """1,000 -x CIDRs, 200 -d ports and 200 -o ports, as in the issue."""
-    cidrs = [f"10.{i // 250}.{i % 250}.0/24" for i in range(1000)]
-    return [*SEED, "-x", ",".join(cidrs),
-            "-d", ",".join(str(p) for p in range(20000, 20200)),
-            "-o", ",".join(str(p) for p in range(30000, 30200))]
+SCALE = (1000, 4000, 8000)  # -x CIDRs: 8,000 /32s is about what one 128 KiB argument holds
+
+
+def cidr_args(count: int) -> list[str]:
+    """The seed plus `count` -x host CIDRs (one ISTIO_OUTPUT rule each)."""
+    cidrs = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32" for i in range(1, count + 1)]
+    return [*SEED, "-x", ",".join(cidrs)]
+
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares ms per 1,000 rules through (rules, ms) points."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    return 1000 * sum((x - mean_x) * (y - mean_y) for x, y in points) / var
 
 
 RESTORE = {"libiptc": "iptables-legacy-restore", "legacy": "iptables-legacy-restore",
@@ -122,9 +132,12 @@ class Namespaces:
         self.made.clear()
 
 
+PYTHON = sys.executable  # the interpreter (venv) whose istio-init is timed; --python changes it
+
+
 def istio_init_command() -> list[str]:
-    found = shutil.which("istio-init", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    return [found] if found else [sys.executable, "-m", "istio_init"]
+    found = shutil.which("istio-init", path=os.path.dirname(PYTHON))
+    return [found] if found else [PYTHON, "-m", "istio_init"]
 
 
 def rules_text(args: list[str]) -> bytes:
@@ -140,10 +153,10 @@ def bench_apply(name: str, args: list[str], backend: str, runs: int, spaces: Nam
     for _ in range(runs):
         a_samples.append(timed(["nsenter", f"--net={spaces.fresh()}", *command]))
         restore = ["nsenter", f"--net={spaces.fresh()}", RESTORE[backend], "--noflush"]
-        b_samples.append(timed([sys.executable, "-c", "import click"]) + timed(restore, stdin=text))
+        b_samples.append(timed([PYTHON, "-c", "import click"]) + timed(restore, stdin=text))
         spaces.remove_all()
     a_rss = peak_rss_kib(["nsenter", f"--net={spaces.fresh()}", *command])
-    b_rss = peak_rss_kib([sys.executable, "-c", "import click"])
+    b_rss = peak_rss_kib([PYTHON, "-c", "import click"])
     spaces.remove_all()
     a, b = Stats.of(a_samples, a_rss), Stats.of(b_samples, b_rss)
     return Row(f"{name} apply, backend {backend}", a, b, round(a.median_ms / b.median_ms, 2), target)
@@ -157,18 +170,19 @@ def bench_native(name: str, args: list[str], runs: int, spaces: Namespaces, targ
     for _ in range(runs):
         a_samples.append(timed(["nsenter", f"--net={spaces.fresh()}", *command]))
         load = ["nsenter", f"--net={spaces.fresh()}", "nft", "-f", "-"]
-        b_samples.append(timed([sys.executable, "-c", "import click"]) + timed(load, stdin=text))
+        b_samples.append(timed([PYTHON, "-c", "import click"]) + timed(load, stdin=text))
         spaces.remove_all()
     a_rss = peak_rss_kib(["nsenter", f"--net={spaces.fresh()}", *command])
-    b_rss = peak_rss_kib([sys.executable, "-c", "import click"])
+    b_rss = peak_rss_kib([PYTHON, "-c", "import click"])
     spaces.remove_all()
     a, b = Stats.of(a_samples, a_rss), Stats.of(b_samples, b_rss)
     return Row(f"{name} apply, native nftables", a, b, round(a.median_ms / b.median_ms, 2), target)
 
 
 def bench_dry_run(name: str, args: list[str], runs: int, target: float) -> Row:
+    """The dry run (no namespace needed) against the interpreter importing click."""
     command = [*istio_init_command(), *args, "-n", "--ipv6", "false"]
-    floor = [sys.executable, "-c", "import click"]
+    floor = [PYTHON, "-c", "import click"]
     a_samples, b_samples = [], []
     for _ in range(runs):
         a_samples.append(timed(command))
@@ -184,34 +198,47 @@ def main(argv: list[str] | None = None) -> int:
                         help="iptables backends, and nftables for --native-nftables")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter of the venv whose istio-init is timed (and runs the floor)")
+    parser.add_argument("--scale", default=",".join(map(str, SCALE)), help="-x CIDR counts (default 1000,4000,8000)")
     opts = parser.parse_args(argv)
+    global PYTHON
+    PYTHON = opts.python
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 2
     os.chdir(tempfile.gettempdir())
     # A private istio-init lock: runs elsewhere on the machine (test suites) must not make these wait.
     os.environ["ISTIO_INIT_LOCKFILE"] = os.path.join(tempfile.gettempdir(), f"istio-init-bench-{os.getpid()}.lock")
-    configs = {"seed": SEED, "large": large_args()}
+    scale = [int(n) for n in opts.scale.split(",") if n]
+    configs = {"seed": SEED, **{f"{n} CIDRs": cidr_args(n) for n in scale}}
+    rules = {name: rules_text(args).count(b"\n-A ") for name, args in configs.items()}
     spaces = Namespaces()
     rows: list[Row] = []
     try:
         for backend in opts.backends.split(","):
             for name, args in configs.items():
-                # Targets from the issue: 2x the floor for the seed with any backend
-                # and for the large configuration with the backend auto picks.
-                target = 2.0 if (name == "seed" or backend in ("auto", "nftables")) else float("inf")
                 if backend == "nftables":
-                    rows.append(bench_native(name, args, opts.runs, spaces, target))
+                    rows.append(bench_native(name, args, opts.runs, spaces, target_for(name, backend)))
                 else:
-                    rows.append(bench_apply(name, args, backend, opts.runs, spaces, target))
+                    rows.append(bench_apply(name, args, backend, opts.runs, spaces, target_for(name, backend)))
         for name, args in configs.items():
-            rows.append(bench_dry_run(name, args, opts.runs, 1.5))
+            rows.append(bench_dry_run(name, args, opts.runs, target_for(name, "dry run")))
     finally:
         spaces.remove_all()
     peak = max(row.a.peak_rss_kib for row in rows)
+    slopes = {}
+    for kind in [*opts.backends.split(","), "dry run"]:
+        ours = [(rules[n], r.a.median_ms) for n in configs if n != "seed" for r in rows if r.name == row_name(n, kind)]
+        floor = [(rules[n], r.b.median_ms) for n in configs if n != "seed" for r in rows if r.name == row_name(n, kind)]
+        if len(ours) >= 2:
+            slopes[kind] = (round(slope(ours), 1), round(slope(floor), 1))
+    rss_missed = [r for r in rows if r.a.peak_rss_kib > rss_target_kib(r.name)]
     if opts.json:
         print(json.dumps({"rows": [dict(asdict(r), ok=r.ok) for r in rows], "peak_rss_kib": peak,
-                          "runs": opts.runs}, indent=2))
+                          "runs": opts.runs, "rules": rules,
+                          "slope_ms_per_1000_rules": {k: {"istio-init": a, "floor": b} for k, (a, b) in slopes.items()}},
+                         indent=2))
     else:
         print(f"{'case':34} {'istio-init ms (med/min/max)':>28} {'floor ms (med/min/max)':>24} "
               f"{'ratio':>6} {'target':>6} {'RSS MiB':>8}")
@@ -219,10 +246,39 @@ def main(argv: list[str] | None = None) -> int:
             target = "-" if r.target == float("inf") else f"{r.target:g}x"
             print(f"{r.name:34} {r.a.median_ms:>10}/{r.a.min_ms}/{r.a.max_ms:<10} "
                   f"{r.b.median_ms:>8}/{r.b.min_ms}/{r.b.max_ms:<8} {r.ratio:>6} {target:>6} "
-                  f"{r.a.peak_rss_kib / 1024:>8.1f}{'' if r.ok else '  MISSED'}")
-        print(f"peak RSS of istio-init: {peak / 1024:.1f} MiB (target < 40 MiB); runs per side: {opts.runs}")
-    missed = [r for r in rows if not r.ok] or (peak >= 40 * 1024)
+                  f"{r.a.peak_rss_kib / 1024:>8.1f}{'' if r.ok else '  MISSED'}"
+                  f"{'  RSS MISSED' if r in rss_missed else ''}")
+        print(f"peak RSS of istio-init: {peak / 1024:.1f} MiB (targets: 25 MiB seed, 30 MiB 8,000 CIDRs); "
+              f"runs per side: {opts.runs}; rules: " + ", ".join(f"{n} {c}" for n, c in rules.items()))
+        for kind, (ours, floor) in slopes.items():
+            print(f"slope, {kind}: istio-init {ours} ms per 1,000 rules, floor {floor} ms per 1,000 rules")
+    missed = [r for r in rows if not r.ok] or rss_missed
     return 1 if (opts.check and missed) else 0
+
+
+def row_name(config: str, kind: str) -> str:
+    return f"{config} dry run" if kind == "dry run" else f"{config} apply, backend {kind}"
+
+
+def target_for(config: str, kind: str) -> float:
+    """The issue's targets: seed and 1,000 CIDRs 1.3x (default backend), dry run 1.15x, 8,000 CIDRs 1.3x/3x."""
+    if kind == "dry run":
+        return 1.15 if config == "seed" else float("inf")
+    if kind == "auto" and config in ("seed", "1000 CIDRs", "8000 CIDRs"):
+        return 1.3
+    if kind == "libiptc" and config == "8000 CIDRs":
+        return 3.0
+    if kind == "nftables" and config in ("seed", "1000 CIDRs"):
+        return 1.3
+    return float("inf")
+
+
+def rss_target_kib(name: str) -> float:
+    if name.startswith("seed"):
+        return 25 * 1024
+    if name.startswith("8000 CIDRs"):
+        return 30 * 1024
+    return float("inf")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The `istio-init` command line, and the only module that writes to stdout or stderr.
+"""The `istio-init` command line (click), one of the two front doors that write output.
 
 `istio-init [istio-iptables] FLAGS` is Istio's init container: the first word
 of the seed's `args:` is accepted and ignored, and anything that is not a
 subcommand name runs the default `run` command, so Istio's argument lists work
 unchanged. Every user mistake becomes one line on stderr and exit code 2.
-The rest of the package returns what to print and logs through `log`.
+entry.py runs the plain flag list without click; both write through output.py,
+and the rest of the package returns what to print and logs through `log`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from istio_init import logs
-from istio_init.config import FLAGS, Config, FlagSpec, from_sources, ignored_environment
+from istio_init import logs, output, timing
+from istio_init.config import FLAGS, Config, FlagSpec
 from istio_init.errors import ConfigError, IstioInitError
+from istio_init.output import PROG, log
 
-PROG = "istio-init"
 DEFAULT_COMMAND = "run"
 ISTIO_BINARY_NAME = "istio-iptables"
-DEBUG_ENV = "ISTIO_INIT_DEBUG"
 
 
 class _IstioGroup(click.Group):
@@ -68,28 +68,14 @@ _flag_options = _options_for()
 
 
 def load_config(given: dict[str, Any]) -> Config:
-    """Config from the parsed flags (None: not given) and the environment.
-
-    Variables only the other rule set reads are named on stderr, one line each.
-    """
-    config = from_sources(given)
-    for warning in ignored_environment(config):
-        logs.emit("warn", f"{PROG}: {warning}")
+    """Config from the parsed flags (None: not given) and the environment (output.load_config)."""
+    timing.mark("click: parse the command line")
+    config = output.load_config(given)
+    timing.mark("config: validate flags and environment")
     return config
 
 
-def log(message: str, level: str = "info") -> None:
-    """One progress or diagnostic line on stderr at `level` (logs.py filters and formats it)."""
-    first, *rest = message.splitlines() or [""]
-    logs.emit(level, f"{PROG}: {first}" if not first.startswith(f"{PROG} ") else first)
-    for line in rest:  # one record per line, as a pod's log (and --log_as_json) wants
-        logs.emit(level, line)
-
-
-def _out(text: str) -> None:
-    if text:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+_out = output.out
 
 
 def _wrap(ctx: click.Context) -> Any:
@@ -242,49 +228,43 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
     `wrap_backend` wraps the backend a run chooses and `network` replaces the
     route and address steps, when given (tests pass fault injectors).
     """
-    # Rules read back from the namespace may hold bytes that are not UTF-8 (see
-    # backends/iptables/tools.py); they are printed as the bytes they are, whatever the locale.
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None:
-        reconfigure(errors="surrogateescape")
+    timing.mark("imports: click, config, the CLI's commands")
+    output.prepare_stdout()
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         args, log_options = logs.split_args(args)
     except IstioInitError as exc:
-        print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: {output.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     with logs.configured(log_options):
         code = _run(args, {"wrap_backend": wrap_backend, "network": network})
+        if timing.ENABLED:
+            for line in timing.report():
+                log(line)
     sys.exit(code)
 
 
 def _run(args: list[str], obj: dict[str, Any]) -> int:
     """The command's exit code; every failure already reported as one line."""
-    try:
-        cli.main(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
-    except click.exceptions.Exit as done:
-        return done.exit_code
-    except click.Abort:
-        logs.emit("error", f"{PROG}: aborted")
-        return 1
-    except click.ClickException as exc:
-        logs.emit("error", f"{PROG}: {exc.format_message()}")
-        return exc.exit_code
-    except IstioInitError as exc:
-        logs.emit("error", f"{PROG}: {_one_line(str(exc))}")
-        return exc.exit_code
-    except Exception as exc:  # a bug or an unforeseen kernel refusal: still one line in the pod's log
-        if os.environ.get(DEBUG_ENV):
-            raise
-        logs.emit("error", f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
-                           f"(set {DEBUG_ENV}=1 for the traceback)")
-        return 1
-    return 0
+    exit_code = 0
+
+    def command() -> None:
+        nonlocal exit_code
+        try:
+            cli.main(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
+        except click.exceptions.Exit as done:
+            exit_code = done.exit_code
+        except click.Abort:
+            logs.emit("error", f"{PROG}: aborted")
+            exit_code = 1
+        except click.ClickException as exc:
+            logs.emit("error", f"{PROG}: {exc.format_message()}")
+            exit_code = exc.exit_code
+
+    return output.guarded(command) or exit_code
 
 
-def _one_line(message: str) -> str:
-    """Tool output quoted in an error can span lines; a pod's log gets one."""
-    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+_one_line = output.one_line
 
 
 # ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------

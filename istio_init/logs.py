@@ -23,8 +23,6 @@ module needs to know which format or level is in force.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import sys
 from typing import IO, Iterator, NamedTuple
 
@@ -123,6 +121,9 @@ class _LogStream:
         if LEVELS.index(level) < LEVELS.index(self.options.level) or self.options.level == "none":
             return
         if self.options.as_json:
+            import datetime  # only for --log_as_json: every pod start would pay for them
+            import json
+
             now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             self.real.write(json.dumps({"time": now, "level": level, "msg": message}) + "\n")
         else:

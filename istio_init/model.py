@@ -92,11 +92,9 @@ class FamilyPlan(NamedTuple):
     def chains(self, table: str) -> list[str]:
         """New (non built-in) chains of `table`, in the order they are first used."""
         seen: dict[str, None] = {}
-        for step in self.steps:
-            rule = step.rule
-            if rule.table != table:
-                continue
-            for chain in (rule.chain, rule.target):
+        # Thousands of rules share a few (chain, target) pairs: look at each pair once.
+        for pair in dict.fromkeys((s.rule.chain, s.rule.target) for s in self.steps if s.rule.table == table):
+            for chain in pair:
                 if chain.startswith("ISTIO_") and not is_builtin(table, chain):
                     seen.setdefault(chain)
         return list(seen)

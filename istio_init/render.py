@@ -9,6 +9,8 @@ are left out so the text can be fed to `iptables-restore --noflush`.
 
 from __future__ import annotations
 
+import functools
+
 from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Option, Rule, RulePlan, is_builtin
 
 IPV6_MARKER = "# IPv6"
@@ -25,8 +27,14 @@ def _options(options: tuple[Option, ...]) -> list[str]:
     return words
 
 
+@functools.lru_cache(maxsize=None)  # unbounded is the cheap kind; a run spells a bounded number of rules
 def rule_spec(rule: Rule) -> str:
-    """The rule's parameters after `-A CHAIN`, in iptables-save's order."""
+    """The rule's parameters after `-A CHAIN`, in iptables-save's order.
+
+    Cached: an apply spells each planned rule up to three times (reconcile's
+    no-op check, the restore text, the printed tables), 8,000 of them for a
+    long -x list.
+    """
     words: list[str] = []
     if rule.source:
         words += ["-s", rule.source]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from istio_init import timing
 from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
@@ -77,7 +78,10 @@ def decide_ipv6(config: Config, log: Log) -> bool:
 
 def build_plan(config: Config, log: Log) -> tuple[RulePlan, bool]:
     ipv6 = decide_ipv6(config, log)
-    return plan(config, ipv6, pod_resolvers(config, log)), ipv6
+    timing.mark("the pod's IP families")
+    rule_plan = plan(config, ipv6, pod_resolvers(config, log))
+    timing.mark("plan")
+    return rule_plan, ipv6
 
 
 def pod_resolvers(config: Config, log: Log) -> list[str]:
@@ -123,7 +127,9 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
             from istio_init.render_nft import render_transaction
 
             return render_transaction(rule_plan, guard_single_family(config.rules_version))
-        return render_plan(rule_plan)
+        text = render_plan(rule_plan)
+        timing.mark("render the dry run")
+        return text
     out = ""
     if config.skip_rule_apply:
         log("--skip-rule-apply: not applying any rules")
@@ -155,12 +161,14 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
                                  sum(len(f.steps) for f in rule_plan.families()), config.kube_virt_interfaces)
         log(f"iptables backend {choice.name} ({choice.reason})")
         name, backend = choice.name, backends.get(choice.name)
+    timing.mark("choose the backend")
     if wrap is not None:
         backend = wrap(backend)
     applied = apply.run(rule_plan, backend,
                         lambda: backends.others_holding_ours(name, [4, 6], config.rules_version), network)
     for note in applied.notes:
         log(note)
+    timing.mark("log the notes")
     return applied.dump
 
 

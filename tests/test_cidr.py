@@ -45,3 +45,17 @@ def test_random_ipv4_forms_agree_with_ipaddress() -> None:
 def test_cidr_renders_as_its_network_form() -> None:
     assert str(parse_cidr("10.1.2.3/8")) == "10.0.0.0/8"
     assert str(parse_cidr("2001:db8::1/32")) == "2001:db8::/32"
+
+
+def test_a_long_host_list_parses_as_each_item_does() -> None:
+    """parse_cidrs' one-match path for long lists of IPv4 hosts gives what parse_cidr gives per item."""
+    from istio_init.config import parse_cidrs
+
+    rng = random.Random(7)
+    hosts = [".".join(str(rng.randint(0, 255)) for _ in range(4)) + rng.choice(["", "/32"]) for _ in range(500)]
+    hosts += ["127.0.0.1", "127.9.9.9/32", "0.0.0.0"]
+    assert parse_cidrs(hosts) == [parse_cidr(h) for h in hosts]
+    mixed = hosts + ["10.1.2.3/8", "2001:db8::1"]  # not all hosts: item by item
+    assert parse_cidrs(mixed) == [parse_cidr(h) for h in mixed]
+    with pytest.raises(ValueError):
+        parse_cidrs(hosts + ["10.0.0.256"])

@@ -17,7 +17,11 @@ import pytest
 from cases import SEED_ARGS
 from clirun import clean_environ
 
-SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources")
+SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources", "click", "subprocess",
+                    "dataclasses")
+# What no apply needs unless its path does: click (entry.py parses Istio's flags), pyroute2 (TPROXY and
+# ::6 only), setuptools (python-iptables' distutils import is turned into its sysconfig fallback).
+NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"}
 
 
 def imported_modules(argv: list[str], netns=None) -> set[str]:
@@ -30,8 +34,9 @@ def imported_modules(argv: list[str], netns=None) -> set[str]:
     names = set()
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
-            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
-    assert "click" in names  # the importtime output was read at all
+            full = line.rsplit("|", 1)[1].strip()
+            names |= {full, full.split(".")[0]}
+    assert "istio_init.config" in names  # the importtime output was read at all
     return names
 
 
@@ -50,7 +55,28 @@ def test_common_apply_imports_no_pyroute2_and_no_setuptools(netns) -> None:
     """An IPv4 pod in REDIRECT mode, applied with libiptc (what auto picks for the seed)."""
     names = imported_modules([*SEED_ARGS, "--iptables-backend", "auto"], netns)
     assert "iptc" in names  # the libiptc path really ran
-    assert not names & {"pyroute2", "setuptools", "pkg_resources"}
+    assert not names & NEVER_ON_AN_APPLY, sorted(names & NEVER_ON_AN_APPLY)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_restore_backend_applies_import_no_python_iptables(netns, backend: str) -> None:
+    """The restore tools do the work: python-iptables (and libiptc's module) would be start-up for nothing."""
+    names = imported_modules([*SEED_ARGS, "--iptables-backend", backend], netns)
+    assert "istio_init.backends.iptables.restore" in names  # the restore path really ran
+    # subprocess too: spawn.py runs the tools (python-iptables imports subprocess itself, so libiptc has it).
+    unneeded = NEVER_ON_AN_APPLY | {"iptc", "istio_init.backends.iptables.libiptc", "ctypes", "subprocess",
+                                    "dataclasses"}
+    assert not names & unneeded, sorted(names & unneeded)
+
+
+@pytest.mark.root
+def test_large_auto_apply_imports_no_python_iptables(netns) -> None:
+    """auto sends a 1,000-CIDR plan to iptables-legacy-restore: nothing of libiptc's path is imported."""
+    cidrs = ",".join(f"10.{i // 250}.{i % 250}.0/24" for i in range(1000))
+    names = imported_modules([*SEED_ARGS, "-x", cidrs, "--iptables-backend", "auto"], netns)
+    assert "istio_init.backends.iptables.restore" in names
+    assert not names & (NEVER_ON_AN_APPLY | {"iptc", "ctypes", "subprocess", "dataclasses"})
 
 
 @pytest.mark.root
@@ -58,6 +84,13 @@ def test_tproxy_apply_does_import_pyroute2(netns) -> None:
     """The guard above can fail: the TPROXY route step is where pyroute2 is needed."""
     names = imported_modules([*SEED_ARGS, "-m", "TPROXY", "--iptables-backend", "legacy"], netns)
     assert "pyroute2" in names
+
+
+@pytest.mark.root
+def test_libiptc_apply_does_import_python_iptables(netns) -> None:
+    """The restore-backend guard above can fail: the libiptc backend imports iptc."""
+    names = imported_modules([*SEED_ARGS, "--iptables-backend", "libiptc"], netns)
+    assert "iptc" in names and "istio_init.backends.iptables.libiptc" in names
 
 
 def test_iptc_import_leaves_ctypes_util_as_it_was() -> None:

@@ -18,17 +18,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import sys
 from types import ModuleType
 from typing import Any, Mapping
 
-from istio_init import locks
+from istio_init import locks, timing
 from istio_init.backends.iptables.backend import IptablesBackend, IptablesUndo
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, save_text
 from istio_init.errors import ApplyError
-from istio_init.model import INSERT, Rule
+from istio_init.model import INSERT, Rule, Step
 from istio_init.render import rule_spec
 
 XTABLES_LOCK = "/run/xtables.lock"
@@ -64,15 +65,26 @@ def _find_shared_library(name: str) -> str | None:
     known = _KNOWN_SONAMES.get(name)
     if known and any(os.path.exists(os.path.join(d, known)) for d in _LIBRARY_DIRS):
         return known
+    if name == "xtwrapper":  # python-iptables' own helper, installed beside it as an extension module
+        import sysconfig
+
+        bundled = f"libxtwrapper{sysconfig.get_config_var('EXT_SUFFIX')}"
+        return next((os.path.join(d, bundled) for d in sys.path if os.path.isfile(os.path.join(d, bundled))), None)
     prefix = f"lib{name}.so."
     for directory in _LIBRARY_DIRS:
-        try:
-            found = [entry for entry in os.listdir(directory) if entry.startswith(prefix)]
-        except OSError:
-            continue
+        found = [entry for entry in _listing(directory) if entry.startswith(prefix)]
         if found:
             return min(found, key=len)  # libfoo.so.12, the soname, rather than libfoo.so.12.7.0
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _listing(directory: str) -> tuple[str, ...]:
+    """A library directory's entries, read once: python-iptables asks for several names in a row."""
+    try:
+        return tuple(os.listdir(directory))
+    except OSError:
+        return ()
 
 
 def _import_iptc() -> ModuleType:
@@ -85,9 +97,11 @@ def _import_iptc() -> ModuleType:
     through setuptools' distutils shim, which imports most of setuptools. For
     the duration of the import only, the directory is set when known,
     `ctypes.util` is a stand-in whose `find_library` is `_find_shared_library`,
-    and the shim is stepped around (Python 3.11's own distutils is then used;
-    on 3.12 python-iptables falls back to `sysconfig`). Afterwards everything
-    is as it was, so a later `import ctypes.util` gets the real module.
+    and distutils is made unimportable, so python-iptables takes the
+    `sysconfig` fallback it uses on Python 3.12 (where distutils is gone)
+    instead of Python 3.11's deprecated distutils or setuptools' shim for it.
+    Afterwards everything is as it was, so a later `import ctypes.util` gets
+    the real module.
     """
     if "iptc" in sys.modules:
         return sys.modules["iptc"]
@@ -101,18 +115,23 @@ def _import_iptc() -> ModuleType:
     stand_in.find_library = _find_shared_library  # type: ignore[attr-defined]
     had_util = "ctypes.util" in sys.modules
     real_util = sys.modules.get("ctypes.util")
+    hidden = [name for name in ("distutils", "distutils.sysconfig") if name not in sys.modules]
     shims = [finder for finder in sys.meta_path if type(finder).__module__ == "_distutils_hack"]
     try:
         for finder in shims:
             sys.meta_path.remove(finder)
         sys.modules["ctypes.util"] = stand_in
         ctypes.util = stand_in  # type: ignore[attr-defined]
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]  # `import` raises ModuleNotFoundError
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             import iptc  # type: ignore[import-untyped]
     except Exception as exc:  # python-iptables raises plain Exceptions when libraries are missing
         raise ApplyError(f"--iptables-backend libiptc: python-iptables cannot load libiptc: {exc}") from None
     finally:
+        for name in hidden:
+            sys.modules.pop(name, None)
         if had_util:
             sys.modules["ctypes.util"] = real_util  # type: ignore[assignment]
             ctypes.util = real_util  # type: ignore[attr-defined]
@@ -123,6 +142,12 @@ def _import_iptc() -> ModuleType:
         sys.meta_path[:0] = shims
     module: ModuleType = iptc
     return module
+
+
+def _import_iptc_timed() -> None:
+    timing.mark("start iptables-save")
+    _import_iptc()
+    timing.mark("import python-iptables (while iptables-save runs)")
 
 
 class _Family:
@@ -138,6 +163,7 @@ class _Family:
             self.table_class, self.rule_class = iptc.Table, iptc.Rule
             self._delete_num = iptc.ip4tc._libiptc.iptc_delete_num_entry
         self._delete_num.restype = ctypes.c_int
+        self._built: dict[Rule, Any] = {}
 
     def delete_number(self, table: Any, chain: str, number: int) -> None:
         """Delete rule `number` (1-based) of `chain`, as `iptables -D CHAIN N`."""
@@ -145,7 +171,25 @@ class _Family:
             raise self.iptc.IPTCError(table.strerror())
 
     def build(self, rule: Rule) -> Any:
-        """An iptc rule from the model's parts (values are already in canonical form)."""
+        """An iptc rule from the model's parts (values are already in canonical form).
+
+        Rules that differ only in their addresses (thousands of `-d CIDR -j
+        RETURN`) share one built rule whose addresses are set again: making
+        the matches and the target is most of python-iptables' cost per rule,
+        and libiptc copies a rule when it is added, so re-using it is safe.
+        """
+        shape = rule._replace(source=rule.source and "*", destination=rule.destination and "*")
+        built = self._built.get(shape)
+        if built is not None:
+            if rule.source:
+                built.src = rule.source
+            if rule.destination:
+                built.dst = ("!" if rule.negate_destination else "") + rule.destination
+            return built
+        built = self._built[shape] = self._new(rule)
+        return built
+
+    def _new(self, rule: Rule) -> Any:
         built = self.rule_class()
         if rule.protocol:
             built.protocol = rule.protocol
@@ -168,6 +212,7 @@ class _Family:
 
     def apply_table(self, change: TableChange) -> None:
         chain, spec = "-", "(opening the table)"
+        step: Step | None = None
         table = None
         try:
             table = self.table_class(change.table, autocommit=False)
@@ -188,18 +233,21 @@ class _Family:
             for chain in change.delete_chains:
                 spec = f"-X {chain}"
                 table.delete_chain(chain)
+            chains: dict[str, Any] = {}
             for step in change.steps:
-                chain = step.rule.chain
-                spec = f"{f'-I {chain} {step.position}' if step.op == INSERT else f'-A {chain}'} {rule_spec(step.rule)}"
+                chain, spec = step.rule.chain, ""  # spelled only for an error message: see below
                 built = self.build(step.rule)
-                target_chain = self.iptc.Chain(table, chain)
+                target_chain = chains.get(chain) or chains.setdefault(chain, self.iptc.Chain(table, chain))
                 if step.op == INSERT:
                     target_chain.insert_rule(built, step.position - 1)
                 else:
                     target_chain.append_rule(built)
-            chain, spec = "-", "COMMIT"
+            step, chain, spec = None, "-", "COMMIT"
             table.commit()
         except Exception as exc:  # IPTCError, XTablesError, ValueError from python-iptables
+            if not spec and step is not None:
+                where = f"-I {chain} {step.position}" if step.op == INSERT else f"-A {chain}"
+                spec = f"{where} {rule_spec(step.rule)}"
             if table is not None:
                 with contextlib.suppress(Exception):
                     table.refresh()  # drop the uncommitted copy
@@ -220,7 +268,7 @@ class LibiptcBackend(IptablesBackend):
         return xtables_lock()
 
     def snapshot(self, family: int) -> str:
-        return save_text(self.tools, family, meanwhile=_import_iptc)
+        return save_text(self.tools, family, meanwhile=_import_iptc_timed)
 
     def commit_family(self, family: int, changes: list[TableChange]) -> None:
         fam = _Family(_import_iptc(), family)

@@ -1,10 +1,11 @@
-"""The iptables save/restore binaries of one flavour (legacy or nft), run as subprocesses."""
+"""The iptables save/restore binaries of one flavour (legacy or nft), run as child processes (spawn.py)."""
 
 from __future__ import annotations
 
-import subprocess
+import contextlib
 from typing import Callable, NamedTuple
 
+from istio_init.backends.iptables.spawn import Finished, Running, ToolTimeout
 from istio_init.errors import ApplyError
 
 WAIT_SECONDS = 30  # how long to wait for the xtables lock, as `iptables -w 30`
@@ -22,21 +23,22 @@ class Tools(NamedTuple):
         return f"{'ip6' if family == 6 else 'ip'}tables-{self.flavour}-restore"
 
 
-# The tools' text is bytes: a rule someone else made (or an old python-iptables
-# cut) can hold an interface name that is not UTF-8. Carried as lone surrogates,
-# such a rule is read, compared and written back byte for byte instead of
-# failing every later run with UnicodeDecodeError.
-TOOL_TEXT_ERRORS = "surrogateescape"
-
-
-def run_tool(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _start(argv: list[str], stdin: str | None = None) -> Running:
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, errors=TOOL_TEXT_ERRORS,
-                              timeout=WAIT_SECONDS + 30)
+        return Running(argv, stdin)
     except FileNotFoundError:
         raise ApplyError(f"{argv[0]} not found; install iptables or choose another --iptables-backend") from None
-    except subprocess.TimeoutExpired:
+
+
+def _finish(argv: list[str], running: Running) -> Finished:
+    try:
+        return running.wait(WAIT_SECONDS + 30)
+    except ToolTimeout:
         raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
+
+
+def run_tool(argv: list[str], stdin: str | None = None) -> Finished:
+    return _finish(argv, _start(argv, stdin))
 
 
 def save_text(tools: Tools, family: int, counters: bool = True,
@@ -47,24 +49,18 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     python-iptables then, so the two costs of every pod start overlap.
     """
     argv = [tools.save(family)] + (["-c"] if counters else [])
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors=TOOL_TEXT_ERRORS)
-    except FileNotFoundError:
-        raise ApplyError(f"{argv[0]} not found; install iptables or choose another --iptables-backend") from None
+    running = _start(argv)
     try:
         if meanwhile is not None:
             meanwhile()
-        out, err = proc.communicate(timeout=WAIT_SECONDS + 30)
-    except subprocess.TimeoutExpired:
-        raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-    if proc.returncode != 0:
-        raise ApplyError(f"{argv[0]} failed: {err.strip() or proc.returncode}")
-    return out
+    except BaseException:
+        with contextlib.suppress(ToolTimeout):
+            running.wait(0)  # kills and reaps the tool
+        raise
+    done = _finish(argv, running)
+    if done.returncode != 0:
+        raise ApplyError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
+    return done.stdout
 
 
 def restore_saved(tools: Tools, family: int, saved_blocks: str) -> None:

@@ -1,0 +1,92 @@
+"""The console script's entry point: Istio's plain flag list runs without importing click.
+
+Every pod start runs `istio-init istio-iptables -p 15001 ... -d 15090,...`, the
+default `run` command with flags from config.FLAGS. Importing click, building
+the CLI's commands from it and letting it parse those flags took about 20 ms
+of a 50 ms start (docs/perf.md), more than everything else istio-init does
+on a dry run. This module reads exactly that form itself, from the same flag
+table: `-f VALUE`, `--flag VALUE`, `--flag=VALUE` and switches. Anything else
+(help, subcommands, `--cleanup-only`, attached or stacked short flags, `--`, a
+value starting with `-`, an unknown or incomplete flag) goes to the click CLI
+(cli.py), which then does exactly what it always did, its errors included.
+pilot-agent's logging flags are taken out first, as cli.py does. Both front
+doors write through output.py (tests/test_layout.py allows only those), and
+tests/test_entry.py checks that both give the same output, errors and exit codes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from istio_init import logs, output, timing
+from istio_init.config import FLAGS
+from istio_init.errors import IstioInitError
+
+ISTIO_BINARY_NAME = "istio-iptables"
+CLEANUP_ONLY_ENV = "CLEANUP_ONLY"  # current Istio's --cleanup-only by environment: the click CLI handles it
+
+
+def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
+    """The flags of a plain `run` command line as cli.py's run command receives them, or None.
+
+    None means "not this simple form": the click CLI must parse it.
+    """
+    args = argv[1:] if argv[:1] == [ISTIO_BINARY_NAME] else argv
+    short = {f"-{spec.short}": spec for spec in FLAGS if spec.short and not spec.env_only}
+    long = {f"--{spec.long}": spec for spec in FLAGS if not spec.env_only}
+    given: dict[str, str | bool] = {}
+    i = 0
+    while i < len(args):
+        word, value = args[i], None
+        if word.startswith("--") and "=" in word:
+            word, value = word.split("=", 1)
+        spec = short.get(word) if len(word) == 2 else long.get(word)
+        if spec is None:
+            return None
+        if spec.is_switch:
+            if value is not None:
+                return None
+            given[spec.dest] = True
+            i += 1
+            continue
+        if value is None:
+            if i + 1 >= len(args) or args[i + 1].startswith("-"):
+                return None
+            value = args[i + 1]
+            i += 1
+        given[spec.dest] = value
+        i += 1
+    return given
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`istio-init ARGS`: the plain run form here, everything else through cli.main."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rest, log_options = logs.split_args(args)  # pilot-agent's logging flags (current Istio always passes one)
+    except IstioInitError:
+        rest = None  # cli.main reports it, as for any other command line
+    given = parse_run(rest) if rest is not None and os.environ.get(CLEANUP_ONLY_ENV) is None else None
+    if given is None:
+        from istio_init import cli
+
+        cli.main(args)
+        return
+    timing.mark("imports: config (no click)")
+    output.prepare_stdout()
+
+    def command() -> None:
+        from istio_init import runner
+
+        timing.mark("parse the command line")
+        config = output.load_config(given)
+        timing.mark("config: validate flags and environment")
+        output.out(runner.run(config, output.log))
+
+    with logs.configured(log_options):
+        code = output.guarded(command)
+        if timing.ENABLED:
+            for line in timing.report():
+                output.log(line)
+    sys.exit(code)

@@ -1,0 +1,97 @@
+"""The click-free entry (entry.py) and the click CLI (cli.py) agree on every command line.
+
+entry.py parses Istio's plain flag list itself so a pod start does not pay for
+click; anything else it hands to click. Here both run every case of the
+golden table, bad values, and the forms entry.py must hand over, and must
+print the same bytes to stdout and stderr and exit with the same code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from typing import Callable
+from unittest import mock
+
+import pytest
+
+from cases import CASES, SEED_ARGS
+from clirun import clean_environ
+from istio_init import cli, entry
+
+# Command lines entry.py parses itself (all dry runs, no privileges needed).
+OWN = [[*case.args, "-n", "--ipv6", "true" if case.ipv6 else "false"] for case in CASES] + [
+    [*SEED_ARGS, "--dry-run", "--ipv6=false"],
+    ["-n", "-p", "15001", "-p", "16001"],  # the last one wins, as in click
+    ["-n", "-x", ""],
+    [],  # no flags at all: a real run would apply, so only parse_run is checked for it
+]
+# Mistakes entry.py parses and config.py refuses: one line naming the flag, exit 2.
+BAD = [["-n", "-p", "abc"], ["-n", "-x", "*"], ["-n", "-m", "NOPE"], ["-n", "--ipv6", "maybe"],
+       ["-n", "-i", "10.0.0.0/33"], ["-n", "-u", "x;y"]]
+# Forms entry.py must leave to click.
+HANDED_OVER = [["--help"], ["-h"], ["run", "-n"], ["clean", "-n"], ["-n", "--nope"], ["-n", "-p"],
+               ["-n", "-p15001"], ["-n", "--", "-p", "1"], ["-n", "--dry-run=true"], ["-n", "-x", "-1"],
+               ["-n", "extra"], ["-nx", "1"], ["--cleanup-only", "-n"], ["trace", "--help"]]
+
+
+def _run(main: Callable[[list[str]], None], argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, clean_environ(), clear=True), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("argv", OWN[:-1] + BAD, ids=lambda a: " ".join(a)[:60] or "(none)")
+def test_entry_and_click_agree(argv: list[str]) -> None:
+    assert entry.parse_run(list(argv)) is not None  # entry.py really parsed it itself
+    assert _run(entry.main, argv) == _run(cli.main, argv)
+
+
+@pytest.mark.parametrize("argv", BAD, ids=lambda a: " ".join(a))
+def test_mistakes_are_one_line_and_exit_2(argv: list[str]) -> None:
+    code, out, err = _run(entry.main, argv)
+    assert (code, out, err.count("\n")) == (2, "", 1) and "invalid value for" in err
+
+
+@pytest.mark.parametrize("argv", HANDED_OVER, ids=lambda a: " ".join(a))
+def test_other_forms_go_to_click(argv: list[str]) -> None:
+    assert entry.parse_run(list(argv)) is None
+    assert _run(entry.main, argv) == _run(cli.main, argv)
+
+
+def test_parse_run_gives_what_click_gives_the_run_command() -> None:
+    """The dests and raw values click hands run_command, for every flag of config.FLAGS."""
+    seen: dict[str, object] = {}
+
+    def capture(config_given):  # type: ignore[no-untyped-def]
+        seen.update({k: v for k, v in config_given.items() if v is not None and v is not False})
+        raise SystemExit(0)
+
+    from istio_init.config import FLAGS
+
+    argv = []
+    for spec in FLAGS:
+        if spec.env_only:  # a variable with no flag
+            continue
+        argv += [f"--{spec.long}"] if spec.is_switch else [f"-{spec.short}" if spec.short else f"--{spec.long}", "v1"]
+    with mock.patch.object(cli, "load_config", capture):
+        _run(cli.main, argv)
+    assert seen and entry.parse_run(argv) == seen
+    assert entry.parse_run([]) == {} and entry.parse_run(["istio-iptables"]) == {}
+
+
+def test_console_script_and_module_use_the_entry() -> None:
+    """`python -m istio_init` goes through entry.py and a dry run never imports click."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "istio_init", *SEED_ARGS, "-n",
+                           "--ipv6", "false"], capture_output=True, text=True, env=clean_environ(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "istio_init.entry" in imported and "click" not in imported
