@@ -25,6 +25,12 @@ import pytest
 from test_pod_docker import APP_PORT, CLIENT_IP, CLIENT_PORT, IMAGE, POD_IP, SEED_ARGS, Pod, connect, docker, nat_appends
 from test_pod_docker import pod  # noqa: F401  (the fixture: a pause container on its own network)
 
+
+@pytest.fixture
+def variant() -> str:
+    """The CNI form is tested with the seed's image (test_pod_docker's `pod` fixture asks for one)."""
+    return "1.8"
+
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
 PLUGIN = Path(sys.executable).with_name("istio-init-cni")
