@@ -159,7 +159,8 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     runner.enter_namespace(config)
     conn = {"direction": direction, "dst": dst, "dport": dport, "src": src, "uid": uid, "gid": gid,
             "protocol": protocol, "in_interface": in_interface, "out_interface": out_interface}
-    _out(trace.run(config, conn, live, as_json) + "\n")
+    resolvers = [] if live else runner.pod_resolvers(config, log)
+    _out(trace.run(config, conn, live, as_json, resolvers) + "\n")
 
 
 @cli.command("check", context_settings={"help_option_names": ["-h", "--help"]})

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
 from istio_init.backends.iptables import savefile
 from istio_init.errors import TraceError
@@ -448,8 +448,11 @@ def format_verdict(conn: Connection, verdict: Verdict, source: str) -> str:
 # --------------------------------------------------------------------------- the command
 
 
-def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool) -> str:
-    """`istio-init trace`: the rules for `config` (or the live ones) applied to one connection."""
+def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool, resolvers: Sequence[str] = ()) -> str:
+    """`istio-init trace`: the rules for `config` (or the live ones) applied to one connection.
+
+    `resolvers` are the pod's nameservers, which the current rule set's plan captures DNS to.
+    """
     import json
 
     from istio_init import netns
@@ -472,7 +475,8 @@ def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool) ->
         source = f"live ({source})"
     else:
         ipv6 = conn.family == 6 if config.ipv6 is None else config.ipv6
-        family_plan = plan(config, ipv6).ipv6 if conn.family == 6 else plan(config, ipv6).ipv4
+        planned = plan(config, ipv6, resolvers)
+        family_plan = planned.ipv6 if conn.family == 6 else planned.ipv4
         ruleset = ruleset_from_plan(family_plan) if family_plan is not None else {}
         source = "plan for the given flags" + ("" if family_plan is not None else " (no IPv6 rules: --ipv6 false)")
     verdict = trace(ruleset, conn)

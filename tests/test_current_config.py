@@ -299,3 +299,17 @@ def test_pod_without_an_address_gets_ipv4_rules_and_a_warning(netns) -> None:
     netns.add_address("2001:db8::10/64")
     out = netns.run(sys.executable, "-m", "istio_init", *CURRENT, "-n", env=clean_environ())
     assert "# IPv6" in out.stdout.splitlines() and "warning" not in out.stderr
+
+
+def test_trace_from_the_plan_uses_the_pods_resolvers(tmp_path: Path) -> None:
+    import json
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 198.51.100.53\n")
+    query = ["trace", *CURRENT, "--redirect-dns", "-i", "*", "--ipv6", "false", "--direction", "out",
+             "--dport", "53", "--protocol", "udp", "--uid", "1000", "--gid", "1000", "--json"]
+    env = {"ISTIO_INIT_RESOLV_CONF": str(conf)}
+    to_resolver = json.loads(invoke([*query, "--dst", "198.51.100.53"], env).stdout)
+    assert to_resolver["captured"] and to_resolver["to_port"] == 15053
+    elsewhere = json.loads(invoke([*query, "--dst", "198.51.100.54"], env).stdout)
+    assert not elsewhere["captured"]

@@ -5,8 +5,10 @@ joined by a veth pair, a stand-in proxy as uid 1337 on 15001/15006/15053, an
 app as uid 1000, a peer listener on 53/8080/...). Each path is checked twice:
 the connection lands where RULES-CURRENT.md says, and with the deciding rule
 deleted (or rewritten) it lands somewhere else, so the test fails when that
-rule is missing or wrong. The pod's resolv.conf is a file the test writes
-(ISTIO_INIT_RESOLV_CONF); its nameserver is a peer address.
+rule is missing or wrong. `istio-init trace`, from the plan for the same flags
+and from the pod's live rules, must predict the outcome the sockets saw. The
+pod's resolv.conf is a file the test writes (ISTIO_INIT_RESOLV_CONF); its
+nameserver is a peer address.
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ PATHS = (
 )
 
 
+def _config_env(name: str, resolv: Path) -> dict[str, str]:
+    return clean_environ({**CONFIGS[name][1], "ISTIO_INIT_RESOLV_CONF": str(resolv)})
+
+
 def _up(name: str, resolv: Path) -> Pod:
     args, env = CONFIGS[name]
     pod = Pod.up(args, ipv6=False, listeners=False, tag=f"cur-{name}", apply=False)
@@ -127,7 +133,7 @@ def _up(name: str, resolv: Path) -> Pod:
         argv = [sys.executable, "-m", "istio_init", "--rules-version", "current", *args, "--ipv6", "false",
                 "--iptables-backend", "legacy", "--network-namespace", f"/run/netns/{pod.name}"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
-                              env=clean_environ({**env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}))
+                              env=_config_env(name, resolv))
         if done.returncode != 0:
             raise RuntimeError(f"istio-init apply failed: {done.stderr.strip()}")
         pod.start_listeners()
@@ -138,9 +144,15 @@ def _up(name: str, resolv: Path) -> Pod:
 
 
 @pytest.fixture(scope="module")
-def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod]]:
-    resolv = tmp_path_factory.mktemp("pod") / "resolv.conf"
-    resolv.write_text(f"search svc.cluster.local\nnameserver {RESOLVER}\noptions ndots:5\n")
+def resolv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pods' resolv.conf: one nameserver, a peer address."""
+    conf = tmp_path_factory.mktemp("pod") / "resolv.conf"
+    conf.write_text(f"search svc.cluster.local\nnameserver {RESOLVER}\noptions ndots:5\n")
+    return conf
+
+
+@pytest.fixture(scope="module")
+def pods(resolv: Path) -> Iterator[dict[str, Pod]]:
     made: dict[str, Pod] = {}
     try:
         for name in CONFIGS:
@@ -162,12 +174,38 @@ def _outcome(answer: Answer) -> tuple[str | None, int | None]:
     return answer.tag, answer.listener
 
 
+def _trace(pod: Pod, path: Path_, resolv: Path, live: bool) -> dict:
+    """`istio-init trace` for the path: from the plan (same flags, environment, resolv.conf) or --live."""
+    gid = path.uid if path.gid is None else path.gid
+    argv = [sys.executable, "-m", "istio_init", "trace", "--rules-version", "current", *CONFIGS[path.config][0],
+            "--ipv6", "false", "--direction", path.direction, "--dst", path.dst, "--dport", str(path.port),
+            "--protocol", path.proto, "--uid", str(path.uid), "--gid", str(gid), "--json"]
+    if path.dst.startswith("127."):
+        argv += ["--out-interface", "lo"]
+    if live:
+        argv += ["--live", "--iptables-backend", "legacy", "--network-namespace", f"/run/netns/{pod.name}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                          env=_config_env(path.config, resolv))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _assert_trace_agrees(trace: dict, outcome: tuple[str | None, int | None]) -> None:
+    if outcome[0] == "proxy":
+        assert trace["captured"] and trace["to_port"] == outcome[1], trace["outcome"]
+    else:
+        assert not trace["captured"], trace["outcome"]
+
+
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
-def test_path(pods: dict[str, Pod], path: Path_) -> None:
-    answer = connect(pods[path.config], path)
+def test_path(pods: dict[str, Pod], resolv: Path, path: Path_) -> None:
+    pod = pods[path.config]
+    answer = connect(pod, path)
     assert _outcome(answer) == path.expect, answer
     if path.expect == ("proxy", 15053) and path.proto == "udp":
         assert answer.raw["uid"] == PROXY_UID  # the agent's socket answered, and its reply came back
+    _assert_trace_agrees(_trace(pod, path, resolv, live=False), path.expect)
+    _assert_trace_agrees(_trace(pod, path, resolv, live=True), path.expect)
 
 
 def _rule_number(saved: str, table: str, chain: str, spec: str) -> int:
@@ -178,7 +216,7 @@ def _rule_number(saved: str, table: str, chain: str, spec: str) -> int:
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
-def test_path_breaks_without_its_rule(pods: dict[str, Pod], path: Path_) -> None:
+def test_path_breaks_without_its_rule(pods: dict[str, Pod], resolv: Path, path: Path_) -> None:
     pod = pods[path.config]
     saved = pod.save()
     try:
@@ -192,6 +230,7 @@ def test_path_breaks_without_its_rule(pods: dict[str, Pod], path: Path_) -> None
             pod.iptables("-t", table, "-R", chain, str(number), *shlex.split(new.split(" ", 1)[1]))
         answer = connect(pod, path)
         assert _outcome(answer) == path.broken, answer
+        _assert_trace_agrees(_trace(pod, path, resolv, live=True), path.broken)
     finally:
         subprocess.run([*_nsenter(pod.name), "iptables-legacy-restore"], input=saved, text=True, check=True,
                        capture_output=True, timeout=30)
