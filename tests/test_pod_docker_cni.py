@@ -38,6 +38,12 @@ VALIDATION_SECURITY = ["--user", "1337:1337", "--cap-drop", "ALL", "--read-only"
                        "--security-opt", "no-new-privileges"]
 
 
+@pytest.fixture
+def variant() -> str:
+    """test_pod_docker's pod fixture, for the 1.8 image: the seed's args, as the plugin's conflist has."""
+    return "1.8"
+
+
 def pause_netns(pod: Pod) -> str:
     pid = docker("inspect", "-f", "{{.State.Pid}}", pod.pause).stdout.strip()
     return f"/proc/{pid}/ns/net"
