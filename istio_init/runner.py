@@ -116,7 +116,7 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
     from istio_init import apply, backends
 
     families = [family.family for family in rule_plan.families()]
-    choice = backends.choose(config.iptables_backend, families, sum(len(f.steps) for f in rule_plan.families()))
+    choice = backends.choose(config.iptables_backend, families)
     log(f"iptables backend {choice.name} ({choice.reason})")
     backend = backends.get(choice.name)
     timing.mark("choose the backend")
