@@ -18,7 +18,7 @@ from cases import SEED_ARGS
 from clirun import clean_environ
 
 SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources", "click", "subprocess",
-                    "dataclasses")
+                    "dataclasses", "socket", "ipaddress")
 # What no apply needs unless its path does: click (entry.py parses Istio's flags), pyroute2 (TPROXY and
 # ::6 only), setuptools (python-iptables' distutils import is turned into its sysconfig fallback).
 NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"}
@@ -31,11 +31,14 @@ def imported_modules(argv: list[str], netns=None) -> set[str]:
         command = ["nsenter", f"--net={netns.path}", *command]
     done = subprocess.run(command, capture_output=True, text=True, env=clean_environ(), timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    names = set()
+    names: set[str] = set()
+    after_site = False  # what the interpreter's start-up imports (a development venv's finder) is not ours
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             full = line.rsplit("|", 1)[1].strip()
-            names |= {full, full.split(".")[0]}
+            if after_site:
+                names |= {full, full.split(".")[0]}
+            after_site = after_site or full == "site"
     assert "istio_init.config" in names  # the importtime output was read at all
     return names
 
@@ -115,3 +118,21 @@ def test_auto_sends_plans_to_the_legacy_restore_tool(monkeypatch: pytest.MonkeyP
     assert backends.choose("libiptc", [4]).name == "libiptc"
     monkeypatch.setattr(backends, "nft_in_use", lambda families: True)
     assert backends.choose("auto", [4]).name == "nft"
+
+
+def test_address_filter_agrees_with_ipaddress() -> None:
+    """netns reads the pod's address family without ipaddress; its loopback/link-local test must agree."""
+    import ipaddress
+    import random
+
+    from istio_init.netns import _is_loopback_or_link_local
+
+    rng = random.Random(3)
+    samples = [bytes([127, 0, 0, 1]), bytes([169, 254, 1, 1]), bytes([169, 253, 1, 1]), bytes(15) + b"\x01",
+               bytes([0xFE, 0x80]) + bytes(14), bytes([0xFE, 0xBF]) + bytes(14), bytes([0xFE, 0xC0]) + bytes(14),
+               bytes(16), bytes(4)]
+    samples += [bytes(rng.randrange(256) for _ in range(rng.choice([4, 16]))) for _ in range(2000)]
+    samples += [bytes([rng.choice([127, 169, 0xFE])]) + bytes(rng.randrange(256) for _ in range(3)) for _ in range(500)]
+    for raw in samples:
+        address = ipaddress.ip_address(raw)
+        assert _is_loopback_or_link_local(raw) == (address.is_loopback or address.is_link_local), address
