@@ -108,8 +108,8 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
     tables = {f.family: list(dict.fromkeys([*f.tables(), *(c.split()[1] for c in undo.changed
                                                               if c.startswith(f"IPv{f.family} "))]))
               for f in plan.families()}
-    dump = "".join(("# IPv6\n" if family == 6 else "") + backend.dump(family, names)
-                   for family, names in tables.items())
+    printed = {family: backend.dump(family, names) for family, names in tables.items()}
+    dump = "".join(("# IPv6\n" if family == 6 else "") + text for family, text in printed.items() if text)
     timing.mark("the printed tables")
     return Applied(backend.name, undo.changed, dump, notes)
 
@@ -153,8 +153,6 @@ class Cleaned:
 def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, network: Any = None,
           lock: Lock = locks.namespace_lock) -> Cleaned:
     """Remove istio-init's rules from every backend given, its TPROXY routes and the ::6 address."""
-    from istio_init.backends.iptables.reconcile import restore_text
-
     result = Cleaned()
     families = [4, 6]
     with lock():
@@ -162,11 +160,7 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, n
         try:
             for backend in backends:
                 if dry_run:
-                    for family, changes in backend.plan_removal(families).items():  # type: ignore[attr-defined]
-                        text = restore_text(changes)
-                        if text:
-                            tool = f"{'ip6' if family == 6 else 'ip'}tables-{backend.tools.flavour}-restore"  # type: ignore[attr-defined]
-                            result.planned.append(f"# {tool} --noflush\n{text}")
+                    result.planned.append(backend.describe_removal(families))
                     continue
                 undo = backend.remove(families)
                 undos.append(undo)

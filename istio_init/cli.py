@@ -1,10 +1,11 @@
-"""The `istio-init` command line, and the only module that writes to stdout or stderr.
+"""The `istio-init` command line (click), one of the two front doors that write output.
 
 `istio-init [istio-iptables] FLAGS` is Istio's init container: the first word
 of the seed's `args:` is accepted and ignored, and anything that is not a
 subcommand name runs the default `run` command, so Istio's argument lists work
 unchanged. Every user mistake becomes one line on stderr and exit code 2.
-The rest of the package returns what to print and logs through `log`.
+entry.py runs the plain flag list without click; both write through output.py,
+and the rest of the package returns what to print and logs through `log`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ import os
 import sys
 from typing import Any, Callable, TypeVar
 
-from istio_init import timing
-
 import click
 
-from istio_init.config import FLAGS, Config, FlagSpec, from_sources
-from istio_init.errors import IstioInitError
+from istio_init import logs, output, timing
+from istio_init.config import FLAGS, Config, FlagSpec
+from istio_init.errors import ConfigError, IstioInitError
+from istio_init.output import PROG, log
 
-PROG = "istio-init"
 DEFAULT_COMMAND = "run"
 ISTIO_BINARY_NAME = "istio-iptables"
-DEBUG_ENV = "ISTIO_INIT_DEBUG"
 
 
 class _IstioGroup(click.Group):
@@ -57,7 +56,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _options_for(dests: tuple[str, ...] | None = None) -> Callable[[F], F]:
     """A decorator adding one click option per entry of config.FLAGS (or the named ones)."""
     def decorate(command: F) -> F:
-        for spec in reversed([s for s in FLAGS if dests is None or s.dest in dests]):
+        for spec in reversed([s for s in FLAGS if (dests is None or s.dest in dests) and not s.env_only]):
             names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
             kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
             command = click.option(*names, default=None, help=_help(spec), **kind)(command)
@@ -69,22 +68,14 @@ _flag_options = _options_for()
 
 
 def load_config(given: dict[str, Any]) -> Config:
-    """Config from the parsed flags (None: not given) and the environment."""
+    """Config from the parsed flags (None: not given) and the environment (output.load_config)."""
     timing.mark("click: parse the command line")
-    config = from_sources(given)
+    config = output.load_config(given)
     timing.mark("config: validate flags and environment")
     return config
 
 
-def log(message: str) -> None:
-    """One progress or diagnostic line on stderr, flushed so a pod's log keeps the order."""
-    print(f"{PROG}: {message}" if not message.startswith(f"{PROG} ") else message, file=sys.stderr, flush=True)
-
-
-def _out(text: str) -> None:
-    if text:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+_out = output.out
 
 
 def _wrap(ctx: click.Context) -> Any:
@@ -107,7 +98,7 @@ def cli() -> None:
                     "'istio-init trace --help' explains what the rules do with a connection.")
 @_flag_options
 @click.option("--cleanup-only", is_flag=True, default=False,
-              help="Remove istio-init's rules, routes and addresses instead of applying.")
+              help="Remove istio-init's rules, routes and addresses instead of applying. [env CLEANUP_ONLY]")
 @click.pass_context
 def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None:
     """Install Istio's sidecar capture rules in this pod's network namespace.
@@ -119,10 +110,23 @@ def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None
     from istio_init import runner
 
     config = load_config(given)
-    if cleanup_only:
+    if cleanup_only or _cleanup_only_from_env():
         _out(runner.clean(config, log, _wrap(ctx)))
     else:
         _out(runner.run(config, log, _wrap(ctx), _network(ctx)))
+
+
+CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
+
+
+def _cleanup_only_from_env() -> bool:
+    """Current Istio's CLEANUP_ONLY, with the flag table's spelling of true and false."""
+    value = os.environ.get(CLEANUP_ONLY_ENV)
+    if value is None or value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"--cleanup-only (from {CLEANUP_ONLY_ENV})", value, "must be true or false")
 
 
 @cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]})
@@ -158,7 +162,47 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     _out(trace.run(config, conn, live, as_json) + "\n")
 
 
-_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark")
+@cli.command("check", context_settings={"help_option_names": ["-h", "--help"]})
+@_flag_options
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print the result as JSON.")
+def check_command(as_json: bool, **given: Any) -> None:
+    """Compare the installed rules with what the flags would install; change nothing.
+
+    Takes every flag of `run`. Exit 0 and one line when in sync; exit 1 and
+    the missing, extra and misordered rules, chains, TPROXY routing and ::6
+    when not; exit 3 when the state cannot be read. Usable as an exec probe.
+    """
+    from istio_init import drift, runner
+
+    config = load_config(given)
+    runner.enter_namespace(config)
+    report = drift.run(config, log)
+    _out((drift.to_json(report) if as_json else drift.format_text(report)) + "\n")
+    sys.exit(report.exit_code)
+
+
+@cli.command("graph", context_settings={"help_option_names": ["-h", "--help"]})
+@_flag_options
+@click.option("--live", is_flag=True, default=False,
+              help="Draw the rules installed in the namespace (iptables-save) instead of the plan.")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "svg"]), default="mermaid",
+              show_default=True, help="mermaid for Markdown, dot for Graphviz, svg through Graphviz's dot.")
+@click.option("--table", type=click.Choice(["nat", "mangle", "raw", "all"]), default="all", show_default=True)
+def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
+    """Draw the chains as a directed graph: hooks and chains, jumps, outcomes.
+
+    Takes every flag of `run`; draws the rules those flags would install (or,
+    with --live, the installed ones). Each chain node lists its rules; each
+    jump is an edge labelled with its rule number and match.
+    """
+    from istio_init import graph, runner
+
+    config = load_config(given)
+    runner.enter_namespace(config)
+    _out(graph.run(config, live, fmt, table, log))
+
+
+_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "native_nftables")
 
 
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,37 +223,105 @@ def clean_command(ctx: click.Context, /, **given: Any) -> None:
 def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line.
 
+    pilot-agent's logging flags are taken out first (logs.py): they shape
+    stderr for the whole run, whatever the command and rule set.
     `wrap_backend` wraps the backend a run chooses and `network` replaces the
     route and address steps, when given (tests pass fault injectors).
     """
     timing.mark("imports: click, config, the CLI's commands")
+    output.prepare_stdout()
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name=PROG, standalone_mode=False,
-                 obj={"wrap_backend": wrap_backend, "network": network})
-    except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
-    except click.Abort:
-        print(f"{PROG}: aborted", file=sys.stderr)
-        sys.exit(1)
-    except click.ClickException as exc:
-        print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        args, log_options = logs.split_args(args)
     except IstioInitError as exc:
-        print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: {output.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except Exception as exc:  # a bug or an unforeseen kernel refusal: still one line in the pod's log
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
-    finally:
+    with logs.configured(log_options):
+        code = _run(args, {"wrap_backend": wrap_backend, "network": network})
         if timing.ENABLED:
             for line in timing.report():
                 log(line)
-    sys.exit(0)
+    sys.exit(code)
 
 
-def _one_line(message: str) -> str:
-    """Tool output quoted in an error can span lines; a pod's log gets one."""
-    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+def _run(args: list[str], obj: dict[str, Any]) -> int:
+    """The command's exit code; every failure already reported as one line."""
+    exit_code = 0
+
+    def command() -> None:
+        nonlocal exit_code
+        try:
+            cli.main(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
+        except click.exceptions.Exit as done:
+            exit_code = done.exit_code
+        except click.Abort:
+            logs.emit("error", f"{PROG}: aborted")
+            exit_code = 1
+        except click.ClickException as exc:
+            logs.emit("error", f"{PROG}: {exc.format_message()}")
+            exit_code = exc.exit_code
+
+    return output.guarded(command) or exit_code
+
+
+_one_line = output.one_line
+
+
+# ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------
+
+CNI_PROG = "istio-init-cni"
+
+
+def cni_flags(argv: list[str]) -> dict[str, Any]:
+    """The `run` command's options parsed from a conflist's "args" (click's errors propagate)."""
+    if argv[:1] == [ISTIO_BINARY_NAME]:
+        argv = argv[1:]
+    with run_command.make_context(PROG, argv) as ctx:
+        return dict(ctx.params)
+
+
+def _cni_log(message: str, level: str = "info") -> None:
+    """One entry in the plugin's log: fd 2, which is the configuration's logFile once it is read."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} {level} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
+          file=sys.stderr, flush=True)
+
+
+def _cni_log_to(path: str) -> None:
+    """Point fd 1 and 2 (so everything the apply and its tools print) at the log file."""
+    from istio_init.cni import ERR_IO, CniError
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise CniError(ERR_IO, f"cannot open the log file {path}", exc.strerror or str(exc)) from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def cni_main(wrap_backend: Any = None) -> None:
+    """Console-script entry of istio-init-cni; stdout and the exit status follow the CNI specification.
+
+    stdout belongs to the protocol: a copy of it is kept for the one answer and
+    fd 1 points at stderr (then at the log file), so nothing the apply path or
+    a tool it runs prints can reach the runtime. `wrap_backend` wraps the
+    backend a run chooses (tests inject faults with it).
+    """
+    import json
+
+    from istio_init import cni
+
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)
+    call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)
+    code, answer = cni.invoke(call, sys.stdin.read(), _cni_log_to)
+    if answer is not None:
+        data = (json.dumps(answer) + "\n").encode()
+        while data:
+            data = data[os.write(answer_fd, data):]
+    sys.exit(code)

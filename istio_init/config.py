@@ -13,8 +13,9 @@ import functools
 import os
 import re
 from types import MappingProxyType
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
+from istio_init import ifnames
 from istio_init.errors import ConfigError
 
 
@@ -37,13 +38,13 @@ _HOST = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9
 # Compiled on first use: most pod starts parse no CIDR at all (the seed's -i '*' -x "").
 @functools.lru_cache(maxsize=None)
 def _simple_ipv4_cidr() -> re.Pattern[str]:
-    return re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?\d))?")
+    return re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?\d))?", re.ASCII)
 
 
 @functools.lru_cache(maxsize=None)
 def _ipv4_host_list() -> re.Pattern[str]:
     """A whole list of IPv4 host addresses (`a.b.c.d` or `a.b.c.d/32`), comma-separated, in one match."""
-    return re.compile(rf"{_HOST}(?:,{_HOST})*")
+    return re.compile(rf"{_HOST}(?:,{_HOST})*", re.ASCII)
 
 
 def parse_cidrs(items: list[str]) -> list[Cidr]:
@@ -92,12 +93,26 @@ BACKENDS = ("auto", "libiptc", "legacy", "nft")
 # legitimate value of any flag contains one, and rejecting them everywhere means
 # nothing a pod spec says can be smuggled into a restore file or a log line.
 _FORBIDDEN = re.compile(r"[;&|$`<>(){}\[\]\\'\"!?~#\x00-\x1f\x7f]")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Bounds on what a value may be, so that every accepted value is one the kernel
+# and every backend can represent and every refusal is one readable line.
+# A value longer than one exec argument may be (MAX_ARG_STRLEN) cannot come from
+# a pod spec anyway; numbers are ASCII digits, at most as many as uint32 needs.
+_MAX_VALUE_CHARS = 131072
+_DECIMAL = re.compile(r"[0-9]{1,10}")
+_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,8}")
+_MAX_DURATION_CHARS = 64
+_MAX_PROBE_SECONDS = 3600.0
+_PATH_MAX, _NAME_MAX = 4095, 255
+# Values that may hold non-ASCII text: interface and namespace names, and Go's
+# spellings of microseconds. Every other value is ASCII: Unicode digits such as
+# '²', '１' or '١' pass str.isdigit() and int(), and must not become ports.
+_NON_ASCII_ALLOWED = {"kube_virt_interfaces": None, "network_namespace": None, "probe_timeout": "µμ"}
+_SHOWN_CHARS = 60
 # Route tables the kernel uses itself: a `local default` route in one of them
 # would swallow every packet of the pod.
 _RESERVED_ROUTE_TABLES = {0, 253, 254, 255}
-_IFNAMSIZ = 16
 
 
 class FlagSpec(NamedTuple):
@@ -110,16 +125,42 @@ class FlagSpec(NamedTuple):
     default: str
     help: str
     is_switch: bool = False
+    # The rule set this flag or variable exists in (None: both); see rule_set_checks.
+    only: str | None = None
+    # No command-line flag: the setting is read from `env` only.
+    env_only: bool = False
+    # A second variable for the same setting that wins over `env` (current rule set only).
+    env_alias: str | None = None
+    # The rule set that reads `env` when the flag itself exists in both (None: as `only`).
+    env_only_in: str | None = None
 
     @property
     def label(self) -> str:
-        """How error messages name the flag: `-p/--envoy-port`."""
+        """How error messages name the flag: `-p/--envoy-port` (a variable: its name)."""
+        if self.env_only:
+            return str(self.env)
         return f"-{self.short}/--{self.long}" if self.short else f"--{self.long}"
 
+    def env_rule_set(self) -> str | None:
+        """The rule set whose runs read `env` (None: both)."""
+        return self.env_only_in or self.only
+
+
+RULES_1_8 = "1.8"
+RULES_CURRENT = "current"
+SUPPORTED_RULES_VERSIONS = "1.8 (or 1.8.x), current, or an Istio version 1.25 to 1.32 (= current)"
+_CURRENT_VERSION = re.compile(r"1\.(2[5-9]|3[0-2])(\.\d+)?")
+_V1_8_VERSION = re.compile(r"1\.8(\.\d+)?")
+MAX_OWNER_GROUPS_INCLUDE = 64  # Istio's limit: the include list becomes one rule of N owner matches
+DEFAULT_IPV4_LOOPBACK_CIDR = "127.0.0.1/32"
 
 FLAGS: tuple[FlagSpec, ...] = (
+    FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
+             "Which Istio rule set to install: 1.8 (RULES.md) or current (Istio 1.25 to 1.32; also "
+             "accepted as an Istio version such as 1.28)."),
     FlagSpec("envoy_port", "p", "envoy-port", "ENVOY_PORT", "15001",
-             "Port the sidecar listens on for captured outbound TCP."),
+             "Port the sidecar listens on for captured outbound TCP (env read by the 1.8 rule set only).",
+             env_only_in=RULES_1_8),
     FlagSpec("inbound_capture_port", "z", "inbound-capture-port", "INBOUND_CAPTURE_PORT", "15006",
              "Port the sidecar listens on for captured inbound TCP."),
     FlagSpec("inbound_tunnel_port", "e", "inbound-tunnel-port", "INBOUND_TUNNEL_PORT", "15008",
@@ -177,7 +218,45 @@ FLAGS: tuple[FlagSpec, ...] = (
              "ISTIO_META_DNS_CAPTURE=true.", is_switch=True),
     FlagSpec("multiport", None, "multiport", "ISTIO_MULTIPORT", "false",
              "Group port lists into '-m multiport' rules of up to 15 ports (not Istio's rule "
-             "set; fewer rules for long lists).", is_switch=True),
+             "set; fewer rules for long lists; 1.8 rule set only).", is_switch=True, only=RULES_1_8),
+    # Current Istio (RULES-CURRENT.md) only.
+    FlagSpec("exclude_interfaces", "c", "istio-exclude-interfaces", "ISTIO_EXCLUDE_INTERFACES", "",
+             "Comma list of interfaces whose traffic is never captured, in or out (current rule set).",
+             only=RULES_CURRENT),
+    FlagSpec("capture_all_dns", None, "capture-all-dns", "CAPTURE_ALL_DNS", "false",
+             "With DNS capture, capture all port-53 traffic, not only to the resolvers of "
+             "/etc/resolv.conf (current rule set).", is_switch=True, only=RULES_CURRENT),
+    FlagSpec("drop_invalid", None, "drop-invalid", "DROP_INVALID", "false",
+             "Drop packets conntrack finds INVALID (mangle ISTIO_DROP; current rule set). "
+             "Also INVALID_DROP, which wins.", is_switch=True, only=RULES_CURRENT, env_alias="INVALID_DROP"),
+    FlagSpec("dual_stack", None, "dual-stack", "DUAL_STACK", "false",
+             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (current rule set). "
+             "Also ISTIO_DUAL_STACK, which wins.", is_switch=True, only=RULES_CURRENT,
+             env_alias="ISTIO_DUAL_STACK"),
+    FlagSpec("cni_mode", None, "cni-mode", "CNI_MODE", "false",
+             "Run from the host for a pod: the xtables lock is scoped to --network-namespace "
+             "(current rule set).", is_switch=True, only=RULES_CURRENT),
+    FlagSpec("reconcile", None, "reconcile", "RECONCILE", "false",
+             "Accepted for Istio compatibility: istio-init always converges (current rule set).",
+             is_switch=True, only=RULES_CURRENT),
+    FlagSpec("force_apply", None, "force-apply", "FORCE_APPLY", "false",
+             "Accepted for Istio compatibility: every run converges to the planned rules "
+             "(current rule set).", is_switch=True, only=RULES_CURRENT),
+    FlagSpec("force_iptables_binary", None, "force-iptables-binary", "FORCE_IPTABLES_BINARY", "",
+             "legacy or nft: skip backend detection, as --iptables-backend legacy|nft (current rule set).",
+             only=RULES_CURRENT),
+    FlagSpec("owner_groups_include", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS", WILDCARD,
+             "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64.",
+             only=RULES_CURRENT, env_only=True),
+    FlagSpec("owner_groups_exclude", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "",
+             "Groups (names or gids) whose outbound traffic is never captured (with the include list '*').",
+             only=RULES_CURRENT, env_only=True),
+    FlagSpec("ipv4_loopback_cidr", None, "", "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", DEFAULT_IPV4_LOOPBACK_CIDR,
+             "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32.",
+             only=RULES_CURRENT, env_only=True),
+    FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
+             "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
+             "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
 )
 
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
@@ -216,6 +295,19 @@ class Config(NamedTuple):
     probe_timeout: float = 5.0
     iptables_backend: str = "auto"
     network_namespace: str | None = None
+    rules_version: str = RULES_1_8
+    # Current rule set only (RULES-CURRENT.md).
+    exclude_interfaces: tuple[str, ...] = ()
+    capture_all_dns: bool = False
+    drop_invalid: bool = False
+    dual_stack: bool = False
+    cni_mode: bool = False
+    reconcile: bool = False
+    force_apply: bool = False
+    owner_groups_include: tuple[int, ...] | None = None  # None: '*', every group
+    owner_groups_exclude: tuple[int, ...] = ()
+    ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK_CIDR
+    native_nftables: bool = False
     # Where each value came from, for the effective-configuration summary.
     sources: Mapping[str, str] = MappingProxyType({})
 
@@ -234,7 +326,7 @@ def default_proxy_uid(environ: Mapping[str, str]) -> str:
 
     try:
         return str(pwd.getpwnam(environ.get("ENVOY_USER") or "istio-proxy").pw_uid)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a name with a NUL or a lone surrogate
         return "1337"
 
 
@@ -247,12 +339,20 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
     environ = os.environ if environ is None else environ
     raw: dict[str, str] = {}
     sources: dict[str, str] = {}
+    version = _rules_version(given, environ)
     for spec in FLAGS:
         value = given.get(spec.dest)
+        reads_env = spec.env_rule_set() in (None, version)
         if value is not None and value is not False:
+            if spec.only not in (None, version):
+                raise ConfigError(spec.label, "true" if value is True else str(value),
+                                  f"exists only with --rules-version {spec.only} (this run uses {version})")
             raw[spec.dest] = "true" if value is True else str(value)
             sources[spec.dest] = "flag"
-        elif spec.env and environ.get(spec.env) is not None:
+        elif reads_env and version == RULES_CURRENT and spec.env_alias and environ.get(spec.env_alias) is not None:
+            raw[spec.dest] = environ[spec.env_alias]
+            sources[spec.dest] = spec.env_alias
+        elif reads_env and spec.env and environ.get(spec.env) is not None:
             raw[spec.dest] = environ[spec.env]
             sources[spec.dest] = spec.env
         else:
@@ -270,9 +370,16 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
 
     mode = parse.mode("inbound_interception_mode")
     inbound_all, inbound_ports = parse.port_list("inbound_ports", wildcard=True)
-    outbound_all, outbound_cidrs = parse.cidr_list("service_cidr", wildcard=True)
-    _, exclude_cidrs = parse.cidr_list("service_exclude_cidr", wildcard=False)
-    dns = parse.switch("redirect_dns") or environ.get("ISTIO_META_DNS_CAPTURE", "").lower() == "true"
+    need_prefix = version == RULES_CURRENT  # RULES-CURRENT.md: CIDRs need a prefix length
+    outbound_all, outbound_cidrs = parse.cidr_list("service_cidr", wildcard=True, need_prefix=need_prefix)
+    _, exclude_cidrs = parse.cidr_list("service_exclude_cidr", wildcard=False, need_prefix=need_prefix)
+    if version == RULES_CURRENT:
+        if sources["redirect_dns"] != "flag" and environ.get(DNS_CAPTURE_ALIAS) is not None:
+            raw["redirect_dns"], sources["redirect_dns"] = environ[DNS_CAPTURE_ALIAS], DNS_CAPTURE_ALIAS
+        dns = parse.switch("redirect_dns")
+    else:
+        dns = parse.switch("redirect_dns") or environ.get(DNS_CAPTURE_ALIAS, "").lower() == "true"
+    current = _current_settings(parse, version)
     return Config(
         envoy_port=parse.port("envoy_port"),
         inbound_capture_port=parse.port("inbound_capture_port"),
@@ -299,10 +406,88 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
         run_validation=parse.switch("run_validation"),
         iptables_probe_port=parse.port("iptables_probe_port"),
         probe_timeout=parse.duration("probe_timeout"),
-        iptables_backend=parse.choice("iptables_backend", BACKENDS),
+        iptables_backend=_backend(parse),
         network_namespace=parse.namespace("network_namespace"),
+        rules_version=version,
+        native_nftables=parse.switch("native_nftables"),
         sources=sources,
+        **current,
     )
+
+
+DNS_CAPTURE_ALIAS = "ISTIO_META_DNS_CAPTURE"
+# Config fields that mean something to one rule set only (left out of the other's summary).
+CURRENT_ONLY_FIELDS = frozenset({"exclude_interfaces", "capture_all_dns", "drop_invalid", "dual_stack", "cni_mode",
+                                 "reconcile", "force_apply", "owner_groups_include", "owner_groups_exclude",
+                                 "ipv4_loopback_cidr"})
+ONLY_1_8_FIELDS = frozenset({"multiport"})
+
+
+def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str, str]) -> str:
+    """The rule set's name (`1.8` or `current`), decided first: it says which flags exist."""
+    spec = FLAGS_BY_DEST["rules_version"]
+    text, source = given.get("rules_version"), "flag"
+    if text is None:
+        text, source = environ.get(str(spec.env)), str(spec.env)
+    if text is None:
+        return RULES_1_8
+    value = str(text).strip()
+    if value == RULES_CURRENT or _CURRENT_VERSION.fullmatch(value):
+        return RULES_CURRENT
+    if _V1_8_VERSION.fullmatch(value):
+        return RULES_1_8
+    label = spec.label if source == "flag" else f"{spec.label} (from {source})"
+    raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
+
+
+def _current_settings(parse: "_Parser", version: str) -> dict[str, Any]:
+    """The Config fields only the current rule set reads (defaults under 1.8)."""
+    if version != RULES_CURRENT:
+        return {}
+    include_all, include = parse.group_list("owner_groups_include", wildcard=True)
+    if len(include) > MAX_OWNER_GROUPS_INCLUDE:
+        raise parse.fail("owner_groups_include", parse.raw["owner_groups_include"],
+                         f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
+    return {
+        "exclude_interfaces": parse.interfaces("exclude_interfaces"),
+        "capture_all_dns": parse.switch("capture_all_dns"),
+        "drop_invalid": parse.switch("drop_invalid"),
+        "dual_stack": parse.switch("dual_stack"),
+        "cni_mode": parse.switch("cni_mode"),
+        "reconcile": parse.switch("reconcile"),
+        "force_apply": parse.switch("force_apply"),
+        "owner_groups_include": None if include_all else include,
+        "owner_groups_exclude": parse.group_list("owner_groups_exclude", wildcard=False)[1],
+        "ipv4_loopback_cidr": parse.loopback_cidr("ipv4_loopback_cidr"),
+    }
+
+
+def _backend(parse: "_Parser") -> str:
+    """--iptables-backend, or current Istio's --force-iptables-binary mapped onto it."""
+    backend = parse.choice("iptables_backend", BACKENDS)
+    forced = parse.raw["force_iptables_binary"].strip()
+    if not forced:
+        return backend
+    forced = parse.choice("force_iptables_binary", ("legacy", "nft"))
+    if parse.sources["iptables_backend"] != "default" and backend != forced:
+        raise parse.fail("force_iptables_binary", forced, f"contradicts --iptables-backend {backend}")
+    return forced
+
+
+def ignored_environment(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per variable set in the environment that this run's rule set does not read.
+
+    Never silently ignored: a mesh that sets INVALID_DROP for current Istio and
+    runs the 1.8 rule set must be told its setting has no effect.
+    """
+    environ = os.environ if environ is None else environ
+    warnings = []
+    for spec in FLAGS:
+        for name, reader in ((spec.env, spec.env_rule_set()), (spec.env_alias, RULES_CURRENT)):
+            if name and reader not in (None, config.rules_version) and environ.get(name) is not None:
+                warnings.append(f"warning: {name} is read only with --rules-version {reader}; "
+                                f"ignored (this run uses {config.rules_version})")
+    return warnings
 
 
 class _Parser:
@@ -313,30 +498,44 @@ class _Parser:
         self.sources = sources
 
     def fail(self, dest: str, value: str, reason: str) -> ConfigError:
-        spec = FLAGS_BY_DEST[dest]
-        label = spec.label
-        source = self.sources.get(dest, "")
-        if source not in ("flag", "default", ""):
-            label = f"{label} (from {source})"
-        return ConfigError(label, value, reason)
+        if len(value) > _SHOWN_CHARS:  # the one line stays readable for a 5,000-digit value
+            value = f"{value[:_SHOWN_CHARS]}... ({len(value)} characters)"
+        return ConfigError(flag_label(dest, self.sources), value, reason)
 
     def check_characters(self, dest: str) -> None:
         value = self.raw[dest]
+        if len(value) > _MAX_VALUE_CHARS:
+            raise self.fail(dest, value, f"longer than {_MAX_VALUE_CHARS} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.fail(dest, value, "not valid UTF-8") from None
         bad = _FORBIDDEN.search(value)
         if bad:
             raise self.fail(dest, value, f"character {bad.group()!r} is not allowed")
+        if dest in _NON_ASCII_ALLOWED:
+            allowed = _NON_ASCII_ALLOWED[dest]
+            if allowed is None:
+                return
+            value = "".join(c for c in value if c not in allowed)
+        bad_char = next((c for c in value if not c.isascii()), None)
+        if bad_char is not None:
+            raise self.fail(dest, self.raw[dest], f"character {bad_char!r} is not ASCII")
 
     def items(self, dest: str) -> list[str]:
         """Comma list items, whitespace-trimmed; empty items are skipped as in Istio."""
-        return [item.strip() for item in self.raw[dest].split(",") if item.strip()]
+        return [item.strip(" ") for item in self.raw[dest].split(",") if item.strip(" ")]
+
+    def _decimal(self, dest: str, text: str, what: str, maximum: int, range_text: str) -> int:
+        """ASCII digits only, at most 10 (no int() of a 5,000-digit string), up to `maximum`."""
+        if not text.isascii() or not text.isdigit():
+            raise self.fail(dest, text, f"not a {what}")
+        if not _DECIMAL.fullmatch(text) or int(text) > maximum:
+            raise self.fail(dest, text, f"{what} out of range {range_text}")
+        return int(text)
 
     def _port_value(self, dest: str, text: str) -> int:
-        if not text.isdigit():
-            raise self.fail(dest, text, "not a port number")
-        port = int(text)
-        if port > 65535:
-            raise self.fail(dest, text, "port out of range 0-65535")
-        return port
+        return self._decimal(dest, text, "port number", 65535, "0-65535")
 
     def port(self, dest: str) -> int:
         return self._port_value(dest, self.raw[dest].strip())
@@ -348,12 +547,15 @@ class _Parser:
             return True, ()
         return False, tuple(self._port_value(dest, item) for item in self.items(dest))
 
-    def cidr_list(self, dest: str, wildcard: bool) -> tuple[bool, tuple[Cidr, ...]]:
+    def cidr_list(self, dest: str, wildcard: bool, need_prefix: bool = False) -> tuple[bool, tuple[Cidr, ...]]:
         if self.raw[dest].strip() == WILDCARD:
             if not wildcard:
                 raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of CIDRs")
             return True, ()
         items = self.items(dest)
+        for item in items:
+            if need_prefix and "/" not in item:
+                raise self.fail(dest, item, "a CIDR needs a prefix length, such as /32")
         try:
             return False, tuple(parse_cidrs(items))
         except ValueError:
@@ -368,28 +570,69 @@ class _Parser:
     def id_list(self, dest: str) -> tuple[int, ...]:
         ids = []
         for item in self.items(dest):
-            if not item.isdigit() or int(item) > 0xFFFFFFFE:
+            if not _DECIMAL.fullmatch(item) or int(item) > 0xFFFFFFFE:
                 raise self.fail(dest, item, "not a numeric id")
             ids.append(int(item))
         if not ids:
             raise self.fail(dest, self.raw[dest], "at least one numeric id is needed")
         return tuple(ids)
 
+    def group_list(self, dest: str, wildcard: bool) -> tuple[bool, tuple[int, ...]]:
+        """Group names or gids as gids (iptables-save prints gids); `*` is every group."""
+        if self.raw[dest].strip() == WILDCARD:
+            if not wildcard:
+                raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of groups")
+            return True, ()
+        gids = []
+        for item in self.items(dest):
+            if item.isascii() and item.isdigit():
+                if len(item) > 10 or int(item) > 0xFFFFFFFE:
+                    raise self.fail(dest, item, "not a valid gid")
+                gids.append(int(item))
+                continue
+            import grp
+
+            try:
+                gids.append(grp.getgrnam(item).gr_gid)
+            except KeyError:
+                raise self.fail(dest, item, "no such group") from None
+        if wildcard and not gids:
+            return True, ()  # an empty include list is Istio's default '*'
+        return False, tuple(gids)
+
+    def loopback_cidr(self, dest: str) -> str:
+        text = self.raw[dest].strip()
+        try:
+            cidr = parse_cidr(text) if "/" in text else None
+        except ValueError:
+            cidr = None
+        if cidr is None or cidr.version != 4:
+            raise self.fail(dest, text, "not an IPv4 CIDR with a prefix length")
+        bits = int(cidr.text.split("/")[1])
+        if not cidr.text.startswith("127.") or not 8 <= bits <= 32:
+            raise self.fail(dest, text, "must be IPv4 loopback (127.0.0.0/8) with a mask of 8 to 32")
+        return cidr.text
+
     def interfaces(self, dest: str) -> tuple[str, ...]:
         names = self.items(dest)
+        backend = self.raw["iptables_backend"].strip().lower()
         for name in names:
-            # The kernel's dev_valid_name(): 1-15 bytes, not . or .., no '/', ':' or space.
-            if (len(name.encode()) >= _IFNAMSIZ or name in (".", "..")
-                    or any(c in "/:" or c.isspace() for c in name)):
-                raise self.fail(dest, name, "not an interface name the kernel accepts")
+            refusal = (ifnames.kernel_refusal(name) or ifnames.common_refusal(name)
+                       or ifnames.backend_refusal(name, backend))
+            if refusal:
+                raise self.fail(dest, name, refusal)
         return tuple(names)
 
     def uint32(self, dest: str) -> int:
-        text = self.raw[dest].strip()
-        try:
-            value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-        except ValueError:
-            raise self.fail(dest, text, "not a number") from None
+        text = self.raw[dest].strip(" ")
+        if _HEX.fullmatch(text):
+            value = int(text, 16)
+        elif _DECIMAL.fullmatch(text):
+            value = int(text, 10)
+        elif text.isascii() and (text.isdigit() or re.fullmatch(r"0[xX][0-9a-fA-F]+", text)):
+            raise self.fail(dest, text, "must be between 1 and 4294967295")
+        else:
+            raise self.fail(dest, text, "not a number (decimal or 0x hex)")
         if not 0 < value <= 0xFFFFFFFF:
             raise self.fail(dest, text, "must be between 1 and 4294967295")
         return value
@@ -426,20 +669,39 @@ class _Parser:
         return self.switch(dest)
 
     def duration(self, dest: str) -> float:
-        text = self.raw[dest].strip()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            return float(text)
-        parts = _DURATION_PART.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
-            raise self.fail(dest, text, "not a duration such as 5s or 500ms")
-        return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        text = self.raw[dest].strip(" ")
+        if len(text) > _MAX_DURATION_CHARS:
+            raise self.fail(dest, text, f"longer than {_MAX_DURATION_CHARS} characters")
+        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+            seconds = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not text or "".join(n + u for n, u in parts) != text:
+                raise self.fail(dest, text, "not a duration such as 5s or 500ms")
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        # 64 characters of digits still make 1e63 s; a probe waits an hour at most.
+        if not seconds <= _MAX_PROBE_SECONDS:
+            raise self.fail(dest, text, f"longer than {_MAX_PROBE_SECONDS:g}s (1h)")
+        return seconds
 
     def namespace(self, dest: str) -> str | None:
-        value = self.raw[dest].strip()
+        value = self.raw[dest].strip(" ")
         if not value:
             return None
+        if len(value.encode()) > _PATH_MAX:
+            raise self.fail(dest, value, f"longer than {_PATH_MAX} bytes")
         if "/" not in value:
-            if value in (".", "..") or any(c.isspace() for c in value):
+            if value in (".", "..") or any(c.isspace() for c in value) or len(value.encode()) > _NAME_MAX:
                 raise self.fail(dest, value, "not a network namespace name")
             return os.path.join("/run/netns", value)
         return value
+
+
+def flag_label(dest: str, sources: Mapping[str, str]) -> str:
+    """How a message names the flag and, when the value came from one, its variable."""
+    spec = FLAGS_BY_DEST[dest]
+    label = spec.label
+    source = sources.get(dest, "")
+    if source not in ("flag", "default", "") and not spec.env_only:
+        label = f"{label} (from {source})"
+    return label

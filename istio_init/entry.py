@@ -9,9 +9,9 @@ table: `-f VALUE`, `--flag VALUE`, `--flag=VALUE` and switches. Anything else
 (help, subcommands, `--cleanup-only`, attached or stacked short flags, `--`, a
 value starting with `-`, an unknown or incomplete flag) goes to the click CLI
 (cli.py), which then does exactly what it always did, its errors included.
-Like cli.py it prints (tests/test_layout.py allows the two): it is the CLI's
-click-free front door. tests/test_entry.py checks that both give the same
-output, errors and exit codes.
+pilot-agent's logging flags are taken out first, as cli.py does. Both front
+doors write through output.py (tests/test_layout.py allows only those), and
+tests/test_entry.py checks that both give the same output, errors and exit codes.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from __future__ import annotations
 import os
 import sys
 
-from istio_init import timing
+from istio_init import logs, output, timing
 from istio_init.config import FLAGS
 from istio_init.errors import IstioInitError
 
-PROG = "istio-init"
 ISTIO_BINARY_NAME = "istio-iptables"
-DEBUG_ENV = "ISTIO_INIT_DEBUG"
+CLEANUP_ONLY_ENV = "CLEANUP_ONLY"  # current Istio's --cleanup-only by environment: the click CLI handles it
 
 
 def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
@@ -34,8 +33,8 @@ def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
     None means "not this simple form": the click CLI must parse it.
     """
     args = argv[1:] if argv[:1] == [ISTIO_BINARY_NAME] else argv
-    short = {f"-{spec.short}": spec for spec in FLAGS if spec.short}
-    long = {f"--{spec.long}": spec for spec in FLAGS}
+    short = {f"-{spec.short}": spec for spec in FLAGS if spec.short and not spec.env_only}
+    long = {f"--{spec.long}": spec for spec in FLAGS if not spec.env_only}
     given: dict[str, str | bool] = {}
     i = 0
     while i < len(args):
@@ -61,51 +60,33 @@ def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
     return given
 
 
-def log(message: str) -> None:
-    """One line on stderr, as cli.log writes it."""
-    print(f"{PROG}: {message}" if not message.startswith(f"{PROG} ") else message, file=sys.stderr, flush=True)
-
-
-def _one_line(message: str) -> str:
-    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
-
-
 def main(argv: list[str] | None = None) -> None:
     """`istio-init ARGS`: the plain run form here, everything else through cli.main."""
     args = sys.argv[1:] if argv is None else list(argv)
-    given = parse_run(args)
+    try:
+        rest, log_options = logs.split_args(args)  # pilot-agent's logging flags (current Istio always passes one)
+    except IstioInitError:
+        rest = None  # cli.main reports it, as for any other command line
+    given = parse_run(rest) if rest is not None and os.environ.get(CLEANUP_ONLY_ENV) is None else None
     if given is None:
         from istio_init import cli
 
         cli.main(args)
         return
     timing.mark("imports: config (no click)")
-    try:
+    output.prepare_stdout()
+
+    def command() -> None:
         from istio_init import runner
-        from istio_init.config import from_sources
 
         timing.mark("parse the command line")
-        config = from_sources(given)
+        config = output.load_config(given)
         timing.mark("config: validate flags and environment")
-        out = runner.run(config, log)
-        if out:
-            sys.stdout.write(out)
-            sys.stdout.flush()
-    except KeyboardInterrupt:  # as click reports it: an empty line, then "aborted"
-        print(file=sys.stderr)
-        print(f"{PROG}: aborted", file=sys.stderr)
-        sys.exit(1)
-    except IstioInitError as exc:
-        print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # as cli.main: a bug or an unforeseen kernel refusal stays one line
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"{PROG}: unexpected error: {type(exc).__name__}: {_one_line(str(exc))} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
-    finally:
+        output.out(runner.run(config, output.log))
+
+    with logs.configured(log_options):
+        code = output.guarded(command)
         if timing.ENABLED:
             for line in timing.report():
-                log(line)
-    sys.exit(0)
+                output.log(line)
+    sys.exit(code)

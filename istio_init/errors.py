@@ -35,3 +35,9 @@ class ValidationError(IstioInitError):
     """--run-validation found that outbound traffic is not redirected (Istio's exit 126)."""
 
     exit_code = 126
+
+
+class TraceError(IstioInitError):
+    """The rules (or the connection) cannot be evaluated; names the rule."""
+
+    exit_code = 2

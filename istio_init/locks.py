@@ -14,7 +14,6 @@ NET_ADMIN but without root (a validation or CNI case) can take it too.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import time
@@ -42,12 +41,16 @@ def _open(path: str, make_dir: bool) -> int:
         with contextlib.suppress(FileExistsError):
             os.mkdir(directory, 0o755)
             os.chmod(directory, 0o1777)  # sticky and world-writable, as /tmp
+    # Read-only is enough for flock, and the only way to open a network namespace
+    # file, which --cni-mode uses as the pod's xtables lock (as iptables does).
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # flock works on a read-only descriptor
+    except FileExistsError:  # made by a concurrent run in between
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ and the family check reads address bytes without `ipaddress` (about 1 ms).
 from __future__ import annotations
 
 import _socket as socket  # the C module: see the docstring
+import errno
 import os
 import struct
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     import ipaddress
 
-from istio_init.errors import IstioInitError
+from istio_init.errors import ConfigError, IstioInitError
 
 _NLMSG_HEADER = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
@@ -170,19 +171,53 @@ def has_net_admin() -> bool | None:
     return bool(int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN))
 
 
-def enter(path: str) -> None:
-    """Move this process (single-threaded) into the network namespace at `path`."""
+_NFPROTO_INET = 1
+NATIVE_TABLE_PREFIX = "istio-proxy-"
+
+
+def native_nft_tables() -> set[str]:
+    """istio-init's own `inet istio-proxy-*` tables in this namespace (--native-nftables), over netlink.
+
+    Every iptables apply asks, so that a switch away from native nftables
+    removes them; loading libnftables to find out would cost every pod start.
+    """
+    try:
+        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO_INET, 0, 0), _NETLINK_NETFILTER)
+    except OSError:
+        return set()
+    names = set()
+    for msg_type, payload in replies:
+        if msg_type != _NFT_NEWTABLE or payload[0] != _NFPROTO_INET:
+            continue
+        raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
+        name = raw.split(b"\0", 1)[0].decode(errors="replace")
+        if name.startswith(NATIVE_TABLE_PREFIX):
+            names.add(name)
+    return names
+
+
+def enter(path: str, label: str = "--network-namespace") -> None:
+    """Move this process (single-threaded) into the network namespace at `path`.
+
+    `label` names the flag and, when the value came from it, the variable. A
+    path that is missing or not a network namespace is the user's mistake (exit
+    2); a refusal for want of privilege is not.
+    """
     import ctypes
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise IstioInitError(f"--network-namespace {path}: {exc.strerror}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise IstioInitError(f"{label} {path}: {exc.strerror}") from None
+        raise ConfigError(label, path, exc.strerror or "cannot open") from None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.setns(fd, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise IstioInitError(f"--network-namespace {path}: cannot enter: {os.strerror(err)}")
+            if err == errno.EINVAL:
+                raise ConfigError(label, path, "not a network namespace")
+            raise IstioInitError(f"{label} {path}: cannot enter: {os.strerror(err)}")
     finally:
         os.close(fd)
 
@@ -287,6 +322,12 @@ def policy_routing_for_marks(family: int, marks: set[int]) -> list[Routing]:
                 if _local_default_routes(ipr, family, table):
                     found.append(Routing("route", family, 0, table))
     return list(dict.fromkeys(found))
+
+
+def local_default_route_tables(family: int, tables: set[int]) -> set[int]:
+    """Which of `tables` hold a `local default dev lo` route (read-only, for `check`)."""
+    with _iproute() as ipr:
+        return {table for table in tables if _local_default_routes(ipr, family, table)}
 
 
 def _split(address: str) -> tuple[str, int]:

@@ -9,19 +9,21 @@ returned.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from istio_init import timing
-from istio_init.config import Config
+from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.render import render_plan
-from istio_init.rulesets import plan
+from istio_init.rulesets import plan, resolvers_needed
 
 if TYPE_CHECKING:
     from istio_init.backends.base import Backend
 
-Log = Callable[[str], None]
+# log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
+Log = Callable[..., None]
 # Lets a caller (a test) wrap the backend the run chose, e.g. to inject a fault.
 WrapBackend = Callable[["Backend"], "Backend"]
 
@@ -29,9 +31,11 @@ WrapBackend = Callable[["Backend"], "Backend"]
 def summary(config: Config, ipv6: bool) -> str:
     """The effective configuration, for stderr, as Istio prints its variables."""
     lines = ["istio-init effective configuration:"]
+    other = ONLY_1_8_FIELDS if config.rules_version == RULES_CURRENT else CURRENT_ONLY_FIELDS
     for name in config._fields:
-        if name != "sources":
-            lines.append(f"  {name}: {_show(getattr(config, name))}")
+        if name != "sources" and name not in other:
+            value = getattr(config, name)
+            lines.append(f"  {name}: {'*' if name == 'owner_groups_include' and value is None else _show(value)}")
     lines.append(f"  ip families: {'IPv4, IPv6' if ipv6 else 'IPv4'}")
     return "\n".join(lines)
 
@@ -47,7 +51,7 @@ def enter_namespace(config: Config) -> None:
     if config.network_namespace:
         from istio_init import netns
 
-        netns.enter(config.network_namespace)
+        netns.enter(config.network_namespace, flag_label("network_namespace", config.sources))
 
 
 def decide_ipv6(config: Config, log: Log) -> bool:
@@ -56,7 +60,17 @@ def decide_ipv6(config: Config, log: Log) -> bool:
     from istio_init import netns
 
     try:
-        return netns.detect_ipv6()
+        if config.rules_version != RULES_CURRENT:
+            return netns.detect_ipv6()
+        addresses = netns.pod_addresses()
+        if not addresses:
+            # Current Istio exits 1 here; RULES-CURRENT.md keeps RULES.md's IPv4 rules, and says so.
+            log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
+                "warn")
+            return False
+        if config.dual_stack:  # any IPv6 address of the pod
+            return any(address.version == 6 for address in addresses)
+        return addresses[0].version == 6
     except OSError as exc:
         log(f"cannot read the pod's addresses ({exc}); making IPv4 rules only")
         return False
@@ -65,9 +79,22 @@ def decide_ipv6(config: Config, log: Log) -> bool:
 def build_plan(config: Config, log: Log) -> tuple[RulePlan, bool]:
     ipv6 = decide_ipv6(config, log)
     timing.mark("the pod's IP families")
-    rule_plan = plan(config, ipv6)
+    rule_plan = plan(config, ipv6, pod_resolvers(config, log))
     timing.mark("plan")
     return rule_plan, ipv6
+
+
+def pod_resolvers(config: Config, log: Log) -> list[str]:
+    """The pod's nameservers when the plan needs them; none: DNS is not captured, with a warning."""
+    if not resolvers_needed(config):
+        return []
+    from istio_init import resolvconf
+
+    servers, problem = resolvconf.read()
+    if problem:
+        log(f"warning: DNS capture is on but {problem}; DNS is not captured "
+            "(--capture-all-dns captures every port-53 query)", "warn")
+    return servers
 
 
 def require_net_admin() -> None:
@@ -95,6 +122,11 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
     # read in `kubectl logs POD -c istio-init` when a pod's traffic looks wrong.
     log(summary(config, ipv6))
     if config.dry_run:
+        if config.native_nftables:
+            from istio_init.backends.nftables import guard_single_family
+            from istio_init.render_nft import render_transaction
+
+            return render_transaction(rule_plan, guard_single_family(config.rules_version))
         text = render_plan(rule_plan)
         timing.mark("render the dry run")
         return text
@@ -102,6 +134,9 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
     if config.skip_rule_apply:
         log("--skip-rule-apply: not applying any rules")
     else:
+        if config.cni_mode and config.network_namespace:
+            # Run from the host for one pod: lock that pod's tables only, as Istio's CNI mode does.
+            os.environ["XTABLES_LOCKFILE"] = config.network_namespace
         out = apply_plan(config, rule_plan, log, wrap, network)
     if config.run_validation:
         from istio_init import validation
@@ -116,13 +151,20 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
     from istio_init import apply, backends
 
     families = [family.family for family in rule_plan.families()]
-    choice = backends.choose(config.iptables_backend, families)
-    log(f"iptables backend {choice.name} ({choice.reason})")
-    backend = backends.get(choice.name)
+    backend: Backend
+    if config.native_nftables:
+        name = "nftables"
+        backend = backends.native(config.rules_version)
+        log("native nftables: our tables are replaced in one transaction (--native-nftables)")
+    else:
+        choice = backends.choose(config.iptables_backend, families)
+        log(f"iptables backend {choice.name} ({choice.reason})")
+        name, backend = choice.name, backends.get(choice.name)
     timing.mark("choose the backend")
     if wrap is not None:
         backend = wrap(backend)
-    applied = apply.run(rule_plan, backend, lambda: backends.others_holding_ours(choice.name, [4, 6]), network)
+    applied = apply.run(rule_plan, backend,
+                        lambda: backends.others_holding_ours(name, [4, 6], config.rules_version), network)
     for note in applied.notes:
         log(note)
     timing.mark("log the notes")
@@ -135,7 +177,11 @@ def clean(config: Config, log: Log, wrap: WrapBackend | None = None) -> str:
 
     enter_namespace(config)
     require_net_admin()
-    chosen: Sequence[Backend] = [backends.get(name) for name in backends.candidates(config.iptables_backend, [4, 6])]
+    chosen: list[Backend] = []
+    if not config.native_nftables or config.sources.get("iptables_backend", "default") != "default":
+        chosen += [backends.get(name) for name in backends.candidates(config.iptables_backend, [4, 6])]
+    if config.native_nftables or backends.native_nft_in_use():
+        chosen.append(backends.native(config.rules_version))
     if wrap is not None:
         chosen = [wrap(b) for b in chosen]
     result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run)

@@ -5,13 +5,16 @@ table" but "why did (or didn't) this connection reach the proxy". This module
 answers it by walking the rules the way netfilter does for the first packet
 of a connection:
 
-- outbound (locally generated): mangle OUTPUT, nat OUTPUT, then nat
-  POSTROUTING with the destination after any DNAT/REDIRECT;
-- inbound: mangle PREROUTING, then nat PREROUTING.
+- outbound (locally generated): raw OUTPUT, mangle OUTPUT, nat OUTPUT, then
+  nat POSTROUTING with the destination after any DNAT/REDIRECT;
+- inbound: raw PREROUTING, mangle PREROUTING, then nat PREROUTING.
 
 Jumps push a chain, RETURN and the end of a user chain pop it, the end of a
 built-in chain is its ACCEPT policy. Conntrack state is assumed NEW (it is the
-first packet). REDIRECT, DNAT and TPROXY are "captured"; anything else that
+first packet), its source port an ephemeral one no rule names, and its
+packet and connection marks start at 0 and follow the MARK and CONNMARK rules
+it passes (current Istio's TPROXY rules test them); CT (a conntrack zone for
+DNS) does not end the walk. REDIRECT, DNAT and TPROXY are "captured"; anything else that
 ends the walk is "not captured", blamed on the last rule that matched (the
 RETURN that let the connection go), so the answer names the rule to look at.
 
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
 from istio_init.backends.iptables import savefile
-from istio_init.errors import IstioInitError
+from istio_init.errors import TraceError
 from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Rule, is_builtin
 from istio_init.render import rule_spec
 
@@ -47,12 +50,6 @@ CAPTURING_TARGETS = ("REDIRECT", "DNAT", "TPROXY")
 # Targets that end a table's walk without capturing.
 _FINAL_TARGETS = ("ACCEPT", "DROP", "REJECT", "SNAT", "MASQUERADE")
 _MAX_STEPS = 10000  # a loop in live rules must not hang the tool
-
-
-class TraceError(IstioInitError):
-    """The rules (or the connection) cannot be evaluated; names the rule."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -228,10 +225,21 @@ def _id_in(spec: str, ident: int) -> bool:
     return int(low) <= ident <= int(high or low)
 
 
-def _match_module(match: Match, conn: Connection, hook: str, where: str) -> bool:
+def _mark_matches(spec: str, mark: int) -> bool:
+    """`--mark VALUE[/MASK]` against a mark."""
+    value, _, mask = spec.partition("/")
+    bits = int(mask, 0) if mask else 0xFFFFFFFF
+    return mark & bits == int(value, 0) & bits
+
+
+def _match_module(match: Match, conn: Connection, hook: str, where: str, marks: tuple[int, int] = (0, 0)) -> bool:
     for opt in match.options:
         if match.module in ("tcp", "udp") and opt.name in ("dport", "destination-port"):
             ok = match.module == conn.protocol and _port_in(opt.value, conn.dport)
+        elif match.module in ("tcp", "udp") and opt.name in ("sport", "source-port"):
+            ok = False  # an ephemeral source port: never one a rule names
+        elif match.module in ("mark", "connmark") and opt.name == "mark":
+            ok = _mark_matches(opt.value, marks[0] if match.module == "mark" else marks[1])
         elif match.module == "multiport" and opt.name in ("dports", "destination-ports"):
             ok = conn.protocol in ("tcp", "udp") and _port_in(opt.value, conn.dport)
         elif match.module == "owner" and opt.name in ("uid-owner", "gid-owner"):
@@ -247,8 +255,8 @@ def _match_module(match: Match, conn: Connection, hook: str, where: str) -> bool
     return True
 
 
-def rule_matches(rule: Rule, conn: Connection, hook: str, where: str = "") -> bool:
-    """Does `rule` match the first packet of `conn` in built-in chain `hook`?"""
+def rule_matches(rule: Rule, conn: Connection, hook: str, where: str = "", marks: tuple[int, int] = (0, 0)) -> bool:
+    """Does `rule` match the first packet of `conn` in built-in chain `hook`? `marks`: (packet, connection)."""
     where = where or f"{rule.table} {rule.chain} rule '{rule_spec(rule)}'"
     if rule.protocol and rule.protocol not in (conn.protocol, "all"):
         return False
@@ -260,7 +268,7 @@ def rule_matches(rule: Rule, conn: Connection, hook: str, where: str = "") -> bo
         return False
     if rule.out_interface and not _iface_matches(rule.out_interface, conn.out_interface):
         return False
-    return all(_match_module(match, conn, hook, where) for match in rule.matches)
+    return all(_match_module(match, conn, hook, where, marks) for match in rule.matches)
 
 
 # --------------------------------------------------------------------------- walking
@@ -273,6 +281,7 @@ class _Walk:
     hits: list[Hit] = field(default_factory=list)
     final: Hit | None = None
     last: Hit | None = None
+    marks: tuple[int, int] = (0, 0)  # the packet's and its connection's mark after the walk
 
 
 def _option(rule: Rule, name: str) -> str | None:
@@ -282,9 +291,26 @@ def _option(rule: Rule, name: str) -> str | None:
     return None
 
 
-def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection) -> _Walk:
-    """Walk built-in chain `hook` of `table` (and its jumps) for `conn`."""
-    walk = _Walk()
+def _set_marks(rule: Rule, marks: tuple[int, int]) -> tuple[int, int]:
+    """The (packet, connection) marks after a MARK or CONNMARK rule."""
+    mark, connmark = marks
+    for opt in rule.target_options:
+        value, _, mask = opt.value.partition("/")
+        bits = int(mask, 0) if mask else 0xFFFFFFFF
+        if opt.name == "set-xmark":
+            mark = (mark & ~bits & 0xFFFFFFFF) ^ int(value, 0)
+        elif opt.name == "set-mark":
+            mark = (mark & ~bits & 0xFFFFFFFF) | int(value, 0)
+        elif opt.name == "save-mark":
+            connmark = mark
+        elif opt.name == "restore-mark":
+            mark = connmark
+    return mark, connmark
+
+
+def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection, marks: tuple[int, int] = (0, 0)) -> _Walk:
+    """Walk built-in chain `hook` of `table` (and its jumps) for `conn`, starting with `marks`."""
+    walk = _Walk(marks=marks)
     chains = ruleset.get(table, {})
     stack: list[tuple[str, int]] = [(hook, 0)]
     steps = 0
@@ -299,7 +325,7 @@ def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection) -> _Wa
             rule = rules[position]
             position += 1
             where = f"{table} {chain} rule {position} '{rule_spec(rule)}'"
-            if not rule_matches(rule, conn, hook, where):
+            if not rule_matches(rule, conn, hook, where, walk.marks):
                 continue
             hit = Hit(table, hook, chain, position, rule_spec(rule), rule.target, len(stack))
             walk.hits.append(hit)
@@ -309,7 +335,10 @@ def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection) -> _Wa
             if rule.target in CAPTURING_TARGETS or rule.target in _FINAL_TARGETS:
                 walk.final = hit
                 return walk
-            if rule.target in ("MARK", "LOG", "CONNMARK"):
+            if rule.target in ("MARK", "CONNMARK"):
+                walk.marks = _set_marks(rule, walk.marks)
+                continue
+            if rule.target in ("LOG", "CT"):
                 continue  # non-terminating
             if rule.target in chains or (rule.target.isupper() and rule.target.startswith("ISTIO_")):
                 if len(stack) > 64:
@@ -350,8 +379,8 @@ def _capture(hit: Hit, rule: Rule, conn: Connection) -> tuple[int | None, str | 
 
 def _hooks(conn: Connection) -> list[tuple[str, str]]:
     if conn.direction == OUTBOUND:
-        return [("mangle", "OUTPUT"), ("nat", "OUTPUT"), ("nat", "POSTROUTING")]
-    return [("mangle", "PREROUTING"), ("nat", "PREROUTING")]
+        return [("raw", "OUTPUT"), ("mangle", "OUTPUT"), ("nat", "OUTPUT"), ("nat", "POSTROUTING")]
+    return [("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("nat", "PREROUTING")]
 
 
 def trace(ruleset: Ruleset, conn: Connection) -> Verdict:
@@ -361,11 +390,13 @@ def trace(ruleset: Ruleset, conn: Connection) -> Verdict:
     captured: tuple[Hit, Rule] | None = None
     blamed: Hit | None = None
     current = conn
+    marks = (0, 0)
     for table, hook in _hooks(conn):
-        if hook not in BUILTIN_CHAINS[table]:
-            continue
+        if hook not in BUILTIN_CHAINS[table] or (table == "raw" and not any(ruleset.get(table, {}).values())):
+            continue  # the raw table only when it holds rules (current Istio's DNS zones)
         walked.append(f"{table} {hook}")
-        walk = walk_table(ruleset, table, hook, current)
+        walk = walk_table(ruleset, table, hook, current, marks)
+        marks = walk.marks
         hits += walk.hits
         if walk.final is not None and walk.final.target in CAPTURING_TARGETS and captured is None:
             rule = ruleset[table][walk.final.chain][walk.final.number - 1]
@@ -431,7 +462,12 @@ def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool) ->
         except OSError:
             local = []
     conn = make_connection(local_addresses=local, **conn_args)
-    if live:
+    if live and config.native_nftables:
+        from istio_init.nft_live import read_live as read_live_nft
+
+        ruleset, source = read_live_nft(conn.family)
+        source = f"live ({source})"
+    elif live:
         ruleset, source = read_live(conn.family, config.iptables_backend)
         source = f"live ({source})"
     else:

@@ -23,6 +23,8 @@ from istio_init.model import APPEND, Rule, Step
 
 def wrapper(fault: str) -> Any:
     def wrap(backend: Any) -> Any:
+        if backend.name == "nftables":
+            return _nft_wrapper(fault, backend)
         base = type(backend)
 
         class Faulty(base):  # type: ignore[misc, valid-type]
@@ -44,6 +46,34 @@ def wrapper(fault: str) -> Any:
         backend.__class__ = Faulty
         return backend
     return wrap
+
+
+def _nft_wrapper(fault: str, backend: Any) -> Any:
+    """`reject:nft`: the transaction ends with a jump to no chain; `after-commit:nft`: reading back fails."""
+    from istio_init.render_nft import FAMILY, TransactionLine
+
+    base = type(backend)
+
+    class Faulty(base):  # type: ignore[misc, valid-type]
+        reads = 0
+
+        def transaction(self, plan):  # type: ignore[no-untyped-def]
+            text, where = super().transaction(plan)
+            if fault == "reject:nft":
+                last = next(place for place in reversed(where) if place.rule)
+                rule = "counter jump istio-no-such-chain-fault"
+                text += f"add rule {FAMILY} {last.table} {last.chain} {rule}\n"
+                where = [*where, TransactionLine(last.table, last.chain, rule)]
+            return text, where
+
+        def ours(self):  # type: ignore[no-untyped-def]
+            self.reads += 1
+            if fault == "after-commit:nft" and self.reads == 2:  # the read-back right after the commit
+                raise ApplyError(f"fault injected ({fault})")
+            return super().ours()
+
+    backend.__class__ = Faulty
+    return backend
 
 
 def _with_bogus_rule(change: TableChange) -> TableChange:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "istio_init"
 THE_CLI = PACKAGE / "cli.py"
-# The CLI's two modules: cli.py (click) and entry.py, its click-free front door for Istio's flag list.
-PRINTERS = ("istio_init.cli", "istio_init.entry")
+# The front doors (click and click-free) and the output layer they share.
+PRINTERS = ("istio_init.cli", "istio_init.entry", "istio_init.output")
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -20,28 +20,46 @@ def _modules() -> dict[str, ast.Module]:
     return found
 
 
-def _writes_output(tree: ast.Module) -> list[str]:
-    """Every print(), click.echo() and sys.stdout/sys.stderr use in a module, as 'line N: what'."""
+def _writes_stdout(tree: ast.Module) -> list[str]:
+    """Every way a module writes to stdout, as 'line N: what'.
+
+    print() without a file= (or with file=sys.stdout), click.echo() without
+    err=True, and any use of sys.stdout. Writing to stderr is fine anywhere
+    the CLI's log stream is set up (logs.py); stdout is the rules' text only.
+    """
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
-            found.append(f"line {node.lineno}: print()")
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (
-                (node.value.id == "sys" and node.attr in ("stdout", "stderr"))
-                or (node.value.id == "click" and node.attr in ("echo", "secho"))):
-            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+        if isinstance(node, ast.Call):
+            func = node.func
+            keywords = {k.arg: k.value for k in node.keywords}
+            if isinstance(func, ast.Name) and func.id == "print":
+                target = keywords.get("file")
+                if target is None or ast.unparse(target) == "sys.stdout":
+                    found.append(f"line {node.lineno}: print()")
+            elif (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                  and func.value.id == "click" and func.attr in ("echo", "secho")):
+                err = keywords.get("err")
+                if not (isinstance(err, ast.Constant) and err.value is True):
+                    found.append(f"line {node.lineno}: click.{func.attr}()")
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == "sys" and node.attr == "stdout"):
+            found.append(f"line {node.lineno}: sys.stdout")
     return found
 
 
-def test_only_the_cli_prints() -> None:
+def test_only_the_cli_writes_stdout() -> None:
     offenders = {name: hits for name, tree in _modules().items()
-                 if name not in PRINTERS and (hits := _writes_output(tree))}
-    assert offenders == {}, "only the CLI (cli.py, entry.py) may print; return text or log through the CLI's log()"
+                 if name not in PRINTERS and (hits := _writes_stdout(tree))}
+    assert offenders == {}, f"only {', '.join(PRINTERS)} may write stdout; return the text instead"
 
 
-def test_the_guard_finds_the_cli_printing() -> None:
-    """The scan above can fail: it sees the CLI's own output calls."""
-    assert _writes_output(ast.parse(THE_CLI.read_text()))
+def test_the_guard_finds_stdout_writes() -> None:
+    """The scan above can fail: it sees the CLI's own writes, and each kind of stdout write."""
+    assert _writes_stdout(ast.parse(THE_CLI.read_text()))
+    sample = "import sys, click\nprint('x')\nprint('y', file=sys.stdout)\nclick.echo('z')\nsys.stdout.write('w')\n"
+    assert {hit.split(":")[0] for hit in _writes_stdout(ast.parse(sample))} == {"line 2", "line 3", "line 4", "line 5"}
+    fine = "import sys, click\nprint('x', file=sys.stderr)\nclick.echo('z', err=True)\n"
+    assert _writes_stdout(ast.parse(fine)) == []
 
 
 def _imports(name: str, tree: ast.Module) -> set[str]:

@@ -8,6 +8,11 @@ accepted on and SO_ORIGINAL_DST), an application container in the pod, and a cli
 outside it (198.51.100.20). The test checks where connections land in both directions, then
 runs the image again in the same pod (an init container restart) and checks the rules did not
 change. Needs a Docker engine and the image (scripts/build-image); skipped otherwise.
+
+It runs twice: the seed's pod with the default image (rule set 1.8), and the same pod as current
+Istio injects it (its args end with `--log_output_level=default:info`) with the image built for
+current Istio (`RULES_VERSION=current IMAGE=istio-init:current scripts/build-image`), which must
+pick the current rule set from its own default, with no env in the pod.
 """
 
 from __future__ import annotations
@@ -26,10 +31,16 @@ import pytest
 pytestmark = pytest.mark.docker
 
 IMAGE = os.environ.get("ISTIO_INIT_IMAGE", "istio-init:dev")
+# The image built for current Istio (RULES_VERSION=current IMAGE=istio-init:current scripts/build-image).
+CURRENT_IMAGE = os.environ.get("ISTIO_INIT_CURRENT_IMAGE", "istio-init:current")
 
 # The seed's init container, as the kubelet runs it.
 SEED_ARGS = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
              "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]
+# Current Istio's injected init container (RULES-CURRENT.md): the same, then its logging flag.
+CURRENT_ARGS = [*SEED_ARGS, "--log_output_level=default:info"]
+# variant -> (image, args): the seed's pod, and the same pod as current Istio injects it.
+VARIANTS = {"1.8": (IMAGE, SEED_ARGS), "current": (CURRENT_IMAGE, CURRENT_ARGS)}
 SEED_SECURITY = ["--user", "0:0", "--security-opt", "no-new-privileges",
                  "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW"]
 
@@ -84,7 +95,7 @@ def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Co
     return result
 
 
-def _engine_problem() -> str | None:
+def _engine_problem(image: str = IMAGE) -> str | None:
     """Why this test cannot run here, or None."""
     if shutil.which("docker") is None:
         return "no docker client on PATH (apt-get install docker.io)"
@@ -97,6 +108,9 @@ def _engine_problem() -> str | None:
         return f"no Docker engine answers ({why}); start one: scripts/docker-engine start"
     if docker("image", "inspect", IMAGE, check=False).returncode != 0:
         return f"image {IMAGE} is missing (ISTIO_INIT_IMAGE); build it: scripts/build-image"
+    if docker("image", "inspect", image, check=False).returncode != 0:
+        return (f"image {image} is missing (ISTIO_INIT_CURRENT_IMAGE); build it: "
+                f"RULES_VERSION=current IMAGE={image} scripts/build-image")
     return None
 
 
@@ -132,10 +146,10 @@ class Pod:
         wait_ready(name)
         return name
 
-    def init(self, role: str) -> subprocess.CompletedProcess:
+    def init(self, role: str, image: str = IMAGE, args: list[str] = SEED_ARGS) -> subprocess.CompletedProcess:
         """The init container: the image with the seed's securityContext and args."""
         return docker("run", "--rm", "--name", self.name(role), *self.in_pod(), *SEED_SECURITY,
-                      IMAGE, *SEED_ARGS, timeout=120, check=False)
+                      image, *args, timeout=120, check=False)
 
     def iptables_save(self, role: str) -> str:
         """What both iptables backends show in the pod (counters zeroed, comments dropped)."""
@@ -187,9 +201,14 @@ def nat_appends(save_text: str) -> list[str]:
     return rules
 
 
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-def pod() -> Iterator[Pod]:
-    problem = _engine_problem()
+def pod(variant: str) -> Iterator[Pod]:
+    problem = _engine_problem(VARIANTS[variant][0])
     if problem:
         pytest.skip(problem)
     pod = Pod()
@@ -203,17 +222,21 @@ def pod() -> Iterator[Pod]:
         pod.remove()
 
 
-def test_seed_init_container_captures_pod_traffic(pod: Pod) -> None:
+def test_seed_init_container_captures_pod_traffic(pod: Pod, variant: str) -> None:
+    image, args = VARIANTS[variant]
     # Docker's embedded DNS already has NAT rules in the pod; they must stay as they are.
     before = nat_appends(pod.iptables_save("save-before"))
-    first = pod.init("init")
+    first = pod.init("init", image, args)
     assert first.returncode == 0, f"init container failed ({first.returncode}):\n{first.stderr}"
     rules = pod.iptables_save("save-first")
 
     # What the init container added is exactly the seed's dry run (its -A lines, in order).
     dry_run = docker("run", "--rm", "--name", pod.name("dryrun"), *pod.in_pod(), *SEED_SECURITY,
-                     IMAGE, *SEED_ARGS, "-n").stdout
+                     image, *args, "-n").stdout
     assert nat_appends(dry_run), dry_run
+    # The image's default rule set: 1.8's `-p tcp` OUTPUT jump, or current Istio's without it.
+    assert ("-A OUTPUT -p tcp -j ISTIO_OUTPUT" in dry_run) == (variant == "1.8"), dry_run
+    assert ("-A OUTPUT -j ISTIO_OUTPUT" in dry_run) == (variant == "current"), dry_run
     assert [rule for rule in nat_appends(rules) if rule not in before] == nat_appends(dry_run), rules
     assert all(rule in nat_appends(rules) for rule in before), rules
 
@@ -235,7 +258,7 @@ def test_seed_init_container_captures_pod_traffic(pod: Pod) -> None:
     check_traffic()
 
     # An init container restart: the same image and args again in the same pod.
-    second = pod.init("init-again")
+    second = pod.init("init-again", image, args)
     assert second.returncode == 0, f"second init run failed ({second.returncode}):\n{second.stderr}"
     assert pod.iptables_save("save-again") == rules
     check_traffic()

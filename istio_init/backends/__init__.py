@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 if TYPE_CHECKING:
     from istio_init.backends.base import Backend
+    from istio_init.backends.iptables.backend import IptablesBackend
 
 NAMES = ("libiptc", "legacy", "nft")
 # `auto` never picks libiptc: importing python-iptables (about 12 ms of ctypes
@@ -24,7 +25,7 @@ NAMES = ("libiptc", "legacy", "nft")
 _LEGACY_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 
-def get(name: str) -> Backend:
+def get(name: str) -> IptablesBackend:
     """The backend for a resolved --iptables-backend value (libiptc, legacy or nft)."""
     if name == "libiptc":
         from istio_init.backends.iptables.libiptc import LibiptcBackend
@@ -86,9 +87,24 @@ def candidates(requested: str, families: Sequence[int]) -> list[str]:
     return found
 
 
-def others_holding_ours(chosen: str, families: Sequence[int],
+def native_nft_in_use() -> bool:
+    """Whether istio-init's native nftables tables exist here (asked over netlink, no libnftables)."""
+    from istio_init import netns
+
+    return bool(netns.native_nft_tables())
+
+
+def native(rules_version: str) -> Backend:
+    from istio_init.backends.nftables import NftablesBackend, guard_single_family
+
+    return NftablesBackend(guard_single_family(rules_version))
+
+
+def others_holding_ours(chosen: str, families: Sequence[int], rules_version: str = "1.8",
                         make: Callable[[str], Backend] = get) -> list[Backend]:
-    """Backends other than `chosen`'s flavour that hold istio-init's rules (left by an earlier run).
+    """Backends other than `chosen`'s that hold istio-init's rules (left by an earlier run).
+
+    `chosen` is an --iptables-backend name or "nftables" (--native-nftables).
 
     A run that switches backend (auto now sees iptables-nft tables, or the
     flag changed) must remove those, or two rule sets would capture at once.
@@ -96,6 +112,8 @@ def others_holding_ours(chosen: str, families: Sequence[int],
     legacy tables are only read when the kernel has them loaded.
     """
     found = []
+    if chosen != "nftables" and native_nft_in_use():
+        found.append(native(rules_version))
     for other in ("legacy", "nft"):
         if other == flavour(chosen):
             continue

@@ -10,9 +10,8 @@ did the work, and a test can pass in any object with these methods.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-from istio_init.backends.iptables.savefile import SavedTable
 from istio_init.model import RulePlan
 
 
@@ -34,11 +33,11 @@ class Undo(Protocol):
 class Backend(Protocol):
     name: str
 
-    def read(self, family: int) -> dict[str, SavedTable]:
-        """The family's live tables, parsed into the model."""
+    def read(self, family: int) -> Any:
+        """The family's live state (iptables: tables parsed into the model; nftables: its JSON objects)."""
 
     def dump(self, family: int, tables: Sequence[str]) -> str:
-        """The family's `tables` as iptables-save text (what Istio prints after applying)."""
+        """What Istio prints after applying, for the family (iptables: the tables' iptables-save text)."""
 
     def converge(self, plan: RulePlan, families: Sequence[int]) -> Undo:
         """Make istio-init's rules exactly `plan` in `families`; ApplyError (nothing changed) on failure."""
@@ -48,3 +47,6 @@ class Backend(Protocol):
 
     def holds_ours(self, families: Sequence[int]) -> bool:
         """Whether any of istio-init's rules are in this backend's tables."""
+
+    def describe_removal(self, families: Sequence[int]) -> str:
+        """What `remove` would change, as text, changing nothing (`clean -n`)."""

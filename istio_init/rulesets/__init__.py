@@ -1,19 +1,22 @@
 """The rule sets istio-init can install, side by side, and the one place that picks one.
 
-Each rule set is a module that reads like its spec (`istio_1_8`: RULES.md)
-and exports `NAME`, `OWNED_CHAINS` (table -> the chains it may create: only
-those are ever istio-init's) and `plan(config, ipv6) -> RulePlan` (pure).
+Each rule set is a module that reads like its spec (`istio_1_8`: RULES.md,
+`current`: RULES-CURRENT.md) and exports `NAME`, `OWNED_CHAINS` (table -> the
+chains it may create: only those are ever istio-init's) and
+`plan(config, ipv6) -> RulePlan` (pure). The current rule set also takes the
+pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Sequence
 
 from istio_init.config import Config
 from istio_init.model import RulePlan
-from istio_init.rulesets import istio_1_8
+from istio_init.rulesets import current, istio_1_8
 
-RULE_SETS: dict[str, ModuleType] = {istio_1_8.NAME: istio_1_8}
+RULE_SETS: dict[str, ModuleType] = {istio_1_8.NAME: istio_1_8, current.NAME: current}
 DEFAULT = istio_1_8.NAME
 
 
@@ -21,9 +24,14 @@ def ruleset_for(config: Config) -> ModuleType:
     return RULE_SETS[getattr(config, "rules_version", DEFAULT)]
 
 
-def plan(config: Config, ipv6: bool) -> RulePlan:
-    """The plan of the rule set `config` asks for."""
-    result: RulePlan = ruleset_for(config).plan(config, ipv6)
+def resolvers_needed(config: Config) -> bool:
+    """Whether the plan depends on the pod's resolv.conf (current rule set, DNS capture, not capture-all)."""
+    return ruleset_for(config) is current and config.dns_capture and not config.capture_all_dns
+
+
+def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
+    """The plan of the rule set `config` asks for; `resolvers` only matter to the current one."""
+    result: RulePlan = ruleset_for(config).plan(config, ipv6, resolvers)
     return result
 
 

@@ -54,8 +54,11 @@ def shape_configs() -> list[Config]:
                    capture_all_outbound=True, tproxy_mark=SENTINEL_MARK)]
 
 
-def plan(config: Config, ipv6: bool) -> RulePlan:
-    """The complete rule plan for `config` on a pod whose address family is known."""
+def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
+    """The complete rule plan for `config` on a pod whose address family is known.
+
+    `resolvers` are ignored: 1.8 captures DNS to any address (RULES.md step 18).
+    """
     ipv4_plan = _Family(config, 4).build()
     ipv6_plan = _Family(config, 6).build() if ipv6 else None
     routes: tuple[PolicyRoute, ...] = ()

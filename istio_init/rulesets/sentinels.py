@@ -7,5 +7,7 @@ shows up in a rule's text, that part of the shape matches any value.
 SENTINEL_ID = 4000000123
 SENTINEL_MARK = 0x7EAD0001
 SENTINEL_IFACE = "sentinelif0"
+SENTINEL_LOOPBACK_CIDR = "127.123.45.67/32"  # the current rule set's IPv4 loopback CIDR
 # How the sentinels can appear in rule text: each one stands for "any value".
-SENTINEL_WORDS = (str(SENTINEL_ID), f"{SENTINEL_MARK:#x}", str(SENTINEL_MARK), SENTINEL_IFACE)
+SENTINEL_WORDS = (str(SENTINEL_ID), f"{SENTINEL_MARK:#x}", str(SENTINEL_MARK), SENTINEL_IFACE,
+                  SENTINEL_LOOPBACK_CIDR)

@@ -14,7 +14,7 @@ import contextlib
 from typing import ContextManager, Mapping, Sequence
 
 from istio_init.backends.iptables.printed import after_commit
-from istio_init.backends.iptables.reconcile import TableChange, reconcile
+from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
 from istio_init.backends.iptables.savefile import SavedTable, normalize, parse_save, table_blocks
 from istio_init.backends.iptables.tools import Tools, restore_saved, save_text
 from istio_init import timing
@@ -160,6 +160,15 @@ class IptablesBackend:
         """What `remove` would change, without changing it (for `clean -n`)."""
         live = {family: parse_save(self.save(family, counters=False)) for family in families}
         return self.decide(live, None, families)
+
+    def describe_removal(self, families: Sequence[int]) -> str:
+        """`clean -n`: the restore text `remove` would feed, per family, under a comment naming the tool."""
+        out = []
+        for family, changes in self.plan_removal(families).items():
+            text = restore_text(changes)
+            if text:
+                out.append(f"# {self.tools.restore(family)} --noflush\n{text}")
+        return "".join(out)
 
 
 def _failed(exc: BaseException, problems: list[str], restored: bool) -> ApplyError:

@@ -17,6 +17,12 @@ import select
 import time
 from typing import NamedTuple
 
+# The tools' text is bytes: a rule someone else made (or an old python-iptables
+# cut) can hold an interface name that is not UTF-8. Carried as lone surrogates,
+# such a rule is read, compared and written back byte for byte instead of
+# failing every later run with UnicodeDecodeError.
+TOOL_TEXT_ERRORS = "surrogateescape"
+
 
 class Finished(NamedTuple):
     """A finished tool, as subprocess.CompletedProcess spells the parts istio-init reads."""
@@ -40,7 +46,7 @@ class Running:
             in_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         else:
             in_fd = os.memfd_create("istio-init-stdin", os.MFD_CLOEXEC)
-            data = memoryview(stdin.encode())
+            data = memoryview(stdin.encode(errors=TOOL_TEXT_ERRORS))
             while data:
                 data = data[os.write(in_fd, data):]
             os.lseek(in_fd, 0, os.SEEK_SET)
@@ -88,8 +94,8 @@ class Running:
             for fd in (*self._fds, *([exited] if exited >= 0 else [])):
                 os.close(fd)
         _, status = os.waitpid(self.pid, 0)
-        return Finished(os.waitstatus_to_exitcode(status), self._fds[self._out].decode(errors="replace"),
-                        self._fds[self._err].decode(errors="replace"))
+        return Finished(os.waitstatus_to_exitcode(status), self._fds[self._out].decode(errors=TOOL_TEXT_ERRORS),
+                        self._fds[self._err].decode(errors=TOOL_TEXT_ERRORS))
 
     def _kill(self) -> None:
         import signal

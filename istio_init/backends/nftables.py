@@ -1,0 +1,275 @@
+"""The native nftables backend: one libnftables transaction for both families and all tables.
+
+libnftables is driven in-process through Debian's python3-nftables (a ctypes
+binding), not by running `nft`: a pod start reads the live ruleset, loads the
+transaction and lists the result, and three `nft` processes cost about 15 ms
+more than one library context (benchmarks/nft_startup.py; docs/nft.md).
+The transaction is handed over as a file (a memfd), the way `nft -f` reads it,
+because only then does libnftables report the line of a failing command,
+which is how an error names the table, chain and rule.
+
+Everything read from the kernel is read as JSON (`list ruleset` with JSON
+output); the text listing is only ever printed, never parsed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from types import ModuleType
+from typing import Any, Sequence
+
+from istio_init.errors import ApplyError
+from istio_init.model import RulePlan
+from istio_init.render_nft import FAMILY, TABLES, TransactionLine, clean_transaction, table_name, transaction
+
+DEBIAN_MODULE = "/usr/lib/python3/dist-packages/nftables/__init__.py"
+OUR_TABLES = tuple(table_name(t) for t in TABLES)
+_ERROR_LINE = re.compile(r"^\S+?:(\d+):[\d-]+: Error: (.*)$", re.MULTILINE)
+
+
+def _module() -> ModuleType:
+    """python3-nftables: the interpreter's own if it has one, else Debian's by path.
+
+    istio-init usually runs in a virtualenv that does not see Debian's
+    dist-packages; the binding is one pure-Python package, so loading that one
+    file is safer than putting all of dist-packages on sys.path.
+    """
+    if "nftables" in sys.modules:
+        return sys.modules["nftables"]
+    try:
+        import nftables  # type: ignore[import-not-found]
+
+        module: ModuleType = nftables
+        return module
+    except ImportError:
+        pass
+    if not os.path.exists(DEBIAN_MODULE):
+        raise ApplyError("--native-nftables needs libnftables and its Python binding: install Debian's "
+                         "nftables and python3-nftables (scripts/setup does)")
+    spec = importlib.util.spec_from_file_location("nftables", DEBIAN_MODULE,
+                                                  submodule_search_locations=[os.path.dirname(DEBIAN_MODULE)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nftables"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class NftUndo:
+    """Our tables as they were before a change (JSON objects of `list ruleset`), to put them back."""
+
+    def __init__(self, backend: "NftablesBackend", objects: list[dict[str, Any]], changed: tuple[str, ...]) -> None:
+        self.backend = backend
+        self.objects = objects
+        self._changed = changed
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        return self._changed
+
+    @property
+    def previous_marks(self) -> frozenset[int]:
+        return frozenset(divert_marks(self.objects))
+
+    def undo(self) -> list[str]:
+        if not self._changed:
+            return []
+        try:
+            self.backend.restore(self.objects)
+        except ApplyError as exc:
+            return [f"{exc}; `istio-init clean --native-nftables` removes istio-init's tables"]
+        return []
+
+
+def divert_marks(objects: list[dict[str, Any]]) -> set[int]:
+    """TPROXY marks our live `istio-divert` chain sets (their routes are ours to remove)."""
+    marks = set()
+    for obj in objects:
+        rule = obj.get("rule")
+        if not rule or rule["table"] != OUR_TABLES[1] or rule["chain"] != "istio-divert":
+            continue
+        for expr in rule.get("expr", []):
+            mangle = expr.get("mangle")
+            if mangle and mangle.get("key") == {"meta": {"key": "mark"}} and isinstance(mangle.get("value"), int):
+                marks.add(mangle["value"])
+    return marks
+
+
+# Rule sets whose nft form keeps iptables' family scope: on an IPv4-only pod IPv6 is left alone.
+_GUARDED_RULE_SETS = frozenset({"1.8"})
+
+
+def guard_single_family(rules_version: str) -> bool:
+    """Whether IPv4-only plans get `meta nfproto ipv4` (ours for 1.8; current Istio's text has none)."""
+    return rules_version in _GUARDED_RULE_SETS
+
+
+def _reset_commands() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for name in OUR_TABLES:
+        table = {"table": {"family": FAMILY, "name": name}}
+        out += [{"add": table}, {"delete": table}]
+    return out
+
+
+def _is_ours(obj: dict[str, Any]) -> bool:
+    (kind, body), = obj.items()
+    if kind == "metainfo" or body.get("family") != FAMILY:
+        return False
+    return (body.get("name") if kind == "table" else body.get("table")) in OUR_TABLES
+
+
+class NftablesBackend:
+    """Reads, replaces and removes the `inet istio-proxy-*` tables, each change one transaction.
+
+    The kernel applies a transaction whole or not at all, so a refused one
+    changed nothing; `converge` and `remove` hand back an NftUndo holding our
+    tables as they were, which apply.py uses when a later step fails.
+    """
+
+    name = "nftables"
+
+    def __init__(self, guard_single_family: bool = False) -> None:
+        try:
+            self._nft = _module().Nftables()
+        except OSError as exc:  # libnftables.so.1 missing
+            raise ApplyError(f"--native-nftables: cannot load libnftables: {exc}") from None
+        self.guard_single_family = guard_single_family
+        self.loaded = ""  # the last transaction the kernel accepted (printed, as Istio's nft mode logs it)
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def read(self, family: int = 0) -> list[dict[str, Any]]:
+        """The whole live ruleset (both families: inet tables serve both), as `nft -j list ruleset` objects."""
+        return self.read_ruleset()
+
+    def read_ruleset(self) -> list[dict[str, Any]]:
+        """The whole live ruleset, as the objects of `nft -j list ruleset`."""
+        self._nft.set_json_output(True)
+        try:
+            rc, out, err = self._nft.cmd("list ruleset")
+        finally:
+            self._nft.set_json_output(False)
+        if rc != 0:
+            raise ApplyError(f"nft list ruleset failed: {err.strip()}")
+        return [obj for obj in json.loads(out)["nftables"] if "metainfo" not in obj]
+
+    def ours(self) -> list[dict[str, Any]]:
+        return [obj for obj in self.read_ruleset() if _is_ours(obj)]
+
+    def holds_ours(self, families: Sequence[int] = ()) -> bool:
+        return any("table" in obj for obj in self.ours())
+
+    def dump(self, family: int, tables: Sequence[str] = ()) -> str:
+        """What is printed after a change: the transaction the kernel accepted (IPv4's turn; inet is both)."""
+        if family != 4:
+            return ""
+        return self.loaded or self.listing()
+
+    def listing(self, ours: list[dict[str, Any]] | None = None) -> str:
+        """Our tables as `nft list` prints them (for the log; never parsed); `ours`: a fresh read, if at hand."""
+        present = {obj["table"]["name"] for obj in (self.ours() if ours is None else ours) if "table" in obj}
+        out = []
+        for name in OUR_TABLES:
+            if name in present:
+                rc, text, err = self._nft.cmd(f"list table {FAMILY} {name}")
+                if rc != 0:
+                    raise ApplyError(f"nft list table {FAMILY} {name} failed: {err.strip()}")
+                out.append(text)
+        return "".join(out)
+
+    # ---- changing ---------------------------------------------------------------------
+
+    def transaction(self, plan: RulePlan) -> tuple[str, list[TransactionLine]]:
+        return transaction(plan, guard_single_family=self.guard_single_family)
+
+    def load(self, text: str, where: list[TransactionLine] | None = None) -> None:
+        """Commit `text` as one transaction; on refusal the error names the line's table, chain and rule."""
+        fd = os.memfd_create("istio-init-nft")
+        try:
+            os.write(fd, text.encode())
+            rc, _, err = self._nft.cmd_from_file(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        if rc != 0:
+            raise ApplyError(_describe(err, text, where or []))
+
+    def converge(self, plan: RulePlan, families: Sequence[int] = ()) -> NftUndo:
+        """Replace our tables with `plan`'s in one transaction; returns how to put the old ones back."""
+        return self._change(*self.transaction(plan))
+
+    def remove(self, families: Sequence[int] = ()) -> NftUndo:
+        """Delete our tables (whichever exist) in one transaction."""
+        return self._change(clean_transaction(), [])
+
+    def describe_removal(self, families: Sequence[int] = ()) -> str:
+        """`clean -n`: the deletes of the tables that exist."""
+        present = {obj["table"]["name"] for obj in self.ours() if "table" in obj}
+        return "".join(line + "\n" for line in clean_transaction().splitlines()
+                       if line.startswith("delete") and line.split()[-1] in present)
+
+    def _change(self, text: str, where: list[TransactionLine]) -> NftUndo:
+        before = self.ours()
+        try:
+            self.load(text, where)
+        except ApplyError as exc:  # the kernel applies a transaction whole or not at all
+            raise ApplyError(f"{exc} (nothing had been changed)") from None
+        try:
+            after = self.ours()  # what the commit left, read back
+        except BaseException as exc:  # anything after the commit puts the previous tables back
+            problem = ""
+            try:
+                self.restore(before)
+            except ApplyError as again:
+                problem = f"; rollback incomplete: {again}"
+            message = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
+            raise ApplyError(f"{message}{problem or ' (everything changed in this run was put back)'}") from None
+        self.loaded = text
+        changed = tuple(sorted({obj["table"]["name"] for obj in before + after if "table" in obj}))
+        return NftUndo(self, before, changed if _strip(before) != _strip(after) else ())
+
+    def restore(self, objects: list[dict[str, Any]]) -> None:
+        """Put our tables back exactly as `objects` hold them (counters included), in one transaction."""
+        commands = _reset_commands()
+        for obj in objects:
+            (kind, body), = obj.items()
+            commands.append({"add": {kind: {k: v for k, v in body.items() if k != "handle"}}})
+        rc, _, err = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise ApplyError(f"restoring the previous nftables ruleset failed: {err.strip()}")
+
+
+def _strip(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Objects without handles and counters, to tell whether a transaction changed anything."""
+    out = []
+    for obj in objects:
+        (kind, body), = obj.items()
+        body = {k: v for k, v in body.items() if k != "handle"}
+        if kind == "rule":
+            body["expr"] = [e for e in body.get("expr", []) if "counter" not in e]
+        out.append({kind: body})
+    return out
+
+
+def _describe(err: str, text: str, where: list[TransactionLine]) -> str:
+    """nft's error, with what the failing line was adding."""
+    found = _ERROR_LINE.search(err)
+    if not found:
+        return f"nft transaction refused: {err.strip()}"
+    number, message = int(found.group(1)), found.group(2).strip()
+    lines = text.splitlines()
+    line = lines[number - 1] if 0 < number <= len(lines) else ""
+    place = where[number - 1] if 0 < number <= len(where) else None
+    if place and place.rule:
+        what = f"table {FAMILY} {place.table}, chain {place.chain}, rule '{place.rule}'"
+    elif place and place.chain:
+        what = f"table {FAMILY} {place.table}, chain {place.chain}"
+    elif place:
+        what = f"table {FAMILY} {place.table}"
+    else:
+        what = f"'{line}'"
+    return f"nft transaction refused at line {number} ({what}): {message}"

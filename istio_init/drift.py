@@ -1,0 +1,443 @@
+"""`istio-init check`: does the namespace still hold exactly what these flags install?
+
+Something on the node (a CNI plugin, a node agent, a person) can flush or
+reorder a pod's rules after the init container ran, and nothing notices.
+`check` reads the live state once and compares it with the plan: missing,
+extra and misordered rules (table, chain, position, rule text), missing or
+extra chains, the TPROXY policy rule and route, and `::6` on lo.
+
+Only istio-init's rules count: every rule in its chains (so a foreign rule
+inside ISTIO_INBOUND is drift), and in built-in chains the rules it plans or
+recognises as its own (`reconcile.is_ours`). Other rules in built-in chains,
+and other chains, are the user's and never drift.
+
+The comparison (`compare`) is pure: it takes the planned state and the live
+state as data, so it is tested without a kernel. Reading the kernel is
+`read_state`, the one function here that does I/O, kept small so it can move
+onto the backends' `read()`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, ContextManager, Mapping, NamedTuple
+
+from istio_init.backends.iptables.reconcile import is_ours
+from istio_init.backends.iptables.savefile import SavedTable, parse_save
+from istio_init.errors import IstioInitError
+from istio_init.model import FamilyPlan, RulePlan, is_builtin
+from istio_init.netns import Routing
+from istio_init.render import chain_order, rule_spec
+from istio_init.rulesets import owned_chains
+
+if TYPE_CHECKING:
+    from istio_init.config import Config
+    from istio_init.runner import Log
+
+# table -> chain -> rule specs (the text after `-A CHAIN`) in kernel order; chains listed even when empty.
+Chains = dict[str, dict[str, list[str]]]
+
+FLAVOURS = ("legacy", "nft")
+IN_SYNC = 0
+DRIFTED = 1
+LOCK_WAIT_SECONDS = 5  # never hold up an apply (or a probe) for long
+# Marks of a TPROXY setup are found in live ISTIO_DIVERT rules, as clean does.
+_DIVERT_CHAIN = "ISTIO_DIVERT"
+
+
+class CheckError(IstioInitError):
+    """The live state could not be read; neither "in sync" nor "drifted" can be said."""
+
+    exit_code = 3
+
+
+class Planned(NamedTuple):
+    """What the flags would install: rules per family, routing and loopback addresses."""
+
+    rules: dict[int, Chains]
+    routing: frozenset[Routing]
+    addresses: frozenset[str]
+
+
+class Live(NamedTuple):
+    """What the namespace holds. A flavour or family the kernel does not offer is absent."""
+
+    rules: dict[str, dict[int, Chains]]  # flavour -> family -> chains
+    routing: frozenset[Routing]
+    addresses: frozenset[str]
+
+
+class Difference(NamedTuple):
+    """One way the live state differs from the plan."""
+
+    kind: str  # "missing", "extra" or "misordered"
+    what: str  # "rule", "chain", "routing" or "address"
+    text: str  # the rule spec, the chain name, the route or the address
+    flavour: str | None = None
+    family: int | None = None
+    table: str | None = None
+    chain: str | None = None
+    position: int | None = None  # missing: planned position; extra, misordered: position in the live chain
+    planned_position: int | None = None  # misordered only
+
+    def line(self) -> str:
+        """`missing    iptables-legacy nat ISTIO_OUTPUT rule 4: -m owner ...`, and the like."""
+        if self.what in ("routing", "address"):
+            return f"{self.kind:<11}{self.what} {self.text}"
+        tool = f"{'ip6' if self.family == 6 else 'ip'}tables-{self.flavour}"
+        if self.what == "chain":
+            return f"{self.kind:<11}{tool} {self.table} chain {self.chain}"
+        planned = f" (planned {self.planned_position})" if self.kind == "misordered" else ""
+        return f"{self.kind:<11}{tool} {self.table} {self.chain} rule {self.position}{planned}: {self.text}"
+
+
+class Report(NamedTuple):
+    flavour: str  # the flavour the rules were expected in
+    differences: tuple[Difference, ...]
+    planned: Planned
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.differences
+
+    @property
+    def exit_code(self) -> int:
+        return IN_SYNC if self.in_sync else DRIFTED
+
+
+# --------------------------------------------------------------------------- the two sides as data
+
+
+def chains_from_plan(family: FamilyPlan) -> Chains:
+    """The plan's chains (built-in ones holding rules, and every new chain) as rule text."""
+    chains: Chains = {}
+    for table in family.tables():
+        final = family.final_rules(table)
+        by_chain: dict[str, list[str]] = {chain: [] for chain in family.chains(table)}
+        by_chain.update({chain: [rule_spec(rule) for rule in rules] for chain, rules in final.items()})
+        chains[table] = by_chain
+    return chains
+
+
+def chains_from_tables(tables: Mapping[str, SavedTable]) -> Chains:
+    """Parsed live tables as rule text per table and chain (every chain, even empty ones)."""
+    chains: Chains = {}
+    for name, table in tables.items():
+        by_chain: dict[str, list[str]] = {chain: [] for chain in table.chains}
+        for saved in table.rules:
+            by_chain.setdefault(saved.chain, []).append(saved.spec)
+        chains[name] = by_chain
+    return chains
+
+
+def chains_from_save(text: str) -> Chains:
+    """iptables-save text as rule text per table and chain."""
+    return chains_from_tables(parse_save(text))
+
+
+def planned_state(rule_plan: RulePlan) -> Planned:
+    routing = set()
+    for route in rule_plan.routes:
+        routing.add(Routing("rule", route.family, route.fwmark, route.table))
+        routing.add(Routing("route", route.family, 0, route.table))
+    return Planned({family.family: chains_from_plan(family) for family in rule_plan.families()},
+                   frozenset(routing), frozenset(rule_plan.loopback_addresses))
+
+
+def divert_marks(chains: Chains) -> set[int]:
+    """The TPROXY marks live ISTIO_DIVERT rules set: their policy routes are istio-init's too."""
+    marks = set()
+    for spec in chains.get("mangle", {}).get(_DIVERT_CHAIN, []):
+        words = spec.split()
+        if "--set-xmark" in words:
+            marks.add(int(words[words.index("--set-xmark") + 1].split("/")[0], 0))
+    return marks
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def is_own_chain(table: str, chain: str) -> bool:
+    """A chain some rule set of istio-init creates: every rule in it is istio-init's business.
+
+    A user's ISTIO_FOO chain is not one (ownership comes from the rule sets, as in reconcile).
+    """
+    return not is_builtin(table, chain) and chain in owned_chains(table)
+
+
+def _ours(table: str, chain: str, live: list[str], planned: list[str]) -> list[tuple[int, str]]:
+    """(1-based live position, spec) of istio-init's rules in one live chain."""
+    if is_own_chain(table, chain):
+        return list(enumerate(live, 1))
+    wanted = set(planned)
+    return [(n, spec) for n, spec in enumerate(live, 1) if spec in wanted or is_ours(table, chain, spec)]
+
+
+def _keyed(specs: list[str]) -> list[tuple[str, int]]:
+    """Each spec with its occurrence number, so duplicated rules pair up one to one."""
+    seen: dict[str, int] = {}
+    keys = []
+    for spec in specs:
+        seen[spec] = seen.get(spec, 0) + 1
+        keys.append((spec, seen[spec]))
+    return keys
+
+
+def compare_chain(planned: list[str], live: list[tuple[int, str]]) -> list[Difference]:
+    """Missing, extra and misordered rules of one chain (table, chain, flavour and family left blank).
+
+    Rules present on both sides are compared in order once the missing and
+    extra ones are set aside; each rule whose rank differs is misordered, so
+    two swapped rules are both named.
+    """
+    planned_keys = _keyed(planned)
+    live_keys = _keyed([spec for _, spec in live])
+    common = set(planned_keys) & set(live_keys)
+    planned_at = {key: n for n, key in enumerate(planned_keys, 1)}
+    live_at = {key: live[i][0] for i, key in enumerate(live_keys)}
+    found = [Difference("missing", "rule", key[0], position=planned_at[key])
+             for key in planned_keys if key not in common]
+    found += [Difference("extra", "rule", key[0], position=live_at[key]) for key in live_keys if key not in common]
+    planned_common = [key for key in planned_keys if key in common]
+    live_common = [key for key in live_keys if key in common]
+    found += [Difference("misordered", "rule", got[0], position=live_at[got], planned_position=planned_at[got])
+              for want, got in zip(planned_common, live_common) if want != got]
+    return found
+
+
+def _compare_table(table: str, planned: dict[str, list[str]], live: dict[str, list[str]] | None) -> list[Difference]:
+    live = live or {}
+    found: list[Difference] = []
+    own_live = [c for c in live if is_own_chain(table, c)]
+    for chain in chain_order(table, list(planned)):
+        if not is_builtin(table, chain) and chain not in live:
+            found.append(Difference("missing", "chain", chain, table=table, chain=chain))
+    for chain in own_live:
+        if chain not in planned:
+            found.append(Difference("extra", "chain", chain, table=table, chain=chain))
+    # The user's chains are never looked at; built-in chains only for istio-init's rules.
+    looked_at = [*planned, *(c for c in live if c not in planned and (is_builtin(table, c) or c in own_live))]
+    for chain in chain_order(table, looked_at):
+        wanted = planned.get(chain, [])
+        diffs = compare_chain(wanted, _ours(table, chain, live.get(chain, []), wanted))
+        found += [d._replace(table=table, chain=chain) for d in diffs]
+    return found
+
+
+def compare_rules(planned: Chains, live: Chains) -> list[Difference]:
+    """The differences between one family's planned and live chains, in one flavour."""
+    found: list[Difference] = []
+    for table in dict.fromkeys([*planned, *live]):
+        found += _compare_table(table, planned.get(table, {}), live.get(table))
+    return found
+
+
+def pick_flavour(backend: str, rules: dict[str, dict[int, Chains]]) -> str:
+    """The flavour the rules are expected in: the backend's, or for auto the one apply would use.
+
+    For auto that is the flavour already holding istio-init's chains (nft
+    first, as apply prefers it), else nft when the namespace has nft tables
+    or no legacy ones, else legacy.
+    """
+    if backend in ("libiptc", "legacy"):
+        return "legacy"
+    if backend == "nft":
+        return "nft"
+
+    def holds_ours(flavour: str) -> bool:
+        return any(is_own_chain(table, chain) for chains in rules.get(flavour, {}).values()
+                   for table, by_chain in chains.items() for chain in by_chain)
+
+    for flavour in ("nft", "legacy"):
+        if holds_ours(flavour):
+            return flavour
+    if any(rules.get("nft", {}).values()) or "legacy" not in rules:
+        return "nft"
+    return "legacy"
+
+
+def _routing_text(routing: Routing) -> str:
+    """The `ip` command line that shows it: `ip rule fwmark 0x539 lookup 133`, `ip -6 route local ::/0 ...`."""
+    text = str(routing)
+    return text if routing.family == 4 else text.replace("ip ", "ip -6 ", 1).replace(" default ", " ::/0 ")
+
+
+def compare(planned: Planned, live: Live, flavour: str) -> Report:
+    """Everything that differs, in a stable order: rules per flavour and family, then routing, addresses.
+
+    Rules of istio-init in the other flavour, or in a family the plan has no
+    rules for, are extra: the kernel runs both flavours' hooks.
+    """
+    found: list[Difference] = []
+    for name in (flavour, *(f for f in FLAVOURS if f != flavour)):
+        families = live.rules.get(name, {})
+        for family in (4, 6):
+            wanted = planned.rules.get(family, {}) if name == flavour else {}
+            if not wanted and family not in families:
+                continue
+            diffs = compare_rules(wanted, families.get(family, {}))
+            found += [d._replace(flavour=name, family=family) for d in diffs]
+    found += [Difference("missing", "routing", _routing_text(r), family=r.family)
+              for r in sorted(planned.routing - live.routing)]
+    found += [Difference("extra", "routing", _routing_text(r), family=r.family)
+              for r in sorted(live.routing - planned.routing)]
+    found += [Difference("missing", "address", f"{a} on lo") for a in sorted(planned.addresses - live.addresses)]
+    found += [Difference("extra", "address", f"{a} on lo") for a in sorted(live.addresses - planned.addresses)]
+    return Report(flavour, tuple(found), planned)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _summary(report: Report) -> str:
+    parts = []
+    for family, chains in sorted(report.planned.rules.items()):
+        rules = sum(len(specs) for by_chain in chains.values() for specs in by_chain.values())
+        count = sum(1 for table, by_chain in chains.items() for c in by_chain if is_own_chain(table, c))
+        tool = f"{'ip6' if family == 6 else 'ip'}tables-{report.flavour}"
+        parts.append(f"{tool}: {rules} rules in {count} chains")
+    if report.planned.routing:
+        parts.append("TPROXY policy rule and route")
+    parts += [f"{address} on lo" for address in sorted(report.planned.addresses)]
+    return "; ".join(parts)
+
+
+def format_text(report: Report) -> str:
+    """One line when in sync; else a count line and one line per difference."""
+    if report.in_sync:
+        return f"istio-init check: in sync ({_summary(report)})"
+    counts = {kind: sum(1 for d in report.differences if d.kind == kind) for kind in ("missing", "extra", "misordered")}
+    lines = [f"istio-init check: out of sync with the flags: {counts['missing']} missing, {counts['extra']} extra, "
+             f"{counts['misordered']} misordered (expected: {_summary(report)})"]
+    lines += [d.line() for d in report.differences]
+    return "\n".join(lines)
+
+
+def to_json(report: Report) -> str:
+    return json.dumps({
+        "in_sync": report.in_sync,
+        "flavour": report.flavour,
+        "expected": _summary(report),
+        "differences": [d._asdict() for d in report.differences],
+    }, indent=2)
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def read_rules(backend: str) -> dict[str, dict[int, Chains]]:
+    """The namespace's rules through the backends' read(): flavour -> family -> chains.
+
+    Reads only: a flavour the kernel lacks (no legacy ip_tables, or no
+    iptables-nft tables) is left out instead of being created. With a backend
+    other than auto only its flavour is read.
+    """
+    from istio_init import backends
+    from istio_init.errors import ApplyError
+
+    flavours = backends.candidates(backend, [4, 6])
+    rules: dict[str, dict[int, Chains]] = {}
+    try:
+        for flavour in flavours:
+            reader = backends.get(flavour)
+            for family in (4, 6):
+                if flavour == "legacy" and not backends.legacy_available([family]):
+                    continue
+                if flavour == "nft" and not backends.nft_in_use([family]):
+                    continue
+                rules.setdefault(flavour, {})[family] = chains_from_tables(reader.read(family))
+    except ApplyError as exc:
+        raise CheckError(f"cannot read the rules: {exc}") from None
+    return rules
+
+
+def _loopback_ipv6() -> set[str]:
+    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 on every probe)."""
+    import ipaddress
+
+    found = set()
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for line in table:
+                address, _, prefix, _, _, name = line.split()
+                if name == "lo":
+                    found.add(f"{ipaddress.IPv6Address(int(address, 16))}/{int(prefix, 16)}")
+    except FileNotFoundError:  # IPv6 disabled: no address at all
+        pass
+    return found
+
+
+def read_state(backend: str, planned: Planned) -> Live:
+    """The rules (read_rules), the TPROXY policy routing and `::6` on lo.
+
+    The policy routing looked at is that of the planned marks and of marks
+    set by live ISTIO_DIVERT rules (any flavour), with their tables' routes.
+    """
+    from istio_init import netns
+    from istio_init.rulesets.istio_1_8 import IPV6_PASSTHROUGH_ADDRESS
+
+    rules = read_rules(backend)
+    marks = {r.fwmark for r in planned.routing if r.kind == "rule"}
+    marks |= {m for families in rules.values() for m in divert_marks(families.get(4, {}))}
+    routing = set()
+    try:
+        for family in sorted({4} | {r.family for r in planned.routing}) if marks or planned.routing else ():
+            found = netns.policy_routing_for_marks(family, marks) if marks else []
+            routing |= {r for r in found if r.kind == "rule"}
+            tables = {r.table for r in found} | {r.table for r in planned.routing if r.family == family}
+            routing |= {Routing("route", family, 0, t) for t in netns.local_default_route_tables(family, tables)}
+        on_lo = _loopback_ipv6()
+    except Exception as exc:  # NetlinkError, OSError from pyroute2
+        raise CheckError(f"cannot read the policy routing or the addresses on lo: {exc}") from None
+    addresses = {a for a in {IPV6_PASSTHROUGH_ADDRESS, *planned.addresses} if a in on_lo}
+    return Live(rules, frozenset(routing), frozenset(addresses))
+
+
+def refuse_native_nftables(config: Config, command: str) -> None:
+    """check and graph --live read iptables tables; saying "all missing" for a native nftables pod would be wrong."""
+    if getattr(config, "native_nftables", False):
+        from istio_init.config import flag_label
+        from istio_init.errors import ConfigError
+
+        raise ConfigError(flag_label("native_nftables", config.sources), "true",
+                          f"{command} reads iptables rules only; native nftables rules are not read yet "
+                          "(nft list ruleset shows them)")
+
+
+def _apply_lock() -> ContextManager[None]:
+    """istio-init's lock of this namespace, waited for briefly; none when no apply ever made it.
+
+    An apply creates the lock file before it takes the lock, so without the
+    file there is nothing to wait for, and check creates nothing (a probe
+    container's root file system is often read-only).
+    """
+    import contextlib
+    import os
+
+    from istio_init import locks
+
+    if not os.path.exists(locks.namespace_lock_path()):
+        return contextlib.nullcontext()
+    return locks.namespace_lock(LOCK_WAIT_SECONDS)
+
+
+def run(config: Config, log: Log) -> Report:
+    """`istio-init check` in the current namespace: plan for the flags, read the state, compare.
+
+    Holds istio-init's lock only while reading, and waits for it only a few
+    seconds, so a half-finished apply (in the same container) is not reported
+    as drift and a probe never holds up an apply.
+    """
+    from istio_init import runner
+
+    refuse_native_nftables(config, "check")
+    rule_plan, _ = runner.build_plan(config, log)
+    planned = planned_state(rule_plan)
+    try:
+        with _apply_lock():
+            live = read_state(config.iptables_backend, planned)
+    except CheckError:
+        raise
+    except IstioInitError as exc:
+        raise CheckError(str(exc)) from None
+    return compare(planned, live, pick_flavour(config.iptables_backend, live.rules))

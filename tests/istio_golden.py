@@ -1,0 +1,79 @@
+"""Reading Istio's capture goldens (see cases_current.py for their layout).
+
+Two readings, both free of our planner: the restore input per family (to load
+into a kernel, which gives the canonical text), and, without a kernel, each
+chain's final sequence of jump targets (Istio's `-A`/`-I N` applied in order),
+a cheap cross-check of rule order that needs no canonical spelling.
+"""
+
+from __future__ import annotations
+
+import re
+
+from istio_init.render import chain_order
+from istio_init.backends.iptables.savefile import parse_save
+
+_SAVE_COMMANDS = ("iptables-save", "ip6tables-save")
+
+
+def restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]:
+    """(IPv4, IPv6) restore input of a golden; group names replaced by their gids.
+
+    The IPv6 input starts at the first `*table` line whose table the IPv4
+    input already had (every family has a nat table).
+    """
+    families: tuple[list[str], list[str]] = ([], [])
+    seen: set[str] = set()
+    family = 0
+    names = "|".join(map(re.escape, group_gids))
+    for line in text.splitlines():
+        if line.strip() in _SAVE_COMMANDS:
+            continue
+        if line.startswith("*"):
+            table = line[1:].strip()
+            if table in seen:
+                family = 1
+            seen.add(table)
+            line = f"*{table}"
+        if names:
+            line = re.sub(rf"--gid-owner ({names})\b", lambda m: f"--gid-owner {group_gids[m.group(1)]}", line)
+        families[family].append(line)
+    return tuple("\n".join(lines) + "\n" if lines else "" for lines in families)  # type: ignore[return-value]
+
+
+def tables_in_order(restore_text: str) -> list[str]:
+    return [line[1:] for line in restore_text.splitlines() if line.startswith("*")]
+
+
+def canonical(saved: str, tables: list[str]) -> str:
+    """iptables-save text in our dry run's layout: `tables` in that order, user chains
+    sorted, each chain's rules together with built-in chains first (as render.py)."""
+    parsed = parse_save(saved)
+    out = []
+    for name in tables:
+        table = parsed[name]
+        out.append(f"*{name}")
+        out += [f":{chain} - [0:0]" for chain in sorted(table.user_chains())]
+        rules: dict[str, list[str]] = {}
+        for chain, spec in ((r.chain, r.spec) for r in table.rules):
+            rules.setdefault(chain, []).append(spec)
+        for chain in chain_order(name, list(rules)):
+            out += [f"-A {chain} {spec}" for spec in rules[chain]]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def final_targets(restore_text: str) -> dict[tuple[str, str], list[str]]:
+    """(table, chain) -> the `-j` targets of its rules in final order, from restore input."""
+    chains: dict[tuple[str, str], list[str]] = {}
+    table = ""
+    for line in restore_text.splitlines():
+        words = line.split()
+        if line.startswith("*"):
+            table = line[1:]
+        elif words and words[0] == "-A":
+            chains.setdefault((table, words[1]), []).append(words[words.index("-j") + 1])
+        elif words and words[0] == "-I":
+            position = int(words[2]) if words[2].isdigit() else 1
+            chains.setdefault((table, words[1]), []).insert(position - 1, words[words.index("-j") + 1])
+    return chains

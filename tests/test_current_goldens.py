@@ -1,0 +1,106 @@
+"""The current rule set against Istio's own 27 capture goldens.
+
+Pure tests (no root): the dry run equals the stored canonical text, and each
+chain's jump targets come in the order Istio's golden creates them. Root
+tests: Istio's golden, loaded into a fresh namespace by the legacy and the nft
+restore tools, reads back as the stored canonical text (so that text is
+Istio's, converted by the kernel); and istio-init itself, applied for real with
+each backend, leaves exactly that text.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from cases_current import CURRENT_CASES, GROUP_GIDS, CurrentCase
+from clirun import clean_environ, invoke
+from istio_golden import canonical, final_targets, restore_inputs, tables_in_order
+from istio_init.render import split_families
+from istio_init.backends.iptables.savefile import parse_save
+from nsutil import Namespace
+
+TOOLS = {
+    "legacy": (("iptables-legacy-restore", "iptables-legacy-save"),
+               ("ip6tables-legacy-restore", "ip6tables-legacy-save")),
+    "nft": (("iptables-nft-restore", "iptables-nft-save"),
+            ("ip6tables-nft-restore", "ip6tables-nft-save")),
+}
+BACKEND_TOOLS = {"libiptc": "legacy", "legacy": "legacy", "nft": "nft"}
+
+
+def _env(case: CurrentCase, tmp_path: Path) -> dict[str, str]:
+    """The case's environment plus a resolv.conf of its nameservers (never the host's)."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(case.resolv_conf())
+    return {**case.env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}
+
+
+def test_every_istio_golden_is_a_case() -> None:
+    names = {path.stem for path in CURRENT_CASES[0].istio_golden.parent.glob("*.golden")}
+    assert len(names) == 27
+    assert names == {case.name for case in CURRENT_CASES}
+    assert len(CURRENT_CASES) == 27
+
+
+@pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
+def test_dry_run_matches_converted_istio_golden(case: CurrentCase, tmp_path: Path) -> None:
+    result = invoke(case.argv(), _env(case, tmp_path))
+    assert result.code == 0, result.stderr
+    assert result.stdout == case.golden.read_text()
+
+
+@pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
+def test_chain_order_matches_istio_golden_without_a_kernel(case: CurrentCase, tmp_path: Path) -> None:
+    """Istio's text, its -A and -I N applied in order, against our plan: same targets per chain."""
+    ours = invoke(case.argv(), _env(case, tmp_path)).stdout
+    for istio_text, our_text in zip(restore_inputs(case.istio_golden.read_text(), GROUP_GIDS),
+                                    split_families(ours)):
+        assert bool(istio_text) == bool(our_text)
+        planned = {(name, chain): [_target(r.spec) for r in table.rules if r.chain == chain]
+                   for name, table in parse_save(our_text).items() for chain in {r.chain for r in table.rules}}
+        assert planned == final_targets(istio_text)
+        assert tables_in_order(our_text) == tables_in_order(istio_text)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("flavour", sorted(TOOLS))
+@pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
+def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: CurrentCase, flavour: str,
+                                                                      netns: Namespace) -> None:
+    parts = []
+    for text, (restore, save) in zip(restore_inputs(case.istio_golden.read_text(), GROUP_GIDS), TOOLS[flavour]):
+        if text:
+            netns.run(restore, "--noflush", input=text)
+            parts.append(canonical(netns.save(save), tables_in_order(text)))
+    assert len(parts) == (2 if case.ipv6 else 1)
+    converted = "# IPv6\n".join(parts)
+    if os.environ.get("UPDATE_GOLDEN") == "1" and flavour == "legacy":
+        case.golden.write_text(converted)
+    assert converted == case.golden.read_text()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", sorted(BACKEND_TOOLS))
+@pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
+def test_real_apply_reads_back_as_istio_golden(case: CurrentCase, backend: str, netns: Namespace,
+                                               tmp_path: Path) -> None:
+    done = netns.run(sys.executable, "-m", "istio_init", *case.argv(dry_run=False), "--iptables-backend", backend,
+                     env=clean_environ(_env(case, tmp_path)), check=False)
+    assert done.returncode == 0, done.stderr
+    flavour = BACKEND_TOOLS[backend]
+    want = split_families(case.golden.read_text())
+    for family, (_, save) in enumerate(TOOLS[flavour]):
+        saved = netns.save(save)
+        used = {name for name, table in parse_save(saved).items() if table.rules or table.user_chains()}
+        assert used == set(tables_in_order(want[family]))
+        if want[family]:
+            assert canonical(saved, tables_in_order(want[family])) == want[family]
+
+
+def _target(spec: str) -> str:
+    words = spec.split()
+    return words[words.index("-j") + 1]

@@ -1,0 +1,109 @@
+"""The current rule set's wire paths (test_traffic_current.py) with --native-nftables (root only).
+
+Same pods, flags and resolv.conf as test_traffic_current.py, applied with
+`--native-nftables`. Each path lands where it should; then its breakage
+(rules deleted, or replaced by the rule it names) is made in the plan, that
+plan's transaction is loaded as the pod's ruleset, and the outcome must
+change, so each test fails when its nft rule is missing or wrong.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from clirun import clean_environ
+from istio_init.cli import cli
+from istio_init.config import from_sources
+from istio_init.model import RulePlan
+from istio_init.backends.nftables import guard_single_family
+from istio_init.render import rule_spec
+from istio_init.render_nft import render_transaction
+from istio_init.rulesets import plan
+from istio_init.trace import parse_rule
+from podnet import Pod
+from test_traffic_current import CONFIGS, PATHS, RESOLVER, Breakage, Path_, _outcome, connect
+
+pytestmark = pytest.mark.root
+
+NATIVE = ("--rules-version", "current", "--native-nftables")
+
+
+def _up(name: str, resolv: Path) -> Pod:
+    args, env = CONFIGS[name]
+    pod = Pod.up(args, ipv6=False, listeners=False, tag=f"curnft-{name}", apply=False)
+    try:
+        argv = [sys.executable, "-m", "istio_init", *NATIVE, *args, "--ipv6", "false",
+                "--network-namespace", f"/run/netns/{pod.name}"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                              env=clean_environ({**env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}))
+        if done.returncode != 0:
+            raise RuntimeError(f"istio-init apply failed: {done.stderr.strip()}")
+        pod.start_listeners()
+    except BaseException:
+        pod.down()
+        raise
+    return pod
+
+
+@pytest.fixture(scope="module")
+def nft_pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod]]:
+    resolv = tmp_path_factory.mktemp("pod") / "resolv.conf"
+    resolv.write_text(f"search svc.cluster.local\nnameserver {RESOLVER}\noptions ndots:5\n")
+    made: dict[str, Pod] = {}
+    try:
+        for name in CONFIGS:
+            made[name] = _up(name, resolv)
+        yield made
+    finally:
+        for pod in made.values():
+            pod.down()
+
+
+def pod_plan(name: str) -> tuple[RulePlan, bool]:
+    args, env = CONFIGS[name]
+    ctx = cli.commands["run"].make_context("run", [*NATIVE, *args, "--ipv6", "false"])
+    given = {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
+    config = from_sources(given, clean_environ(env))
+    return plan(config, False, [RESOLVER]), guard_single_family(config.rules_version)
+
+
+def broken_plan(rule_plan: RulePlan, breakage: Breakage) -> RulePlan:
+    """The IPv4 plan with the breakage's rules deleted, or replaced in place."""
+    steps = list(rule_plan.ipv4.steps)
+
+    def index(wanted: str) -> int:
+        found = [i for i, s in enumerate(steps) if f"{s.rule.table} {s.rule.chain} {rule_spec(s.rule)}" == wanted]
+        assert found, f"rule not in the plan: {wanted}"
+        return found[0]
+
+    for rule in breakage.delete:
+        del steps[index(rule)]
+    for old, new in breakage.replace:
+        at = index(old)
+        table = old.split(" ", 1)[0]
+        chain, spec = new.split(" ", 1)
+        steps[at] = steps[at]._replace(rule=parse_rule(table, chain, spec))
+    return rule_plan._replace(ipv4=rule_plan.ipv4._replace(steps=tuple(steps)))
+
+
+def load(pod: Pod, text: str) -> None:
+    subprocess.run(["nsenter", f"--net=/run/netns/{pod.name}", "nft", "-f", "-"], input=text, text=True,
+                   check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
+def test_current_path_with_native_nftables(nft_pods: dict[str, Pod], path: Path_) -> None:
+    pod = nft_pods[path.config]
+    assert _outcome(connect(pod, path)) == path.expect
+    rule_plan, guard = pod_plan(path.config)
+    try:
+        load(pod, render_transaction(broken_plan(rule_plan, path.breakage), guard))
+        assert _outcome(connect(pod, path)) == path.broken
+    finally:
+        load(pod, render_transaction(rule_plan, guard))
+    assert _outcome(connect(pod, path)) == path.expect
