@@ -65,7 +65,3 @@ def backend_refusal(name: str, backend: str) -> str | None:
                 "exactly (it would cut it into a wildcard); use --iptables-backend legacy or nft")
     return None
 
-
-def libiptc_can_carry(names: tuple[str, ...]) -> bool:
-    """Whether python-iptables writes every one of `names` exactly (for auto's choice)."""
-    return all(name.isascii() for name in names)

@@ -157,8 +157,7 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
         backend = backends.native(config.rules_version)
         log("native nftables: our tables are replaced in one transaction (--native-nftables)")
     else:
-        choice = backends.choose(config.iptables_backend, families,
-                                 sum(len(f.steps) for f in rule_plan.families()), config.kube_virt_interfaces)
+        choice = backends.choose(config.iptables_backend, families)
         log(f"iptables backend {choice.name} ({choice.reason})")
         name, backend = choice.name, backends.get(choice.name)
     timing.mark("choose the backend")

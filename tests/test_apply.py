@@ -311,9 +311,9 @@ def test_auto_uses_nft_when_the_namespace_has_nft_rules(netns: Namespace) -> Non
     assert "ISTIO" not in save(netns, "legacy", 4)
 
 
-def test_auto_uses_libiptc_when_the_namespace_has_legacy_rules(netns: Namespace) -> None:
+def test_auto_uses_the_legacy_restore_tool_when_the_namespace_has_legacy_rules(netns: Namespace) -> None:
     restore(netns, "legacy", 4, UNRELATED_V4)
     done = istio_init(netns, "-i", "*", "--ipv6", "false")
-    assert "iptables backend libiptc (auto: legacy tables work" in done.stderr
+    assert "iptables backend legacy (auto: legacy tables work" in done.stderr
     check_state(netns, "legacy", 4, expected(["-i", "*"], False)[0], UNRELATED_V4)
     assert save(netns, "nft", 4) == ""

@@ -37,9 +37,9 @@ def _ours(text: str) -> bool:
 
 
 def test_switching_to_nft_removes_the_legacy_rules(netns: Namespace) -> None:
-    """Finding 4: seed via auto (libiptc), an iptables-nft rule appears, a re-run with -p 15099 goes to nft."""
+    """Finding 4: seed via auto (legacy), an iptables-nft rule appears, a re-run with -p 15099 goes to nft."""
     first = istio_init(netns, *SEED_ARGS, "--ipv6", "false")
-    assert "iptables backend libiptc" in first.stderr
+    assert "iptables backend legacy" in first.stderr
     netns.run("iptables-nft", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "DROP")
 
     args = [*SEED_ARGS, "-p", "15099", "--ipv6", "false"]

@@ -29,6 +29,10 @@ RUNS = (
     [*SEED_ARGS, "--ipv6", "false"],  # the re-run: flush and re-add
     ["-m", "TPROXY", "-b", "*", "-d", "15020", "-i", "*", "-k", "eth1", "--redirect-dns", "--ipv6", "true"],
     ["-i", "10.0.0.0/8,fd00::/8", "-x", "10.96.0.0/12", "-b", "8080", "-q", "3306", "--ipv6", "true"],
+    # Many rules of one shape (libiptc re-uses one built rule for them), inserts among them.
+    ["-i", "10.0.0.0/8,192.0.2.0/24,fd00::/8,2001:db8::/48", "-k", "eth1,eth2",
+     "-x", ",".join([f"198.51.100.{i}" for i in range(1, 60)] + [f"2001:db8:1::{i:x}/128" for i in range(1, 40)]),
+     "--ipv6", "true"],
 )
 
 

@@ -18,7 +18,7 @@ from cases import SEED_ARGS
 from clirun import clean_environ
 
 SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources", "click", "subprocess",
-                    "dataclasses")
+                    "dataclasses", "socket", "ipaddress")
 # What no apply needs unless its path does: click (entry.py parses Istio's flags), pyroute2 (TPROXY and
 # ::6 only), setuptools (python-iptables' distutils import is turned into its sysconfig fallback).
 NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"}
@@ -31,11 +31,14 @@ def imported_modules(argv: list[str], netns=None) -> set[str]:
         command = ["nsenter", f"--net={netns.path}", *command]
     done = subprocess.run(command, capture_output=True, text=True, env=clean_environ(), timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    names = set()
+    names: set[str] = set()
+    after_site = False  # what the interpreter's start-up imports (a development venv's finder) is not ours
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             full = line.rsplit("|", 1)[1].strip()
-            names |= {full, full.split(".")[0]}
+            if after_site:
+                names |= {full, full.split(".")[0]}
+            after_site = after_site or full == "site"
     assert "istio_init.config" in names  # the importtime output was read at all
     return names
 
@@ -52,10 +55,11 @@ def test_dry_run_with_ipv6_and_tproxy_imports_nothing_slow() -> None:
 
 @pytest.mark.root
 def test_common_apply_imports_no_pyroute2_and_no_setuptools(netns) -> None:
-    """An IPv4 pod in REDIRECT mode, applied with libiptc (what auto picks for the seed)."""
+    """An IPv4 pod in REDIRECT mode with the default backend: the legacy restore tool, no python-iptables."""
     names = imported_modules([*SEED_ARGS, "--iptables-backend", "auto"], netns)
-    assert "iptc" in names  # the libiptc path really ran
-    assert not names & NEVER_ON_AN_APPLY, sorted(names & NEVER_ON_AN_APPLY)
+    assert "istio_init.backends.iptables.restore" in names  # the restore path really ran
+    unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes", "subprocess", "dataclasses"}
+    assert not names & unneeded, sorted(names & unneeded)
 
 
 @pytest.mark.root
@@ -104,12 +108,31 @@ def test_iptc_import_leaves_ctypes_util_as_it_was() -> None:
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_auto_sends_large_plans_to_the_restore_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_sends_plans_to_the_legacy_restore_tool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting iptables-legacy-restore is cheaper than importing python-iptables (docs/perf.md)."""
     from istio_init import backends
 
     monkeypatch.setattr(backends, "nft_in_use", lambda families: False)
     monkeypatch.setattr(backends, "legacy_available", lambda families: True)
-    small = backends.choose("auto", [4], rule_count=25)
-    large = backends.choose("auto", [4], rule_count=backends.AUTO_LIBIPTC_MAX_RULES + 1)
-    assert small[0] == "libiptc"
-    assert large[0] == "legacy" and "rules" in large[1]
+    assert backends.choose("auto", [4]).name == "legacy"
+    assert backends.choose("libiptc", [4]).name == "libiptc"
+    monkeypatch.setattr(backends, "nft_in_use", lambda families: True)
+    assert backends.choose("auto", [4]).name == "nft"
+
+
+def test_address_filter_agrees_with_ipaddress() -> None:
+    """netns reads the pod's address family without ipaddress; its loopback/link-local test must agree."""
+    import ipaddress
+    import random
+
+    from istio_init.netns import _is_loopback_or_link_local
+
+    rng = random.Random(3)
+    samples = [bytes([127, 0, 0, 1]), bytes([169, 254, 1, 1]), bytes([169, 253, 1, 1]), bytes(15) + b"\x01",
+               bytes([0xFE, 0x80]) + bytes(14), bytes([0xFE, 0xBF]) + bytes(14), bytes([0xFE, 0xC0]) + bytes(14),
+               bytes(16), bytes(4)]
+    samples += [bytes(rng.randrange(256) for _ in range(rng.choice([4, 16]))) for _ in range(2000)]
+    samples += [bytes([rng.choice([127, 169, 0xFE])]) + bytes(rng.randrange(256) for _ in range(3)) for _ in range(500)]
+    for raw in samples:
+        address = ipaddress.ip_address(raw)
+        assert _is_loopback_or_link_local(raw) == (address.is_loopback or address.is_link_local), address

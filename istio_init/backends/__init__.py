@@ -17,10 +17,11 @@ if TYPE_CHECKING:
     from istio_init.backends.iptables.backend import IptablesBackend
 
 NAMES = ("libiptc", "legacy", "nft")
-# python-iptables builds about 10 CIDR or 3 port rules per millisecond while
-# iptables-legacy-restore loads 1,400 rules in under 10 ms: past this many
-# rules `auto` sends the plan to the restore tool (measured with scripts/bench).
-AUTO_LIBIPTC_MAX_RULES = 200
+# `auto` never picks libiptc: importing python-iptables (about 12 ms of ctypes
+# structures and libxtables) costs more than starting iptables-legacy-restore
+# (about 4 ms), and python-iptables builds rules far slower than the tool loads
+# them, so the restore tool is faster for every plan size, the seed's included
+# (docs/perf.md; scripts/bench shows both). libiptc stays for --iptables-backend libiptc.
 _LEGACY_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 
@@ -65,28 +66,15 @@ def _legacy_tables(family: int) -> set[str]:
         return set()
 
 
-def choose(requested: str, families: Sequence[int], rule_count: int = 0,
-           interfaces: Sequence[str] = ()) -> Choice:
-    """The backend for --iptables-backend `requested`, resolving `auto`, and why.
-
-    `interfaces` are the names the plan writes into rules (-k): python-iptables
-    cannot carry every name the kernel accepts (see ifnames.py).
-    """
+def choose(requested: str, families: Sequence[int]) -> Choice:
+    """The backend for --iptables-backend `requested`, resolving `auto`, and why."""
     if requested != "auto":
         return Choice(requested, f"--iptables-backend {requested}")
     if nft_in_use(families):
         return Choice("nft", "auto: the namespace already has iptables-nft tables")
     if not legacy_available(families):
         return Choice("nft", "auto: the kernel offers no legacy ip_tables")
-    from istio_init import ifnames
-
-    if not ifnames.libiptc_can_carry(tuple(interfaces)):
-        return Choice("legacy", "auto: python-iptables cannot write the non-ASCII -k names exactly; "
-                                "iptables-legacy-restore can")
-    if rule_count > AUTO_LIBIPTC_MAX_RULES:
-        return Choice("legacy", f"auto: {rule_count} rules, more than {AUTO_LIBIPTC_MAX_RULES}; "
-                                "iptables-legacy-restore loads large plans faster than python-iptables builds them")
-    return Choice("libiptc", "auto: legacy tables work and the namespace has no iptables-nft rules")
+    return Choice("legacy", "auto: legacy tables work and the namespace has no iptables-nft rules")
 
 
 def candidates(requested: str, families: Sequence[int]) -> list[str]:

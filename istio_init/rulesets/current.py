@@ -15,12 +15,16 @@ raw), keeping creation order within a table, as Istio's restore input does.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from istio_init.config import Cidr, Config
 from istio_init.model import APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step
+
+if TYPE_CHECKING:
+    import ipaddress
+
+# ipaddress and the C socket module's inet_ntop are imported where used: every run imports this
+# module (rulesets/__init__.py), and `socket` plus `ipaddress` are about 3 ms of start-up (docs/perf.md).
 
 MANGLE = "mangle"
 NAT = "nat"
@@ -83,6 +87,8 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     """
     servers: dict[int, list[str]] = {4: [], 6: []}
     for address in resolvers:
+        import ipaddress
+
         parsed = ipaddress.ip_address(address)
         servers[parsed.version].append(_host(parsed))
     # As in Istio, a resolver of either family keeps DNS capture on (the runner
@@ -101,17 +107,22 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
 
 def _host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """A host CIDR spelled as iptables-save prints it (glibc's inet_ntop, e.g. `::127.0.0.53/128`)."""
+    import _socket
+
     if address.version == 4:
         return f"{address}/32"
-    return f"{socket.inet_ntop(socket.AF_INET6, address.packed)}/128"
+    return f"{_socket.inet_ntop(_socket.AF_INET6, address.packed)}/128"
 
 
 def _cidr_text(cidr: Cidr) -> str:
     """A CIDR of -i/-x as iptables-save prints it (IPv6 through inet_ntop, as _host)."""
     if cidr.version == 4:
         return cidr.text
+    import _socket
+    import ipaddress
+
     network = ipaddress.ip_network(cidr.text)
-    return f"{socket.inet_ntop(socket.AF_INET6, network.network_address.packed)}/{network.prefixlen}"
+    return f"{_socket.inet_ntop(_socket.AF_INET6, network.network_address.packed)}/{network.prefixlen}"
 
 
 def _port(protocol: str, name: str, port: int | str, negated: bool = False) -> Match:

@@ -159,35 +159,57 @@ class _Family:
         if family == 6:
             self.table_class, self.rule_class = iptc.Table6, iptc.Rule6
             self._delete_num = iptc.ip6tc._libiptc.ip6tc_delete_num_entry
+            entry_type = iptc.ip6tc.ip6t_entry
         else:
             self.table_class, self.rule_class = iptc.Table, iptc.Rule
             self._delete_num = iptc.ip4tc._libiptc.iptc_delete_num_entry
+            entry_type = iptc.ip4tc.ipt_entry
         self._delete_num.restype = ctypes.c_int
-        self._built: dict[Rule, Any] = {}
+        # The entry starts with the addresses part (struct ipt_ip / ip6t_ip6): addresses, masks,
+        # interfaces, protocol and their inversion flags; the matches and target follow it.
+        name, header = entry_type._fields_[0]
+        assert getattr(entry_type, name).offset == 0
+        self._header_size = ctypes.sizeof(header)
+        # Rule shape (addresses replaced by "*") -> the python-iptables rule and its entry bytes.
+        self._built: dict[Rule, tuple[Any, Any]] = {}
 
     def delete_number(self, table: Any, chain: str, number: int) -> None:
         """Delete rule `number` (1-based) of `chain`, as `iptables -D CHAIN N`."""
         if self._delete_num(chain.encode(), ctypes.c_uint(number - 1), table._handle) != 1:
             raise self.iptc.IPTCError(table.strerror())
 
-    def build(self, rule: Rule) -> Any:
-        """An iptc rule from the model's parts (values are already in canonical form).
+    def add(self, table: Any, step: Step) -> None:
+        """Add the step's rule to the table's uncommitted copy.
 
-        Rules that differ only in their addresses (thousands of `-d CIDR -j
-        RETURN`) share one built rule whose addresses are set again: making
-        the matches and the target is most of python-iptables' cost per rule,
-        and libiptc copies a rule when it is added, so re-using it is safe.
+        The first rule of each shape goes through python-iptables (matches
+        and target built and checked). Rules that differ from it only in their
+        addresses (thousands of `-d CIDR -j RETURN`) re-use its entry bytes:
+        the addresses are set on the built rule and its header copied into
+        the entry, which libiptc copies when it is added. Building matches and
+        targets was most of python-iptables' cost per rule.
         """
+        rule = step.rule
         shape = rule._replace(source=rule.source and "*", destination=rule.destination and "*")
-        built = self._built.get(shape)
-        if built is not None:
-            if rule.source:
-                built.src = rule.source
-            if rule.destination:
-                built.dst = ("!" if rule.negate_destination else "") + rule.destination
-            return built
-        built = self._built[shape] = self._new(rule)
-        return built
+        cached = self._built.get(shape)
+        if cached is None:
+            built = self._new(rule)
+            chain = self.iptc.Chain(table, rule.chain)
+            if step.op == INSERT:
+                chain.insert_rule(built, step.position - 1)
+            else:
+                chain.append_rule(built)
+            self._built[shape] = (built, built.rule)
+            return
+        built, entry = cached
+        if rule.source:
+            built.src = rule.source
+        if rule.destination:
+            built.dst = ("!" if rule.negate_destination else "") + rule.destination
+        ctypes.memmove(entry, ctypes.addressof(built.entry), self._header_size)
+        if step.op == INSERT:
+            table.insert_entry(rule.chain, entry, step.position - 1)
+        else:
+            table.append_entry(rule.chain, entry)
 
     def _new(self, rule: Rule) -> Any:
         built = self.rule_class()
@@ -233,15 +255,9 @@ class _Family:
             for chain in change.delete_chains:
                 spec = f"-X {chain}"
                 table.delete_chain(chain)
-            chains: dict[str, Any] = {}
             for step in change.steps:
                 chain, spec = step.rule.chain, ""  # spelled only for an error message: see below
-                built = self.build(step.rule)
-                target_chain = chains.get(chain) or chains.setdefault(chain, self.iptc.Chain(table, chain))
-                if step.op == INSERT:
-                    target_chain.insert_rule(built, step.position - 1)
-                else:
-                    target_chain.append_rule(built)
+                self.add(table, step)
             step, chain, spec = None, "-", "COMMIT"
             table.commit()
         except Exception as exc:  # IPTCError, XTablesError, ValueError from python-iptables
