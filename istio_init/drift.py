@@ -20,7 +20,7 @@ onto the backends' `read()`.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, ContextManager, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping, NamedTuple
 
 from istio_init.backends.iptables.reconcile import is_ours
 from istio_init.backends.iptables.savefile import SavedTable, parse_save
@@ -84,7 +84,7 @@ class Difference(NamedTuple):
         """`missing    iptables-legacy nat ISTIO_OUTPUT rule 4: -m owner ...`, and the like."""
         if self.what in ("routing", "address"):
             return f"{self.kind:<11}{self.what} {self.text}"
-        tool = f"{'ip6' if self.family == 6 else 'ip'}tables-{self.flavour}"
+        tool = "nft inet" if self.flavour == "nftables" else f"{'ip6' if self.family == 6 else 'ip'}tables-{self.flavour}"
         if self.what == "chain":
             return f"{self.kind:<11}{tool} {self.table} chain {self.chain}"
         planned = f" (planned {self.planned_position})" if self.kind == "misordered" else ""
@@ -286,12 +286,54 @@ def compare(planned: Planned, live: Live, flavour: str) -> Report:
     return Report(flavour, tuple(found), planned)
 
 
+# --------------------------------------------------------------------------- native nftables
+# The plan's transaction is loaded into a scratch network namespace and read
+# back as JSON (backends/nftables.py `as_loaded`), and so are the live tables,
+# so both sides are in the kernel's canonical form and no rule text is parsed.
+# A rule is compared by its expressions (counters and handles aside), with the
+# same missing / extra / misordered logic as for iptables (compare_chain).
+
+NftChains = dict[str, dict[str, list[str]]]  # table -> chain -> each rule's expressions as compact JSON
+
+
+def chains_from_objects(objects: list[dict[str, Any]]) -> NftChains:
+    """Our tables' chains and rules from `nft -j list ruleset` objects."""
+    chains: NftChains = {}
+    for obj in objects:
+        if "chain" in obj:
+            body = obj["chain"]
+            chains.setdefault(body["table"], {}).setdefault(body["name"], [])
+        elif "rule" in obj:
+            body = obj["rule"]
+            expr = [e for e in body.get("expr", []) if "counter" not in e]
+            chains.setdefault(body["table"], {}).setdefault(body["chain"], []).append(
+                json.dumps(expr, separators=(",", ":"), sort_keys=True))
+    return chains
+
+
+def compare_nft(planned: NftChains, live: NftChains) -> list[Difference]:
+    """Every difference between our planned and live nft chains (the tables are all ours)."""
+    found: list[Difference] = []
+    for table in dict.fromkeys([*planned, *live]):
+        want, have = planned.get(table, {}), live.get(table, {})
+        found += [Difference("missing", "chain", c, flavour="nftables", table=table, chain=c)
+                  for c in want if c not in have]
+        found += [Difference("extra", "chain", c, flavour="nftables", table=table, chain=c)
+                  for c in have if c not in want]
+        for chain in dict.fromkeys([*want, *have]):
+            diffs = compare_chain(want.get(chain, []), list(enumerate(have.get(chain, []), 1)))
+            found += [d._replace(flavour="nftables", table=table, chain=chain) for d in diffs]
+    return found
+
+
 # --------------------------------------------------------------------------- output
 
 
 def _summary(report: Report) -> str:
     parts = []
-    for family, chains in sorted(report.planned.rules.items()):
+    if report.flavour == "nftables":
+        parts.append("native nftables: the inet istio-proxy-* tables as the flags' transaction loads them")
+    for family, chains in sorted(report.planned.rules.items() if report.flavour != "nftables" else ()):
         rules = sum(len(specs) for by_chain in chains.values() for specs in by_chain.values())
         count = sum(1 for table, by_chain in chains.items() for c in by_chain if is_own_chain(table, c))
         tool = f"{'ip6' if family == 6 else 'ip'}tables-{report.flavour}"
@@ -430,9 +472,10 @@ def run(config: Config, log: Log) -> Report:
     """
     from istio_init import runner
 
-    refuse_native_nftables(config, "check")
     rule_plan, _ = runner.build_plan(config, log)
     planned = planned_state(rule_plan)
+    if config.native_nftables:
+        return _run_native(config, rule_plan, planned)
     try:
         with _apply_lock():
             live = read_state(config.iptables_backend, planned)
@@ -441,3 +484,22 @@ def run(config: Config, log: Log) -> Report:
     except IstioInitError as exc:
         raise CheckError(str(exc)) from None
     return compare(planned, live, pick_flavour(config.iptables_backend, live.rules))
+
+
+def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report:
+    """--native-nftables: our nft tables against the plan's; istio-init's iptables rules, if any, are extra."""
+    from istio_init.backends.nftables import NftablesBackend, guard_single_family
+    from istio_init.render_nft import render_transaction
+
+    try:
+        backend = NftablesBackend(guard_single_family(config.rules_version))
+        want = chains_from_objects(backend.as_loaded(render_transaction(rule_plan, backend.guard_single_family)))
+        with _apply_lock():
+            have = chains_from_objects(backend.ours())
+            live = read_state("auto", planned)
+    except CheckError:
+        raise
+    except IstioInitError as exc:
+        raise CheckError(str(exc)) from None
+    others = compare(planned._replace(rules={}), live, "nftables")  # iptables rules of ours: extra; routes
+    return Report("nftables", (*compare_nft(want, have), *others.differences), planned)

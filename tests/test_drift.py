@@ -199,8 +199,8 @@ def test_the_kubernetes_probe_checks_the_init_containers_args() -> None:
     assert command == ["istio-init", "check", *init_args[1:]]
 
 
-@pytest.mark.parametrize("argv", [["check", "--native-nftables"], ["graph", "--live", "--native-nftables"]])
-def test_native_nftables_is_refused_in_one_line_not_reported_as_missing(argv: list[str]) -> None:
+@pytest.mark.parametrize("argv", [["graph", "--live", "--native-nftables"]])
+def test_graph_live_refuses_native_nftables_in_one_line(argv: list[str]) -> None:
     from clirun import invoke
 
     out = invoke([*argv, "--ipv6", "false"])

@@ -28,6 +28,8 @@ from istio_init.render_nft import FAMILY, TABLES, TransactionLine, clean_transac
 
 DEBIAN_MODULE = "/usr/lib/python3/dist-packages/nftables/__init__.py"
 OUR_TABLES = tuple(table_name(t) for t in TABLES)
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
 _ERROR_LINE = re.compile(r"^\S+?:(\d+):[\d-]+: Error: (.*)$", re.MULTILINE)
 
 
@@ -181,6 +183,45 @@ class NftablesBackend:
                     raise ApplyError(f"nft list table {FAMILY} {name} failed: {err.strip()}")
                 out.append(text)
         return "".join(out)
+
+    def as_loaded(self, text: str) -> list[dict[str, Any]]:
+        """Our tables as the kernel would hold them after loading `text`, without touching this namespace.
+
+        `check --native-nftables` compares in the kernel's own canonical form:
+        the transaction is loaded into a scratch network namespace made by a
+        child process (with a user namespace when this process may not make a
+        network namespace itself) and read back as JSON there.
+        """
+        import ctypes
+
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child never returns into the caller's code
+            status = 1
+            try:
+                os.close(read_end)
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.unshare(_CLONE_NEWNET) != 0 and libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+                    raise ApplyError("cannot make a scratch network namespace to load the plan in: "
+                                     f"{os.strerror(ctypes.get_errno())}")
+                scratch = NftablesBackend(self.guard_single_family)
+                scratch.load(text, [])
+                payload = json.dumps(scratch.ours()).encode()
+                status = 0
+            except BaseException as exc:  # everything must reach the parent as a message
+                payload = (str(exc) or type(exc).__name__).encode()
+            finally:
+                with os.fdopen(write_end, "wb") as pipe:
+                    pipe.write(payload)
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise ApplyError(data.decode(errors="replace"))
+        objects: list[dict[str, Any]] = json.loads(data)
+        return objects
 
     # ---- changing ---------------------------------------------------------------------
 
