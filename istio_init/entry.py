@@ -3,7 +3,7 @@
 Every pod start runs `istio-init istio-iptables -p 15001 ... -d 15090,...`, the
 default `run` command with flags from config.FLAGS. Importing click, building
 the CLI's commands from it and letting it parse those flags took about 20 ms
-of a 50 ms start (docs/perf.md), more than everything else istio-init does
+of a 50 ms start (README, "Start-up time"), more than everything else istio-init does
 on a dry run. This module reads exactly that form itself, from the same flag
 table: `-f VALUE`, `--flag VALUE`, `--flag=VALUE` and switches. Anything else
 (help, subcommands, `--cleanup-only`, attached or stacked short flags, `--`, a

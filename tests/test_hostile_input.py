@@ -196,7 +196,7 @@ def test_finding_2_names_are_exact_with_auto() -> None:
     try:
         result = istio_init(ns, *SEED, "-k", "éééééééx")
         assert result.returncode == 0, result.stderr
-        assert "iptables backend legacy (auto:" in result.stderr  # auto never takes libiptc (docs/perf.md)
+        assert "iptables backend legacy (auto:" in result.stderr  # auto never takes libiptc (README, "Start-up time")
         saved = subprocess.run(["nsenter", f"--net={ns.path}", "iptables-legacy-save"], capture_output=True,
                                check=True).stdout
         assert b"-A PREROUTING -i \xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9x -j RETURN" in saved

@@ -109,7 +109,7 @@ def test_iptc_import_leaves_ctypes_util_as_it_was() -> None:
 
 
 def test_auto_sends_plans_to_the_legacy_restore_tool(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Starting iptables-legacy-restore is cheaper than importing python-iptables (docs/perf.md)."""
+    """Starting iptables-legacy-restore is cheaper than importing python-iptables (README, "Start-up time")."""
     from istio_init import backends
 
     monkeypatch.setattr(backends, "nft_in_use", lambda families: False)

@@ -21,7 +21,7 @@ NAMES = ("libiptc", "legacy", "nft")
 # structures and libxtables) costs more than starting iptables-legacy-restore
 # (about 4 ms), and python-iptables builds rules far slower than the tool loads
 # them, so the restore tool is faster for every plan size, the seed's included
-# (docs/perf.md; scripts/bench shows both). libiptc stays for --iptables-backend libiptc.
+# (README, "Start-up time"; scripts/bench shows both). libiptc stays for --iptables-backend libiptc.
 _LEGACY_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 

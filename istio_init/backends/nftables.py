@@ -3,7 +3,7 @@
 libnftables is driven in-process through Debian's python3-nftables (a ctypes
 binding), not by running `nft`: a pod start reads the live ruleset, loads the
 transaction and lists the result, and three `nft` processes cost about 15 ms
-more than one library context (benchmarks/nft_startup.py; docs/nft.md).
+more than one library context (benchmarks/nft_startup.py; README, "Native nftables").
 The transaction is handed over as a file (a memfd), the way `nft -f` reads it,
 because only then does libnftables report the line of a failing command,
 which is how an error names the table, chain and rule.
