@@ -265,8 +265,6 @@ def _run(args: list[str], obj: dict[str, Any]) -> int:
     return output.guarded(command) or exit_code
 
 
-_one_line = output.one_line
-
 
 # ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------
 

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from istio_init.backends.base import Backend
     from istio_init.backends.iptables.backend import IptablesBackend
 
-NAMES = ("libiptc", "legacy", "nft")
 # `auto` never picks libiptc: importing python-iptables (about 12 ms of ctypes
 # structures and libxtables) costs more than starting iptables-legacy-restore
 # (about 4 ms), and python-iptables builds rules far slower than the tool loads
