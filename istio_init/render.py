@@ -33,22 +33,28 @@ def rule_spec(rule: Rule) -> str:
 
     Cached: an apply spells each planned rule up to three times (reconcile's
     no-op check, the restore text, the printed tables), 8,000 of them for a
-    long -x list.
+    long -x list; the first spelling is one unpacking and a join.
     """
+    _, _, target, source, destination, negated, in_interface, out_interface, protocol, matches, target_options = rule
+    if not (source or negated or in_interface or out_interface or protocol or matches or target_options):
+        return f"-d {destination} -j {target}" if destination else f"-j {target}"  # each -x rule
     words: list[str] = []
-    if rule.source:
-        words += ["-s", rule.source]
-    if rule.destination:
-        words += (["!"] if rule.negate_destination else []) + ["-d", rule.destination]
-    if rule.in_interface:
-        words += ["-i", rule.in_interface]
-    if rule.out_interface:
-        words += ["-o", rule.out_interface]
-    if rule.protocol:
-        words += ["-p", rule.protocol]
-    for match in rule.matches:
-        words += ["-m", match.module] + _options(match.options)
-    words += ["-j", rule.target] + _options(rule.target_options)
+    if source:
+        words.append(f"-s {source}")
+    if destination:
+        words.append(f"! -d {destination}" if negated else f"-d {destination}")
+    if in_interface:
+        words.append(f"-i {in_interface}")
+    if out_interface:
+        words.append(f"-o {out_interface}")
+    if protocol:
+        words.append(f"-p {protocol}")
+    for match in matches:
+        words.append(f"-m {match.module}")
+        words += _options(match.options)
+    words.append(f"-j {target}")
+    if target_options:
+        words += _options(target_options)
     return " ".join(words)
 
 

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from istio_init import timing
-from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Config, flag_label
+from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Cidr, Config, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.render import render_plan
@@ -42,6 +42,8 @@ def summary(config: Config, ipv6: bool) -> str:
 
 def _show(value: object) -> str:
     if isinstance(value, tuple):
+        if value and isinstance(value[0], Cidr):  # thousands of them: no Python-level __str__ call each
+            return ",".join([cidr.text for cidr in value])
         return ",".join(map(str, value)) or "(empty)"
     return "(auto)" if value is None else str(value)
 

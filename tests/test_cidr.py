@@ -59,3 +59,8 @@ def test_a_long_host_list_parses_as_each_item_does() -> None:
     assert parse_cidrs(mixed) == [parse_cidr(h) for h in mixed]
     with pytest.raises(ValueError):
         parse_cidrs(hosts + ["10.0.0.256"])
+    # All spelled a.b.c.d/32 (the quickest path), with and without a loopback host among them.
+    slashed = [f"10.{i}.127.{i}/32" for i in range(40)]
+    for case in (slashed, slashed + ["127.0.0.5/32"], ["127.1.1.1/32"] + slashed):
+        assert parse_cidrs(case) == [parse_cidr(h) for h in case]
+        assert [type(c) for c in parse_cidrs(case)] == [type(parse_cidr(h)) for h in case]

@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from istio_init.config import Cidr, Config
-from istio_init.model import APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step
+from istio_init.model import (APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step,
+                              destination_appends)
 
 if TYPE_CHECKING:
     import ipaddress
@@ -261,8 +262,7 @@ class _Family:
 
         # 14. Local and excluded destinations are never captured.
         self.append(NAT, ISTIO_OUTPUT, RETURN, destination=self.loop)
-        for cidr in self.cidrs(cfg.exclude_cidrs):
-            self.append(NAT, ISTIO_OUTPUT, RETURN, destination=cidr)
+        self.steps += destination_appends(NAT, ISTIO_OUTPUT, RETURN, self.cidrs(cfg.exclude_cidrs))
 
         # 15. Ports always captured, whatever -i says.
         for port in cfg.outbound_ports:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 from istio_init.config import Cidr, Config
-from istio_init.model import APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step
+from istio_init.model import (APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step,
+                              destination_appends)
 
 NAT = "nat"
 MANGLE = "mangle"
@@ -115,7 +116,7 @@ class _Family:
         self.steps.append(Step(INSERT, Rule(table, chain, target, **parts)))
 
     def cidrs(self, networks: Iterable[Cidr]) -> list[str]:
-        return [str(net) for net in networks if net.version == self.family]
+        return [net.text for net in networks if net.version == self.family]
 
     def ports(self, ports: Sequence[int]) -> list[Match]:
         return _port_groups(ports, self.config.multiport)
@@ -166,8 +167,7 @@ class _Family:
 
         # 13-14. Local and excluded destinations are never captured.
         self.append(NAT, ISTIO_OUTPUT, RETURN, destination=self.localhost)
-        for cidr in self.cidrs(cfg.exclude_cidrs):
-            self.append(NAT, ISTIO_OUTPUT, RETURN, destination=cidr)
+        self.steps += destination_appends(NAT, ISTIO_OUTPUT, RETURN, self.cidrs(cfg.exclude_cidrs))
 
         # 15. Ports always captured (IPv4 only, as in Istio).
         if not self.v6:

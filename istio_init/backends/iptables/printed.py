@@ -25,7 +25,7 @@ from istio_init.model import BUILTIN_CHAINS
 def _table(name: str, live: SavedTable | None, change: TableChange | None) -> str:
     if live is None and change is None:
         return f"*{name}\nCOMMIT\n"  # as table_blocks spells a table the kernel does not have
-    chains, rules = simulate(live, change)
+    chains, rules = change.after if change is not None and change.after is not None else simulate(live, change)
     present = live.chains if live is not None else {}
     # A table the kernel makes (legacy or nft) comes with all its built-in chains.
     builtins = [c for c in BUILTIN_CHAINS.get(name, ()) if live is None or c in present or c in rules]
@@ -35,7 +35,9 @@ def _table(name: str, live: SavedTable | None, change: TableChange | None) -> st
     user = sorted(chains)
     lines += [f":{c} - [0:0]" for c in user]
     for chain in (*builtins, *user):
-        lines += [f"-A {chain} {spec}" for spec in rules.get(chain, ())]
+        if rules.get(chain):  # one join per chain: an -x list puts 8,000 rules in ISTIO_OUTPUT
+            prefix = f"-A {chain} "
+            lines.append(prefix + f"\n{prefix}".join(rules[chain]))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 

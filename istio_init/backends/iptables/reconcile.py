@@ -73,6 +73,18 @@ class TableChange(NamedTuple):
     # Owned chains the plan no longer uses: all flushed first, then deleted.
     delete_chains: tuple[str, ...]
     steps: tuple[Step, ...]
+    # Each step's rule spelled (rule_spec), in step order: spelled once, here, for the
+    # simulation, the restore text and the printed tables (an -x list makes 8,000 of them).
+    specs: tuple[str, ...] = ()
+    # The table once committed, as `simulate` gives it (reconcile fills it in, and the printed
+    # tables are spelled from it, so 8,000 planned rules are not simulated a second time).
+    after: "State | None" = None
+
+    def spelled(self) -> tuple[str, ...]:
+        """`specs`, or the steps spelled now for a change made without them."""
+        if len(self.specs) == len(self.steps):
+            return self.specs
+        return tuple(rule_spec(step.rule) for step in self.steps)
 
 
 def _ours_in_table(table: SavedTable) -> list[tuple[str, int]]:
@@ -106,12 +118,14 @@ def simulate(live: SavedTable | None, change: TableChange | None = None) -> Stat
         for chain in (*change.flush_chains, *change.delete_chains):
             rules.pop(chain, None)
         chains = (chains - set(change.delete_chains)) | set(change.create_chains)
-        for step in change.steps:
-            chain_rules = rules.setdefault(step.rule.chain, [])
-            if step.op == INSERT:
-                chain_rules.insert(step.position - 1, rule_spec(step.rule))
+        for (op, rule, position), spec in zip(change.steps, change.spelled()):  # up to 8,000: bare operations
+            chain_rules = rules.get(rule.chain)
+            if chain_rules is None:
+                chain_rules = rules[rule.chain] = []
+            if op == INSERT:
+                chain_rules.insert(position - 1, spec)
             else:
-                chain_rules.append(rule_spec(step.rule))
+                chain_rules.append(spec)
     return frozenset(chains), {c: tuple(r) for c, r in rules.items() if r}
 
 
@@ -132,16 +146,22 @@ def reconcile(live: dict[str, SavedTable], family: FamilyPlan | None) -> list[Ta
         existing = set(table.user_chains()) if table else set()
         wanted = family.chains(name) if family and name in planned else []
         ours_existing = [c for c in (table.user_chains() if table else []) if c in owned_chains(name)]
+        if family and name in planned:
+            steps = family.steps if len(planned) == 1 else tuple(s for s in family.steps if s.rule.table == name)
+        else:
+            steps = ()
         change = TableChange(
             table=name,
             delete_rules=tuple(_ours_in_table(table)) if table else (),
             flush_chains=tuple(c for c in wanted if c in existing),
             create_chains=tuple(c for c in wanted if c not in existing),
             delete_chains=tuple(c for c in ours_existing if c not in wanted),
-            steps=tuple(s for s in family.steps if s.rule.table == name) if family and name in planned else (),
+            steps=steps,
+            specs=tuple(map(rule_spec, [step.rule for step in steps])),
         )
-        if simulate(table, change) != simulate(table):
-            changes.append(change)
+        after = simulate(table, change)
+        if after != simulate(table):
+            changes.append(change._replace(after=after))
     return changes
 
 
@@ -158,8 +178,27 @@ def restore_text(changes: list[TableChange]) -> str:
         lines += [f"-D {chain} {number}" for chain, number in change.delete_rules]
         lines += [f"-F {chain}" for chain in change.delete_chains]
         lines += [f"-X {chain}" for chain in change.delete_chains]
-        for step in change.steps:
-            where = f"-I {step.rule.chain} {step.position}" if step.op == INSERT else f"-A {step.rule.chain}"
-            lines.append(f"{where} {rule_spec(step.rule)}")
+        lines += _step_lines(change)
         lines.append("COMMIT")
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def _step_lines(change: TableChange) -> list[str]:
+    """`-I CHAIN N SPEC` and `-A CHAIN SPEC` lines in step order, a run of appends to one chain joined at once."""
+    lines: list[str] = []
+    run: list[str] = []  # specs of the current run of appends to `chain`
+    chain = ""
+    for (op, rule, position), spec in zip(change.steps, change.spelled()):
+        if op == INSERT or rule.chain != chain:
+            if run:
+                lines.append(f"-A {chain} " + f"\n-A {chain} ".join(run))
+                run = []
+            if op == INSERT:
+                lines.append(f"-I {rule.chain} {position} {spec}")
+                chain = ""
+                continue
+            chain = rule.chain
+        run.append(spec)
+    if run:
+        lines.append(f"-A {chain} " + f"\n-A {chain} ".join(run))
+    return lines
