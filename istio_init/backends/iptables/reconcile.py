@@ -110,8 +110,8 @@ def simulate(live: SavedTable | None, change: TableChange | None = None) -> Stat
     """The table's (user chains, non-empty chains' rules) after `change`, without a kernel."""
     chains = set(live.user_chains()) if live else set()
     rules: dict[str, list[str]] = {}
-    for rule in (live.rules if live else []):
-        rules.setdefault(rule.chain, []).append(rule.spec)
+    for saved in (live.rules if live else []):
+        rules.setdefault(saved.chain, []).append(saved.spec)
     if change is not None:
         for chain, number in change.delete_rules:
             del rules[chain][number - 1]
