@@ -9,8 +9,6 @@ are left out so the text can be fed to `iptables-restore --noflush`.
 
 from __future__ import annotations
 
-import functools
-
 from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Option, Rule, RulePlan, is_builtin
 
 IPV6_MARKER = "# IPv6"
@@ -27,13 +25,13 @@ def _options(options: tuple[Option, ...]) -> list[str]:
     return words
 
 
-@functools.lru_cache(maxsize=None)  # unbounded is the cheap kind; a run spells a bounded number of rules
 def rule_spec(rule: Rule) -> str:
     """The rule's parameters after `-A CHAIN`, in iptables-save's order.
 
-    Cached: an apply spells each planned rule up to three times (reconcile's
-    no-op check, the restore text, the printed tables), 8,000 of them for a
-    long -x list; the first spelling is one unpacking and a join.
+    Not cached: an apply spells each planned rule once (reconcile keeps the
+    spellings for the restore text and the printed tables), and hashing a Rule
+    for a cache costs about what spelling one does: an -x rule is one unpacking
+    and one f-string.
     """
     _, _, target, source, destination, negated, in_interface, out_interface, protocol, matches, target_options = rule
     if not (source or negated or in_interface or out_interface or protocol or matches or target_options):

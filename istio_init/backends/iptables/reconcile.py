@@ -13,8 +13,10 @@ everything else, a user's `ISTIO_FOO` chain included, is left where it is.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from istio_init.model import INSERT, FamilyPlan, Step, is_builtin
 from istio_init.render import rule_spec
@@ -118,14 +120,16 @@ def simulate(live: SavedTable | None, change: TableChange | None = None) -> Stat
         for chain in (*change.flush_chains, *change.delete_chains):
             rules.pop(chain, None)
         chains = (chains - set(change.delete_chains)) | set(change.create_chains)
-        for (op, rule, position), spec in zip(change.steps, change.spelled()):  # up to 8,000: bare operations
-            chain_rules = rules.get(rule.chain)
-            if chain_rules is None:
-                chain_rules = rules[rule.chain] = []
+        specs = change.spelled()
+        done = 0
+        for (op, chain), run in _runs(change.steps):  # an -x list is one run of 8,000 appends
+            chain_rules = rules.setdefault(chain, [])
             if op == INSERT:
-                chain_rules.insert(position - 1, spec)
+                for step, spec in zip(run, specs[done:done + len(run)]):
+                    chain_rules.insert(step.position - 1, spec)
             else:
-                chain_rules.append(spec)
+                chain_rules += specs[done:done + len(run)]
+            done += len(run)
     return frozenset(chains), {c: tuple(r) for c, r in rules.items() if r}
 
 
@@ -183,22 +187,23 @@ def restore_text(changes: list[TableChange]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def _runs(steps: Sequence[Step]) -> list[tuple[tuple[str, str], list[Step]]]:
+    """Consecutive steps with the same (op, chain), grouped without Python code per step."""
+    return [(key, list(run)) for key, run in itertools.groupby(steps, key=_OP_CHAIN)]
+
+
+_OP_CHAIN = operator.attrgetter("op", "rule.chain")
+
+
 def _step_lines(change: TableChange) -> list[str]:
     """`-I CHAIN N SPEC` and `-A CHAIN SPEC` lines in step order, a run of appends to one chain joined at once."""
     lines: list[str] = []
-    run: list[str] = []  # specs of the current run of appends to `chain`
-    chain = ""
-    for (op, rule, position), spec in zip(change.steps, change.spelled()):
-        if op == INSERT or rule.chain != chain:
-            if run:
-                lines.append(f"-A {chain} " + f"\n-A {chain} ".join(run))
-                run = []
-            if op == INSERT:
-                lines.append(f"-I {rule.chain} {position} {spec}")
-                chain = ""
-                continue
-            chain = rule.chain
-        run.append(spec)
-    if run:
-        lines.append(f"-A {chain} " + f"\n-A {chain} ".join(run))
+    specs = change.spelled()
+    done = 0
+    for (op, chain), run in _runs(change.steps):
+        if op == INSERT:
+            lines += [f"-I {chain} {step.position} {spec}" for step, spec in zip(run, specs[done:done + len(run)])]
+        else:
+            lines.append(f"-A {chain} " + f"\n-A {chain} ".join(specs[done:done + len(run)]))
+        done += len(run)
     return lines
