@@ -68,8 +68,8 @@ def render_table(family: FamilyPlan, table: str) -> str:
     lines += [f":{chain} - [0:0]" for chain in sorted(family.chains(table))]
     for chain in chain_order(table, list(final)):
         lines += [f"-A {chain} {rule_spec(rule)}" for rule in final[chain]]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    lines.append("COMMIT\n")  # the last newline, without copying the whole text to add it
+    return "\n".join(lines)
 
 
 def render_family(family: FamilyPlan) -> str:

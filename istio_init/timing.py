@@ -15,22 +15,33 @@ import time
 
 ENABLED = os.environ.get("ISTIO_INIT_TIMING", "") not in ("", "0")
 _START = time.perf_counter()
-_marks: list[tuple[str, float]] = []
+_marks: list[tuple[str, float, int]] = []
+
+
+def _page_faults() -> int:
+    """Minor page faults so far: first touches of new memory, about 4 us each on a VM, show up here."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+_START_FAULTS = _page_faults() if ENABLED else 0
 
 
 def mark(phase: str) -> None:
     """End the phase called `phase` now (it began at the previous mark, or when this module loaded)."""
     if ENABLED:
-        _marks.append((phase, time.perf_counter()))
+        _marks.append((phase, time.perf_counter(), _page_faults()))
 
 
 def report() -> list[str]:
-    """One line per phase, `phase: N.N ms`, and the total since this module was imported."""
+    """One line per phase, `phase: N.N ms (F page faults)`, and the total since this module was imported."""
     lines = []
-    last = _START
-    for phase, at in _marks:
-        lines.append(f"timing: {phase}: {(at - last) * 1000:.1f} ms")
-        last = at
-    lines.append(f"timing: total since start-up imports: {(last - _START) * 1000:.1f} ms")
+    last, last_faults = _START, _START_FAULTS
+    for phase, at, faults in _marks:
+        lines.append(f"timing: {phase}: {(at - last) * 1000:.1f} ms ({faults - last_faults} page faults)")
+        last, last_faults = at, faults
+    lines.append(f"timing: total since start-up imports: {(last - _START) * 1000:.1f} ms "
+                 f"({last_faults - _START_FAULTS} page faults)")
     _marks.clear()
     return lines

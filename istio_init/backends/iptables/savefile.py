@@ -11,7 +11,6 @@ idempotency is decided by pure functions, without the kernel.
 from __future__ import annotations
 
 import functools
-import shlex
 from typing import NamedTuple
 
 from istio_init.model import Match, Option, Rule, is_builtin
@@ -73,7 +72,7 @@ class UnmodelledRule(ValueError):
 def parse_rule(table: str, chain: str, spec: str) -> Rule:
     """Canonical iptables-save rule text (after `-A CHAIN`) as a model.Rule; the inverse of render.rule_spec."""
     try:
-        words = shlex.split(spec) if '"' in spec or "'" in spec else spec.split()
+        words = _quoted_words(spec) if '"' in spec or "'" in spec else spec.split()
     except ValueError as exc:
         raise UnmodelledRule(str(exc)) from None
     parts: dict[str, str | bool] = {}
@@ -205,3 +204,10 @@ def table_blocks(text: str, tables: list[str]) -> str:
         if line.strip() == "COMMIT":
             current = None
     return "".join("\n".join(blocks.get(t) or [f"*{t}", "COMMIT"]) + "\n" for t in tables)
+
+
+def _quoted_words(spec: str) -> list[str]:
+    """A rule with quoted parts (a comment), split as iptables-save quotes them; shlex loads only then."""
+    import shlex
+
+    return shlex.split(spec)
