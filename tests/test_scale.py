@@ -52,13 +52,12 @@ def _pipeline_seconds(count: int) -> float:
     from istio_init.backends.iptables.printed import after_commit
     from istio_init.backends.iptables.reconcile import reconcile, restore_text
     from istio_init.config import from_sources
-    from istio_init.render import render_plan, rule_spec
+    from istio_init.render import render_plan
     from istio_init.rulesets import plan
 
     given = {"proxy_uid": "1337", "inbound_ports": "*", "service_cidr": "*", "service_exclude_cidr": host_cidrs(count)}
     best = float("inf")
     for _ in range(5):
-        rule_spec.cache_clear()
         gc.collect()
         gc.disable()  # a collection landing in one run only would be noise, not per-rule cost
         try:
