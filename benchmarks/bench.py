@@ -274,9 +274,15 @@ def target_for(config: str, kind: str) -> float:
 
 
 def rss_target_kib(name: str) -> float:
+    """The issue's memory targets: every seed row 25 MiB; 8,000 CIDRs 30 MiB on the default backend and libiptc.
+
+    Native nftables at 8,000 CIDRs has none: libnftables parses the transaction
+    in istio-init's own process, and `nft -f` of that transaction alone peaks
+    at about 35 MiB (README, "The benchmark").
+    """
     if name.startswith("seed"):
         return 25 * 1024
-    if name.startswith("8000 CIDRs"):
+    if name in ("8000 CIDRs apply, backend auto", "8000 CIDRs apply, backend libiptc"):
         return 30 * 1024
     return float("inf")
 

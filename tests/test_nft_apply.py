@@ -241,3 +241,26 @@ def test_first_apply_refused_removes_the_routes_and_address_it_added(netns: Name
     done = istio_init(netns, *TPROXY_FLAGS, fault="reject:nft", check=False)
     assert done.returncode == 1 and "chain istio-inbound" in done.stderr, done.stderr
     assert _state(netns) == before  # no fwmark rule, no table 134 route, no ::6, no tables
+
+
+@pytest.mark.parametrize("flags", [[], TPROXY_FLAGS], ids=["redirect", "tproxy"])
+def test_a_first_apply_reports_the_tables_a_read_back_finds(netns: Namespace, flags: list[str]) -> None:
+    """With none of our tables there, converge does not read the ruleset back: what it reports as
+    changed (and would put back) must be exactly the tables the kernel then holds; a removal of
+    nothing changes nothing."""
+    from cases import SEED_ARGS
+
+    load(netns, FOREIGN)
+    script = ("import json, sys; from istio_init.backends.nftables import NftablesBackend as B; "
+              "from istio_init.config import from_sources; from istio_init.entry import parse_run; "
+              "from istio_init.rulesets import plan; "
+              "cfg = from_sources(parse_run(sys.argv[1:]), {}); b = B(True); "
+              "gone = b.remove(); undo = b.converge(plan(cfg, True)); "
+              "print(json.dumps([list(gone.changed), list(undo.changed), "
+              "sorted({o['table']['name'] for o in b.ours() if 'table' in o})]))")
+    out = run_in(netns, [sys.executable, "-c", script, *SEED_ARGS, *flags]).stdout
+    removed, changed, present = json.loads(out)
+    assert removed == []
+    assert changed == present and "istio-proxy-nat" in present
+    assert ("istio-proxy-mangle" in present) == bool(flags)
+    assert "table inet filter" in listing(netns)  # the foreign table is untouched

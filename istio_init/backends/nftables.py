@@ -30,6 +30,7 @@ DEBIAN_MODULE = "/usr/lib/python3/dist-packages/nftables/__init__.py"
 OUR_TABLES = tuple(table_name(t) for t in TABLES)
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
+_TABLE_LINE = re.compile(r"^(add|delete) table (\S+) (\S+)$", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^\S+?:(\d+):[\d-]+: Error: (.*)$", re.MULTILINE)
 
 
@@ -259,6 +260,12 @@ class NftablesBackend:
             self.load(text, where)
         except ApplyError as exc:  # the kernel applies a transaction whole or not at all
             raise ApplyError(f"{exc} (nothing had been changed)") from None
+        if not before:
+            # None of our tables existed, so the accepted transaction left exactly the tables it
+            # creates: nothing to read back. (Reading 8,000 rules back as JSON took longer than
+            # loading them, and most of the process's memory.)
+            self.loaded = text
+            return NftUndo(self, before, _tables_left(text))
         try:
             after = self.ours()  # what the commit left, read back
         except BaseException as exc:  # anything after the commit puts the previous tables back
@@ -282,6 +289,18 @@ class NftablesBackend:
         rc, _, err = self._nft.json_cmd({"nftables": commands})
         if rc != 0:
             raise ApplyError(f"restoring the previous nftables ruleset failed: {err.strip()}")
+
+
+def _tables_left(text: str) -> tuple[str, ...]:
+    """Our tables a transaction leaves when none existed before it: those it adds and does not delete again."""
+    present: set[str] = set()
+    for verb, family, name in _TABLE_LINE.findall(text):  # one scan, not a split of 8,000 rule lines
+        if family == FAMILY and name in OUR_TABLES:
+            if verb == "add":
+                present.add(name)
+            else:
+                present.discard(name)
+    return tuple(sorted(present))
 
 
 def _strip(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
