@@ -1,5 +1,5 @@
 """`python -m istio_init` runs the same CLI as the `istio-init` console script."""
 
-from istio_init.entry import main
+from istio_init.entry import console
 
-main()
+console()

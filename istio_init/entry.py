@@ -97,3 +97,34 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         gc.enable()  # for a caller in the same interpreter (the tests)
     sys.exit(code)
+
+
+def console() -> None:
+    """The `istio-init` console script and `python -m istio_init`: `main`, then exit at once.
+
+    Once a run has returned, what the interpreter would still do at exit is
+    free every object the run made (8,000 rules' worth) and tear its modules
+    down: 2-6 ms of every pod start for nothing, as the kernel releases the
+    memory, the descriptors and with them the flock()s. So stdout and stderr
+    are flushed and the process ends with its exit code. istio-init starts
+    no thread and registers no atexit handler. An exception other than
+    SystemExit (a bug) still goes the normal way, traceback and all.
+    """
+    try:
+        main()
+        code: object = 0
+    except SystemExit as done:
+        code = done.code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it anyway
+            pass
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"), as the interpreter prints it
+        print(code, file=sys.stderr, flush=True)
+        status = 1
+    os._exit(status)

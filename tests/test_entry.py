@@ -95,3 +95,28 @@ def test_console_script_and_module_use_the_entry() -> None:
     assert done.returncode == 0, done.stderr
     imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "istio_init.entry" in imported and "click" not in imported
+
+
+@pytest.mark.parametrize("argv", [OWN[0], BAD[0], HANDED_OVER[0], HANDED_OVER[4], ["-n", "-x", "10.0.0.1/32," * 3000]],
+                         ids=["dry-run", "bad-value", "help", "unknown-flag", "long-output"])
+def test_the_console_script_exits_as_main_does_with_everything_flushed(argv: list[str]) -> None:
+    """`console` ends the process with os._exit after flushing: the same bytes and exit code as
+    `main` in-process, whether entry.py or click handled the command line, long output included."""
+    expected = _run(entry.main, argv)
+    done = subprocess.run([sys.executable, "-m", "istio_init", *argv], capture_output=True, text=True,
+                          env=clean_environ(), timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == expected
+    assert expected[0] in (0, 2)
+
+
+def test_the_console_script_is_console() -> None:
+    """The installed `istio-init` script and `python -m istio_init` both go through entry.console."""
+    import configparser
+    from pathlib import Path
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parent.parent / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in setup["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert scripts["istio-init"] == "istio_init.entry:console"
+    main_py = (Path(entry.__file__).parent / "__main__.py").read_text()
+    assert "console()" in main_py
