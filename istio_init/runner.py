@@ -10,6 +10,7 @@ returned.
 from __future__ import annotations
 
 import os
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from istio_init import timing
@@ -43,7 +44,7 @@ def summary(config: Config, ipv6: bool) -> str:
 def _show(value: object) -> str:
     if isinstance(value, tuple):
         if value and isinstance(value[0], Cidr):  # thousands of them: no Python-level __str__ call each
-            return ",".join([cidr.text for cidr in value])
+            return ",".join(map(attrgetter("text"), value))
         return ",".join(map(str, value)) or "(empty)"
     return "(auto)" if value is None else str(value)
 

@@ -161,7 +161,7 @@ def reconcile(live: dict[str, SavedTable], family: FamilyPlan | None) -> list[Ta
             create_chains=tuple(c for c in wanted if c not in existing),
             delete_chains=tuple(c for c in ours_existing if c not in wanted),
             steps=steps,
-            specs=tuple(map(rule_spec, [step.rule for step in steps])),
+            specs=tuple(map(rule_spec, map(_RULE, steps))),
         )
         after = simulate(table, change)
         if after != simulate(table):
@@ -196,6 +196,7 @@ def _runs(steps: Sequence[Step]) -> list[tuple[tuple[str, str], list[Step]]]:
 
 
 _OP_CHAIN = operator.attrgetter("op", "rule.chain")
+_RULE = operator.attrgetter("rule")
 
 
 def _step_lines(change: TableChange) -> list[str]:
