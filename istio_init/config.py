@@ -58,7 +58,8 @@ def parse_cidrs(items: list[str]) -> list[Cidr]:
 
     A long -x list is typically thousands of IPv4 host addresses: one regular
     expression match over the whole list validates them, and each becomes its
-    Cidr without a per-item match (8,000 items: about 5 ms instead of 30).
+    Cidr without a per-item match (8,000 items, in a fresh process: about 5 ms
+    instead of 30).
     """
     if len(items) > 16:
         joined = ",".join(items)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     timing.mark("imports: config (no click)")
     output.prepare_stdout()
     # One run builds up to 8,000 rules' tuples and creates no reference cycle worth collecting:
-    # the cycle collector would only walk them, again and again (about 10% of a long -x apply).
+    # the cycle collector would only walk them, again and again (about 1.5 ms of planning 8,000 CIDRs).
     gc.disable()
 
     def command() -> None:
