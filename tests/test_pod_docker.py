@@ -162,6 +162,21 @@ class Pod:
                 lines.append(re.sub(r"\[\d+:\d+\]$", "[0:0]", line))
         return "\n".join(lines) + "\n"
 
+    def nft_list(self, role: str) -> str:
+        """`nft -s list ruleset` in the pod (stateless: no counters), with the image's own nft."""
+        return docker("run", "--rm", "--name", self.name(role), *self.in_pod(), *SEED_SECURITY,
+                      "--entrypoint", "nft", IMAGE, "-s", "list", "ruleset").stdout
+
+    def start_processes(self) -> tuple[str, str, str]:
+        """The stand-in proxy (uid 1337) and an app in the pod, a client outside it: their names."""
+        proxy = self.start_server("proxy", "proxy", *self.in_pod(), "--user", "1337:1337", "--cap-drop", "ALL",
+                                  ports=(15001, 15006))
+        app = self.start_server("app", "app", *self.in_pod(), "--user", "1000:1000", "--cap-drop", "ALL",
+                                ports=(APP_PORT,))
+        client = self.start_server("client", "client", "--network", self.network or "", "--ip", CLIENT_IP,
+                                   "--cap-drop", "ALL", ports=(CLIENT_PORT,))
+        return proxy, app, client
+
     def remove(self) -> None:
         for name in reversed(self.containers):
             docker("rm", "-f", name, check=False)
@@ -188,6 +203,16 @@ def connect(container: str, host: str, port: int) -> str:
     result = docker("exec", container, "python3", "-c", CLIENT, host, str(port), timeout=30, check=False)
     assert result.returncode == 0, f"{container} -> {host}:{port} failed:\n{result.stderr}"
     return result.stdout.strip()
+
+
+def check_traffic(proxy: str, app: str, client: str) -> None:
+    """Where connections land: inbound on 15006, outbound on 15001, the proxy's own not captured."""
+    # Inbound: the client's connection to the app lands on the inbound capture port.
+    assert connect(client, POD_IP, APP_PORT) == f"proxy 15006 {POD_IP}:{APP_PORT}"
+    # Outbound: the app's connection to the client lands on the outbound capture port.
+    assert connect(app, CLIENT_IP, CLIENT_PORT) == f"proxy 15001 {CLIENT_IP}:{CLIENT_PORT}"
+    # The proxy's own connections (uid 1337) are not captured: it reaches the client itself.
+    assert connect(proxy, CLIENT_IP, CLIENT_PORT) == f"client {CLIENT_PORT} {CLIENT_IP}:{CLIENT_PORT}"
 
 
 def nat_appends(save_text: str) -> list[str]:
@@ -240,25 +265,36 @@ def test_seed_init_container_captures_pod_traffic(pod: Pod, variant: str) -> Non
     assert [rule for rule in nat_appends(rules) if rule not in before] == nat_appends(dry_run), rules
     assert all(rule in nat_appends(rules) for rule in before), rules
 
-    proxy = pod.start_server("proxy", "proxy", *pod.in_pod(), "--user", "1337:1337", "--cap-drop", "ALL",
-                             ports=(15001, 15006))
-    app = pod.start_server("app", "app", *pod.in_pod(), "--user", "1000:1000", "--cap-drop", "ALL",
-                           ports=(APP_PORT,))
-    client = pod.start_server("client", "client", "--network", pod.network, "--ip", CLIENT_IP,
-                              "--cap-drop", "ALL", ports=(CLIENT_PORT,))
-
-    def check_traffic() -> None:
-        # Inbound: the client's connection to the app lands on the inbound capture port.
-        assert connect(client, POD_IP, APP_PORT) == f"proxy 15006 {POD_IP}:{APP_PORT}"
-        # Outbound: the app's connection to the client lands on the outbound capture port.
-        assert connect(app, CLIENT_IP, CLIENT_PORT) == f"proxy 15001 {CLIENT_IP}:{CLIENT_PORT}"
-        # The proxy's own connections (uid 1337) are not captured: it reaches the client itself.
-        assert connect(proxy, CLIENT_IP, CLIENT_PORT) == f"client {CLIENT_PORT} {CLIENT_IP}:{CLIENT_PORT}"
-
-    check_traffic()
+    processes = pod.start_processes()
+    check_traffic(*processes)
 
     # An init container restart: the same image and args again in the same pod.
     second = pod.init("init-again", image, args)
     assert second.returncode == 0, f"second init run failed ({second.returncode}):\n{second.stderr}"
     assert pod.iptables_save("save-again") == rules
-    check_traffic()
+    check_traffic(*processes)
+
+
+def test_native_nftables_init_container_captures_pod_traffic(pod: Pod, variant: str) -> None:
+    """The same pod with `--native-nftables` added to the args (current Istio's nftables mode):
+    the image programs the pod with libnftables, nothing of istio-init's lands in iptables, the
+    traffic goes where the iptables form sends it, and a restart leaves the ruleset as it was."""
+    image, args = VARIANTS[variant]
+    args = [*args, "--native-nftables"]
+    first = pod.init("init", image, args)
+    assert first.returncode == 0, f"init container failed ({first.returncode}):\n{first.stderr}"
+    ruleset = pod.nft_list("list-first")
+    transaction = docker("run", "--rm", "--name", pod.name("dryrun"), *pod.in_pod(), *SEED_SECURITY,
+                         image, *args, "-n").stdout
+    chains = [line.split()[4] for line in transaction.splitlines() if line.startswith("add chain inet ")]
+    assert "istio-output" in chains and "table inet istio-proxy-nat {" in ruleset, ruleset
+    assert all(f"chain {chain} {{" in ruleset for chain in chains), (chains, ruleset)
+    assert "ISTIO_" not in pod.iptables_save("save-first")  # nothing of ours in either iptables
+
+    processes = pod.start_processes()
+    check_traffic(*processes)
+
+    second = pod.init("init-again", image, args)
+    assert second.returncode == 0, f"second init run failed ({second.returncode}):\n{second.stderr}"
+    assert pod.nft_list("list-again") == ruleset
+    check_traffic(*processes)
