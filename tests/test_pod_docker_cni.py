@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from test_pod_docker import APP_PORT, CLIENT_IP, CLIENT_PORT, IMAGE, POD_IP, SEED_ARGS, Pod, connect, docker, nat_appends
+from test_pod_docker import (APP_PORT, IMAGE, POD_IP, SEED_ARGS, Pod, check_traffic, connect, docker,
+                             nat_appends)
 from test_pod_docker import pod  # noqa: F401  (the fixture: a pause container on its own network)
 
 
@@ -89,15 +90,8 @@ def test_cni_form_programs_the_pause_namespace_from_the_host(pod: Pod, tmp_path:
     passed = validate(pod, "validate")
     assert passed.returncode == 0, f"validation container ({passed.returncode}):\n{passed.stderr}"
 
-    proxy = pod.start_server("proxy", "proxy", *pod.in_pod(), "--user", "1337:1337", "--cap-drop", "ALL",
-                             ports=(15001, 15006))
-    app = pod.start_server("app", "app", *pod.in_pod(), "--user", "1000:1000", "--cap-drop", "ALL",
-                           ports=(APP_PORT,))
-    client = pod.start_server("client", "client", "--network", pod.network or "", "--ip", CLIENT_IP,
-                              "--cap-drop", "ALL", ports=(CLIENT_PORT,))
-    assert connect(client, POD_IP, APP_PORT) == f"proxy 15006 {POD_IP}:{APP_PORT}"
-    assert connect(app, CLIENT_IP, CLIENT_PORT) == f"proxy 15001 {CLIENT_IP}:{CLIENT_PORT}"
-    assert connect(proxy, CLIENT_IP, CLIENT_PORT) == f"client {CLIENT_PORT} {CLIENT_IP}:{CLIENT_PORT}"
+    proxy, app, client = pod.start_processes()
+    check_traffic(proxy, app, client)  # inbound and outbound captured, the proxy's own not
 
     removed = cni(pod, "DEL", tmp_path / "cni.log")
     assert (removed.returncode, removed.stdout) == (0, ""), removed.stdout
