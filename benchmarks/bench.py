@@ -147,36 +147,26 @@ def rules_text(args: list[str]) -> bytes:
 
 
 def bench_apply(name: str, args: list[str], backend: str, runs: int, spaces: Namespaces, target: float) -> Row:
-    text = rules_text(args)
-    command = [*istio_init_command(), *args, "--ipv6", "false", "--iptables-backend", backend]
+    """One apply row: istio-init against python + import click + the tool loading the same rules.
+
+    `backend` is an --iptables-backend value (the floor: `ip(6)tables-restore --noflush`) or
+    "nftables" for --native-nftables (the floor: `nft -f -` of the same transaction).
+    """
+    flags = ["--native-nftables"] if backend == "nftables" else ["--iptables-backend", backend]
+    text = rules_text([*args, *flags])
+    command = [*istio_init_command(), *args, "--ipv6", "false", *flags]
+    tool = ["nft", "-f", "-"] if backend == "nftables" else [RESTORE[backend], "--noflush"]
     a_samples, b_samples = [], []
     for _ in range(runs):
         a_samples.append(timed(["nsenter", f"--net={spaces.fresh()}", *command]))
-        restore = ["nsenter", f"--net={spaces.fresh()}", RESTORE[backend], "--noflush"]
-        b_samples.append(timed([PYTHON, "-c", "import click"]) + timed(restore, stdin=text))
-        spaces.remove_all()
-    a_rss = peak_rss_kib(["nsenter", f"--net={spaces.fresh()}", *command])
-    b_rss = peak_rss_kib([PYTHON, "-c", "import click"])
-    spaces.remove_all()
-    a, b = Stats.of(a_samples, a_rss), Stats.of(b_samples, b_rss)
-    return Row(f"{name} apply, backend {backend}", a, b, round(a.median_ms / b.median_ms, 2), target)
-
-
-def bench_native(name: str, args: list[str], runs: int, spaces: Namespaces, target: float) -> Row:
-    """--native-nftables: istio-init against python + import click + `nft -f -` of the same transaction."""
-    text = rules_text([*args, "--native-nftables"])
-    command = [*istio_init_command(), *args, "--ipv6", "false", "--native-nftables"]
-    a_samples, b_samples = [], []
-    for _ in range(runs):
-        a_samples.append(timed(["nsenter", f"--net={spaces.fresh()}", *command]))
-        load = ["nsenter", f"--net={spaces.fresh()}", "nft", "-f", "-"]
+        load = ["nsenter", f"--net={spaces.fresh()}", *tool]
         b_samples.append(timed([PYTHON, "-c", "import click"]) + timed(load, stdin=text))
         spaces.remove_all()
     a_rss = peak_rss_kib(["nsenter", f"--net={spaces.fresh()}", *command])
     b_rss = peak_rss_kib([PYTHON, "-c", "import click"])
     spaces.remove_all()
     a, b = Stats.of(a_samples, a_rss), Stats.of(b_samples, b_rss)
-    return Row(f"{name} apply, native nftables", a, b, round(a.median_ms / b.median_ms, 2), target)
+    return Row(row_name(name, backend), a, b, round(a.median_ms / b.median_ms, 2), target)
 
 
 def bench_dry_run(name: str, args: list[str], runs: int, target: float) -> Row:
@@ -218,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for backend in opts.backends.split(","):
             for name, args in configs.items():
-                if backend == "nftables":
-                    rows.append(bench_native(name, args, opts.runs, spaces, target_for(name, backend)))
-                else:
-                    rows.append(bench_apply(name, args, backend, opts.runs, spaces, target_for(name, backend)))
+                rows.append(bench_apply(name, args, backend, opts.runs, spaces, target_for(name, backend)))
         for name, args in configs.items():
             rows.append(bench_dry_run(name, args, opts.runs, target_for(name, "dry run")))
     finally:
@@ -257,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def row_name(config: str, kind: str) -> str:
-    return f"{config} dry run" if kind == "dry run" else f"{config} apply, backend {kind}"
+    """A row's name: `kind` is an --iptables-backend value, "nftables" (--native-nftables) or "dry run"."""
+    if kind == "dry run":
+        return f"{config} dry run"
+    return f"{config} apply, native nftables" if kind == "nftables" else f"{config} apply, backend {kind}"
 
 
 def target_for(config: str, kind: str) -> float:
