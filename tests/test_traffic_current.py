@@ -126,12 +126,16 @@ def _config_env(name: str, resolv: Path) -> dict[str, str]:
     return clean_environ({**CONFIGS[name][1], "ISTIO_INIT_RESOLV_CONF": str(resolv)})
 
 
-def _up(name: str, resolv: Path) -> Pod:
-    args, env = CONFIGS[name]
-    pod = Pod.up(args, ipv6=False, listeners=False, tag=f"cur-{name}", apply=False)
+LEGACY = ("--rules-version", "current", "--iptables-backend", "legacy")
+
+
+def up(name: str, resolv: Path, flags: tuple[str, ...] = LEGACY, tag: str = "cur") -> Pod:
+    """The pod of config `name`, its rules applied by istio-init with `flags`, listeners started."""
+    args = CONFIGS[name][0]
+    pod = Pod.up(args, ipv6=False, listeners=False, tag=f"{tag}-{name}", apply=False)
     try:
-        argv = [sys.executable, "-m", "istio_init", "--rules-version", "current", *args, "--ipv6", "false",
-                "--iptables-backend", "legacy", "--network-namespace", f"/run/netns/{pod.name}"]
+        argv = [sys.executable, "-m", "istio_init", *flags, *args, "--ipv6", "false",
+                "--network-namespace", f"/run/netns/{pod.name}"]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                               env=_config_env(name, resolv))
         if done.returncode != 0:
@@ -143,24 +147,33 @@ def _up(name: str, resolv: Path) -> Pod:
     return pod
 
 
-@pytest.fixture(scope="module")
-def resolv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_resolv_conf(directory: Path) -> Path:
     """The pods' resolv.conf: one nameserver, a peer address."""
-    conf = tmp_path_factory.mktemp("pod") / "resolv.conf"
+    conf = directory / "resolv.conf"
     conf.write_text(f"search svc.cluster.local\nnameserver {RESOLVER}\noptions ndots:5\n")
     return conf
 
 
-@pytest.fixture(scope="module")
-def pods(resolv: Path) -> Iterator[dict[str, Pod]]:
+def every_pod(resolv: Path, flags: tuple[str, ...] = LEGACY, tag: str = "cur") -> Iterator[dict[str, Pod]]:
+    """One pod per config (the module fixtures' body), all taken down at the end."""
     made: dict[str, Pod] = {}
     try:
         for name in CONFIGS:
-            made[name] = _up(name, resolv)
+            made[name] = up(name, resolv, flags, tag)
         yield made
     finally:
         for pod in made.values():
             pod.down()
+
+
+@pytest.fixture(scope="module")
+def resolv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_resolv_conf(tmp_path_factory.mktemp("pod"))
+
+
+@pytest.fixture(scope="module")
+def pods(resolv: Path) -> Iterator[dict[str, Pod]]:
+    yield from every_pod(resolv)
 
 
 def connect(pod: Pod, path: Path_) -> Answer:

@@ -10,8 +10,6 @@ change, so each test fails when its nft rule is missing or wrong.
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -26,42 +24,17 @@ from istio_init.render_nft import render_transaction
 from istio_init.rulesets import plan
 from istio_init.trace import parse_rule
 from podnet import Pod
-from test_traffic_current import CONFIGS, PATHS, RESOLVER, Breakage, Path_, _outcome, connect
+from test_traffic_current import (CONFIGS, PATHS, RESOLVER, Breakage, Path_, _outcome, connect, every_pod,
+                                  write_resolv_conf)
 
 pytestmark = pytest.mark.root
 
 NATIVE = ("--rules-version", "current", "--native-nftables")
 
 
-def _up(name: str, resolv: Path) -> Pod:
-    args, env = CONFIGS[name]
-    pod = Pod.up(args, ipv6=False, listeners=False, tag=f"curnft-{name}", apply=False)
-    try:
-        argv = [sys.executable, "-m", "istio_init", *NATIVE, *args, "--ipv6", "false",
-                "--network-namespace", f"/run/netns/{pod.name}"]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
-                              env=clean_environ({**env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}))
-        if done.returncode != 0:
-            raise RuntimeError(f"istio-init apply failed: {done.stderr.strip()}")
-        pod.start_listeners()
-    except BaseException:
-        pod.down()
-        raise
-    return pod
-
-
 @pytest.fixture(scope="module")
 def nft_pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod]]:
-    resolv = tmp_path_factory.mktemp("pod") / "resolv.conf"
-    resolv.write_text(f"search svc.cluster.local\nnameserver {RESOLVER}\noptions ndots:5\n")
-    made: dict[str, Pod] = {}
-    try:
-        for name in CONFIGS:
-            made[name] = _up(name, resolv)
-        yield made
-    finally:
-        for pod in made.values():
-            pod.down()
+    yield from every_pod(write_resolv_conf(tmp_path_factory.mktemp("pod")), NATIVE, "curnft")
 
 
 def pod_plan(name: str) -> tuple[RulePlan, bool]:
