@@ -183,15 +183,19 @@ def _outcome(answer: Answer) -> tuple[str | None, int | None]:
     return answer.tag, answer.listener
 
 
+def assert_lands(path: Path, answer: Answer) -> None:
+    """The connection ended where the path says, and a capturing proxy can tell where it was going."""
+    assert _outcome(answer) == path.expect, answer
+    if path.captured and path.orig:
+        seen = answer.local if path.config == "tproxy" and path.direction == "in" else answer.orig
+        assert seen == (path.dst, path.port), answer
+
+
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
 def test_path(pods: dict[str, Pod], path: Path) -> None:
     pod = pods[path.config]
     answer = connect(pod, path)
-    assert _outcome(answer) == path.expect, answer
-    if path.captured and path.orig:
-        # The proxy can still tell where the connection was going.
-        seen = answer.local if path.config == "tproxy" and path.direction == "in" else answer.orig
-        assert seen == (path.dst, path.port), answer
+    assert_lands(path, answer)
     assert_trace_agrees(trace_plan(path), answer)
     assert_trace_agrees(trace_live(pod, path), answer)
 

@@ -29,7 +29,8 @@ from istio_init.render import rule_spec
 from istio_init.render_nft import render_transaction
 from istio_init.rulesets import plan
 from podnet import Pod
-from test_traffic import CONFIGS, PATHS, Breakage, Path, _outcome, _trace_args, assert_trace_agrees, connect
+from test_traffic import (CONFIGS, PATHS, Breakage, Path, _outcome, _trace_args, assert_lands, assert_trace_agrees,
+                          connect)
 
 pytestmark = pytest.mark.root
 
@@ -106,10 +107,7 @@ def test_path_with_native_nftables(nft_pods: tuple[str, dict[str, Pod]], path: P
     rule_set, pods = nft_pods
     pod = pods[path.config]
     answer = connect(pod, path)
-    assert _outcome(answer) == path.expect, answer
-    if path.captured and path.orig:
-        seen = answer.local if path.config == "tproxy" and path.direction == "in" else answer.orig
-        assert seen == (path.dst, path.port), answer
+    assert_lands(path, answer)
     # trace.py cannot evaluate -m mark (the current rule set's TPROXY rules), with iptables or nft alike.
     traceable = not (rule_set == "current" and path.config == "tproxy")
     if traceable:
