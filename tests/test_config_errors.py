@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from clirun import clean_environ, invoke
+from clirun import Result, clean_environ, invoke
 
 BAD_INPUT = [
     # (argv, environment, text the message must contain)
@@ -46,9 +46,8 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("argv,env,expected", BAD_INPUT, ids=lambda v: str(v) if isinstance(v, list) else None)
-def test_bad_input_is_one_line_exit_2(argv: list[str], env: dict[str, str], expected: str) -> None:
-    result = invoke(["istio-iptables", *argv], env)
+def assert_one_error_line(result: Result, expected: str) -> None:
+    """A user mistake: exit 2, nothing on stdout, one `invalid value for` line on stderr holding `expected`."""
     assert result.code == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -56,6 +55,11 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], env: dict[str, str], expe
     assert lines[0].startswith("istio-init: invalid value for ")
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv,env,expected", BAD_INPUT, ids=lambda v: str(v) if isinstance(v, list) else None)
+def test_bad_input_is_one_line_exit_2(argv: list[str], env: dict[str, str], expected: str) -> None:
+    assert_one_error_line(invoke(["istio-iptables", *argv], env), expected)
 
 
 def test_unknown_flag_is_one_line_exit_2() -> None:

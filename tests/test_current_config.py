@@ -16,6 +16,7 @@ import pytest
 
 from cases import SEED_ARGS
 from clirun import clean_environ, invoke
+from test_config_errors import assert_one_error_line
 from istio_init.config import from_sources
 
 CURRENT = ("--rules-version", "current")
@@ -168,13 +169,7 @@ BAD_CURRENT_INPUT = [
 @pytest.mark.parametrize("argv,env,expected", BAD_CURRENT_INPUT,
                          ids=lambda v: str(v)[:60] if isinstance(v, (list, dict)) else None)
 def test_bad_current_input_is_one_line_exit_2(argv: list[str], env: dict[str, str], expected: str) -> None:
-    result = invoke(["istio-iptables", *CURRENT, *argv], env)
-    assert result.code == 2
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("istio-init: invalid value for ")
-    assert expected in lines[0]
+    assert_one_error_line(invoke(["istio-iptables", *CURRENT, *argv], env), expected)
 
 
 @pytest.mark.root
