@@ -93,22 +93,20 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
         timing.mark("istio-init's namespace lock")
         undo = backend.converge(plan, families)
         undos: list[Undo | _NetworkUndo] = [undo]
+        marks = set(undo.previous_marks)  # TPROXY marks of rules replaced here or removed elsewhere
         try:
             for other in others():
-                all_families = [4, 6]
-                undos.append(other.remove(all_families))
+                removed = other.remove([4, 6])
+                undos.append(removed)
+                marks |= removed.previous_marks
                 notes.append(f"removed istio-init's rules from the {other.name} tables (this run uses "
                              f"{backend.name}, so two rule sets do not capture at once)")
-            marks = set(undo.previous_marks).union(*(u.previous_marks for u in undos[1:]))  # type: ignore[union-attr]
             timing.mark("other backends holding istio-init's rules")
             _apply_routing(plan, marks, network, undos)
             timing.mark("routes and addresses")
         except BaseException as exc:  # anything after the first commit rolls everything back
             raise _undo_all(undos, exc) from None
-    tables = {f.family: list(dict.fromkeys([*f.tables(), *(c.split()[1] for c in undo.changed
-                                                              if c.startswith(f"IPv{f.family} "))]))
-              for f in plan.families()}
-    printed = {family: backend.dump(family, names) for family, names in tables.items()}
+    printed = {f.family: backend.dump(f.family, f.tables()) for f in plan.families()}
     dump = "".join(("# IPv6\n" if family == 6 else "") + text for family, text in printed.items() if text)
     timing.mark("the printed tables")
     return Applied(backend.name, undo.changed, dump, notes)

@@ -37,7 +37,8 @@ class Backend(Protocol):
         """The family's live state (iptables: tables parsed into the model; nftables: its JSON objects)."""
 
     def dump(self, family: int, tables: Sequence[str]) -> str:
-        """What Istio prints after applying, for the family (iptables: the tables' iptables-save text)."""
+        """What Istio prints after applying, for the family: `tables` (the plan's) and whatever else the
+        last converge changed (iptables: their iptables-save text)."""
 
     def converge(self, plan: RulePlan, families: Sequence[int]) -> Undo:
         """Make istio-init's rules exactly `plan` in `families`; ApplyError (nothing changed) on failure."""

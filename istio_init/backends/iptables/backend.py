@@ -98,10 +98,15 @@ class IptablesBackend:
         return parse_save(self.save(family, counters=False))
 
     def dump(self, family: int, tables: Sequence[str]) -> str:
-        """After a converge, derived from its snapshot and changes (printed.py); else read."""
+        """`tables`, and any other table the last converge changed (stale rules removed), as iptables-save text.
+
+        After a converge it is derived from the snapshot and the changes (printed.py); else read.
+        """
         last = self.converged
         if last is not None and family in last.snapshots:
-            return after_commit(last.snapshots[family], last.decided.get(family, []), tables)
+            changes = last.decided.get(family, [])
+            names = list(dict.fromkeys([*tables, *(change.table for change in changes)]))
+            return after_commit(last.snapshots[family], changes, names)
         return table_blocks(self.save(family, counters=False), list(tables))
 
     def holds_ours(self, families: Sequence[int]) -> bool:
