@@ -175,6 +175,7 @@ def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, l
     istio-init's rules is used: a pod has its rules in exactly one of them.
     """
     from istio_init import backends
+    from istio_init.backends.iptables.backend import tables_hold_ours
     from istio_init.errors import ApplyError
 
     tables: dict[str, savefile.SavedTable] = {}
@@ -184,7 +185,7 @@ def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, l
         tool = f"{'ip6' if family == 6 else 'ip'}tables-{flavour}-save"
         try:
             tables = reader.read(family)
-            if reader.holds_ours([family]):
+            if tables_hold_ours(tables):  # the tables just read, not a second iptables-save
                 break
         except ApplyError as exc:
             raise TraceError(str(exc)) from None

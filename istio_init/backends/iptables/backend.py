@@ -72,6 +72,16 @@ class IptablesUndo:
         return problems
 
 
+def tables_hold_ours(tables: Mapping[str, SavedTable]) -> bool:
+    """Whether parsed tables hold a chain istio-init owns or any rule of istio-init's."""
+    for name, table in tables.items():
+        if any(chain in owned_chains(name) for chain in table.user_chains()):
+            return True
+        if reconcile({name: table}, None):
+            return True
+    return False
+
+
 class IptablesBackend:
     """Base of the libiptc and iptables-restore backends; subclasses provide commit_family()."""
 
@@ -110,13 +120,7 @@ class IptablesBackend:
         return table_blocks(self.save(family, counters=False), list(tables))
 
     def holds_ours(self, families: Sequence[int]) -> bool:
-        for family in families:
-            for name, table in self.read(family).items():
-                if any(chain in owned_chains(name) for chain in table.user_chains()):
-                    return True
-                if reconcile({name: table}, None):
-                    return True
-        return False
+        return any(tables_hold_ours(self.read(family)) for family in families)
 
     def decide(self, live: Mapping[int, dict[str, SavedTable]], plan: RulePlan | None,
                families: Sequence[int]) -> dict[int, list[TableChange]]:
