@@ -23,7 +23,7 @@ import json
 from typing import TYPE_CHECKING, Any, ContextManager, Mapping, NamedTuple
 
 from istio_init.backends.iptables.reconcile import is_ours
-from istio_init.backends.iptables.savefile import SavedTable, parse_save
+from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.errors import IstioInitError
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
@@ -41,8 +41,6 @@ FLAVOURS = ("legacy", "nft")
 IN_SYNC = 0
 DRIFTED = 1
 LOCK_WAIT_SECONDS = 5  # never hold up an apply (or a probe) for long
-# Marks of a TPROXY setup are found in live ISTIO_DIVERT rules, as clean does.
-_DIVERT_CHAIN = "ISTIO_DIVERT"
 
 
 class CheckError(IstioInitError):
@@ -142,16 +140,6 @@ def planned_state(rule_plan: RulePlan) -> Planned:
         routing.add(Routing("route", route.family, 0, route.table))
     return Planned({family.family: chains_from_plan(family) for family in rule_plan.families()},
                    frozenset(routing), frozenset(rule_plan.loopback_addresses))
-
-
-def divert_marks(chains: Chains) -> set[int]:
-    """The TPROXY marks live ISTIO_DIVERT rules set: their policy routes are istio-init's too."""
-    marks = set()
-    for spec in chains.get("mangle", {}).get(_DIVERT_CHAIN, []):
-        words = spec.split()
-        if "--set-xmark" in words:
-            marks.add(int(words[words.index("--set-xmark") + 1].split("/")[0], 0))
-    return marks
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -420,7 +408,8 @@ def read_state(backend: str, planned: Planned) -> Live:
 
     rules = read_rules(backend)
     marks = {r.fwmark for r in planned.routing if r.kind == "rule"}
-    marks |= {m for families in rules.values() for m in divert_marks(families.get(4, {}))}
+    marks |= {m for families in rules.values()
+              for m in divert_marks(families.get(4, {}).get("mangle", {}).get(DIVERT_CHAIN, []))}
     routing = set()
     try:
         for family in sorted({4} | {r.family for r in planned.routing}) if marks or planned.routing else ():

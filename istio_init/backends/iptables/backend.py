@@ -15,15 +15,13 @@ from typing import ContextManager, Mapping, Sequence
 
 from istio_init.backends.iptables.printed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
-from istio_init.backends.iptables.savefile import SavedTable, normalize, parse_save, table_blocks
+from istio_init.backends.iptables.savefile import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
+                                                   table_blocks)
 from istio_init.backends.iptables.tools import Tools, restore_saved, save_text
 from istio_init import timing
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.rulesets import owned_chains
-
-DIVERT_CHAIN = "ISTIO_DIVERT"  # where every rule set sets its TPROXY mark
-
 
 class IptablesUndo:
     """Snapshots of every family read, and the tables a commit may have changed.
@@ -46,13 +44,10 @@ class IptablesUndo:
     @property
     def previous_marks(self) -> frozenset[int]:
         """TPROXY marks set by istio-init's ISTIO_DIVERT rules before this run (their routes may be stale)."""
-        marks = set()
+        marks: set[int] = set()
         for text in self.snapshots.values():
             mangle = parse_save(text).get("mangle")
-            for saved in mangle.chain_rules(DIVERT_CHAIN) if mangle else []:
-                for option in saved.rule.target_options if saved.rule else ():
-                    if option.name in ("set-xmark", "set-mark"):
-                        marks.add(int(option.value.split("/")[0], 0))
+            marks |= divert_marks(saved.spec for saved in mangle.chain_rules(DIVERT_CHAIN)) if mangle else set()
         return frozenset(marks)
 
     def undo(self) -> list[str]:

@@ -11,7 +11,7 @@ idempotency is decided by pure functions, without the kernel.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 from istio_init.model import Match, Option, Rule, is_builtin
 
@@ -211,3 +211,20 @@ def _quoted_words(spec: str) -> list[str]:
     import shlex
 
     return shlex.split(spec)
+
+
+DIVERT_CHAIN = "ISTIO_DIVERT"  # where every rule set sets its TPROXY mark
+
+
+def divert_marks(specs: Iterable[str]) -> set[int]:
+    """The TPROXY marks ISTIO_DIVERT rules (their text after `-A CHAIN`) set: their policy routes are ours.
+
+    iptables-save spells MARK as `--set-xmark VALUE/MASK`; `--set-mark` is read too.
+    """
+    marks = set()
+    for spec in specs:
+        words = spec.split()
+        for flag in ("--set-xmark", "--set-mark"):
+            if flag in words and words.index(flag) + 1 < len(words):
+                marks.add(int(words[words.index(flag) + 1].split("/")[0], 0))
+    return marks
