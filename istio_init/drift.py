@@ -424,17 +424,6 @@ def read_state(backend: str, planned: Planned) -> Live:
     return Live(rules, frozenset(routing), frozenset(addresses))
 
 
-def refuse_native_nftables(config: Config, command: str) -> None:
-    """check and graph --live read iptables tables; saying "all missing" for a native nftables pod would be wrong."""
-    if getattr(config, "native_nftables", False):
-        from istio_init.config import flag_label
-        from istio_init.errors import ConfigError
-
-        raise ConfigError(flag_label("native_nftables", config.sources), "true",
-                          f"{command} reads iptables rules only; native nftables rules are not read yet "
-                          "(nft list ruleset shows them)")
-
-
 def _apply_lock() -> ContextManager[None]:
     """istio-init's lock of this namespace, waited for briefly; none when no apply ever made it.
 

@@ -321,7 +321,13 @@ def live_rules(config: Config) -> dict[int, Chains]:
     """The installed rules, in the flavour that holds istio-init's (as `check` picks it)."""
     from istio_init import drift
 
-    drift.refuse_native_nftables(config, "graph --live")
+    if config.native_nftables:  # drawing the iptables tables of a native nftables pod would show nothing
+        from istio_init.config import flag_label
+        from istio_init.errors import ConfigError
+
+        raise ConfigError(flag_label("native_nftables", config.sources), "true",
+                          "graph --live reads iptables rules only; native nftables rules are not read yet "
+                          "(nft list ruleset shows them)")
     rules = drift.read_rules(config.iptables_backend)
     return rules.get(drift.pick_flavour(config.iptables_backend, rules), {})
 
