@@ -17,12 +17,11 @@ from typing import Any, Callable, TypeVar
 import click
 
 from istio_init import logs, output, timing
-from istio_init.config import FLAGS, Config, FlagSpec
+from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec
 from istio_init.errors import ConfigError, IstioInitError
 from istio_init.output import PROG, log
 
 DEFAULT_COMMAND = "run"
-ISTIO_BINARY_NAME = "istio-iptables"
 
 
 class _IstioGroup(click.Group):
@@ -114,9 +113,6 @@ def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None
         _out(runner.clean(config, log, _wrap(ctx)))
     else:
         _out(runner.run(config, log, _wrap(ctx), _network(ctx)))
-
-
-CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
 
 
 def _cleanup_only_from_env() -> bool:
@@ -263,7 +259,6 @@ def _run(args: list[str], obj: dict[str, Any]) -> int:
             exit_code = exc.exit_code
 
     return output.guarded(command) or exit_code
-
 
 
 # ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------

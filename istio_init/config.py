@@ -166,6 +166,11 @@ _V1_8_VERSION = re.compile(r"1\.8(\.\d+)?")
 MAX_OWNER_GROUPS_INCLUDE = 64  # Istio's limit: the include list becomes one rule of N owner matches
 DEFAULT_IPV4_LOOPBACK_CIDR = "127.0.0.1/32"
 
+# Istio's init container runs `istio-iptables FLAGS...`: both front doors drop that first word.
+ISTIO_BINARY_NAME = "istio-iptables"
+# Current Istio's --cleanup-only, given by environment (the click CLI reads and checks it).
+CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
+
 FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
              "Which Istio rule set to install: 1.8 (RULES.md) or current (Istio 1.25 to 1.32; also "

@@ -21,11 +21,8 @@ import os
 import sys
 
 from istio_init import logs, output, timing
-from istio_init.config import FLAGS
+from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME
 from istio_init.errors import IstioInitError
-
-ISTIO_BINARY_NAME = "istio-iptables"
-CLEANUP_ONLY_ENV = "CLEANUP_ONLY"  # current Istio's --cleanup-only by environment: the click CLI handles it
 
 
 def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
