@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from istio_init import locks, timing
 from istio_init.errors import ApplyError
-from istio_init.model import RulePlan
+from istio_init.model import IPV6_PASSTHROUGH_ADDRESS, RulePlan
 
 if TYPE_CHECKING:
     from istio_init.backends.base import Backend, Undo
     from istio_init.netns import Routing
 
-IPV6_PASSTHROUGH_ADDRESS = "::6/128"
 Lock = Callable[[], contextlib.AbstractContextManager[None]]
 
 

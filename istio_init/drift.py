@@ -404,7 +404,7 @@ def read_state(backend: str, planned: Planned) -> Live:
     set by live ISTIO_DIVERT rules (any flavour), with their tables' routes.
     """
     from istio_init import netns
-    from istio_init.rulesets.istio_1_8 import IPV6_PASSTHROUGH_ADDRESS
+    from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
     rules = read_rules(backend)
     marks = {r.fwmark for r in planned.routing if r.kind == "rule"}

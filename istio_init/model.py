@@ -19,6 +19,11 @@ from itertools import groupby
 from operator import attrgetter
 from typing import Iterable, NamedTuple
 
+# The source address of the proxy's inbound passthrough connections (Istio's "SIX"); the
+# IPv6 one is added to `lo` by the run (RulePlan.loopback_addresses).
+IPV4_PASSTHROUGH_ADDRESS = "127.0.0.6/32"
+IPV6_PASSTHROUGH_ADDRESS = "::6/128"
+
 APPEND = "A"
 INSERT = "I"  # at Step.position (1-based), as `iptables -I CHAIN N`
 

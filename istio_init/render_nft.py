@@ -32,7 +32,8 @@ from __future__ import annotations
 import difflib
 from typing import Iterable, NamedTuple
 
-from istio_init.model import INSERT, Match, Option, Rule, RulePlan, Step
+from istio_init.model import (INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, Match, Option, Rule, RulePlan,
+                              Step)
 
 FAMILY = "inet"
 TABLE_PREFIX = "istio-proxy-"
@@ -97,7 +98,7 @@ def _ip(family: int) -> str:
 
 def _role(address: str) -> str:
     """What an address is for, so that 127.0.0.1/32 pairs with ::1/128 and 127.0.0.6 with ::6."""
-    if address in ("127.0.0.6/32", "::6/128"):
+    if address in (IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS):
         return "SIX"
     if address.startswith("127.0.0.1/") or address == "::1/128":  # the loopback CIDR, whatever its mask
         return "LOOP"

@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from istio_init.config import Cidr, Config
-from istio_init.model import (APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step,
-                              destination_appends)
+from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
+                              Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
 
 if TYPE_CHECKING:
     import ipaddress
@@ -57,7 +57,6 @@ OUTBOUND_MARK = 1338
 ZONE_AGENT_UPSTREAM = "1"
 ZONE_APP_AGENT = "2"
 
-IPV6_PASSTHROUGH_ADDRESS = "::6/128"
 
 NAME = "current"
 # Every chain this rule set can create, per table: only these are istio-init's.
@@ -162,7 +161,7 @@ class _Family:
         self.family = family
         self.v6 = family == 6
         self.loop = "::1/128" if self.v6 else config.ipv4_loopback_cidr  # LOOP
-        self.six = IPV6_PASSTHROUGH_ADDRESS if self.v6 else "127.0.0.6/32"  # SIX
+        self.six = IPV6_PASSTHROUGH_ADDRESS if self.v6 else IPV4_PASSTHROUGH_ADDRESS  # SIX
         self.resolvers = resolvers
         self.dns = dns  # DNS capture on and effective (capture-all, or a resolver in some family)
         self.steps: list[Step] = []

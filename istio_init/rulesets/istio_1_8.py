@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 from istio_init.config import Cidr, Config
-from istio_init.model import (APPEND, INSERT, FamilyPlan, Match, Option, PolicyRoute, Rule, RulePlan, Step,
-                              destination_appends)
+from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
+                              Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
 
 NAT = "nat"
 MANGLE = "mangle"
@@ -36,7 +36,6 @@ DNS_PORT = 53
 DNS_CAPTURE_PORT = 15053
 MULTIPORT_MAX = 15  # xt_multiport's limit per rule
 
-IPV6_PASSTHROUGH_ADDRESS = "::6/128"
 
 NAME = "1.8"
 # Every chain this rule set can create, per table: only these are istio-init's.
@@ -106,7 +105,7 @@ class _Family:
         self.family = family
         self.v6 = family == 6
         self.localhost = "::1/128" if self.v6 else "127.0.0.1/32"
-        self.passthrough = IPV6_PASSTHROUGH_ADDRESS if self.v6 else "127.0.0.6/32"
+        self.passthrough = IPV6_PASSTHROUGH_ADDRESS if self.v6 else IPV4_PASSTHROUGH_ADDRESS
         self.steps: list[Step] = []
 
     def append(self, table: str, chain: str, target: str, **parts: Any) -> None:
