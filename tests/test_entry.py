@@ -120,3 +120,25 @@ def test_the_console_script_is_console() -> None:
     assert scripts["istio-init"] == "istio_init.entry:console"
     main_py = (Path(entry.__file__).parent / "__main__.py").read_text()
     assert "console()" in main_py
+
+
+def test_a_run_in_process_leaves_the_cycle_collector_on() -> None:
+    """main turns the cycle collector off for the run only: a caller in the same interpreter gets it back."""
+    import gc
+
+    assert gc.isenabled()
+    assert _run(entry.main, OWN[0])[0] == 0
+    assert _run(entry.main, BAD[0])[0] == 2
+    assert gc.isenabled()
+
+
+def test_the_console_script_skips_the_interpreter_teardown() -> None:
+    """What `console` is for: once the run returned, the process ends without the interpreter's
+    exit work (an atexit handler stands for it here), and the run's output is all there."""
+    code = ("import atexit, sys; atexit.register(lambda: print('teardown ran', file=sys.stderr)); "
+            "sys.argv[0] = 'istio-init'; from istio_init.entry import console; console()")
+    done = subprocess.run([sys.executable, "-c", code, *OWN[0]], capture_output=True, text=True,
+                          env=clean_environ(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "teardown ran" not in done.stderr
+    assert done.stdout == _run(entry.main, OWN[0])[1]
