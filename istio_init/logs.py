@@ -112,9 +112,10 @@ class _LogStream:
 
     def write(self, text: str) -> int:
         self.pending += text
-        while "\n" in self.pending:
-            line, self.pending = self.pending.split("\n", 1)
-            self.record("info", line)
+        if "\n" in self.pending:  # one split: a long text of many lines is not re-copied per line
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self.record("info", line)
         return len(text)
 
     def record(self, level: str, message: str) -> None:
