@@ -121,7 +121,7 @@ def pod_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
 
 
 def detect_ipv6() -> bool:
-    """RULES.md: IPv6 rules when the first non-loopback address is IPv6; none means IPv4."""
+    """docs/rules-1.8.md: IPv6 rules when the first non-loopback address is IPv6; none means IPv4."""
     addresses = _raw_addresses()
     return bool(addresses) and len(addresses[0]) == 16
 

@@ -67,7 +67,7 @@ def decide_ipv6(config: Config, log: Log) -> bool:
             return netns.detect_ipv6()
         addresses = netns.pod_addresses()
         if not addresses:
-            # Current Istio exits 1 here; RULES-CURRENT.md keeps RULES.md's IPv4 rules, and says so.
+            # Current Istio exits 1 here; docs/rules-current.md keeps the 1.8 rule set's IPv4 rules, and says so.
             log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
                 "warn")
             return False
