@@ -6,32 +6,22 @@ and undoes its own partial commits), remove istio-init's rules from any other
 backend that still holds them (a backend switch: after the new rules are in,
 so capture never lapses), then the loopback address and TPROXY routes. If a
 later step fails, every earlier step is undone in reverse, so a pod never
-starts with half a rule set. The backend and the network steps are passed in,
-so tests hand in their own; nothing here prints.
+starts with half a rule set. The lock, the routes and the addresses are the
+System's (system.py), as the backends' tables are; nothing here prints.
 """
 
 from __future__ import annotations
 
-import contextlib
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
-from istio_init import locks, timing
-from istio_init.errors import ApplyError
+from istio_init import timing
+from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import IPV6_PASSTHROUGH_ADDRESS, RulePlan
+from istio_init.system import System, current
 
 if TYPE_CHECKING:
     from istio_init.backends.base import Backend, Undo
     from istio_init.netns import Routing
-
-Lock = Callable[[], contextlib.AbstractContextManager[None]]
-
-
-def _network() -> ModuleType:
-    """The module that changes routes and addresses (pyroute2), imported only when a step needs it."""
-    from istio_init import netns
-
-    return netns
 
 
 class Applied(NamedTuple):
@@ -46,11 +36,10 @@ class Applied(NamedTuple):
 class _NetworkUndo:
     """Routes and addresses changed so far, so they can be undone.
 
-    A plain class, not a dataclass: the dataclasses module (and the inspect
-    module it imports) cost about 6 ms of every apply's start-up.
+    A plain class, not a dataclass: importing dataclasses is start-up time (docs/performance.md).
     """
 
-    def __init__(self, network: Any) -> None:
+    def __init__(self, network: System) -> None:
         self.network = network
         self.added_routing: list[Routing] = []
         self.removed_routing: list[Routing] = []
@@ -72,36 +61,34 @@ class _NetworkUndo:
 
 
 def _undo_all(undos: Sequence[Undo | _NetworkUndo], error: BaseException) -> ApplyError:
-    problems = [p for undo in reversed(undos) for p in undo.undo()]
-    message = str(error) if isinstance(error, ApplyError) else f"{type(error).__name__}: {error}"
-    if problems:
-        return ApplyError(f"{message}; rollback incomplete: {'; '.join(problems)}")
-    return ApplyError(f"{message} (everything changed in this run was put back)")
+    return rollback_outcome(error, [p for undo in reversed(undos) for p in undo.undo()])
 
 
-def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]] = tuple, network: Any = None,
-        lock: Lock = locks.namespace_lock) -> Applied:
-    """Install `plan` through `backend`, converging from whatever is there; remove ours from `others()`.
+def run(plan: RulePlan, backend: Backend) -> Applied:
+    """Install `plan` through `backend`, converging from whatever is there; remove ours from other backends.
 
-    `others` is asked under the lock: a concurrent run with another backend
-    may have just installed its rules there.
+    The other backends are asked under the lock: a concurrent run with
+    another backend may have just installed its rules there.
     """
+    from istio_init.backends import others_holding_ours
+
+    system = current()
     families = [family.family for family in plan.families()]
     notes: list[str] = []
-    with lock():
+    with system.namespace_lock():
         timing.mark("istio-init's namespace lock")
         undo = backend.converge(plan, families)
         undos: list[Undo | _NetworkUndo] = [undo]
         marks = set(undo.previous_marks)  # TPROXY marks of rules replaced here or removed elsewhere
         try:
-            for other in others():
+            for other in others_holding_ours(backend.name, [4, 6]):
                 removed = other.remove([4, 6])
                 undos.append(removed)
                 marks |= removed.previous_marks
                 notes.append(f"removed istio-init's rules from the {other.name} tables (this run uses "
                              f"{backend.name}, so two rule sets do not capture at once)")
             timing.mark("other backends holding istio-init's rules")
-            _apply_routing(plan, marks, network, undos)
+            _apply_routing(plan, marks, system, undos)
             timing.mark("routes and addresses")
         except BaseException as exc:  # anything after the first commit rolls everything back
             raise _undo_all(undos, exc) from None
@@ -114,13 +101,12 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
     return Applied(backend.name, changed, dump, notes)
 
 
-def _apply_routing(plan: RulePlan, previous_marks: set[int], network: Any,
+def _apply_routing(plan: RulePlan, previous_marks: set[int], net: System,
                    undos: list[Undo | _NetworkUndo]) -> None:
     planned = {route.fwmark for route in plan.routes}
     stale = previous_marks - planned
     if not (plan.loopback_addresses or plan.routes or stale):
         return  # the common case: no pyroute2 at all
-    net = network or _network()
     state = _NetworkUndo(net)
     undos.append(state)
     step = "loopback address"
@@ -135,9 +121,7 @@ def _apply_routing(plan: RulePlan, previous_marks: set[int], network: Any,
         if stale:
             step = "removing the policy routes of earlier TPROXY marks"
             for family in (4, 6):
-                found = net.policy_routing_for_marks(family, stale)
-                net.remove_routing(found)
-                state.removed_routing += found
+                _remove_routing(net, net.policy_routing_for_marks(family, stale), state)
     except Exception as exc:  # ApplyError, NetlinkError, OSError from pyroute2
         raise ApplyError(f"route step, {step}: {exc}") from None
 
@@ -150,12 +134,12 @@ class Cleaned:
         self.planned: list[str] = []  # -n: restore text and routes that would go
 
 
-def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, network: Any = None,
-          lock: Lock = locks.namespace_lock) -> Cleaned:
+def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False) -> Cleaned:
     """Remove istio-init's rules from every backend given, its TPROXY routes and the ::6 address."""
+    system = current()
     result = Cleaned()
     families = [4, 6]
-    with lock():
+    with system.namespace_lock():
         undos: list[Undo | _NetworkUndo] = []
         try:
             for backend in backends:
@@ -166,7 +150,7 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, n
                 undos.append(undo)
                 result.changed += [f"{backend.name} {c}" for c in undo.changed]
                 marks |= undo.previous_marks
-            result.changed += _clean_routing(marks, dry_run, network or _network(), result)
+            result.changed += _clean_routing(marks, dry_run, system, result, undos)
         except BaseException as exc:
             if dry_run:
                 raise
@@ -174,15 +158,26 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, n
     return result
 
 
-def _clean_routing(marks: set[int], dry_run: bool, net: Any, result: Cleaned) -> list[str]:
+def _remove_routing(net: System, found: list[Routing], state: _NetworkUndo) -> None:
+    """Remove policy rules and routes one by one (each rule before its table's route), recording each,
+    so a failure half way puts back exactly what went."""
+    for item in found:
+        net.remove_routing([item])
+        state.removed_routing.append(item)
+
+
+def _clean_routing(marks: set[int], dry_run: bool, net: System, result: Cleaned,
+                   undos: list[Undo | _NetworkUndo]) -> list[str]:
     found = [item for family in (4, 6) for item in net.policy_routing_for_marks(family, marks)]
     has_address = net.has_loopback_address(IPV6_PASSTHROUGH_ADDRESS)
     gone = [str(item) for item in found] + ([f"address {IPV6_PASSTHROUGH_ADDRESS} on lo"] if has_address else [])
     if dry_run:
         result.planned += [f"# remove {item}\n" for item in gone]
         return []
+    state = _NetworkUndo(net)
+    undos.append(state)
     try:
-        net.remove_routing(found)
+        _remove_routing(net, found, state)
         if has_address:
             net.remove_loopback_address(IPV6_PASSTHROUGH_ADDRESS)
     except Exception as exc:  # NetlinkError, OSError from pyroute2

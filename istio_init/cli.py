@@ -89,16 +89,6 @@ def load_config(given: dict[str, Any]) -> Config:
 _out = output.out
 
 
-def _wrap(ctx: click.Context) -> Any:
-    """A backend wrapper passed in by a caller of main() (tests inject faults this way)."""
-    return (ctx.find_root().obj or {}).get("wrap_backend")
-
-
-def _network(ctx: click.Context) -> Any:
-    """Network steps (routes, addresses) passed in by a caller of main(); None: the real ones."""
-    return (ctx.find_root().obj or {}).get("network")
-
-
 @click.group(cls=_IstioGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """istio-init: Istio's istio-iptables init container, in Python."""
@@ -109,8 +99,7 @@ def cli() -> None:
 @_flag_options
 @click.option("--cleanup-only", is_flag=True, default=False,
               help="Remove istio-init's rules, routes and addresses instead of applying. [env CLEANUP_ONLY]")
-@click.pass_context
-def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None:
+def run_command(cleanup_only: bool, **given: Any) -> None:
     """Install Istio's capture rules in this network namespace (-n: print them).
 
     `run` is the default command: `istio-init FLAGS`, `istio-init
@@ -124,9 +113,9 @@ def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None
 
     config = load_config(given)
     if cleanup_only or _cleanup_only_from_env():
-        _out(runner.clean(config, log, _wrap(ctx)))
+        _out(runner.clean(config, log))
     else:
-        _out(runner.run(config, log, _wrap(ctx), _network(ctx)))
+        _out(runner.run(config, log))
 
 
 def _cleanup_only_from_env() -> bool:
@@ -224,8 +213,7 @@ _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]},
              short_help="Remove istio-init's rules, routes and ::6 address.")
 @_options_for(_CLEAN_FLAGS)
-@click.pass_context
-def clean_command(ctx: click.Context, /, **given: Any) -> None:
+def clean_command(**given: Any) -> None:
     """Remove istio-init's rules, TPROXY routes and the ::6 address, in both families.
 
     Removes every ISTIO_ chain, every jump to one and the few rules istio-init
@@ -234,16 +222,14 @@ def clean_command(ctx: click.Context, /, **given: Any) -> None:
     """
     from istio_init import runner
 
-    _out(runner.clean(load_config(given), log, _wrap(ctx)))
+    _out(runner.clean(load_config(given), log))
 
 
-def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line.
 
     pilot-agent's logging flags are taken out first (logs.py): they shape
     stderr for the whole run, whatever the command and rule set.
-    `wrap_backend` wraps the backend a run chooses and `network` replaces the
-    route and address steps, when given (tests pass fault injectors).
     """
     timing.mark("imports: click, config, the CLI's commands")
     output.prepare_stdout()
@@ -254,21 +240,21 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
         print(f"{PROG}: {output.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     with logs.configured(log_options):
-        code = _run(args, {"wrap_backend": wrap_backend, "network": network})
+        code = _run(args)
         if timing.ENABLED:
             for line in timing.report():
                 log(line)
     sys.exit(code)
 
 
-def _run(args: list[str], obj: dict[str, Any]) -> int:
+def _run(args: list[str]) -> int:
     """The command's exit code; every failure already reported as one line."""
     exit_code = 0
 
     def command() -> None:
         nonlocal exit_code
         try:
-            cli.main(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
+            cli.main(args=args, prog_name=PROG, standalone_mode=False)
         except click.exceptions.Exit as done:
             exit_code = done.exit_code
         except click.Abort:
@@ -318,15 +304,14 @@ def _cni_log_to(path: str) -> None:
     os.close(fd)
 
 
-def cni_main(wrap_backend: Any = None) -> None:
+def cni_main() -> None:
     """Console-script entry of istio-init-cni; stdout and the exit status follow the CNI specification.
 
     stdout belongs to the protocol: a copy of it is kept for the one answer and
     fd 1 points at stderr (then at the log file), so nothing the apply path or
     a tool it runs prints can reach the runtime. Without CNI_COMMAND it prints
     what it is and the protocol versions it speaks, as the reference plugins
-    do. `wrap_backend` wraps the backend a run chooses (tests inject faults
-    with it).
+    do.
     """
     import json
 
@@ -337,7 +322,7 @@ def cni_main(wrap_backend: Any = None) -> None:
         sys.exit(0)
     answer_fd = os.dup(1)
     os.dup2(2, 1)
-    call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)
+    call = cni.Call(os.environ, _cni_log, cni_flags)
     code, answer = cni.invoke(call, sys.stdin.read(), _cni_log_to)
     if answer is not None:
         data = (json.dumps(answer) + "\n").encode()

@@ -75,7 +75,6 @@ class Call(NamedTuple):
     environ: Mapping[str, str]
     log: Log
     parse_flags: ParseFlags
-    wrap: Any = None  # wraps the backend a run chooses (tests inject faults)
 
 
 class CniError(Exception):
@@ -222,17 +221,15 @@ def core(action: str, config: Config, call: Call) -> list[str]:
     lock of that namespace (locks.namespace_lock: parallel ADDs for different
     pods do not wait for each other) and returns what the CLI would print,
     which goes to the log. Returns the drift found by CHECK (empty otherwise).
-    `call.wrap` wraps the chosen backend, as the CLI's wrap_backend (tests
-    inject faults with it).
     """
     from istio_init import locks, runner
 
     if action == "ADD":
-        dump = runner.run(config, call.log, call.wrap)
+        dump = runner.run(config, call.log)
         call.log(f"the tables after the apply:\n{dump.rstrip()}")
         return []
     if action == "DEL":
-        runner.clean(config, call.log, call.wrap)
+        runner.clean(config, call.log)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(locks.namespace_lock_path())  # the pod is going; its lock file goes with it
         return []

@@ -23,7 +23,7 @@ import sys
 from types import ModuleType
 from typing import Any, Sequence
 
-from istio_init.errors import ApplyError
+from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
 from istio_init.render_nft import FAMILY, TABLES, TransactionLine, clean_transaction, table_name, transaction
 
@@ -61,6 +61,14 @@ def _module() -> ModuleType:
     sys.modules["nftables"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def libnftables() -> Any:
+    """A libnftables context (what System.nftables hands out); ApplyError when it cannot be loaded."""
+    try:
+        return _module().Nftables()
+    except OSError as exc:  # libnftables.so.1 missing
+        raise ApplyError(f"--native-nftables: cannot load libnftables: {exc}") from None
 
 
 class NftUndo:
@@ -137,11 +145,8 @@ class NftablesBackend:
 
     name = "nftables"
 
-    def __init__(self, guard_single_family: bool = False) -> None:
-        try:
-            self._nft = _module().Nftables()
-        except OSError as exc:  # libnftables.so.1 missing
-            raise ApplyError(f"--native-nftables: cannot load libnftables: {exc}") from None
+    def __init__(self, guard_single_family: bool = False, nft: Any = None) -> None:
+        self._nft = libnftables() if nft is None else nft  # the System's context (backends.native)
         self.guard_single_family = guard_single_family
         self.loaded = ""  # the last transaction the kernel accepted (printed, as Istio's nft mode logs it)
 
@@ -260,7 +265,7 @@ class NftablesBackend:
         try:
             self.load(text, where)
         except ApplyError as exc:  # the kernel applies a transaction whole or not at all
-            raise ApplyError(f"{exc} (nothing had been changed)") from None
+            raise rollback_outcome(exc, [], changed=False) from None
         if not before:
             # None of our tables existed, so the accepted transaction left exactly the tables it
             # creates: nothing to read back. (Reading 8,000 rules back as JSON took longer than
@@ -270,13 +275,12 @@ class NftablesBackend:
         try:
             after = self.ours()  # what the commit left, read back
         except BaseException as exc:  # anything after the commit puts the previous tables back
-            problem = ""
+            problems = []
             try:
                 self.restore(before)
             except ApplyError as again:
-                problem = f"; rollback incomplete: {again}"
-            message = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
-            raise ApplyError(f"{message}{problem or ' (everything changed in this run was put back)'}") from None
+                problems.append(str(again))
+            raise rollback_outcome(exc, problems) from None
         self.loaded = text
         changed = tuple(sorted({obj["table"]["name"] for obj in before + after if "table" in obj}))
         return NftUndo(self, before, changed if _strip(before) != _strip(after) else ())
@@ -316,15 +320,28 @@ def _strip(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _place(line: str) -> TransactionLine | None:
+    """What an `add table|chain|rule FAMILY TABLE [CHAIN [RULE]]` line adds, read from the line itself."""
+    words = line.split(" ", 5)
+    if len(words) < 4 or words[0] != "add" or words[1] not in ("table", "chain", "rule"):
+        return None
+    chain = words[4] if words[1] != "table" and len(words) > 4 else ""
+    return TransactionLine(words[3], chain, words[5] if words[1] == "rule" and len(words) > 5 else "")
+
+
 def _describe(err: str, text: str, where: list[TransactionLine]) -> str:
-    """nft's error, with what the failing line was adding."""
+    """nft's error, with what the failing line was adding.
+
+    A line past the text's end (the kernel was handed more than this module
+    wrote) is named by the copy nft prints under its error.
+    """
     found = _ERROR_LINE.search(err)
     if not found:
         return f"nft transaction refused: {err.strip()}"
     number, message = int(found.group(1)), found.group(2).strip()
     lines = text.splitlines()
-    line = lines[number - 1] if 0 < number <= len(lines) else ""
-    place = where[number - 1] if 0 < number <= len(where) else None
+    line = lines[number - 1] if 0 < number <= len(lines) else err[found.end():].lstrip("\n").split("\n", 1)[0]
+    place = where[number - 1] if 0 < number <= len(where) else _place(line)
     if place and place.rule:
         what = f"table {FAMILY} {place.table}, chain {place.chain}, rule '{place.rule}'"
     elif place and place.chain:

@@ -25,9 +25,8 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from istio_init import locks, timing
-from istio_init.backends.iptables.backend import IptablesBackend, IptablesUndo
 from istio_init.backends.iptables.reconcile import TableChange
-from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, save_text
+from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, command, save_text
 from istio_init.errors import ApplyError
 from istio_init.model import INSERT, Rule, Step
 from istio_init.render import rule_spec
@@ -267,18 +266,16 @@ class _Family:
             if table is not None:
                 with contextlib.suppress(Exception):
                     table.refresh()  # drop the uncommitted copy
-            family = "ip6tables" if self.family == 6 else "iptables"
-            raise ApplyError(f"libiptc {family}: table {change.table}, chain {chain}, rule `{spec}`: "
+            raise ApplyError(f"libiptc {command(self.family)}: table {change.table}, chain {chain}, rule `{spec}`: "
                              f"{exc or type(exc).__name__}") from None
 
 
-class LibiptcBackend(IptablesBackend):
-    """python-iptables on the legacy (x_tables) kernel tables."""
-
-    name = "libiptc"
+class LibiptcTables(ToolTables):
+    """The legacy (x_tables) kernel tables, changed through python-iptables (read and put back with the
+    legacy tools)."""
 
     def __init__(self) -> None:
-        self.tools = Tools("legacy")
+        super().__init__("libiptc", "legacy")
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         return xtables_lock()
@@ -291,10 +288,8 @@ class LibiptcBackend(IptablesBackend):
         for change in changes:
             fam.apply_table(change)
 
-    def commit(self, changes: Mapping[int, list[TableChange]], undo: IptablesUndo) -> None:
-        todo = {family: c for family, c in changes.items() if c}
-        for family, family_changes in todo.items():
-            undo.touched[family] = [c.table for c in family_changes]
+    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
+        todo = dict(changes)
         # Both families to change: IPv6 in a child forked before any target is built.
         child = self._fork_family(6, todo.pop(6)) if 4 in todo and 6 in todo else None
         error: BaseException | None = None

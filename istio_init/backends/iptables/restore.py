@@ -1,4 +1,4 @@
-"""The `iptables-restore` backend, with the legacy or the nft binaries.
+"""The `iptables-restore` backend's commit, with the legacy or the nft binaries.
 
 One `iptables-restore --noflush` call per family, fed the reconcile decision
 as text on stdin: each table is one `*table ... COMMIT` block, so each table
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import re
 
-from istio_init.backends.iptables.backend import IptablesBackend
+from typing import Mapping
+
 from istio_init.backends.iptables.reconcile import TableChange, restore_text
-from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, run_tool
+from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, run_tool
 from istio_init.errors import ApplyError
 
 _FAILED_LINE = re.compile(r"(?:line:? (\d+) failed|Error occurred at line: (\d+))")
@@ -48,12 +49,15 @@ def _reason(error: str) -> str:
     return re.sub(r"^\S*tables\S*restore v[\d.]+ \(\w+\): ", "", first)
 
 
-class RestoreBackend(IptablesBackend):
-    """Applies through `ip(6)tables-{legacy,nft}-restore --noflush`."""
+class RestoreTables(ToolTables):
+    """A flavour's tables, changed through `ip(6)tables-{legacy,nft}-restore --noflush`."""
 
     def __init__(self, flavour: str) -> None:
-        self.tools = Tools(flavour)
-        self.name = flavour
+        super().__init__(flavour, flavour)
+
+    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
+        for family, family_changes in changes.items():
+            self.commit_family(family, family_changes)
 
     def commit_family(self, family: int, changes: list[TableChange]) -> None:
         text = restore_text(changes)

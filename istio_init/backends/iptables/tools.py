@@ -11,16 +11,21 @@ from istio_init.errors import ApplyError
 WAIT_SECONDS = 30  # how long to wait for the xtables lock, as `iptables -w 30`
 
 
+def command(family: int, suffix: str = "") -> str:
+    """The iptables command of a family: `iptables`/`ip6tables`, then `suffix` ("-legacy-save", ...)."""
+    return f"{'ip6' if family == 6 else 'ip'}tables{suffix}"
+
+
 class Tools(NamedTuple):
     """The save/restore binaries of one iptables flavour."""
 
     flavour: str  # "legacy" or "nft"
 
     def save(self, family: int) -> str:
-        return f"{'ip6' if family == 6 else 'ip'}tables-{self.flavour}-save"
+        return command(family, f"-{self.flavour}-save")
 
     def restore(self, family: int) -> str:
-        return f"{'ip6' if family == 6 else 'ip'}tables-{self.flavour}-restore"
+        return command(family, f"-{self.flavour}-restore")
 
 
 def _start(argv: list[str], stdin: str | None = None) -> Running:
@@ -71,3 +76,27 @@ def restore_saved(tools: Tools, family: int, saved_blocks: str) -> None:
     done = run_tool(argv, saved_blocks)
     if done.returncode != 0:
         raise ApplyError(f"rollback with {argv[0]} failed: {done.stderr.strip()}")
+
+
+class ToolTables:
+    """A flavour's tables as its save and restore tools read and put them back (the `Tables` both
+    iptables backends share; each adds its own commit)."""
+
+    def __init__(self, name: str, flavour: str) -> None:
+        self.name = name
+        self.tools = Tools(flavour)
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def save(self, family: int, counters: bool = True) -> str:
+        return save_text(self.tools, family, counters=counters)
+
+    def snapshot(self, family: int) -> str:
+        return self.save(family)
+
+    def restore(self, family: int, saved_blocks: str) -> None:
+        restore_saved(self.tools, family, saved_blocks)
+
+    def restore_tool(self, family: int) -> str:
+        return self.tools.restore(family)

@@ -1,0 +1,177 @@
+"""The host below the backends: everything istio-init asks of or changes in a network namespace.
+
+Every kernel interface istio-init uses goes through one `System`: the
+iptables tables of each flavour (read with `iptables-save`, changed with
+libiptc or `iptables-restore`, put back with `iptables-restore`), the
+libnftables context of `--native-nftables`, the netlink questions asked
+before choosing a backend (which iptables-nft and native tables exist, which
+legacy tables are loaded), the TPROXY policy routing and the `::6` loopback
+address, the pod's addresses and capabilities, and istio-init's lock per
+namespace. The backends and apply.py decide; a System only does.
+
+Because it is the only thing that touches the kernel, swapping it swaps the
+world: tests/fakehost.py holds an in-memory one (the iptables tables evolve
+by `reconcile.simulate`, the same simulation the printed tables come from)
+so apply, converge, clean, rollback and backend switches run without root,
+and tests/faultinject.py wraps the real one to fail at a named step.
+`current()` is the one place a run gets its System; nothing in the CLI or the
+runner takes a test double.
+
+Imports stay inside the methods: a dry run never builds a System, and an
+apply imports only what its steps use (pyroute2 only for routes and `::6`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import ipaddress
+
+    from istio_init.backends.iptables.backend import Tables
+    from istio_init.netns import Routing
+
+# Which kernel tables each flavour's names list (legacy x_tables load a table on first use).
+_LEGACY_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+
+
+class System:
+    """The real host: the kernel of the network namespace this process is in."""
+
+    # ---- the rule stores ---------------------------------------------------------------
+
+    def iptables(self, name: str) -> Tables:
+        """The iptables tables one backend works on: "libiptc" (legacy tables, in-process) or a flavour's
+        restore tool ("legacy", "nft")."""
+        if name == "libiptc":
+            from istio_init.backends.iptables.libiptc import LibiptcTables
+
+            return LibiptcTables()
+        from istio_init.backends.iptables.restore import RestoreTables
+
+        return RestoreTables(name)
+
+    def nftables(self) -> Any:
+        """A libnftables context (python3-nftables' `Nftables`); ApplyError when it cannot be loaded."""
+        from istio_init.backends.nftables import libnftables
+
+        return libnftables()
+
+    # ---- questions asked before choosing (netlink and /proc, no tool started) -------------
+
+    def iptables_nft_tables(self, family: int) -> set[str]:
+        """The iptables tables iptables-nft has made here for `family`."""
+        from istio_init import netns
+
+        return netns.iptables_nft_tables(family)
+
+    def legacy_tables(self, family: int) -> set[str] | None:
+        """The legacy tables loaded here for `family`; None when the kernel offers no legacy ip_tables."""
+        try:
+            with open(_LEGACY_NAMES[family]) as names:
+                return set(names.read().split())
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return set()
+
+    def native_nft_tables(self) -> set[str]:
+        """istio-init's own `inet istio-proxy-*` tables here (--native-nftables)."""
+        from istio_init import netns
+
+        return netns.native_nft_tables()
+
+    # ---- TPROXY policy routing and the ::6 loopback address (pyroute2) ----------------------
+
+    def add_policy_route(self, family: int, fwmark: int, table: int) -> list[Routing]:
+        from istio_init import netns
+
+        return netns.add_policy_route(family, fwmark, table)
+
+    def remove_routing(self, items: list[Routing]) -> None:
+        from istio_init import netns
+
+        netns.remove_routing(items)
+
+    def policy_routing_for_marks(self, family: int, marks: set[int]) -> list[Routing]:
+        from istio_init import netns
+
+        return netns.policy_routing_for_marks(family, marks)
+
+    def local_default_route_tables(self, family: int, tables: set[int]) -> set[int]:
+        from istio_init import netns
+
+        return netns.local_default_route_tables(family, tables)
+
+    def has_loopback_address(self, address: str) -> bool:
+        from istio_init import netns
+
+        return netns.has_loopback_address(address)
+
+    def add_loopback_address(self, address: str) -> bool:
+        from istio_init import netns
+
+        return netns.add_loopback_address(address)
+
+    def remove_loopback_address(self, address: str) -> bool:
+        from istio_init import netns
+
+        return netns.remove_loopback_address(address)
+
+    # ---- the namespace and the process -----------------------------------------------------
+
+    def enter_namespace(self, path: str, label: str) -> None:
+        from istio_init import netns
+
+        netns.enter(path, label)
+
+    def namespace_lock(self) -> contextlib.AbstractContextManager[None]:
+        """istio-init's lock of this network namespace, held around read, decide and commit."""
+        from istio_init import locks
+
+        return locks.namespace_lock()
+
+    def detect_ipv6(self) -> bool:
+        from istio_init import netns
+
+        return netns.detect_ipv6()
+
+    def pod_addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        from istio_init import netns
+
+        return netns.pod_addresses()
+
+    def has_net_admin(self) -> bool | None:
+        from istio_init import netns
+
+        return netns.has_net_admin()
+
+    def in_initial_namespace(self) -> bool:
+        from istio_init import netns
+
+        return netns.in_initial_namespace()
+
+
+_current: System | None = None
+
+
+def current() -> System:
+    """The System this process works on: the real host unless a test installed another with `using`."""
+    global _current
+    if _current is None:
+        _current = System()
+    return _current
+
+
+@contextlib.contextmanager
+def using(system: System) -> Iterator[System]:
+    """Make `system` the one every run in this process works on, until the block ends (tests' way in)."""
+    global _current
+    before = _current
+    _current = system
+    try:
+        yield system
+    finally:
+        _current = before
+
