@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from istio_init import logs, output, timing
-from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec
+from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec, switch_value
 from istio_init.errors import ConfigError, IstioInitError
 from istio_init.output import PROG, log
 
@@ -121,11 +121,12 @@ def run_command(cleanup_only: bool, **given: Any) -> None:
 def _cleanup_only_from_env() -> bool:
     """Current Istio's CLEANUP_ONLY, with the flag table's spelling of true and false."""
     value = os.environ.get(CLEANUP_ONLY_ENV)
-    if value is None or value.strip().lower() in ("", "0", "false", "no", "off"):
+    if value is None:
         return False
-    if value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"--cleanup-only (from {CLEANUP_ONLY_ENV})", value, "must be true or false")
+    cleanup = switch_value(value)
+    if cleanup is None:
+        raise ConfigError(f"--cleanup-only (from {CLEANUP_ONLY_ENV})", value, "must be true or false")
+    return cleanup
 
 
 @cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]},

@@ -47,8 +47,8 @@ def _ipv4_host_list() -> re.Pattern[str]:
 
     The repetition is possessive: an item, once matched, is never backtracked
     into (each item's first match is its whole text), so the engine keeps no
-    backtracking state per item. With plain `*`, its first match over 8,000
-    items spent about 6 ms growing that state.
+    backtracking state per item; with plain `*`, a long list's first match
+    spends its time growing that state (docs/performance.md, "What start-up avoids").
     """
     return re.compile(rf"{_HOST}(?:,{_HOST})*+", re.ASCII)
 
@@ -58,8 +58,7 @@ def parse_cidrs(items: list[str]) -> list[Cidr]:
 
     A long -x list is typically thousands of IPv4 host addresses: one regular
     expression match over the whole list validates them, and each becomes its
-    Cidr without a per-item match (8,000 items, in a fresh process: about 5 ms
-    instead of 30).
+    Cidr without a per-item match (docs/performance.md, "What start-up avoids").
     """
     if len(items) > 16:
         joined = ",".join(items)
@@ -75,9 +74,9 @@ def parse_cidrs(items: list[str]) -> list[Cidr]:
 def parse_cidr(text: str) -> Cidr:
     """`text` as a Cidr, or ValueError. A bare address is a host route (/32, /128).
 
-    The common IPv4 form is parsed here: an -x list of a thousand CIDRs went
-    through `ipaddress` in about 5 ms of every pod start. Everything else
-    (IPv6, netmask notation) is left to `ipaddress`, which decides what is valid.
+    The common IPv4 form is parsed here, without `ipaddress` (docs/performance.md, "What start-up avoids").
+    Everything else (IPv6, netmask notation) is left to `ipaddress`, which
+    decides what is valid.
     """
     simple = _simple_ipv4_cidr().fullmatch(text)
     if simple:
@@ -170,6 +169,21 @@ DEFAULT_IPV4_LOOPBACK_CIDR = "127.0.0.1/32"
 ISTIO_BINARY_NAME = "istio-iptables"
 # Current Istio's --cleanup-only, given by environment (the click CLI reads and checks it).
 CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
+
+# How a switch is spelled (case and surrounding spaces aside): Istio's flags and variables, and
+# CLEANUP_ONLY; pilot-agent's logging flags take Go's strconv.ParseBool words (GO_SWITCH_WORDS).
+SWITCH_WORDS = (("1", "true", "yes", "on"), ("", "0", "false", "no", "off"))
+GO_SWITCH_WORDS = (("1", "t", "true"), ("0", "f", "false"))
+
+
+def switch_value(text: str, words: tuple[tuple[str, ...], tuple[str, ...]] = SWITCH_WORDS) -> bool | None:
+    """True or False for a spelling in `words` (true ones, false ones); None for anything else."""
+    lowered = text.strip().lower()
+    if lowered in words[0]:
+        return True
+    if lowered in words[1]:
+        return False
+    return None
 
 FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
@@ -678,12 +692,10 @@ class _Parser:
         return value
 
     def switch(self, dest: str) -> bool:
-        value = self.raw[dest].strip().lower()
-        if value in ("1", "true", "yes", "on"):
-            return True
-        if value in ("", "0", "false", "no", "off"):
-            return False
-        raise self.fail(dest, self.raw[dest], "must be true or false")
+        value = switch_value(self.raw[dest])
+        if value is None:
+            raise self.fail(dest, self.raw[dest], "must be true or false")
+        return value
 
     def tristate(self, dest: str) -> bool | None:
         if self.raw[dest].strip().lower() == "auto":

@@ -59,7 +59,10 @@ def common_refusal(name: str) -> str | None:
 
 
 def backend_refusal(name: str, backend: str) -> str | None:
-    """Why `backend` cannot write `name` exactly, or None (auto is decided in apply.py)."""
+    """Why `backend` cannot write `name` exactly, or None.
+
+    `auto` is never refused: it is resolved only at apply time (backends.choose), and never to libiptc.
+    """
     if backend == LIBIPTC and not name.isascii():
         return ("--iptables-backend libiptc (python-iptables) cannot write a non-ASCII name "
                 "exactly (it would cut it into a wildcard); use --iptables-backend legacy or nft")

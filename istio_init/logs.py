@@ -26,6 +26,7 @@ import contextlib
 import sys
 from typing import IO, Iterator, NamedTuple
 
+from istio_init.config import GO_SWITCH_WORDS, switch_value
 from istio_init.errors import ConfigError
 
 LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
@@ -57,12 +58,10 @@ def _levels(flag: str, value: str) -> dict[str, str]:
 
 
 def _switch(flag: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "t", "true"):
-        return True
-    if lowered in ("0", "f", "false"):
-        return False
-    raise ConfigError(flag, value, "must be true or false")
+    on = switch_value(value, GO_SWITCH_WORDS)
+    if on is None:
+        raise ConfigError(flag, value, "must be true or false")
+    return on
 
 
 def split_args(argv: list[str]) -> tuple[list[str], LogOptions]:

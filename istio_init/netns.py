@@ -1,11 +1,11 @@
 """The network namespace: which addresses the pod has, and entering another one.
 
 Both run on every pod start, so they use the standard library only: a single
-netlink dump over a raw socket replaces pyroute2 here (pyroute2 costs about
-130 ms to import and is only needed for TPROXY routes and the ::6 address).
-The socket is the C module's (`_socket`): the `socket` module around it
-imports selectors and enum types for nothing a netlink dump uses (about 2 ms),
-and the family check reads address bytes without `ipaddress` (about 1 ms).
+netlink dump over a raw socket replaces pyroute2 here (pyroute2 is slow to
+import and is only needed for TPROXY routes and the ::6 address). The socket
+is the C module's (`_socket`): the `socket` module around it imports
+selectors and enum types for nothing a netlink dump uses, and the family
+check reads address bytes without `ipaddress` (docs/performance.md, "What start-up avoids").
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def iptables_nft_tables(family: int) -> set[str]:
     """The iptables tables that iptables-nft has made in this namespace, for one family.
 
     `auto` must not put legacy rules beside nft-based ones. Asking nf_tables
-    over netlink takes well under a millisecond; running `iptables-nft-save`
-    to find out costs a process start on every pod. A kernel without
+    over netlink is far cheaper than running `iptables-nft-save` to find out,
+    a process start on every pod. A kernel without
     nf_tables has none.
     """
     try:

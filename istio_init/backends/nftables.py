@@ -4,7 +4,7 @@ libnftables is driven in-process through Debian's python3-nftables (a ctypes
 binding), not by running `nft`: a pod start reads the live ruleset and loads
 the transaction (a re-run also reads the result back), and an `nft` process
 per call costs more than one library context (benchmarks/nft_startup.py;
-README, "Native nftables").
+docs/nftables.md).
 The transaction is handed over as a file (a memfd), the way `nft -f` reads it,
 because only then does libnftables report the line of a failing command,
 which is how an error names the table, chain and rule.

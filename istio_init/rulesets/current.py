@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import ipaddress
 
 # ipaddress and the C socket module's inet_ntop are imported where used: every run imports this
-# module (rulesets/__init__.py), and `socket` plus `ipaddress` are about 3 ms of start-up (README, "Start-up time").
+# module (rulesets/__init__.py), and both are start-up time (docs/performance.md, "What start-up avoids").
 
 MANGLE = "mangle"
 NAT = "nat"

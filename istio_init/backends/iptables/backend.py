@@ -50,7 +50,7 @@ class Tables(Protocol):
 class IptablesUndo:
     """Snapshots of every family read, and the tables a commit may have changed.
 
-    A plain class: importing dataclasses costs about 6 ms of every apply (see apply.py).
+    A plain class: importing dataclasses is start-up time (docs/performance.md).
     """
 
     def __init__(self, tables: Tables) -> None:

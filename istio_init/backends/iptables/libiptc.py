@@ -56,7 +56,7 @@ def _find_shared_library(name: str) -> str | None:
     """`ctypes.util.find_library` without its subprocesses.
 
     The stock version runs `ldconfig -p` (and gcc and ld when that fails) for
-    each library python-iptables looks up: about 100 ms of every pod start.
+    each library python-iptables looks up, on every pod start (docs/performance.md, "What start-up avoids").
     Here a known soname is confirmed with a stat, anything else is looked for
     as lib<name>.so.N in the usual directories, and None lets python-iptables
     go on to its own fallbacks (its bundled libxtwrapper is found that way).
@@ -89,7 +89,7 @@ def _listing(directory: str) -> tuple[str, ...]:
 def _import_iptc() -> ModuleType:
     """Import python-iptables without its slow start-up paths.
 
-    A plain `import iptc` costs 230-400 ms here: without XTABLES_LIBDIR it runs
+    A plain `import iptc` is slow (docs/performance.md, "What start-up avoids"): without XTABLES_LIBDIR it runs
     `ldconfig -N -v` to find the extension directory; `ctypes.util` itself
     imports tempfile, shutil and random, and its `find_library` spawns
     ldconfig, gcc and ld; and python-iptables' `distutils.sysconfig` import goes
