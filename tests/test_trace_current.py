@@ -4,9 +4,10 @@ The rules are Istio's own: the IPv4 tables of three capture goldens of
 istio/istio, `tools/istio-iptables/pkg/capture/testdata/{dns-uid-gid,tproxy,
 outbound-owner-groups}.golden`, read from tests/golden/current/, where they
 are in the canonical iptables-save form the kernel gives them back in. No
-planner is involved: these pin the evaluator on the rule shapes of the current rule set (raw-table CT zones for DNS,
-`-m multiport ! --dports`, `--sport`, `-m mark`/`-m connmark` after MARK and
-CONNMARK, several owner matches in one rule), whichever planner wrote them.
+planner is involved: these pin the evaluator on the rule shapes of the
+current rule set (raw-table CT zones for DNS, `-m multiport ! --dports`,
+`--sport`, `-m mark`/`-m connmark` after MARK and CONNMARK, several owner
+matches in one rule), whichever planner wrote them.
 """
 
 from __future__ import annotations
