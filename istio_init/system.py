@@ -54,7 +54,7 @@ class System:
 
     def nftables(self) -> Any:
         """A libnftables context (python3-nftables' `Nftables`); ApplyError when it cannot be loaded."""
-        from istio_init.backends.nftables import libnftables
+        from istio_init.libnftables import libnftables
 
         return libnftables()
 

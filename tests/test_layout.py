@@ -1,4 +1,4 @@
-"""The package's shape (issue 9): only the CLI prints, and no module imports back into a cycle."""
+"""The package's shape: only the front doors print, no import cycle, and no module imports a layer above its own."""
 
 from __future__ import annotations
 
@@ -99,3 +99,64 @@ def test_no_import_cycle() -> None:
         if start not in seen:
             visit(start, [start])
     assert cycles == []
+
+
+# The layers, lowest first; a module may import its own layer and those below it (CONTRIBUTING.md, "Layout").
+# A module's layer is the longest name here that it is or lies under.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Pure: flags -> Config -> plan -> text, and text -> model -> decided changes. No kernel, no printing.
+    ("core", ("istio_init", "istio_init.errors", "istio_init.timing", "istio_init.model", "istio_init.config",
+              "istio_init.ifnames", "istio_init.resolvconf", "istio_init.render", "istio_init.render_nft",
+              "istio_init.rulesets", "istio_init.backends.iptables.savefile",
+              "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.printed")),
+    # What speaks to the kernel: tools, python-iptables, libnftables, netlink, routes, lock files.
+    ("kernel", ("istio_init.netns", "istio_init.locks", "istio_init.libnftables",
+                "istio_init.backends.iptables.spawn", "istio_init.backends.iptables.tools",
+                "istio_init.backends.iptables.restore", "istio_init.backends.iptables.libiptc")),
+    # The one seam over all of it, which tests replace (tests/fakehost.py).
+    ("system", ("istio_init.system",)),
+    # Deciding and undoing changes, and choosing a backend.
+    ("backends", ("istio_init.backends", "istio_init.backends.base", "istio_init.backends.iptables",
+                  "istio_init.backends.iptables.backend", "istio_init.backends.nftables")),
+    # All-or-nothing apply and clean, validation, live nft rules read back.
+    ("operations", ("istio_init.apply", "istio_init.validation", "istio_init.nft_live")),
+    # One command each: a run, trace, check, graph, the CNI plugin's logic.
+    ("commands", ("istio_init.runner", "istio_init.trace", "istio_init.drift", "istio_init.graph",
+                  "istio_init.cni")),
+    # The front doors and the output layer they share.
+    ("front doors", ("istio_init.output", "istio_init.logs", "istio_init.cli", "istio_init.entry",
+                     "istio_init.__main__")),
+)
+
+
+def _layer(module: str) -> int | None:
+    found = [(len(name), rank) for rank, (_, names) in enumerate(LAYERS) for name in names
+             if module == name or (name != "istio_init" and module.startswith(name + "."))]
+    return max(found)[1] if found else None
+
+
+def _upward(modules: dict[str, ast.Module]) -> list[str]:
+    found = []
+    for name, tree in modules.items():
+        rank = _layer(name)
+        for imported in sorted(_imports(name, tree)):
+            other = _layer(imported) if imported in modules else None
+            if rank is not None and other is not None and other > rank:
+                found.append(f"{name} ({LAYERS[rank][0]}) imports {imported} ({LAYERS[other][0]})")
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [name for name in _modules() if _layer(name) is None] == []
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    assert _upward(_modules()) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    """The check above can fail: a backend calling back into the runner, even inside a function."""
+    modules = {"istio_init.backends.iptables.backend": ast.parse("def f():\n    from istio_init import runner\n"),
+               "istio_init.runner": ast.parse("from istio_init.backends.iptables import backend\n")}
+    assert _upward(modules) == ["istio_init.backends.iptables.backend (backends) imports istio_init.runner "
+                                "(commands)"]

@@ -86,7 +86,7 @@ def native(rules_version: str = "") -> Backend:
     """The native nftables backend (`rules_version` decides its IPv4-only guard; removing needs none)."""
     from istio_init.backends.nftables import NftablesBackend, guard_single_family
 
-    return NftablesBackend(guard_single_family(rules_version), current().nftables())
+    return NftablesBackend(guard_single_family(rules_version))
 
 
 def others_holding_ours(chosen: str, families: Sequence[int]) -> list[Backend]:

@@ -15,60 +15,21 @@ output); the text listing is only ever printed, never parsed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
-from types import ModuleType
 from typing import Any, Sequence
 
 from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
 from istio_init.render_nft import FAMILY, TABLES, TransactionLine, clean_transaction, table_name, transaction
+from istio_init.system import current
 
-DEBIAN_MODULE = "/usr/lib/python3/dist-packages/nftables/__init__.py"
 OUR_TABLES = tuple(table_name(t) for t in TABLES)
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 _TABLE_LINE = re.compile(r"^(add|delete) table (\S+) (\S+)$", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^\S+?:(\d+):[\d-]+: Error: (.*)$", re.MULTILINE)
-
-
-def _module() -> ModuleType:
-    """python3-nftables: the interpreter's own if it has one, else Debian's by path.
-
-    istio-init usually runs in a virtualenv that does not see Debian's
-    dist-packages; the binding is one pure-Python package, so loading that one
-    file is safer than putting all of dist-packages on sys.path.
-    """
-    if "nftables" in sys.modules:
-        return sys.modules["nftables"]
-    try:
-        import nftables  # type: ignore[import-not-found]
-
-        module: ModuleType = nftables
-        return module
-    except ImportError:
-        pass
-    if not os.path.exists(DEBIAN_MODULE):
-        raise ApplyError("--native-nftables needs libnftables and its Python binding: install Debian's "
-                         "nftables and python3-nftables (scripts/setup does)")
-    spec = importlib.util.spec_from_file_location("nftables", DEBIAN_MODULE,
-                                                  submodule_search_locations=[os.path.dirname(DEBIAN_MODULE)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nftables"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def libnftables() -> Any:
-    """A libnftables context (what System.nftables hands out); ApplyError when it cannot be loaded."""
-    try:
-        return _module().Nftables()
-    except OSError as exc:  # libnftables.so.1 missing
-        raise ApplyError(f"--native-nftables: cannot load libnftables: {exc}") from None
 
 
 class NftUndo:
@@ -145,8 +106,8 @@ class NftablesBackend:
 
     name = "nftables"
 
-    def __init__(self, guard_single_family: bool = False, nft: Any = None) -> None:
-        self._nft = libnftables() if nft is None else nft  # the System's context (backends.native)
+    def __init__(self, guard_single_family: bool = False) -> None:
+        self._nft = current().nftables()
         self.guard_single_family = guard_single_family
         self.loaded = ""  # the last transaction the kernel accepted (printed, as Istio's nft mode logs it)
 
