@@ -23,11 +23,12 @@ apply imports only what its steps use (pyroute2 only for routes and `::6`).
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+TYPE_CHECKING = False  # typing and contextlib are no imports of every start (docs/performance.md)
 
 if TYPE_CHECKING:
+    import contextlib
     import ipaddress
+    from typing import Any
 
     from istio_init.backends.iptables.backend import Tables
     from istio_init.netns import Routing
@@ -164,14 +165,18 @@ def current() -> System:
     return _current
 
 
-@contextlib.contextmanager
-def using(system: System) -> Iterator[System]:
+class using:  # noqa: N801  (used as `with system.using(fake):`, like a function)
     """Make `system` the one every run in this process works on, until the block ends (tests' way in)."""
-    global _current
-    before = _current
-    _current = system
-    try:
-        yield system
-    finally:
-        _current = before
 
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.before: System | None = None
+
+    def __enter__(self) -> System:
+        global _current
+        self.before, _current = _current, self.system
+        return self.system
+
+    def __exit__(self, *exc: object) -> None:
+        global _current
+        _current = self.before
