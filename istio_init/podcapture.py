@@ -146,14 +146,12 @@ def decide(facts: PodFacts, mesh: MeshSettings) -> Skip | Capture:
     if ISTIO_INIT_CONTAINER in _status_init_containers(annotations[STATUS]):
         return Skip(f"{STATUS} lists the {ISTIO_INIT_CONTAINER} init container: the pod captures itself")
     flags, sources = capture_flags(facts, mesh)
-    given: dict[str, str | bool | None] = {}
-    for dest, value in flags:
-        given[dest] = value
+    given: dict[str, str | bool | None] = dict(flags)
     try:
         config = from_sources(given, environ={})
     except ConfigError as exc:
-        dest = next((d for d, _ in flags if FLAGS_BY_DEST[d].label in exc.flag), None)
-        raise AnnotationError(f"invalid value for {sources.get(dest or '', exc.flag)}: {exc.value!r}: "
+        culprit = next((d for d, _ in flags if FLAGS_BY_DEST[d].label in exc.flag), "")
+        raise AnnotationError(f"invalid value for {sources.get(culprit, exc.flag)}: {exc.value!r}: "
                               f"{exc.reason}") from None
     return Capture(config, tuple(_as_argv(flags)))
 
@@ -238,7 +236,7 @@ def _proxy_metadata(annotations: Mapping[str, str]) -> dict[str, str]:
     """`proxyMetadata` of the pod's ProxyConfig annotation (YAML, of which JSON is a part)."""
     if PROXY_CONFIG not in annotations:
         return {}
-    import yaml
+    import yaml  # type: ignore[import-untyped]  # PyYAML ships no annotations
 
     text = annotations[PROXY_CONFIG]
     try:
