@@ -139,7 +139,7 @@ def decide(facts: PodFacts, mesh: MeshSettings) -> Skip | Capture:
             f"the container runtime passed no pod annotations: the plugin's entry declares the capability "
             f"{ANNOTATIONS_CAPABILITY!r}, which {RUNTIMES_WITH_CAPABILITY} honour")
     annotations = facts.annotations
-    if _go_bool(annotations.get(INJECT, "")) is False:
+    if go_bool(annotations.get(INJECT, "")) is False:
         return Skip(f"{INJECT} is {annotations[INJECT]!r}")
     if STATUS not in annotations:
         return Skip(f"no {STATUS} annotation (no sidecar injected)")
@@ -225,7 +225,7 @@ def proxy_settings(annotations: Mapping[str, str], mesh: MeshSettings) -> dict[s
     settings = {}
     for name in PROXY_SETTINGS:
         text, where = merged.get(name, ("false", ""))
-        value = _go_bool(text)
+        value = go_bool(text)
         if value is None:
             raise AnnotationError(f"invalid value for {where}: {text!r}: must be true or false")
         settings[name] = value
@@ -266,7 +266,7 @@ def _status_init_containers(text: str) -> list[str]:
     return [name for name in status["initContainers"] if isinstance(name, str)]
 
 
-def _go_bool(text: str) -> bool | None:
+def go_bool(text: str) -> bool | None:
     """Go's strconv.ParseBool, which Istio uses for these values; None when it is not a boolean."""
     if text in ("1", "t", "T", "TRUE", "true", "True"):
         return True
