@@ -19,13 +19,14 @@ processes to go, and removes the namespace and the cgroup directories.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ class ContainerdNode:
     netns: str
     process: subprocess.Popen
     cgroup_parent: str
+    sandbox_ids: set[str] = field(default_factory=set)  # every sandbox made, for the leftover check
 
     @property
     def address(self) -> str:
@@ -205,6 +207,7 @@ class ContainerdNode:
                 client = RuntimeClient(self.address, timeout=30)
                 try:
                     for sandbox in client.list_pod_sandboxes():
+                        self.sandbox_ids.add(sandbox.id)
                         with contextlib.suppress(Exception):
                             client.stop_pod_sandbox(sandbox.id)
                         with contextlib.suppress(Exception):
@@ -246,8 +249,10 @@ class ContainerdNode:
         found = [f"process {pid}" for pid in _pids_mentioning(str(self.work))]
         if self.netns in netns.listnetns():
             found.append(f"namespace {self.netns}")
-        if os.path.exists("/run/containerd"):
-            found.append("/run/containerd")
+        for sandbox in self.sandbox_ids:  # containerd 1.6's fixed shim socket path, here on a private /run
+            digest = hashlib.sha256(f"{self.address}/k8s.io/{sandbox}".encode()).hexdigest()
+            if os.path.exists(f"/run/containerd/s/{digest}"):
+                found.append(f"/run/containerd/s/{digest}")
         with open("/proc/self/mountinfo") as mounts:
             found += [f"mount {line.split()[4]}" for line in mounts if str(self.work) in line]
         for hierarchy in (CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else []):

@@ -11,6 +11,7 @@ enums are declared as their wire type, int32.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -23,6 +24,8 @@ SERVICE = f"/{PACKAGE}.RuntimeService/"
 # or "repeated TYPE".
 MESSAGES: dict[str, list[tuple[str, int, str]]] = {
     "VersionRequest": [("version", 1, "string")],
+    "StatusRequest": [("verbose", 1, "bool")],
+    "StatusResponse": [("info", 2, "map")],
     "VersionResponse": [("version", 1, "string"), ("runtime_name", 2, "string"), ("runtime_version", 3, "string"),
                         ("runtime_api_version", 4, "string")],
     "PodSandboxMetadata": [("name", 1, "string"), ("uid", 2, "string"), ("namespace", 3, "string"),
@@ -68,7 +71,7 @@ MESSAGES: dict[str, list[tuple[str, int, str]]] = {
     "RemoveContainerRequest": [("container_id", 1, "string")],
     "RemoveContainerResponse": [],
 }
-CALLS = ("Version", "RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "PodSandboxStatus", "ListPodSandbox",
+CALLS = ("Version", "Status", "RunPodSandbox", "StopPodSandbox", "RemovePodSandbox", "PodSandboxStatus", "ListPodSandbox",
          "CreateContainer", "StartContainer", "ContainerStatus", "RemoveContainer")
 CONTAINER_EXITED = 2  # ContainerState CONTAINER_EXITED
 _SCALARS = {"string": descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
@@ -127,6 +130,10 @@ class RuntimeClient:
 
     def version(self, timeout: float = 2) -> Any:
         return self.call("Version", M["VersionRequest"](version="v1"), timeout)
+
+    def cni_config(self) -> Any:
+        """The CNI configuration the runtime has loaded (containerd's verbose Status, info "cniconfig")."""
+        return json.loads(self.call("Status", M["StatusRequest"](verbose=True), 10).info["cniconfig"])
 
     def run_pod_sandbox(self, config: Any) -> str:
         return str(self.call("RunPodSandbox", M["RunPodSandboxRequest"](config=config)).pod_sandbox_id)
