@@ -16,7 +16,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,10 +25,11 @@ import pytest
 
 import podnet
 from cases_cni import CNI_CASES, CniCase
-from cniagent import AgentDirs, AgentProcess, build_plugin, primary_plugins
+from cniagent import AgentDirs, build_plugin, primary_plugins
+from cnicluster import MESHED, VALIDATION_FLAGS, Cluster, golden_text, validate
 from containerd_node import GATEWAY, PAUSE_IMAGE, ContainerdNode, build_pause, missing
-from cri import CONTAINER_EXITED, M, RuntimeClient
-from istio_golden import canonical, restore_inputs, tables_in_order
+from cri import M, RuntimeClient
+from istio_golden import canonical
 from istio_init.cni_install import PLUGIN_TYPE
 from nsutil import Namespace
 from ociimage import Layer, image_tar
@@ -37,58 +37,9 @@ from ociimage import Layer, image_tar
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parent.parent
 VALIDATION_IMAGE = "localhost/istio-init-test-validation:1"
-MESHED = {"sidecar.istio.io/status": '{"initContainers":["istio-validation"],"containers":["istio-proxy"]}'}
+# This checkout's istio-init, run from the read-only mounts of _validation_mounts.
+COMMAND = [f"{ROOT}/.venv/bin/python", "-m", "istio_init", *VALIDATION_FLAGS]
 PARALLEL = 20
-
-
-class Cluster:
-    """The node, its CRI client and the agent serving it."""
-
-    def __init__(self, node: ContainerdNode, client: RuntimeClient, plugin: Path, dirs: AgentDirs, log: Path):
-        self.node, self.client, self.plugin, self.dirs, self.log = node, client, plugin, dirs, log
-        self.agent: AgentProcess | None = None
-        self.counter = 0
-
-    def start_agent(self) -> AgentProcess:
-        self.agent = AgentProcess.start(self.plugin, self.dirs, self.log)
-        self.wait_loaded(chained=True)
-        return self.agent
-
-    def loaded(self) -> list[str]:
-        network = self.client.cni_config()["Networks"][-1]
-        return [plugin["Network"]["type"] for plugin in network["Config"]["Plugins"]]
-
-    def wait_loaded(self, chained: bool, timeout: float = 10) -> None:
-        """Until containerd has reloaded its CNI configuration (it watches the directory)."""
-        deadline = time.monotonic() + timeout
-        while (PLUGIN_TYPE in self.loaded()) != chained:
-            assert time.monotonic() < deadline, f"containerd did not reload its CNI config: {self.loaded()}"
-            time.sleep(0.05)
-
-    def name(self, tag: str) -> str:
-        self.counter += 1
-        return f"{tag.lower()}-{self.counter}"
-
-    def run(self, tag: str, annotations: dict[str, str] | None, namespace: str = "default") -> tuple[str, Any]:
-        config = self.node.sandbox_config(self.name(tag), namespace, annotations)
-        return self.run_config(config), config
-
-    def run_config(self, config: Any) -> str:
-        sandbox = self.client.run_pod_sandbox(config)
-        self.node.sandbox_ids.add(sandbox)
-        return sandbox
-
-    def remove(self, sandbox: str) -> None:
-        self.client.stop_pod_sandbox(sandbox)
-        self.client.remove_pod_sandbox(sandbox)
-
-    def save(self, sandbox: str) -> str:
-        pid = self.node.pause_pid(self.client, sandbox)
-        return subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "iptables-legacy-save"], check=True,
-                              capture_output=True, text=True, timeout=30).stdout
-
-    def ours(self, sandbox: str) -> str:
-        return "".join(line for line in self.save(sandbox).splitlines(keepends=True) if "ISTIO" in line)
 
 
 def _validation_image(directory: Path) -> Path:
@@ -135,13 +86,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assert node.leftovers() == []
 
 
-def _golden_text(case: CniCase, scratch: Namespace) -> tuple[str, list[str]]:
-    istio = restore_inputs(case.istio_golden.read_text(), {})[0]
-    scratch.run("iptables-legacy-restore", "--noflush", input=istio)
-    tables = tables_in_order(istio)
-    return canonical(scratch.save(), tables), tables
-
-
 def test_the_agent_is_chained_exactly_once(cluster: Cluster) -> None:
     assert [p["type"] for p in primary_plugins(cluster.node.conf_dir)] == ["bridge", PLUGIN_TYPE]
     assert cluster.loaded() == ["bridge", PLUGIN_TYPE]
@@ -149,7 +93,7 @@ def test_the_agent_is_chained_exactly_once(cluster: Cluster) -> None:
 
 @pytest.mark.parametrize("case", [c for c in CNI_CASES if c.by_annotations_only], ids=lambda c: c.name)
 def test_each_istio_cni_golden_through_containerd(case: CniCase, cluster: Cluster, netns: Namespace) -> None:
-    want, tables = _golden_text(case, netns)
+    want, tables = golden_text(case, netns)
     sandbox, _ = cluster.run(case.name, case.annotations)
     try:
         assert canonical(cluster.save(sandbox), tables) == want
@@ -182,36 +126,13 @@ def test_a_bad_annotation_fails_runpodsandbox_naming_it(cluster: Cluster) -> Non
     assert {s.id for s in cluster.client.list_pod_sandboxes()} == before
 
 
-def _validate(cluster: Cluster, sandbox: str, config: Any) -> tuple[int, str]:
-    """Run Istio's validation container (uid 1337, no capabilities) in the sandbox; (exit code, its log)."""
-    command = [f"{ROOT}/.venv/bin/python", "-m", "istio_init", "istio-iptables", "-p", "15001", "-z", "15006",
-               "-u", "1337", "-g", "1337", "--rules-version", "current", "--run-validation", "--skip-rule-apply",
-               "--probe-timeout", "2s"]
-    security = M["LinuxContainerSecurityContext"](
-        capabilities=M["Capability"](drop_capabilities=["ALL"]), run_as_user=M["Int64Value"](value=1337),
-        run_as_group=M["Int64Value"](value=1337), no_new_privs=True)
-    container = cluster.client.create_container(sandbox, M["ContainerConfig"](
-        metadata=M["ContainerMetadata"](name="istio-validation"), image=M["ImageSpec"](image=VALIDATION_IMAGE),
-        command=command, mounts=_validation_mounts(), log_path="istio-validation.log",
-        linux=M["LinuxContainerConfig"](security_context=security)), config)
-    cluster.client.start_container(container)
-    deadline = time.monotonic() + 60
-    while (status := cluster.client.container_status(container)).state != CONTAINER_EXITED:
-        assert time.monotonic() < deadline, "the validation container did not exit"
-        time.sleep(0.1)
-    log = Path(config.log_directory, "istio-validation.log")
-    text = log.read_text(errors="replace") if log.exists() else ""
-    cluster.client.remove_container(container)
-    return int(status.exit_code), text
-
-
 def test_the_validation_container_passes_only_in_a_captured_sandbox(cluster: Cluster) -> None:
     captured, captured_config = cluster.run("validated", MESHED)
     skipped, skipped_config = cluster.run("unvalidated", None)
     try:
-        code, text = _validate(cluster, captured, captured_config)
+        code, text = validate(cluster, captured, captured_config, VALIDATION_IMAGE, COMMAND, _validation_mounts())
         assert code == 0, text
-        code, text = _validate(cluster, skipped, skipped_config)
+        code, text = validate(cluster, skipped, skipped_config, VALIDATION_IMAGE, COMMAND, _validation_mounts())
         assert code == 126, text
     finally:
         cluster.remove(captured)
@@ -240,7 +161,7 @@ def test_traffic_through_the_bridge_lands_on_the_capture_ports(cluster: Cluster)
 
 def test_parallel_sandboxes_all_get_the_rules(cluster: Cluster, netns: Namespace) -> None:
     case = next(c for c in CNI_CASES if c.name == "basic")
-    want, tables = _golden_text(case, netns)
+    want, tables = golden_text(case, netns)
     configs = [cluster.node.sandbox_config(cluster.name("parallel"), "default", case.annotations)
                for _ in range(PARALLEL)]
     with ThreadPoolExecutor(PARALLEL) as pool:
