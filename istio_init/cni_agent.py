@@ -35,7 +35,6 @@ from typing import Any, Callable, Mapping
 
 from istio_init import cni, cni_install
 from istio_init.cni import CniError
-from istio_init.config import RULES_CURRENT, Config
 from istio_init.errors import IstioInitError
 from istio_init.podcapture import AnnotationError, Capture, MeshSettings, decide, facts_from_runtime, k8s_pod
 
@@ -49,7 +48,8 @@ CHILD_WAIT_SECONDS = 30.0
 # Modules a call needs, loaded once in the agent so that each forked child starts warm.
 _WARM_MODULES = ("istio_init.runner", "istio_init.apply", "istio_init.backends", "istio_init.netns",
                  "istio_init.drift", "istio_init.locks", "istio_init.render", "istio_init.rulesets.current",
-                 "istio_init.backends.iptables", "istio_init.backends.iptables.libiptc", "yaml")
+                 "istio_init.backends.iptables.restore", "istio_init.backends.iptables.backend",
+                 "istio_init.backends.iptables.tools", "istio_init.backends.iptables.savefile", "yaml")
 
 Log = Callable[..., None]
 
@@ -143,7 +143,8 @@ def respond(request: Request, mesh: MeshSettings, log: Log) -> dict[str, Any] | 
     conf = cni.parse_netconf(request.stdin, command)
     namespace, name = k8s_pod(environ.get("CNI_ARGS", ""))
     log(f"{command} pod {namespace or '-'}/{name or '-'} container {environ.get('CNI_CONTAINERID', '-')[:12]}")
-    netns = f"/proc/self/fd/{request.netns_fd}" if request.netns_fd is not None else None
+    # By pid, not /proc/self: the path is also the xtables lock of the iptables tools the apply may run.
+    netns = f"/proc/{os.getpid()}/fd/{request.netns_fd}" if request.netns_fd is not None else None
     call = cni.Call(environ, log, _no_flags)
     if command == "ADD" or command == "CHECK":
         decision = _decide(request, mesh)
@@ -164,14 +165,25 @@ def respond(request: Request, mesh: MeshSettings, log: Log) -> dict[str, Any] | 
             raise CniError(cni.ERR_DRIFT, "the capture rules differ from the pod's annotations", "; ".join(problems))
         return conf.prev_result if command == "ADD" else None
     if command == "DEL":
-        if netns is None or not cni.is_netns(netns):
-            log("DEL: no network namespace; nothing to remove")
-            return None
-        try:  # clean removes only what istio-init plans, and succeeds when there is nothing
-            cni.core("DEL", Config(rules_version=RULES_CURRENT, network_namespace=netns), call)
-        except IstioInitError as exc:  # the namespace goes with the pod; DEL must not block its removal
-            log(f"DEL: removing the capture failed ({exc}); the pod's namespace goes with it", "warn")
+        # Like Istio's plugin, DEL changes nothing in the namespace: the runtime destroys it with
+        # the sandbox (and a later ADD into the same namespace converges). Only the namespace's
+        # lock file, which lives in the agent, goes.
+        if netns is not None and cni.is_netns(netns):
+            try:
+                forget_lock(netns)
+            except IstioInitError as exc:
+                log(f"DEL: {exc}", "warn")
+        return None
     return None  # STATUS: serving; GC: nothing of ours outlives a pod's namespace
+
+
+def forget_lock(netns: str) -> None:
+    """Remove istio-init's lock file of the namespace at `netns` (entering it names the file)."""
+    from istio_init import locks, netns as namespaces
+
+    namespaces.enter(netns)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(locks.namespace_lock_path())
 
 
 def _decide(request: Request, mesh: MeshSettings) -> Any:
@@ -354,9 +366,17 @@ class Agent:
 
 
 def warm() -> None:
-    """Import what a call needs, once: every forked child then starts with it loaded."""
+    """Import what a call needs and decide and plan one pod, once: every forked child starts with
+    the modules loaded and the parsers' regular expressions compiled."""
     import importlib
+
+    from istio_init.podcapture import PodFacts
+    from istio_init.render import render_plan
+    from istio_init.rulesets import plan
 
     for name in _WARM_MODULES:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
+    sample = decide(PodFacts("default", "warm-up", {"sidecar.istio.io/status": "{}"}), MeshSettings())
+    if isinstance(sample, Capture):
+        render_plan(plan(sample.config, False))

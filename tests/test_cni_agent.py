@@ -185,9 +185,11 @@ def test_a_meshed_pod_gets_istios_cni_rules(case: CniCase, node: Node, agent: Ag
     netns.run("iptables-legacy-restore", "--noflush", input=istio)
     tables = tables_in_order(istio)
     assert canonical(pod.save(), tables) == canonical(netns.save(), tables)
+    lock = Path(pod.lock_path())
+    assert lock.exists()
     first = _call(node, agent, "DEL", pod, case.annotations)
     assert first.code == 0 and first.stdout == ""
-    assert _ours(pod) == ""
+    assert not lock.exists()  # the namespace itself goes with the sandbox, as with Istio's plugin
     assert _call(node, agent, "DEL", pod, None, netns="").code == 0
 
 
