@@ -88,7 +88,8 @@ def read_request(conn: socket.socket) -> Request:
     fds: list[int] = []
     head = b""
     while len(head) < len(MAGIC):
-        data, ancillary, _, _ = conn.recvmsg(len(MAGIC) - len(head), socket.CMSG_SPACE(4 * array.array("i").itemsize))
+        data, ancillary, _, _ = conn.recvmsg(len(MAGIC) - len(head), socket.CMSG_SPACE(4 * array.array("i").itemsize),
+                                             socket.MSG_CMSG_CLOEXEC)
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 received = array.array("i")

@@ -229,3 +229,49 @@ def test_without_the_agent_only_excluded_namespaces_start(node: Node, agent: Age
     assert system.code == 0 and system.answer == pod.result
     assert _call(node, agent, "DEL", pod, MESHED).code == 0
     assert _ours(pod) == ""
+
+
+# ---- the manifests --------------------------------------------------------------------------------
+
+KUBE = Path(__file__).resolve().parent.parent / "container" / "kubernetes" / "cni"
+
+
+def test_the_daemonset_runs_the_agent_as_documented() -> None:
+    import yaml
+
+    from istio_init.cli import cni_agent_command
+
+    documents = {d["kind"]: d for d in yaml.safe_load_all((KUBE / "daemonset.yaml").read_text())}
+    config = documents["ConfigMap"]["data"]
+    template = documents["DaemonSet"]["spec"]["template"]
+    spec, container = template["spec"], template["spec"]["containers"][0]
+    assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["hostNetwork"] is True and "hostPID" not in spec
+    assert set(container["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    args = [a.replace("$(EXCLUDE_NAMESPACES)", config["EXCLUDE_NAMESPACES"]) for a in container["args"]]
+    assert args[0] == "cni-agent"
+    with cni_agent_command.make_context("cni-agent", args[1:]) as ctx:
+        params = ctx.params
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    assert host[mounts[params["cni_bin_dir"]]] == "/opt/cni/bin"
+    assert host[mounts[params["cni_conf_dir"]]] == "/etc/cni/net.d"
+    assert host[mounts[params["run_dir"]]] == params["run_dir"]  # the same path on the node and inside
+    assert params["exclude_namespaces"] == "kube-system" and params["health_port"] == 8000
+    assert set(config) >= {"ISTIO_META_DNS_CAPTURE", "INVALID_DROP", "ISTIO_DUAL_STACK"}
+
+
+def test_the_example_deployment_is_captured_and_validated() -> None:
+    import yaml
+
+    from istio_init.podcapture import Capture, MeshSettings, PodFacts, decide
+
+    template = yaml.safe_load((KUBE / "deployment.yaml").read_text())["spec"]["template"]
+    decision = decide(PodFacts("default", "nginx", template["metadata"]["annotations"]), MeshSettings())
+    assert isinstance(decision, Capture)
+    validation = next(c for c in template["spec"]["initContainers"] if c["name"] == "istio-validation")
+    assert {"--run-validation", "--skip-rule-apply"} <= set(validation["args"])
+    assert validation["securityContext"]["runAsUser"] == 1337
