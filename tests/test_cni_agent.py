@@ -219,9 +219,21 @@ def test_a_bad_annotation_fails_the_add_naming_it(node: Node, agent: AgentProces
 
 
 @pytest.mark.root
+def test_version_and_a_pod_outside_kubernetes(node: Node, agent: AgentProcess) -> None:
+    version = _call(node, agent, "VERSION", None, None)
+    assert version.code == 0 and "1.0.0" in version.answer["supportedVersions"]
+    pod = node.add_pod("bare")
+    done = node.invoke(agent.dirs.bin_dir / PLUGIN_TYPE, "ADD", pod, _conf(agent, pod, MESHED), cni_args="IgnoreUnknown=1")
+    assert done.code == 0 and done.answer == pod.result
+    assert _ours(pod) == ""
+
+
+@pytest.mark.root
 def test_without_the_agent_only_excluded_namespaces_start(node: Node, agent: AgentProcess) -> None:
     pod = node.add_pod("down")
     agent.stop(signal.SIGKILL)
+    version = _call(node, agent, "VERSION", None, None)
+    assert version.code == 0 and "1.0.0" in version.answer["supportedVersions"]
     meshed = _call(node, agent, "ADD", pod, MESHED)
     assert meshed.code != 0 and meshed.answer["code"] == 11
     assert "not reachable" in meshed.answer["msg"]
