@@ -287,3 +287,24 @@ def test_the_example_deployment_is_captured_and_validated() -> None:
     validation = next(c for c in template["spec"]["initContainers"] if c["name"] == "istio-validation")
     assert {"--run-validation", "--skip-rule-apply"} <= set(validation["args"])
     assert validation["securityContext"]["runAsUser"] == 1337
+
+
+def test_the_plugin_and_the_agent_speak_the_same_protocol() -> None:
+    """The C plugin's constants are the agent's and the DaemonSet's (spelled once per language)."""
+    import re
+
+    import yaml
+
+    from istio_init import cni, cni_agent
+
+    source = (Path(__file__).resolve().parent.parent / "cniplugin" / "istio-init-cni.c").read_text()
+    defines = dict(re.findall(r'^#define (\w+) "(.*)"$', source, re.MULTILINE))
+    assert defines["MAGIC"].encode().decode("unicode_escape").encode() == cni_agent.MAGIC
+    assert defines["SOCKET_NAME"] == cni_agent.SOCKET_NAME
+    assert defines["EXCLUDED_NAME"] == cni_agent.EXCLUDED_NAME
+    daemonset = next(d for d in yaml.safe_load_all((KUBE / "daemonset.yaml").read_text()) if d["kind"] == "DaemonSet")
+    args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--run-dir") + 1] == defines["DEFAULT_RUN_DIR"]
+    versions = re.search(r'supportedVersions\\":\[(.*?)\]', source)
+    assert versions is not None
+    assert re.findall(r'\\"([0-9.]+)\\"', versions.group(1)) == list(cni.SUPPORTED_VERSIONS)
