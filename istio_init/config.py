@@ -170,18 +170,23 @@ ISTIO_BINARY_NAME = "istio-iptables"
 # Current Istio's --cleanup-only, given by environment (the click CLI reads and checks it).
 CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
 
-# How a switch is spelled (case and surrounding spaces aside): Istio's flags and variables, and
-# CLEANUP_ONLY; pilot-agent's logging flags take Go's strconv.ParseBool words (GO_SWITCH_WORDS).
+# How a switch is spelled: Istio's flags and variables, and CLEANUP_ONLY (case and surrounding
+# spaces aside); Go's strconv.ParseBool for pilot-agent's logging flags (case aside) and for pod
+# annotations and proxy metadata (exactly).
 SWITCH_WORDS = (("1", "true", "yes", "on"), ("", "0", "false", "no", "off"))
-GO_SWITCH_WORDS = (("1", "t", "true"), ("0", "f", "false"))
+GO_SWITCH_WORDS = (("1", "t", "T", "TRUE", "true", "True"), ("0", "f", "F", "FALSE", "false", "False"))
 
 
-def switch_value(text: str, words: tuple[tuple[str, ...], tuple[str, ...]] = SWITCH_WORDS) -> bool | None:
-    """True or False for a spelling in `words` (true ones, false ones); None for anything else."""
-    lowered = text.strip().lower()
-    if lowered in words[0]:
+def switch_value(text: str, words: tuple[tuple[str, ...], tuple[str, ...]] = SWITCH_WORDS,
+                 exact: bool = False) -> bool | None:
+    """True or False for a spelling in `words` (true ones, false ones); None for anything else.
+
+    Unless `exact`, surrounding spaces and case do not count.
+    """
+    key = text if exact else text.strip().lower()
+    if key in words[0]:
         return True
-    if lowered in words[1]:
+    if key in words[1]:
         return False
     return None
 

@@ -107,6 +107,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Pure: flags -> Config -> plan -> text, and text -> model -> decided changes. No kernel, no printing.
     ("core", ("istio_init", "istio_init.errors", "istio_init.timing", "istio_init.model", "istio_init.config",
               "istio_init.ifnames", "istio_init.resolvconf", "istio_init.render", "istio_init.render_nft",
+              "istio_init.podcapture",
               "istio_init.rulesets", "istio_init.backends.iptables.savefile",
               "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.printed")),
     # What speaks to the kernel: tools, python-iptables, libnftables, netlink, routes, lock files.
@@ -118,11 +119,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Deciding and undoing changes, and choosing a backend.
     ("backends", ("istio_init.backends", "istio_init.backends.base", "istio_init.backends.iptables",
                   "istio_init.backends.iptables.backend", "istio_init.backends.nftables")),
-    # All-or-nothing apply and clean, validation, live nft rules read back.
-    ("operations", ("istio_init.apply", "istio_init.validation", "istio_init.nft_live")),
-    # One command each: a run, trace, check, graph, the CNI plugin's logic.
+    # All-or-nothing apply and clean, validation, live nft rules read back, the CNI plugin's installation.
+    ("operations", ("istio_init.apply", "istio_init.validation", "istio_init.nft_live", "istio_init.cni_install")),
+    # One command each: a run, trace, check, graph, the CNI plugin's logic and its node agent.
     ("commands", ("istio_init.runner", "istio_init.trace", "istio_init.drift", "istio_init.graph",
-                  "istio_init.cni")),
+                  "istio_init.cni", "istio_init.cni_agent")),
     # The front doors and the output layer they share.
     ("front doors", ("istio_init.output", "istio_init.logs", "istio_init.cli", "istio_init.entry",
                      "istio_init.__main__")),
