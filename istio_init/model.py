@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from itertools import groupby
 from operator import attrgetter
-from typing import Iterable, NamedTuple
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Iterable
 
 # The source address of the proxy's inbound passthrough connections (Istio's "SIX"); the
 # IPv6 one is added to `lo` by the run (RulePlan.loopback_addresses).
