@@ -14,12 +14,12 @@ import _socket as socket  # the C module: see the docstring
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING, Any, NamedTuple
+from istio_init.errors import ConfigError, IstioInitError
+from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ipaddress
-
-from istio_init.errors import ConfigError, IstioInitError
+    from typing import Any
 
 _NLMSG_HEADER = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")

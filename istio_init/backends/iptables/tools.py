@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, NamedTuple
-
 from istio_init.backends.iptables.spawn import Finished, Running, ToolTimeout
 from istio_init.errors import ApplyError
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 WAIT_SECONDS = 30  # how long to wait for the xtables lock, as `iptables -w 30`
 
@@ -54,8 +55,10 @@ def save_text(tools: Tools, family: int, counters: bool = True,
         if meanwhile is not None:
             meanwhile()
     except BaseException:
-        with contextlib.suppress(ToolTimeout):
+        try:
             running.wait(0)  # kills and reaps the tool
+        except ToolTimeout:
+            pass
         raise
     done = _finish(argv, running)
     if done.returncode != 0:
