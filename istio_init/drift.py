@@ -19,18 +19,18 @@ onto the backends' `read()`.
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any, ContextManager, Mapping, NamedTuple
-
 from istio_init.backends.iptables.reconcile import is_ours
 from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.errors import IstioInitError
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
+from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.render import chain_order, rule_spec
 from istio_init.rulesets import owned_chains
 
 if TYPE_CHECKING:
+    from typing import Any, ContextManager, Mapping
+
     from istio_init.config import Config
     from istio_init.runner import Log
 
@@ -286,6 +286,8 @@ NftChains = dict[str, dict[str, list[str]]]  # table -> chain -> each rule's exp
 
 def chains_from_objects(objects: list[dict[str, Any]]) -> NftChains:
     """Our tables' chains and rules from `nft -j list ruleset` objects."""
+    import json  # here and in to_json: json imports `re`, a cost of every `check` probe otherwise
+
     chains: NftChains = {}
     for obj in objects:
         if "chain" in obj:
@@ -344,6 +346,8 @@ def format_text(report: Report) -> str:
 
 
 def to_json(report: Report) -> str:
+    import json
+
     return json.dumps({
         "in_sync": report.in_sync,
         "flavour": report.flavour,

@@ -245,7 +245,7 @@ class Routing(NamedTuple):
 
 
 def _iproute() -> Any:
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from istio_init.rtnl import IPRoute  # pyroute2's messages without all of pyroute2 (rtnl.py says why)
 
     return IPRoute()
 
