@@ -76,8 +76,8 @@ def parse_cidrs(items: list[str]) -> list[Cidr]:
         joined = ",".join(items)
         if _ipv4_host_list(items, joined):
             if joined.count("/") == len(items) and ",127." not in f",{joined}":  # all a.b.c.d/32, none loopback
-                new = tuple.__new__  # the NamedTuple's generated __new__ is a Python call per item
-                return [new(Cidr, (item, 4, False)) for item in items]
+                # tuple.__new__ over zipped fields: a loop in C, not the generated __new__'s Python call per item
+                return list(map(tuple.__new__, repeat(Cidr), zip(items, repeat(4), repeat(False))))
             return [Cidr(item if item.endswith("/32") else f"{item}/32", 4, item.startswith("127."))
                     for item in items]
     return [parse_cidr(item) for item in items]
@@ -115,7 +115,8 @@ BACKENDS = ("auto", "libiptc", "legacy", "nft")
 # Characters that mean something to a shell or to iptables' own parser. No
 # legitimate value of any flag contains one, and rejecting them everywhere means
 # nothing a pod spec says can be smuggled into a restore file or a log line.
-_FORBIDDEN = frozenset(";&|$`<>(){}[]\\'\"!?~#\x7f" + "".join(map(chr, range(0x20))))
+_FORBIDDEN = ";&|$`<>(){}[]\\'\"!?~#\x7f" + "".join(map(chr, range(0x20)))
+_FORBIDDEN_BYTES = _FORBIDDEN.encode()  # all ASCII: a UTF-8 encoded value holds one only as itself
 _DURATION_UNITS_IN_ORDER = ("ns", "us", "µs", "μs", "ms", "s", "m", "h")  # the first that fits is the unit
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Bounds on what a value may be, so that every accepted value is one the kernel
@@ -583,10 +584,10 @@ class _Parser:
         if len(value) > _MAX_VALUE_CHARS:
             raise self.fail(dest, value, f"longer than {_MAX_VALUE_CHARS} characters")
         try:
-            value.encode("utf-8")
+            encoded = value.encode("utf-8")
         except UnicodeEncodeError:
             raise self.fail(dest, value, "not valid UTF-8") from None
-        if not _FORBIDDEN.isdisjoint(value):
+        if len(encoded.translate(None, _FORBIDDEN_BYTES)) != len(encoded):  # one C pass over up to 128 KiB
             bad = next(c for c in value if c in _FORBIDDEN)
             raise self.fail(dest, value, f"character {bad!r} is not allowed")
         if value.isascii():  # one C scan: a -x list is up to 128 KiB, a loop over it costs milliseconds
