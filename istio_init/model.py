@@ -16,7 +16,7 @@ each) and the large configurations build thousands of rules.
 from __future__ import annotations
 
 from itertools import groupby
-from operator import attrgetter
+from _operator import attrgetter  # operator.py only re-exports the C module's
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:

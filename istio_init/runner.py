@@ -10,7 +10,7 @@ returned.
 from __future__ import annotations
 
 import os
-from operator import attrgetter
+from _operator import attrgetter  # operator.py only re-exports the C module's
 
 from istio_init import timing
 from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Cidr, Config, flag_label

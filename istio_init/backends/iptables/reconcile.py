@@ -13,7 +13,7 @@ everything else, a user's `ISTIO_FOO` chain included, is left where it is.
 from __future__ import annotations
 
 import itertools
-import operator
+import _operator as operator  # operator.py only re-exports the C module's
 
 from istio_init.model import INSERT, FamilyPlan, Step, is_builtin
 from istio_init.records import TYPE_CHECKING, NamedTuple
