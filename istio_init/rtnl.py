@@ -38,7 +38,7 @@ _DEFAULT_RULE_PRIORITY = 32000  # what pyroute2's IPRoute.rule gives a rule with
 _RT_TABLE_COMPAT = 252  # the header's table field for a table id above 255
 
 
-def _messages() -> tuple[Any, Any, Any, type[Exception]]:
+def messages() -> tuple[Any, Any, Any, type[Exception]]:
     """(fibmsg, rtmsg, ifaddrmsg, NetlinkError), without running pyroute2's package __init__.
 
     When pyroute2 is already imported (a test, the CLI's other commands), its
@@ -73,7 +73,7 @@ class IPRoute:
     """The IPRoute calls netns.py makes (rule, route, addr, their dumps, link_lookup), as pyroute2 sends them."""
 
     def __init__(self) -> None:
-        self.fibmsg, self.rtmsg, self.ifaddrmsg, self.error = _messages()
+        self.fibmsg, self.rtmsg, self.ifaddrmsg, self.error = messages()
         self.sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW, _socket.NETLINK_ROUTE)
         self.sock.settimeout(5)
         self.sequence = 0

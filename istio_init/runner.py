@@ -165,6 +165,10 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
         choice = backends.choose(config.iptables_backend, families)
         log(f"iptables backend {choice.name} ({choice.reason})")
         name, backend = choice.name, backends.get(choice.name)
+        if rule_plan.routes or rule_plan.loopback_addresses:
+            from istio_init import rtnl
+
+            backend.meanwhile = rtnl.messages  # loaded while the restore tool commits, not after it
     timing.mark("choose the backend")
     if wrap is not None:
         backend = wrap(backend)

@@ -22,7 +22,7 @@ from istio_init.records import TYPE_CHECKING
 from istio_init.rulesets import owned_chains
 
 if TYPE_CHECKING:
-    from typing import ContextManager, Mapping, Sequence
+    from typing import Callable, ContextManager, Mapping, Sequence
 
 class IptablesUndo:
     """Snapshots of every family read, and the tables a commit may have changed.
@@ -85,6 +85,8 @@ class IptablesBackend:
     tools = Tools("legacy")
     # The last successful converge: the printed tables are derived from its snapshot and decision.
     converged: IptablesUndo | None = None
+    # Work for the next commit's tool run to overlap (TPROXY and ::6 load pyroute2's messages then).
+    meanwhile: Callable[[], object] | None = None
 
     def session(self) -> ContextManager[None]:
         """Held around read and commit (libiptc: the xtables lock)."""

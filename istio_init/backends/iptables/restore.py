@@ -63,7 +63,8 @@ class RestoreBackend(IptablesBackend):
         if not text:
             return
         argv = [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
-        done = run_tool(argv, text)
+        meanwhile, self.meanwhile = self.meanwhile, None
+        done = run_tool(argv, text, meanwhile)
         if done.returncode != 0:
             import re
 

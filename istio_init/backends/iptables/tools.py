@@ -38,8 +38,19 @@ def _finish(argv: list[str], running: Running) -> Finished:
         raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
 
 
-def run_tool(argv: list[str], stdin: str | None = None) -> Finished:
-    return _finish(argv, _start(argv, stdin))
+def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None) -> Finished:
+    """Run a tool to its end; `meanwhile` runs while it works (as in save_text)."""
+    running = _start(argv, stdin)
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except BaseException:
+            try:
+                running.wait(0)  # kills and reaps the tool
+            except ToolTimeout:
+                pass
+            raise
+    return _finish(argv, running)
 
 
 def save_text(tools: Tools, family: int, counters: bool = True,
