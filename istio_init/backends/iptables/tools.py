@@ -39,7 +39,7 @@ def _finish(argv: list[str], running: Running) -> Finished:
 
 
 def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None) -> Finished:
-    """Run a tool to its end; `meanwhile` runs while it works (as in save_text)."""
+    """Run a tool to its end; `meanwhile` runs while the tool works (the tool is killed if it raises)."""
     running = _start(argv, stdin)
     if meanwhile is not None:
         try:
@@ -61,17 +61,7 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     python-iptables then, so the two costs of every pod start overlap.
     """
     argv = [tools.save(family)] + (["-c"] if counters else [])
-    running = _start(argv)
-    try:
-        if meanwhile is not None:
-            meanwhile()
-    except BaseException:
-        try:
-            running.wait(0)  # kills and reaps the tool
-        except ToolTimeout:
-            pass
-        raise
-    done = _finish(argv, running)
+    done = run_tool(argv, meanwhile=meanwhile)
     if done.returncode != 0:
         raise ApplyError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
     return done.stdout
