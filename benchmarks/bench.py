@@ -165,7 +165,9 @@ class Setup:
 def learn(args: list[str], spaces: Namespaces, ipv6: bool) -> Setup:
     """Apply once, then read back the chosen backend, the rules per family and what `ip` would have to do."""
     ns = spaces.fresh(ipv6)
-    done = subprocess.run(inside(ns, [*istio_init_command(), *args]), capture_output=True, check=True)
+    done = subprocess.run(inside(ns, [*istio_init_command(), *args]), capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"istio-init {' '.join(args)[:80]}... failed: {done.stderr.decode()[-800:]}")
     marker = b"iptables backend "
     line = next((ln for ln in done.stderr.splitlines() if marker in ln), b"")
     backend = line.split(marker, 1)[1].split()[0].decode() if line else "nftables"
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="interpreter of the venv whose istio-init is timed (and runs the floor)")
     opts = parser.parse_args(argv)
     global PYTHON
-    PYTHON = opts.python
+    PYTHON = os.path.abspath(opts.python)  # the runs happen in a temporary directory
     unknown = [r for r in opts.rows.split(",") if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown} (rows: {', '.join(ROWS)})")
