@@ -386,8 +386,8 @@ def read_rules(backend: str) -> dict[str, dict[int, Chains]]:
 
 
 def _loopback_ipv6() -> set[str]:
-    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 on every probe)."""
-    import ipaddress
+    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 or ipaddress on every probe)."""
+    from _socket import AF_INET6, inet_ntop
 
     found = set()
     try:
@@ -395,7 +395,12 @@ def _loopback_ipv6() -> set[str]:
             for line in table:
                 address, _, prefix, _, _, name = line.split()
                 if name == "lo":
-                    found.add(f"{ipaddress.IPv6Address(int(address, 16))}/{int(prefix, 16)}")
+                    text = inet_ntop(AF_INET6, bytes.fromhex(address))
+                    if "." in text:  # the C library writes ::a.b.c.d where ipaddress (and the plan) writes hex
+                        import ipaddress
+
+                        text = str(ipaddress.IPv6Address(int(address, 16)))
+                    found.add(f"{text}/{int(prefix, 16)}")
     except FileNotFoundError:  # IPv6 disabled: no address at all
         pass
     return found
@@ -435,12 +440,13 @@ def _apply_lock() -> ContextManager[None]:
     file there is nothing to wait for, and check creates nothing (a probe
     container's root file system is often read-only).
     """
-    import contextlib
     import os
 
     from istio_init import locks
 
     if not os.path.exists(locks.namespace_lock_path()):
+        import contextlib  # only here: contextlib and what it imports cost every probe about 2 ms
+
         return contextlib.nullcontext()
     return locks.namespace_lock(LOCK_WAIT_SECONDS)
 

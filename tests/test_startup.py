@@ -14,8 +14,10 @@ one of them onto a path that must not have it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -37,21 +39,37 @@ ALL_OF_PYROUTE2 = {"asyncio", "pyroute2.iproute", "pyroute2.ndb", "pyroute2.ipdb
                    "pyroute2.ipset", "pyroute2.iwutil"}
 
 
-def imported_modules(argv: list[str], netns=None) -> set[str]:
-    """Top-level and full names of every module a real istio-init process imported after the interpreter's start-up."""
-    command = [sys.executable, "-X", "importtime", str(COMMAND), *argv]
-    if netns is not None:
-        command = ["nsenter", f"--net={netns.path}", *command]
-    done = subprocess.run(command, capture_output=True, text=True, env=clean_environ(), timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
+def _without_site() -> tuple[list[str], dict[str, str]]:
+    """The interpreter flags and environment that start istio-init with nothing imported for it beforehand.
+
+    `site` (with a development venv's editable install, its import hook) already
+    imports re, contextlib, functools, pathlib, ipaddress and more, which would
+    hide those modules from every check here: so `site` is skipped and the
+    package and its dependencies are found through PYTHONPATH instead.
+    """
+    env = clean_environ({"PYTHONPATH": os.pathsep.join([str(COMMAND.parent.parent), sysconfig.get_paths()["purelib"]])})
+    return ["-S", "-X", "importtime"], env
+
+
+def _importtime_names(stderr: str) -> set[str]:
     names: set[str] = set()
-    after_site = False  # what the interpreter's start-up imports (a development venv's finder) is not ours
-    for line in done.stderr.splitlines():
+    for line in stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
             full = line.rsplit("|", 1)[1].strip()
-            if after_site:
-                names |= {full, full.split(".")[0]}
-            after_site = after_site or full == "site"
+            names |= {full, full.split(".")[0]}
+    return names
+
+
+def imported_modules(argv: list[str], netns=None) -> set[str]:
+    """Top-level and full names of every module a real istio-init process imported beyond the bare interpreter's."""
+    flags, env = _without_site()
+    bare = subprocess.run([sys.executable, *flags, "-c", "pass"], capture_output=True, text=True, env=env, timeout=60)
+    command = [sys.executable, *flags, str(COMMAND), *argv]
+    if netns is not None:
+        command = ["nsenter", f"--net={netns.path}", *command]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = _importtime_names(done.stderr) - _importtime_names(bare.stderr)
     assert "istio_init.config" in names  # the importtime output was read at all
     return names
 
