@@ -96,23 +96,13 @@ class IptablesBackend:
         return save_text(self.tools, family, counters=counters)
 
     def snapshot(self, family: int) -> str:
-        """The family's tables with counters, read before anything changes.
-
-        A legacy family with no table in this namespace yet (a new pod's) has
-        nothing to save: the kernel's list of its tables says so, where
-        iptables-legacy-save, one more process start of every pod's apply,
-        would print nothing.
-        """
-        if self.tools.flavour == "legacy" and _no_legacy_tables(family):
-            return ""
+        """The family's tables with counters, read before anything changes."""
         return self.save(family)
 
     def restore(self, family: int, saved_blocks: str) -> None:
         restore_saved(self.tools, family, saved_blocks)
 
     def read(self, family: int) -> dict[str, SavedTable]:
-        if self.tools.flavour == "legacy" and _no_legacy_tables(family):  # as in snapshot()
-            return {}
         return parse_save(self.save(family, counters=False))
 
     def dump(self, family: int, tables: Sequence[str]) -> str:
@@ -195,18 +185,6 @@ def _failed(exc: BaseException, problems: list[str], restored: bool) -> ApplyErr
     if restored:
         return ApplyError(f"{message} (everything changed in this run was put back)")
     return ApplyError(f"{message} (nothing had been changed)")
-
-
-_LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
-
-
-def _no_legacy_tables(family: int) -> bool:
-    """Whether the kernel lists no legacy table of `family` in this namespace (False: cannot tell)."""
-    try:
-        with open(_LEGACY_TABLE_NAMES[family], "rb") as names:
-            return not names.read().strip()
-    except OSError:
-        return False
 
 
 class _NoSession:

@@ -60,11 +60,29 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     `meanwhile` runs while the tool works: the libiptc backend imports
     python-iptables then, so the two costs of every pod start overlap.
     """
+    if tools.flavour == "legacy" and _no_legacy_tables(family):
+        # A new pod's namespace: the kernel lists no legacy table of the family, so the tool would
+        # print nothing, and starting it is one more process of every pod's apply (and check).
+        if meanwhile is not None:
+            meanwhile()
+        return ""
     argv = [tools.save(family)] + (["-c"] if counters else [])
     done = run_tool(argv, meanwhile=meanwhile)
     if done.returncode != 0:
         raise ApplyError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
     return done.stdout
+
+
+_LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+
+
+def _no_legacy_tables(family: int) -> bool:
+    """Whether the kernel lists no legacy table of `family` in this namespace (False: cannot tell)."""
+    try:
+        with open(_LEGACY_TABLE_NAMES[family], "rb") as names:
+            return not names.read().strip()
+    except OSError:
+        return False
 
 
 def restore_saved(tools: Tools, family: int, saved_blocks: str) -> None:
