@@ -172,15 +172,20 @@ def has_net_admin() -> bool | None:
 
 
 _NFPROTO_INET = 1
-NATIVE_TABLE_PREFIX = "istio-proxy-"
 
 
 def native_nft_tables() -> set[str]:
-    """istio-init's own `inet istio-proxy-*` tables in this namespace (--native-nftables), over netlink.
+    """istio-init's own `inet istio-proxy-{nat,mangle,raw}` tables in this namespace, over netlink.
 
     Every iptables apply asks, so that a switch away from native nftables
     removes them; loading libnftables to find out would cost every pod start.
+    Only the tables a rule set plans are istio-init's: a user's `inet
+    istio-proxy-foo` is not, and must neither load libnftables nor be reported
+    as removed.
     """
+    from istio_init.model import NATIVE_TABLE_PREFIX, NATIVE_TABLES
+
+    ours = {NATIVE_TABLE_PREFIX + table for table in NATIVE_TABLES}
     try:
         replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO_INET, 0, 0), _NETLINK_NETFILTER)
     except OSError:
@@ -191,7 +196,7 @@ def native_nft_tables() -> set[str]:
             continue
         raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
         name = raw.split(b"\0", 1)[0].decode(errors="replace")
-        if name.startswith(NATIVE_TABLE_PREFIX):
+        if name in ours:
             names.add(name)
     return names
 
