@@ -19,7 +19,6 @@ answer) is `cli.cni_main`, as only the CLI does I/O.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -222,8 +221,7 @@ def core(action: str, config: Config, call: Call) -> list[str]:
         return []
     if action == "DEL":
         runner.clean(config, call.log, call.wrap)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(locks.namespace_lock_path())  # the pod is going; its lock file goes with it
+        locks.retire_namespace_lock()  # the pod is going; its lock file goes with it, under its lock
         return []
     # CHECK is `istio-init check`: the same plan, live state and comparison (drift.py).
     from istio_init import drift
