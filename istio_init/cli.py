@@ -199,7 +199,8 @@ def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
     _out(graph.run(config, live, fmt, table, log))
 
 
-_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "native_nftables")
+_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "tproxy_route_table",
+                "native_nftables")
 
 
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})

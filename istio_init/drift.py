@@ -134,12 +134,10 @@ def chains_from_save(text: str) -> Chains:
 
 
 def planned_state(rule_plan: RulePlan) -> Planned:
-    routing = set()
-    for route in rule_plan.routes:
-        routing.add(Routing("rule", route.family, route.fwmark, route.table))
-        routing.add(Routing("route", route.family, 0, route.table))
+    from istio_init.netns import planned_routing
+
     return Planned({family.family: chains_from_plan(family) for family in rule_plan.families()},
-                   frozenset(routing), frozenset(rule_plan.loopback_addresses))
+                   planned_routing(rule_plan.routes), frozenset(rule_plan.loopback_addresses))
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -397,26 +395,27 @@ def _loopback_ipv6() -> set[str]:
     return found
 
 
-def read_state(backend: str, planned: Planned) -> Live:
-    """The rules (read_rules), the TPROXY policy routing and `::6` on lo.
+def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 133)) -> Live:
+    """The rules (read_rules), istio-init's policy routing and `::6` on lo.
 
-    The policy routing looked at is that of the planned marks and of marks
-    set by live ISTIO_DIVERT rules (any flavour), with their tables' routes.
+    istio-init's policy routing is that of the planned marks and tables, of
+    the flags' TPROXY mark and route table (`tproxy`) and of marks set by live
+    ISTIO_DIVERT rules (any flavour and family), in the shapes a rule set
+    plans (netns.py), so a stale TPROXY route is extra and a user's rule is
+    never looked at.
     """
     from istio_init import netns
     from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
     rules = read_rules(backend)
-    marks = {r.fwmark for r in planned.routing if r.kind == "rule"}
-    marks |= {m for families in rules.values()
-              for m in divert_marks(families.get(4, {}).get("mangle", {}).get(DIVERT_CHAIN, []))}
-    routing = set()
+    marks = {r.fwmark for r in planned.routing if r.kind == "rule"} | {tproxy[0]}
+    marks |= {m for families in rules.values() for chains in families.values()
+              for m in divert_marks(chains.get("mangle", {}).get(DIVERT_CHAIN, []))}
+    tables = {r.table for r in planned.routing} | {tproxy[1]}
+    routing: set[Routing] = set()
     try:
-        for family in sorted({4} | {r.family for r in planned.routing}) if marks or planned.routing else ():
-            found = netns.policy_routing_for_marks(family, marks) if marks else []
-            routing |= {r for r in found if r.kind == "rule"}
-            tables = {r.table for r in found} | {r.table for r in planned.routing if r.family == family}
-            routing |= {Routing("route", family, 0, t) for t in netns.local_default_route_tables(family, tables)}
+        if planned.routing or netns.routing_present(marks, tables):
+            routing = {item for family in (4, 6) for item in netns.owned_routing(family, marks, tables)}
         on_lo = _loopback_ipv6()
     except Exception as exc:  # NetlinkError, OSError from pyroute2
         raise CheckError(f"cannot read the policy routing or the addresses on lo: {exc}") from None
@@ -456,7 +455,7 @@ def run(config: Config, log: Log) -> Report:
         return _run_native(config, rule_plan, planned)
     try:
         with _apply_lock():
-            live = read_state(config.iptables_backend, planned)
+            live = read_state(config.iptables_backend, planned, (config.tproxy_mark, config.tproxy_route_table))
     except CheckError:
         raise
     except IstioInitError as exc:
@@ -474,7 +473,7 @@ def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report
         want = chains_from_objects(backend.as_loaded(render_transaction(rule_plan, backend.guard_single_family)))
         with _apply_lock():
             have = chains_from_objects(backend.ours())
-            live = read_state("auto", planned)
+            live = read_state("auto", planned, (config.tproxy_mark, config.tproxy_route_table))
     except CheckError:
         raise
     except IstioInitError as exc:
