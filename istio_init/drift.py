@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Mapping, NamedTuple
 from istio_init.backends.iptables.reconcile import is_ours
 from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.errors import IstioInitError
+from istio_init.installed import FLAVOURS
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
 from istio_init.render import chain_order, rule_spec
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 # table -> chain -> rule specs (the text after `-A CHAIN`) in kernel order; chains listed even when empty.
 Chains = dict[str, dict[str, list[str]]]
 
-FLAVOURS = ("legacy", "nft")
 IN_SYNC = 0
 DRIFTED = 1
 LOCK_WAIT_SECONDS = 5  # never hold up an apply (or a probe) for long
@@ -63,6 +63,7 @@ class Live(NamedTuple):
     rules: dict[str, dict[int, Chains]]  # flavour -> family -> chains
     routing: frozenset[Routing]
     addresses: frozenset[str]
+    store: str = "legacy"  # the flavour holding istio-init's rules (installed.py's policy)
 
 
 class Difference(NamedTuple):
@@ -218,30 +219,6 @@ def compare_rules(planned: Chains, live: Chains) -> list[Difference]:
     return found
 
 
-def pick_flavour(backend: str, rules: dict[str, dict[int, Chains]]) -> str:
-    """The flavour the rules are expected in: the backend's, or for auto the one apply would use.
-
-    For auto that is the flavour already holding istio-init's chains (nft
-    first, as apply prefers it), else nft when the namespace has nft tables
-    or no legacy ones, else legacy.
-    """
-    if backend in ("libiptc", "legacy"):
-        return "legacy"
-    if backend == "nft":
-        return "nft"
-
-    def holds_ours(flavour: str) -> bool:
-        return any(is_own_chain(table, chain) for chains in rules.get(flavour, {}).values()
-                   for table, by_chain in chains.items() for chain in by_chain)
-
-    for flavour in ("nft", "legacy"):
-        if holds_ours(flavour):
-            return flavour
-    if any(rules.get("nft", {}).values()) or "legacy" not in rules:
-        return "nft"
-    return "legacy"
-
-
 def _routing_text(routing: Routing) -> str:
     """The `ip` command line that shows it: `ip rule fwmark 0x539 lookup 133`, `ip -6 route local ::/0 ...`."""
     text = str(routing)
@@ -353,30 +330,21 @@ def to_json(report: Report) -> str:
 # --------------------------------------------------------------------------- the kernel
 
 
-def read_rules(backend: str) -> dict[str, dict[int, Chains]]:
-    """The namespace's rules through the backends' read(): flavour -> family -> chains.
+def read_rules(backend: str) -> tuple[str, dict[str, dict[int, Chains]]]:
+    """(the store holding istio-init's rules, the rules of every flavour in use: flavour -> family -> chains).
 
-    Reads only: a flavour the kernel lacks (no legacy ip_tables, or no
-    iptables-nft tables) is left out instead of being created. With a backend
-    other than auto only its flavour is read.
+    Read through installed.py, the one reader `trace --live` and `graph
+    --live` use too, so all three judge the same store.
     """
-    from istio_init import backends
+    from istio_init import installed
     from istio_init.errors import ApplyError
 
-    flavours = backends.candidates(backend, [4, 6])
-    rules: dict[str, dict[int, Chains]] = {}
     try:
-        for flavour in flavours:
-            reader = backends.get(flavour)
-            for family in (4, 6):
-                if flavour == "legacy" and not backends.legacy_available([family]):
-                    continue
-                if flavour == "nft" and not backends.nft_in_use([family]):
-                    continue
-                rules.setdefault(flavour, {})[family] = chains_from_tables(reader.read(family))
+        found = installed.read(backend)
     except ApplyError as exc:
         raise CheckError(f"cannot read the rules: {exc}") from None
-    return rules
+    return found.store, {name: {family: chains_from_tables(tables) for family, tables in families.items()}
+                         for name, families in found.tables.items()}
 
 
 def _loopback_ipv6() -> set[str]:
@@ -407,7 +375,7 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     from istio_init import netns
     from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
-    rules = read_rules(backend)
+    store, rules = read_rules(backend)
     marks = {r.fwmark for r in planned.routing if r.kind == "rule"} | {tproxy[0]}
     marks |= {m for families in rules.values() for chains in families.values()
               for m in divert_marks(chains.get("mangle", {}).get(DIVERT_CHAIN, []))}
@@ -420,7 +388,7 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     except Exception as exc:  # NetlinkError, OSError from pyroute2
         raise CheckError(f"cannot read the policy routing or the addresses on lo: {exc}") from None
     addresses = {a for a in {IPV6_PASSTHROUGH_ADDRESS, *planned.addresses} if a in on_lo}
-    return Live(rules, frozenset(routing), frozenset(addresses))
+    return Live(rules, frozenset(routing), frozenset(addresses), store)
 
 
 def _apply_lock() -> ContextManager[None]:
@@ -460,7 +428,7 @@ def run(config: Config, log: Log) -> Report:
         raise
     except IstioInitError as exc:
         raise CheckError(str(exc)) from None
-    return compare(planned, live, pick_flavour(config.iptables_backend, live.rules))
+    return compare(planned, live, live.store)
 
 
 def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report:

@@ -318,7 +318,7 @@ def planned_rules(config: Config, log: Log) -> dict[int, Chains]:
 
 
 def live_rules(config: Config) -> dict[int, Chains]:
-    """The installed rules, in the flavour that holds istio-init's (as `check` picks it)."""
+    """The installed rules of the store holding istio-init's (installed.py: as `check` and `trace` read them)."""
     from istio_init import drift
 
     if config.native_nftables:  # drawing the iptables tables of a native nftables pod would show nothing
@@ -328,8 +328,8 @@ def live_rules(config: Config) -> dict[int, Chains]:
         raise ConfigError(flag_label("native_nftables", config.sources), "true",
                           "graph --live reads iptables rules only; native nftables rules are not read yet "
                           "(nft list ruleset shows them)")
-    rules = drift.read_rules(config.iptables_backend)
-    return rules.get(drift.pick_flavour(config.iptables_backend, rules), {})
+    store, rules = drift.read_rules(config.iptables_backend)
+    return rules.get(store, {})
 
 
 def run(config: Config, live: bool, fmt: str, table: str, log: Log) -> str:
