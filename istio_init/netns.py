@@ -233,15 +233,19 @@ def enter(path: str, label: str = "--network-namespace") -> None:
 # What is istio-init's: exactly the shapes a rule set plans, `fwmark MARK
 # lookup TABLE` (mask all ones, no other selector, any priority: none is
 # planned, and the kernel or pyroute2 picks one) and `local default dev lo
-# table TABLE`, for the marks and tables the caller names (the flags' mark and
-# route table, and marks istio-init's live rules set). A user's `fwmark 1337
-# lookup 200`, `fwmark 0x539/0xffff lookup main` or `fwmark 1337 iif eth0
-# lookup 133` is not, nor is any other route in the table.
+# table TABLE`, either for the marks and tables the caller names (the flags'
+# mark and route table, and marks istio-init's live rules set), or made by
+# istio-init: it records itself as the rule's and route's protocol
+# (ROUTING_PROTOCOL, `proto 73` in `ip rule` and `ip route`), so a run whose
+# flags changed the mark or the table still finds what an earlier run made. A
+# user's `fwmark 1337 lookup 200`, `fwmark 0x539/0xffff lookup main` or `fwmark
+# 1337 iif eth0 lookup 133` is not istio-init's, nor is any other route.
 
 _RTN_LOCAL = 2
 _RT_SCOPE_HOST = 254
 _RTPROT_BOOT = 3  # what `ip route add` records
 _FR_ACT_TO_TBL = 1
+ROUTING_PROTOCOL = 73  # rtnetlink protocol number istio-init gives its rules and routes ('I'; unassigned)
 _FULL_MASK = 0xFFFFFFFF
 # Rule attributes that narrow a rule beyond "fwmark MARK lookup TABLE": a rule with one is not a planned shape.
 _RULE_SELECTORS = ("FRA_IIFNAME", "FRA_OIFNAME", "FRA_SRC", "FRA_DST", "FRA_UID_RANGE", "FRA_IP_PROTO",
@@ -280,6 +284,7 @@ _RTM_GETRULE = 34
 _RTMSG = struct.Struct("=BBBBBBBBI")  # struct rtmsg and struct fib_rule_hdr have this one layout
 _RTA_TABLE = 15  # also FRA_TABLE
 _FRA_FWMARK = 10
+_FRA_PROTOCOL = 21
 
 
 def routing_present(marks: set[int], tables: set[int]) -> bool:
@@ -289,6 +294,7 @@ def routing_present(marks: set[int], tables: set[int]) -> bool:
     whose plan has no TPROXY routing, so the common pod never imports
     pyroute2 (about 130 ms) just to learn there is nothing of ours to remove.
     A superset of owned_routing(): True sends the caller to the exact check.
+    A route dump covers every table: a pod has a handful of routes.
     """
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
@@ -305,22 +311,25 @@ def routing_present(marks: set[int], tables: set[int]) -> bool:
             table_id = struct.unpack("=I", table)[0] if table and len(table) == 4 else payload[4]
             if mark and len(mark) == 4 and struct.unpack("=I", mark)[0] in marks and table_id in tables:
                 return True
+            if attrs.get(_FRA_PROTOCOL, b"")[:1] == bytes([ROUTING_PROTOCOL]):
+                return True
         for msg_type, payload in routes:
             if msg_type != _RTM_NEWROUTE:
                 continue
-            _, dst_len, _, _, table_byte, _, _, kind, _ = _RTMSG.unpack_from(payload)
+            _, dst_len, _, _, table_byte, protocol, _, kind, _ = _RTMSG.unpack_from(payload)
             table = _attributes(payload, _RTMSG.size).get(_RTA_TABLE)
             table_id = struct.unpack("=I", table)[0] if table and len(table) == 4 else table_byte
-            if kind == _RTN_LOCAL and dst_len == 0 and table_id in tables:
+            if kind == _RTN_LOCAL and dst_len == 0 and (table_id in tables or protocol == ROUTING_PROTOCOL):
                 return True
     return False
 
 
 class Removed(NamedTuple):
-    """A rule or route deleted, with the priority (rule) or metric (route) it had, to put it back exactly."""
+    """A rule or route deleted, with the priority (rule) or metric (route) and protocol it had, to put it back."""
 
     item: Routing
     priority: int | None
+    protocol: int = _RTPROT_BOOT
 
 
 def _iproute() -> Any:
@@ -333,28 +342,43 @@ def _rule_table(rule: Any) -> int:
     return int(rule.get_attr("FRA_TABLE") or rule["table"])
 
 
-def _is_planned_rule(rule: Any, marks: set[int], tables: set[int]) -> bool:
-    """Exactly `fwmark MARK lookup TABLE` for one of `marks` and `tables` (see above)."""
+def _has_planned_shape(rule: Any) -> bool:
+    """`fwmark MARK lookup TABLE`: full mask, no other selector, not inverted (see above)."""
     mask = rule.get_attr("FRA_FWMASK")
     return (rule["action"] == _FR_ACT_TO_TBL and rule["flags"] == 0 and rule["src_len"] == 0
             and rule["dst_len"] == 0 and rule["tos"] == 0
-            and rule.get_attr("FRA_FWMARK") in marks and (mask is None or mask == _FULL_MASK)
-            and _rule_table(rule) in tables
+            and rule.get_attr("FRA_FWMARK") is not None and (mask is None or mask == _FULL_MASK)
             and rule.get_attr("FRA_SUPPRESS_PREFIXLEN") in _NO_SUPPRESS_PREFIXLEN
             and not any(rule.get_attr(name) is not None for name in _RULE_SELECTORS))
 
 
-def _planned_rules(ipr: Any, family: int, marks: set[int], tables: set[int]) -> list[Any]:
-    return [r for r in ipr.get_rules(family=_af(family)) if _is_planned_rule(r, marks, tables)]
+def _owned_rules(ipr: Any, family: int, marks: set[int], tables: set[int]) -> list[Any]:
+    """Rules of the planned shape for `marks` and `tables`, or made by istio-init (any mark and table)."""
+    return [r for r in ipr.get_rules(family=_af(family)) if _has_planned_shape(r)
+            and ((r.get_attr("FRA_FWMARK") in marks and _rule_table(r) in tables)
+                 or r.get_attr("FRA_PROTOCOL") == ROUTING_PROTOCOL)]
+
+
+def _rules_for(ipr: Any, family: int, fwmark: int, table: int) -> list[Any]:
+    return [r for r in ipr.get_rules(family=_af(family)) if _has_planned_shape(r)
+            and r.get_attr("FRA_FWMARK") == fwmark and _rule_table(r) == table]
+
+
+def _is_local_default(route: Any, lo: int) -> bool:
+    """`local default dev lo`: type local, no prefix, through lo, no gateway."""
+    return (route["type"] == _RTN_LOCAL and route["dst_len"] == 0 and route.get_attr("RTA_OIF") == lo
+            and route.get_attr("RTA_GATEWAY") is None and route.get_attr("RTA_MULTIPATH") is None)
+
+
+def _route_table(route: Any) -> int:
+    return int(route.get_attr("RTA_TABLE") or route["table"])
 
 
 def _local_default_routes(ipr: Any, family: int, table: int) -> list[Any]:
-    """`local default dev lo table TABLE`: type local, no prefix, through lo, no gateway."""
+    """`local default dev lo table TABLE`."""
     lo = _lo_index(ipr)
     return [r for r in ipr.get_routes(family=_af(family), table=table)
-            if r["type"] == _RTN_LOCAL and r["dst_len"] == 0 and r.get_attr("RTA_TABLE") == table
-            and r.get_attr("RTA_OIF") == lo and r.get_attr("RTA_GATEWAY") is None
-            and r.get_attr("RTA_MULTIPATH") is None]
+            if _route_table(r) == table and _is_local_default(r, lo)]
 
 
 def _af(family: int) -> int:
@@ -369,10 +393,12 @@ def owned_routing(family: int, marks: set[int], tables: set[int]) -> list[Routin
     """istio-init's policy rules and local default routes in this namespace, for these marks and tables."""
     found: list[Routing] = []
     with _iproute() as ipr:
-        for rule in _planned_rules(ipr, family, marks, tables):
+        for rule in _owned_rules(ipr, family, marks, tables):
             found.append(Routing("rule", family, int(rule.get_attr("FRA_FWMARK")), _rule_table(rule)))
-        for table in sorted(tables):
-            if _local_default_routes(ipr, family, table):
+        lo = _lo_index(ipr)
+        for route in ipr.route("dump", family=_af(family)):  # every table
+            table = _route_table(route)
+            if _is_local_default(route, lo) and (table in tables or route["proto"] == ROUTING_PROTOCOL):
                 found.append(Routing("route", family, 0, table))
     return list(dict.fromkeys(found))
 
@@ -387,10 +413,10 @@ def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
         with _iproute() as ipr:
             if not _local_default_routes(ipr, family, table):
                 ipr.route("add", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
-                          proto=_RTPROT_BOOT, table=table, oif=_lo_index(ipr))
+                          proto=ROUTING_PROTOCOL, table=table, oif=_lo_index(ipr))
                 added.append(Routing("route", family, 0, table))
-            if not _planned_rules(ipr, family, {fwmark}, {table}):
-                ipr.rule("add", family=_af(family), fwmark=fwmark, table=table)
+            if not _rules_for(ipr, family, fwmark, table):
+                ipr.rule("add", family=_af(family), fwmark=fwmark, table=table, protocol=ROUTING_PROTOCOL)
                 added.append(Routing("rule", family, fwmark, table))
     except Exception:
         if added:  # the route went in but the rule did not: leave nothing half made
@@ -411,17 +437,17 @@ def remove_routing(items: list[Routing], removed: list[Removed] | None = None) -
     with _iproute() as ipr:
         for item in items:
             if item.kind == "rule":
-                for rule in _planned_rules(ipr, item.family, {item.fwmark}, {item.table}):
+                for rule in _rules_for(ipr, item.family, item.fwmark, item.table):
                     priority = rule.get_attr("FRA_PRIORITY")
                     ipr.rule("del", family=_af(item.family), fwmark=item.fwmark, fwmask=_FULL_MASK,
                              table=item.table, priority=priority or 0)
-                    removed.append(Removed(item, priority))
+                    removed.append(Removed(item, priority, rule.get_attr("FRA_PROTOCOL") or 0))
             else:
                 for route in _local_default_routes(ipr, item.family, item.table):
                     metric = route.get_attr("RTA_PRIORITY")
                     ipr.route("del", family=_af(item.family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
                               table=item.table, oif=_lo_index(ipr), **({"priority": metric} if metric else {}))
-                    removed.append(Removed(item, metric))
+                    removed.append(Removed(item, metric, route["proto"]))
     return removed
 
 
@@ -432,10 +458,11 @@ def restore_routing(removed: list[Removed]) -> None:
             item = entry.item
             if item.kind == "route":
                 ipr.route("add", family=_af(item.family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
-                          proto=_RTPROT_BOOT, table=item.table, oif=_lo_index(ipr),
+                          proto=entry.protocol, table=item.table, oif=_lo_index(ipr),
                           **({"priority": entry.priority} if entry.priority else {}))
             else:
                 ipr.rule("add", family=_af(item.family), fwmark=item.fwmark, table=item.table,
+                         protocol=entry.protocol,
                          **({"priority": entry.priority} if entry.priority is not None else {}))
 
 
