@@ -300,7 +300,9 @@ def routing_present(marks: set[int], tables: set[int]) -> bool:
         try:
             rules = _dump(_RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
             routes = _dump(_RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.EAFNOSUPPORT:  # IPv6 disabled in the kernel: nothing of that family
+                continue
             return True  # cannot tell: let the exact check decide
         for msg_type, payload in rules:
             if msg_type != _RTM_NEWRULE:
@@ -393,6 +395,12 @@ def owned_routing(family: int, marks: set[int], tables: set[int]) -> list[Routin
     """istio-init's policy rules and local default routes in this namespace, for these marks and tables."""
     found: list[Routing] = []
     with _iproute() as ipr:
+        try:
+            ipr.get_rules(family=_af(family))
+        except Exception as exc:  # pyroute2's NetlinkError
+            if getattr(exc, "code", None) == errno.EAFNOSUPPORT:
+                return []  # the family is disabled in the kernel: it can hold nothing of ours
+            raise
         for rule in _owned_rules(ipr, family, marks, tables):
             found.append(Routing("rule", family, int(rule.get_attr("FRA_FWMARK")), _rule_table(rule)))
         lo = _lo_index(ipr)
