@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from hostile import SEED, istio_init, pod_namespace
+from hostile import SEED, istio_init
 from nsutil import Namespace
 
 OTHER = tuple("15099" if arg == "15001" else arg for arg in SEED)  # the same flags, another outbound port
@@ -40,15 +40,6 @@ def _store_seen(ns: Namespace, *backend: str) -> tuple[str, str, str]:
     ports = {port for port in ("15001", "15099") if f"--to-ports {port}" in graph.stdout}
     assert len(ports) == 1, graph.stdout
     return checked, traced, ports.pop()
-
-
-@pytest.fixture
-def pod() -> Namespace:
-    ns = pod_namespace("one")
-    try:
-        yield ns
-    finally:
-        ns.remove()
 
 
 @pytest.mark.root

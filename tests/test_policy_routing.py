@@ -65,15 +65,6 @@ def _routes(ns: Namespace, table: int) -> list[str]:
                   + _ip(ns, "route", "show", "table", str(table), family="-6").splitlines())
 
 
-@pytest.fixture
-def pod() -> Iterator[Namespace]:
-    ns = pod_namespace("prt")
-    try:
-        yield ns
-    finally:
-        ns.remove()
-
-
 # ---- the reproducers -------------------------------------------------------------------
 
 @pytest.mark.root
