@@ -225,3 +225,30 @@ def test_a_clean_without_failure_removes_the_routing_and_the_address() -> None:
     assert network.rules == {} and not network.address
     assert result.changed == ["ip rule fwmark 0x539 lookup 133", "ip route local default dev lo table 133",
                               "address ::6/128 on lo"]
+
+
+# ---- a switch to REDIRECT killed at any moment: the re-run removes the TPROXY routing --------------
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", [("--iptables-backend", "legacy"), ("--native-nftables",)], ids=["legacy", "nft"])
+@pytest.mark.parametrize("delay", [0.1, 0.25, 0.4])
+def test_a_killed_switch_to_redirect_converges_without_tproxy_routing(pod: Namespace, backend: tuple[str, ...],
+                                                                      delay: float) -> None:
+    """The rules may be replaced before the kill and the routing not yet removed: a re-run finds it."""
+    import signal
+    import sys
+    import time
+
+    from clirun import clean_environ
+
+    assert istio_init(pod, *TPROXY, *backend).returncode == 0
+    killed = subprocess.Popen(["nsenter", f"--net={pod.path}", sys.executable, "-m", "istio_init", *REDIRECT,
+                               *backend], env=clean_environ(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    killed.send_signal(signal.SIGKILL)  # nsenter execs the interpreter: this is the apply itself
+    killed.wait(timeout=30)
+    assert istio_init(pod, *REDIRECT, *backend).returncode == 0
+    assert _rules(pod) == [] and _routes(pod, 133) == []
+    check = istio_init(pod, "check", *REDIRECT, *backend)
+    assert check.returncode == 0, check.stdout
