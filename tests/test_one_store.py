@@ -63,3 +63,16 @@ def test_rules_only_in_legacy_are_read_there_even_beside_foreign_nft_tables(pod:
     pod.run("iptables-nft", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT")
     assert _store_seen(pod) == ("legacy", "live (iptables-legacy-save)", "15001")
     assert istio_init(pod, "check", *SEED).returncode == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("foreign_nft", [False, True])
+def test_the_store_read_is_the_one_an_apply_wrote(pod: Namespace, foreign_nft: bool) -> None:
+    """auto: apply's choice (backends.choose) and the readers' store (installed.py) agree."""
+    if foreign_nft:
+        pod.run("iptables-nft", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT")
+    applied = istio_init(pod, *SEED)
+    assert applied.returncode == 0, applied.stderr
+    chosen = "nft" if "iptables backend nft" in applied.stderr else "legacy"
+    assert chosen == ("nft" if foreign_nft else "legacy"), applied.stderr
+    assert _store_seen(pod) == (chosen, f"live (iptables-{chosen}-save)", "15001")
