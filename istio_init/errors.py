@@ -10,7 +10,10 @@ a `TraceError` a connection or rule `trace` cannot evaluate.
 
 from __future__ import annotations
 
-from typing import Sequence
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Sequence
 
 
 class IstioInitError(Exception):

@@ -22,12 +22,14 @@ module needs to know which format or level is in force.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from typing import IO, Iterator, NamedTuple
 
 from istio_init.config import GO_SWITCH_WORDS, switch_value
 from istio_init.errors import ConfigError
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import IO
 
 LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 DEFAULT_SCOPE = "default"
@@ -153,14 +155,22 @@ def emit(level: str, message: str) -> None:
         print(message, file=stream, flush=True)
 
 
-@contextlib.contextmanager
-def configured(options: LogOptions) -> Iterator[None]:
-    """sys.stderr shaped by `options` for the duration of one command."""
-    real = sys.stderr
-    stream = _LogStream(real, options)
-    sys.stderr = stream
-    try:
-        yield
-    finally:
-        stream.flush()
-        sys.stderr = real
+class configured:
+    """sys.stderr shaped by `options` for the duration of one command (a `with` block).
+
+    A class rather than a contextlib.contextmanager: contextlib is one more
+    import on every pod start.
+    """
+
+    def __init__(self, options: LogOptions) -> None:
+        self.options = options
+        self.real: IO[str] = sys.stderr
+
+    def __enter__(self) -> None:
+        self.real = sys.stderr
+        self.stream = _LogStream(self.real, self.options)
+        sys.stderr = self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.flush()
+        sys.stderr = self.real

@@ -16,13 +16,21 @@ defines them and the large configurations build thousands of rules
 from __future__ import annotations
 
 from itertools import groupby
-from operator import attrgetter
-from typing import Iterable, NamedTuple
+from _operator import attrgetter  # operator.py only re-exports the C module's
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Iterable
 
 # The source address of the proxy's inbound passthrough connections (Istio's "SIX"); the
 # IPv6 one is added to `lo` by the run (RulePlan.loopback_addresses).
 IPV4_PASSTHROUGH_ADDRESS = "127.0.0.6/32"
 IPV6_PASSTHROUGH_ADDRESS = "::6/128"
+
+# --native-nftables: istio-init's tables are exactly these, in family inet (any other table,
+# `inet istio-proxy-foo` included, is someone else's), in the order Istio creates them.
+NATIVE_TABLE_PREFIX = "istio-proxy-"
+NATIVE_TABLES = ("nat", "mangle", "raw")
 
 APPEND = "A"
 INSERT = "I"  # at Step.position (1-based), as `iptables -I CHAIN N`

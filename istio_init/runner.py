@@ -10,22 +10,24 @@ returned.
 from __future__ import annotations
 
 import os
-from operator import attrgetter
-from typing import TYPE_CHECKING, Callable
+from _operator import attrgetter  # operator.py only re-exports the C module's
 
 from istio_init import timing
 from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Cidr, Config, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
+from istio_init.records import TYPE_CHECKING
 from istio_init.render import render_plan
 from istio_init.rulesets import plan, resolvers_needed
 from istio_init.system import current
 
 if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
+
     from istio_init.backends.base import Backend
 
-# log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
-Log = Callable[..., None]
+    # log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
+    Log = Callable[..., None]
 
 
 def summary(config: Config, ipv6: bool) -> str:
@@ -165,8 +167,12 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
         choice = backends.choose(config.iptables_backend, families)
         log(f"iptables backend {choice.name} ({choice.reason})")
         name, backend = choice.name, backends.get(choice.name)
+        if rule_plan.routes or rule_plan.loopback_addresses:
+            from istio_init import rtnl
+
+            backend.meanwhile = rtnl.messages  # loaded while the restore tool commits, not after it
     timing.mark("choose the backend")
-    applied = apply.run(rule_plan, backend)
+    applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
     for note in applied.notes:
         log(note)
     if not applied.changed and not applied.notes:
@@ -186,7 +192,8 @@ def clean(config: Config, log: Log) -> str:
         chosen += [backends.get(name) for name in backends.candidates(config.iptables_backend, [4, 6])]
     if config.native_nftables or backends.native_nft_in_use():
         chosen.append(backends.native(config.rules_version))
-    result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run)
+    result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run,
+                         tables=frozenset({config.tproxy_route_table}))
     if config.dry_run:
         return "".join(result.planned)
     log(f"clean: {'changed ' + str(len(result.changed)) + ' table(s) or route(s)' if result.changed else 'nothing to remove'}")

@@ -23,7 +23,7 @@ apply imports only what its steps use (pyroute2 only for routes and `::6`).
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing and contextlib are no imports of every start (docs/performance.md)
+from istio_init.records import TYPE_CHECKING  # typing and contextlib are no imports of every start
 
 if TYPE_CHECKING:
     import contextlib
@@ -31,10 +31,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from istio_init.backends.iptables.backend import Tables
-    from istio_init.netns import Routing
-
-# Which kernel tables each flavour's names list (legacy x_tables load a table on first use).
-_LEGACY_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+    from istio_init.netns import Removed, Routing
 
 
 class System:
@@ -69,8 +66,10 @@ class System:
 
     def legacy_tables(self, family: int) -> set[str] | None:
         """The legacy tables loaded here for `family`; None when the kernel offers no legacy ip_tables."""
+        from istio_init.backends.iptables.tools import LEGACY_TABLE_NAMES
+
         try:
-            with open(_LEGACY_NAMES[family]) as names:
+            with open(LEGACY_TABLE_NAMES[family]) as names:
                 return set(names.read().split())
         except FileNotFoundError:
             return None
@@ -90,20 +89,28 @@ class System:
 
         return netns.add_policy_route(family, fwmark, table)
 
-    def remove_routing(self, items: list[Routing]) -> None:
+    def remove_routing(self, items: list[Routing], removed: list[Removed] | None = None) -> list[Removed]:
+        """Delete istio-init's rules and routes named; each deletion is appended to `removed` as it happens."""
         from istio_init import netns
 
-        netns.remove_routing(items)
+        return netns.remove_routing(items, removed)
 
-    def policy_routing_for_marks(self, family: int, marks: set[int]) -> list[Routing]:
+    def restore_routing(self, removed: list[Removed]) -> None:
         from istio_init import netns
 
-        return netns.policy_routing_for_marks(family, marks)
+        netns.restore_routing(removed)
 
-    def local_default_route_tables(self, family: int, tables: set[int]) -> set[int]:
+    def owned_routing(self, family: int, marks: set[int], tables: set[int]) -> list[Routing]:
+        """istio-init's policy rules and local default routes for these marks and tables (pyroute2)."""
         from istio_init import netns
 
-        return netns.local_default_route_tables(family, tables)
+        return netns.owned_routing(family, marks, tables)
+
+    def routing_present(self, marks: set[int], tables: set[int]) -> bool:
+        """Whether any of owned_routing() may exist, asked without pyroute2 (True: cannot tell)."""
+        from istio_init import netns
+
+        return netns.routing_present(marks, tables)
 
     def has_loopback_address(self, address: str) -> bool:
         from istio_init import netns

@@ -27,14 +27,15 @@ import contextlib
 import ipaddress
 import json
 import re
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from istio_init.backends.iptables.printed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.backends.iptables.savefile import normalize, parse_save
 from istio_init.backends.iptables.tools import command
 from istio_init.errors import ApplyError
-from istio_init.netns import NATIVE_TABLE_PREFIX, Routing
+from istio_init.model import NATIVE_TABLE_PREFIX
+from istio_init.netns import Removed, Routing
 from istio_init.system import System
 
 
@@ -126,24 +127,28 @@ class FakeHost(System):
             raise
         return added
 
-    def remove_routing(self, items: list[Routing]) -> None:
+    def remove_routing(self, items: list[Routing], removed: list[Removed] | None = None) -> list[Removed]:
+        removed = [] if removed is None else removed
         for item in items:
             if item in self.routing:
                 with self.step(f"remove {item}"):
                     self.routing.remove(item)
+                    removed.append(Removed(item, None))
+        return removed
 
-    def policy_routing_for_marks(self, family: int, marks: set[int]) -> list[Routing]:
-        found: list[Routing] = []
-        for rule in self.routing:
-            if rule.kind == "rule" and rule.family == family and rule.fwmark in marks:
-                found.append(rule)
-                if Routing("route", family, 0, rule.table) in self.routing:
-                    found.append(Routing("route", family, 0, rule.table))
-        return list(dict.fromkeys(found))
+    def restore_routing(self, removed: list[Removed]) -> None:
+        for entry in sorted(removed, key=lambda e: e.item.kind != "route"):
+            if entry.item not in self.routing:
+                with self.step(f"restore {entry.item}"):
+                    self.routing.append(entry.item)
 
-    def local_default_route_tables(self, family: int, tables: set[int]) -> set[int]:
-        return {item.table for item in self.routing if item.kind == "route" and item.family == family
-                and item.table in tables}
+    def owned_routing(self, family: int, marks: set[int], tables: set[int]) -> list[Routing]:
+        """As netns.owned_routing; all the fake's routing was made by istio-init (netns marks it with
+        ROUTING_PROTOCOL), so all of the family's is istio-init's, whatever the marks and tables."""
+        return [item for item in self.routing if item.family == family]
+
+    def routing_present(self, marks: set[int], tables: set[int]) -> bool:
+        return any(self.owned_routing(family, marks, tables) for family in (4, 6))
 
     def has_loopback_address(self, address: str) -> bool:
         return address in self.lo_addresses
@@ -217,7 +222,9 @@ class FakeTables:
             kept = [block for name, block in _blocks(self.host.text[key]) if name not in replaced]
             self.host.text[key] = "".join(kept) + saved_blocks
 
-    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
+    def commit(self, changes: Mapping[int, list[TableChange]], meanwhile: Callable[[], object] | None = None) -> None:
+        if meanwhile is not None:  # what a restore tool's run would overlap
+            meanwhile()
         for family, family_changes in changes.items():
             key = (self.flavour, family)
             for change in family_changes:

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, ContextManager, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping
 
 from istio_init import cli, system
-from istio_init.backends.iptables.backend import Tables
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.errors import ApplyError
 from istio_init.model import APPEND, Rule, Step
 from istio_init.netns import Routing
+
+if TYPE_CHECKING:
+    from istio_init.backends.iptables.backend import Tables
 
 
 class FaultyTables:
@@ -49,12 +51,12 @@ class FaultyTables:
     def restore_tool(self, family: int) -> str:
         return self.real.restore_tool(family)
 
-    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
+    def commit(self, changes: Mapping[int, list[TableChange]], meanwhile: Callable[[], object] | None = None) -> None:
         kind, _, table = self.fault.partition(":")
         if kind == "reject" and 4 in changes:
             changes = {**changes, 4: [_with_bogus_rule(c) if c.table == table and c.steps else c
                                       for c in changes[4]]}
-        self.real.commit(changes)
+        self.real.commit(changes, meanwhile)
         if kind == "after-commit" and table in [c.table for c in changes.get(4, [])]:
             raise ApplyError(f"table {table}: fault injected ({self.fault})")
         if self.fault == "ipv6" and changes.get(6):

@@ -105,13 +105,14 @@ def test_no_import_cycle() -> None:
 # A module's layer is the longest name here that it is or lies under.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Pure: flags -> Config -> plan -> text, and text -> model -> decided changes. No kernel, no printing.
-    ("core", ("istio_init", "istio_init.errors", "istio_init.timing", "istio_init.model", "istio_init.config",
+    ("core", ("istio_init", "istio_init.errors", "istio_init.timing", "istio_init.records", "istio_init.model",
+              "istio_init.config",
               "istio_init.ifnames", "istio_init.resolvconf", "istio_init.render", "istio_init.render_nft",
               "istio_init.podcapture",
               "istio_init.rulesets", "istio_init.backends.iptables.savefile",
               "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.printed")),
     # What speaks to the kernel: tools, python-iptables, libnftables, netlink, routes, lock files.
-    ("kernel", ("istio_init.netns", "istio_init.locks", "istio_init.libnftables",
+    ("kernel", ("istio_init.netns", "istio_init.rtnl", "istio_init.locks", "istio_init.libnftables",
                 "istio_init.backends.iptables.spawn", "istio_init.backends.iptables.tools",
                 "istio_init.backends.iptables.restore", "istio_init.backends.iptables.libiptc")),
     # The one seam over all of it, which tests replace (tests/fakehost.py).
@@ -119,8 +120,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Deciding and undoing changes, and choosing a backend.
     ("backends", ("istio_init.backends", "istio_init.backends.base", "istio_init.backends.iptables",
                   "istio_init.backends.iptables.backend", "istio_init.backends.nftables")),
-    # All-or-nothing apply and clean, validation, live nft rules read back, the CNI plugin's installation.
-    ("operations", ("istio_init.apply", "istio_init.validation", "istio_init.nft_live", "istio_init.cni_install")),
+    # All-or-nothing apply and clean, the one reader of installed rules, validation, live nft rules read
+    # back, the CNI plugin's installation.
+    ("operations", ("istio_init.apply", "istio_init.installed", "istio_init.validation", "istio_init.nft_live",
+                    "istio_init.cni_install")),
     # One command each: a run, trace, check, graph, the CNI plugin's logic and its node agent.
     ("commands", ("istio_init.runner", "istio_init.trace", "istio_init.drift", "istio_init.graph",
                   "istio_init.cni", "istio_init.cni_agent")),

@@ -10,11 +10,12 @@ decided here and nowhere else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
-
+from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.system import current
 
 if TYPE_CHECKING:
+    from typing import Callable, Sequence
+
     from istio_init.backends.base import Backend
     from istio_init.backends.iptables.backend import IptablesBackend
 

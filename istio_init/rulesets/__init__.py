@@ -9,12 +9,14 @@ pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Sequence
-
 from istio_init.config import Config
 from istio_init.model import RulePlan
+from istio_init.records import TYPE_CHECKING
 from istio_init.rulesets import current, istio_1_8
+
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Sequence
 
 RULE_SETS: dict[str, ModuleType] = {istio_1_8.NAME: istio_1_8, current.NAME: current}
 DEFAULT = istio_1_8.NAME

@@ -15,14 +15,14 @@ raw), keeping creation order within a table, as Istio's restore input does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
-
 from istio_init.config import Cidr, Config
 from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
                               Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
+from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import ipaddress
+    from typing import Any, Iterable, Sequence
 
 # ipaddress and the C socket module's inet_ntop are imported where used: every run imports this
 # module (rulesets/__init__.py), and both are start-up time (docs/performance.md, "What start-up avoids").

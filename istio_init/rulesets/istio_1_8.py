@@ -7,11 +7,13 @@ step numbers in the comments are the numbered steps of docs/rules-1.8.md.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
-
 from istio_init.config import Cidr, Config
 from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
                               Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Sequence
 
 NAT = "nat"
 MANGLE = "mangle"

@@ -11,8 +11,6 @@ expected ones, puts every table that differs from its snapshot back.
 
 from __future__ import annotations
 
-from typing import ContextManager, Mapping, Protocol, Sequence
-
 from istio_init.backends.iptables.printed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
 from istio_init.backends.iptables.savefile import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
@@ -20,31 +18,36 @@ from istio_init.backends.iptables.savefile import (DIVERT_CHAIN, SavedTable, div
 from istio_init import timing
 from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
+from istio_init.records import TYPE_CHECKING
 from istio_init.rulesets import owned_chains
 
+if TYPE_CHECKING:
+    from typing import Callable, ContextManager, Mapping, Protocol, Sequence
 
-class Tables(Protocol):
-    """One flavour's iptables tables in the kernel: what the backend reads, commits and puts back."""
+    class Tables(Protocol):
+        """One flavour's iptables tables in the kernel: what the backend reads, commits and puts back."""
 
-    name: str  # the backend's name: "libiptc", "legacy" or "nft"
+        name: str  # the backend's name: "libiptc", "legacy" or "nft"
 
-    def session(self) -> ContextManager[None]:
-        """Held around read and commit (libiptc: the xtables lock)."""
+        def session(self) -> ContextManager[None]:
+            """Held around read and commit (libiptc: the xtables lock)."""
 
-    def save(self, family: int, counters: bool = True) -> str:
-        """The family's tables as `iptables-save` text."""
+        def save(self, family: int, counters: bool = True) -> str:
+            """The family's tables as `iptables-save` text."""
 
-    def snapshot(self, family: int) -> str:
-        """The family's tables with counters, read before anything changes."""
+        def snapshot(self, family: int) -> str:
+            """The family's tables with counters, read before anything changes."""
 
-    def restore(self, family: int, saved_blocks: str) -> None:
-        """Replace the tables of `saved_blocks` (save -c text) with exactly that content."""
+        def restore(self, family: int, saved_blocks: str) -> None:
+            """Replace the tables of `saved_blocks` (save -c text) with exactly that content."""
 
-    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
-        """Commit each family's changes, table by table (ApplyError names what was refused)."""
+        def commit(self, changes: Mapping[int, list[TableChange]],
+                   meanwhile: Callable[[], object] | None = None) -> None:
+            """Commit each family's changes, table by table (ApplyError names what was refused);
+            `meanwhile` runs while a tool commits, where there is one."""
 
-    def restore_tool(self, family: int) -> str:
-        """The restore tool's name, as `clean -n` shows its input."""
+        def restore_tool(self, family: int) -> str:
+            """The restore tool's name, as `clean -n` shows its input."""
 
 
 class IptablesUndo:
@@ -106,6 +109,8 @@ class IptablesBackend:
 
     # The last successful converge: the printed tables are derived from its snapshot and decision.
     converged: IptablesUndo | None = None
+    # Work for the next commit's tool run to overlap (TPROXY and ::6 load pyroute2's messages then).
+    meanwhile: Callable[[], object] | None = None
 
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
@@ -143,7 +148,8 @@ class IptablesBackend:
         for family, family_changes in todo.items():
             undo.touched[family] = [c.table for c in family_changes]
         if todo:
-            self.tables.commit(todo)
+            meanwhile, self.meanwhile = self.meanwhile, None
+            self.tables.commit(todo, meanwhile)
 
     def converge(self, plan: RulePlan | None, families: Sequence[int]) -> IptablesUndo:
         undo = IptablesUndo(self.tables)

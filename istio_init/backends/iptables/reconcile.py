@@ -12,21 +12,32 @@ everything else, a user's `ISTIO_FOO` chain included, is left where it is.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import operator
-import re
-from typing import NamedTuple, Sequence
+import _operator as operator  # operator.py only re-exports the C module's
 
 from istio_init.model import INSERT, FamilyPlan, Step, is_builtin
+from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.render import rule_spec
 from istio_init.rulesets import owned_chains
 from istio_init.backends.iptables.savefile import SavedRule, SavedTable
 
+if TYPE_CHECKING:
+    import re
+    from typing import Sequence
 
-@functools.lru_cache(maxsize=1)
+_SHAPES: list[dict[tuple[str, str], tuple[re.Pattern[str], ...]]] = []  # built once, when a run first needs it
+
+
 def _builtin_shapes() -> dict[tuple[str, str], tuple[re.Pattern[str], ...]]:
-    """Each planned built-in rule as a pattern: its text, with every sentinel part matching any word."""
+    """Each planned built-in rule as a pattern: its text, with every sentinel part matching any word.
+
+    Only a namespace with rules in built-in chains needs them (a fresh pod's has none), so `re`
+    is imported here, not on every start.
+    """
+    if _SHAPES:
+        return _SHAPES[0]
+    import re
+
     from istio_init.rulesets.ownership import SENTINEL_WORDS, builtin_rules
 
     any_word = "|".join(re.escape(word) for word in sorted(SENTINEL_WORDS, key=len, reverse=True))
@@ -37,6 +48,7 @@ def _builtin_shapes() -> dict[tuple[str, str], tuple[re.Pattern[str], ...]]:
             parts = re.split(f"({any_word})", rule_spec(rule))
             patterns.append("".join(r"\S+" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
         shapes[key] = tuple(re.compile(p) for p in dict.fromkeys(patterns))
+    _SHAPES.append(shapes)
     return shapes
 
 
