@@ -19,9 +19,11 @@ policy (`holding_store`), which agrees with where an apply writes
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
-
 from istio_init.backends.iptables.savefile import SavedTable
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Mapping, Sequence
 
 FLAVOURS = ("legacy", "nft")
 FAMILIES = (4, 6)
