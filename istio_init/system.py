@@ -127,6 +127,12 @@ class System:
 
         return netns.remove_loopback_address(address)
 
+    def loopback_ipv6_addresses(self) -> set[str]:
+        """The IPv6 addresses on lo, as "::6/128"."""
+        from istio_init import netns
+
+        return netns.loopback_ipv6_addresses()
+
     # ---- the namespace and the process -----------------------------------------------------
 
     def enter_namespace(self, path: str, label: str) -> None:

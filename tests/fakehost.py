@@ -150,6 +150,9 @@ class FakeHost(System):
     def routing_present(self, marks: set[int], tables: set[int]) -> bool:
         return any(self.owned_routing(family, marks, tables) for family in (4, 6))
 
+    def loopback_ipv6_addresses(self) -> set[str]:
+        return set(self.lo_addresses)
+
     def has_loopback_address(self, address: str) -> bool:
         return address in self.lo_addresses
 

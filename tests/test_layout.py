@@ -1,4 +1,5 @@
-"""The package's shape: only the front doors print, no import cycle, and no module imports a layer above its own."""
+"""The package's shape: only the front doors print, no import cycle, no module imports a layer above its
+own, and what is installed is read for the commands by one module."""
 
 from __future__ import annotations
 
@@ -164,3 +165,41 @@ def test_the_layer_check_finds_an_upward_import() -> None:
                "istio_init.runner": ast.parse("from istio_init.backends.iptables import backend\n")}
     assert _upward(modules) == ["istio_init.backends.iptables.backend (backends) imports istio_init.runner "
                                 "(commands)"]
+
+
+# The commands that show or judge what is installed (check, trace, graph, the CNI's CHECK, validation)
+# read it through installed.py, never through their own calls to the System, the backends or the kernel:
+# two readers would disagree (issue: trace walked legacy while check judged nft).
+REPORTING = ("istio_init.trace", "istio_init.drift", "istio_init.graph", "istio_init.nft_live", "istio_init.cni",
+             "istio_init.cni_agent", "istio_init.validation")
+READS_INSTALLED = frozenset({"ours", "read_ruleset", "save_text", "candidates", "iptables_nft_tables",
+                             "native_nft_tables", "legacy_tables", "owned_routing", "routing_present",
+                             "loopback_ipv6_addresses", "has_loopback_address"})
+
+
+def _reads_installed(tree: ast.Module) -> list[str]:
+    """Calls that read installed rules, routing or addresses, and /proc/net paths, as 'line N: what'."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in READS_INSTALLED:
+                found.append(f"line {node.lineno}: {name}()")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "/proc/net/" in node.value:
+            found.append(f"line {node.lineno}: {node.value}")
+    return found
+
+
+def test_one_reader_of_installed_state() -> None:
+    modules = _modules()
+    assert _reads_installed(modules["istio_init.installed"])  # the one reader is seen reading
+    offenders = {name: hits for name in REPORTING if (hits := _reads_installed(modules[name]))}
+    assert offenders == {}, "read installed state through istio_init/installed.py"
+
+
+def test_the_reader_check_finds_a_second_reader() -> None:
+    """The check above can fail: a command asking a backend, the System or /proc itself."""
+    sample = ("def f(b, s):\n    b.ours()\n    s.owned_routing(4, set(), set())\n"
+              "    open('/proc/net/if_inet6')\n    backends.candidates('auto', [4])\n")
+    assert sorted(hit.split(":")[0] for hit in _reads_installed(ast.parse(sample))) == ["line 2", "line 3",
+                                                                                         "line 4", "line 5"]
