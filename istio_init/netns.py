@@ -126,27 +126,28 @@ _NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 IPTABLES_TABLE_NAMES = frozenset({"filter", "nat", "mangle", "raw", "security"})
 
 
+def _nft_table_names(nfproto: int) -> set[str]:
+    """The names of nf_tables' tables of one protocol family here, over netlink; none without nf_tables."""
+    try:
+        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(nfproto, 0, 0), _NETLINK_NETFILTER)
+    except OSError:
+        return set()
+    names = set()
+    for msg_type, payload in replies:
+        if msg_type == _NFT_NEWTABLE and payload[0] == nfproto:
+            raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
+            names.add(raw.split(b"\0", 1)[0].decode(errors="replace"))
+    return names
+
+
 def iptables_nft_tables(family: int) -> set[str]:
     """The iptables tables that iptables-nft has made in this namespace, for one family.
 
     `auto` must not put legacy rules beside nft-based ones. Asking nf_tables
     over netlink is far cheaper than running `iptables-nft-save` to find out,
-    a process start on every pod. A kernel without
-    nf_tables has none.
+    a process start on every pod. A kernel without nf_tables has none.
     """
-    try:
-        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO[family], 0, 0), _NETLINK_NETFILTER)
-    except OSError:
-        return set()
-    names = set()
-    for msg_type, payload in replies:
-        if msg_type != _NFT_NEWTABLE or payload[0] != _NFPROTO[family]:
-            continue
-        raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
-        name = raw.split(b"\0", 1)[0].decode(errors="replace")
-        if name in IPTABLES_TABLE_NAMES:
-            names.add(name)
-    return names
+    return _nft_table_names(_NFPROTO[family]) & IPTABLES_TABLE_NAMES
 
 
 _CAP_NET_ADMIN = 12
@@ -198,20 +199,7 @@ def native_nft_tables() -> set[str]:
     """
     from istio_init.model import NATIVE_TABLE_PREFIX, NATIVE_TABLES
 
-    ours = {NATIVE_TABLE_PREFIX + table for table in NATIVE_TABLES}
-    try:
-        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO_INET, 0, 0), _NETLINK_NETFILTER)
-    except OSError:
-        return set()
-    names = set()
-    for msg_type, payload in replies:
-        if msg_type != _NFT_NEWTABLE or payload[0] != _NFPROTO_INET:
-            continue
-        raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
-        name = raw.split(b"\0", 1)[0].decode(errors="replace")
-        if name in ours:
-            names.add(name)
-    return names
+    return _nft_table_names(_NFPROTO_INET) & {NATIVE_TABLE_PREFIX + table for table in NATIVE_TABLES}
 
 
 def enter(path: str, label: str = "--network-namespace") -> None:
