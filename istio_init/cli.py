@@ -175,12 +175,12 @@ def check_command(as_json: bool, **given: Any) -> None:
     the missing, extra and misordered rules, chains, TPROXY routing and ::6
     when not; exit 3 when the state cannot be read. Usable as an exec probe.
     """
-    from istio_init import drift, runner
+    from istio_init import check, runner
 
     config = load_config(given)
     runner.enter_namespace(config)
-    report = drift.run(config, log)
-    _out((drift.to_json(report) if as_json else drift.format_text(report)) + "\n")
+    report = check.run(config, log)
+    _out((check.to_json(report) if as_json else check.format_text(report)) + "\n")
     sys.exit(report.exit_code)
 
 

@@ -254,11 +254,11 @@ def core(action: str, config: Config, call: Call) -> list[str]:
         runner.clean(config, call.log)
         locks.retire_namespace_lock()  # the pod is going; its lock file goes with it, under its lock
         return []
-    # CHECK is `istio-init check`: the same plan, live state and comparison (drift.py).
-    from istio_init import drift
+    # CHECK is `istio-init check`: the same plan, live state and comparison (check.py).
+    from istio_init import check
 
     runner.enter_namespace(config)
-    return [" ".join(difference.line().split()) for difference in drift.run(config, call.log).differences]
+    return [" ".join(difference.line().split()) for difference in check.run(config, call.log).differences]
 
 
 # ---- the commands ---------------------------------------------------------------------------------

@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> None:
             output.out(runner.run(config, output.log))
             return
         nonlocal exit_code
-        from istio_init import drift  # as cli.py's check command
+        from istio_init import check as checking  # as cli.py's check command
 
         runner.enter_namespace(config)
-        report = drift.run(config, output.log)
-        output.out((drift.to_json(report) if check[1] else drift.format_text(report)) + "\n")
+        report = checking.run(config, output.log)
+        output.out((checking.to_json(report) if check[1] else checking.format_text(report)) + "\n")
         exit_code = report.exit_code
 
     try:

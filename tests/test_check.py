@@ -19,7 +19,7 @@ from cases import CASES, SEED_ARGS, UNRELATED_V4, UNRELATED_V6, Case
 from cases_current import CURRENT_CASES, RULES, CurrentCase
 from clirun import clean_environ, given
 from istio_init.config import from_sources
-from istio_init.drift import Difference, chains_from_plan
+from istio_init.check import Difference, chains_from_plan
 from istio_init.rulesets import plan
 from nsutil import Namespace
 

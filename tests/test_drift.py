@@ -14,7 +14,7 @@ import pytest
 from cases import CASES, SEED_ARGS, UNRELATED_V4, Case
 from clirun import given
 from istio_init.config import from_sources
-from istio_init.drift import (Difference, Live, chains_from_plan, chains_from_save, compare, compare_chain,
+from istio_init.check import (Difference, Live, chains_from_plan, chains_from_save, compare, compare_chain,
                               format_text, planned_state, to_json)
 from istio_init.backends.iptables.savefile import parse_save
 from istio_init.installed import holding_store, stores_holding_ours

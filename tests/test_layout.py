@@ -124,9 +124,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # All-or-nothing apply and clean, the one reader of installed rules, validation, live nft rules read
     # back, the CNI plugin's installation.
     ("operations", ("istio_init.apply", "istio_init.installed", "istio_init.validation", "istio_init.nft_live",
-                    "istio_init.cni_install")),
+                    "istio_init.cni_install", "istio_init.kubeapi")),
     # One command each: a run, trace, check, graph, the CNI plugin's logic and its node agent.
-    ("commands", ("istio_init.runner", "istio_init.trace", "istio_init.drift", "istio_init.graph",
+    ("commands", ("istio_init.runner", "istio_init.trace", "istio_init.check", "istio_init.graph",
                   "istio_init.cni", "istio_init.cni_agent")),
     # The front doors and the output layer they share.
     ("front doors", ("istio_init.output", "istio_init.logs", "istio_init.cli", "istio_init.entry",
@@ -170,7 +170,7 @@ def test_the_layer_check_finds_an_upward_import() -> None:
 # The commands that show or judge what is installed (check, trace, graph, the CNI's CHECK, validation)
 # read it through installed.py, never through their own calls to the System, the backends or the kernel:
 # two readers would disagree (issue: trace walked legacy while check judged nft).
-REPORTING = ("istio_init.trace", "istio_init.drift", "istio_init.graph", "istio_init.nft_live", "istio_init.cni",
+REPORTING = ("istio_init.trace", "istio_init.check", "istio_init.graph", "istio_init.nft_live", "istio_init.cni",
              "istio_init.cni_agent", "istio_init.validation")
 READS_INSTALLED = frozenset({"ours", "read_ruleset", "save_text", "candidates", "iptables_nft_tables",
                              "native_nft_tables", "legacy_tables", "owned_routing", "routing_present",

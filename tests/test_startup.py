@@ -138,7 +138,7 @@ def test_check_in_sync_imports_no_click_and_nothing_slow(netns) -> None:
     args = [arg for arg in SEED_ARGS if arg != "istio-iptables"]
     imported_modules([*args, "--iptables-backend", "auto"], netns)
     names = imported_modules(["check", *args, "--iptables-backend", "auto"], netns)
-    assert "istio_init.drift" in names
+    assert "istio_init.check" in names
     unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes"}
     assert not names & unneeded, sorted(names & unneeded)
 
