@@ -212,7 +212,7 @@ class Node:
             "--insecure-port", "0", "--cert-dir", str(pki / "apiserver-certs"),
             "--tls-cert-file", f"{pki}/apiserver.crt", "--tls-private-key-file", f"{pki}/apiserver.key",
             "--client-ca-file", f"{pki}/ca.crt", "--authorization-mode", "Node,RBAC",
-            "--enable-admission-plugins", "NodeRestriction", "--allow-privileged", "true",
+            "--enable-admission-plugins", "NodeRestriction", "--allow-privileged=true",
             "--service-cluster-ip-range", SERVICE_RANGE,
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", f"{pki}/sa.key", "--service-account-signing-key-file", f"{pki}/sa.key",
@@ -227,7 +227,7 @@ class Node:
         self._spawn("kube-controller-manager", [
             str(KUBE_BIN / "kube-controller-manager"), "--kubeconfig", f"{pki}/controller-manager.kubeconfig",
             "--service-account-private-key-file", f"{pki}/sa.key", "--root-ca-file", f"{pki}/ca.crt",
-            "--use-service-account-credentials", "true", "--leader-elect=false", "--port", "0",
+            "--use-service-account-credentials=true", "--leader-elect=false", "--port", "0",
             "--secure-port", "0", "--flex-volume-plugin-dir", str(self.work / "flex"),
             "--controllers", "*,-csrsigning,-csrapproving,-csrcleaner,-nodeipam,-route,-cloud-node-lifecycle,-service",
             "--node-monitor-period", "2s", "--profiling=false", "--v", "1"])

@@ -4,7 +4,7 @@ A node is started by a separate Python process (its owner), runs a pod, and the 
 with SIGKILL halfway, as a crashed or timed-out test run would be. Everything of the node is
 still there then; `scripts/kube-node cleanup` must remove it all: processes (containerd's shims
 and the pod's containers included), cgroups, the work directory, and with them the namespaces and
-mounts. The host's sysctls the kubelet wants changed, its network namespaces and the paths the
+mounts. The host's sysctls the kubelet wants changed and the paths the
 kubelet and libcni hard-code are checked before and after.
 """
 
@@ -33,8 +33,7 @@ HOST_PATHS = ("/var/log/pods", "/var/log/containers", "/var/lib/cni", "/var/lib/
 def host_state() -> dict[str, Any]:
     sysctls = {key: Path("/proc/sys", key).read_text() for key in kubenode.KUBELET_SYSCTLS}
     sysctls["net/ipv4/ip_forward"] = Path("/proc/sys/net/ipv4/ip_forward").read_text()
-    netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
-    return {"sysctls": sysctls, "netns": netns, "paths": {p: os.path.exists(p) for p in HOST_PATHS},
+    return {"sysctls": sysctls, "paths": {p: os.path.exists(p) for p in HOST_PATHS},
             "mounts": sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                              if "istio-init-kube" in line)}
 
