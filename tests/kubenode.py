@@ -396,7 +396,7 @@ serializeImagePulls: false
 
     def _cgroup_dirs(self) -> list[Path]:
         """The node's cgroup in every v1 hierarchy (named ones included)."""
-        return [h / self.cgroup for h in _hierarchies()]
+        return [h / self.cgroup for h in cgroup_hierarchies()]
 
     def _make_cgroups(self) -> None:
         for d in self._cgroup_dirs():
@@ -429,7 +429,7 @@ def _join_cgroups(procs_files: list[str]) -> None:
             f.write(str(os.getpid()))
 
 
-def _hierarchies() -> list[Path]:
+def cgroup_hierarchies() -> list[Path]:
     """The mounted v1 cgroup hierarchies (and a unified one, if mounted beside them)."""
     if not CGROUP_FS.is_dir():
         return []
@@ -444,7 +444,7 @@ def _walk_cgroups(top: Path) -> Iterator[Path]:
 
 def _pids_in(cgroup: str) -> set[int]:
     pids: set[int] = set()
-    for h in _hierarchies():
+    for h in cgroup_hierarchies():
         top = h / cgroup
         if not top.is_dir():
             continue
@@ -478,7 +478,7 @@ def teardown(work: Path, cgroup: str, processes: dict[str, int] | None = None, t
         time.sleep(0.1)
     _reap_children()
     left: list[str] = [f"process {pid} in cgroup {cgroup}" for pid in sorted(_pids_in(cgroup))]
-    for h in _hierarchies():
+    for h in cgroup_hierarchies():
         top = h / cgroup
         if not top.is_dir():
             continue
@@ -522,7 +522,7 @@ def leftovers(node_id: str | None = None) -> list[str]:
     """What of any node (or of one node) is still on the machine: cgroups and work directories."""
     found: list[str] = []
     prefix = CGROUP_PREFIX + (node_id or "")
-    for h in _hierarchies():
+    for h in cgroup_hierarchies():
         found += [str(d) for d in h.iterdir() if d.is_dir() and d.name.startswith(prefix)]
     if WORK_BASE.is_dir():
         found += [str(d) for d in WORK_BASE.iterdir() if node_id is None or d.name == node_id]
@@ -537,7 +537,7 @@ def cleanup_stale(everything: bool = False) -> list[str]:
     ids: set[str] = set()
     if WORK_BASE.is_dir():
         ids.update(d.name for d in WORK_BASE.iterdir() if d.is_dir())
-    for h in _hierarchies():
+    for h in cgroup_hierarchies():
         ids.update(d.name[len(CGROUP_PREFIX):] for d in h.iterdir()
                    if d.is_dir() and d.name.startswith(CGROUP_PREFIX))
     removed = []

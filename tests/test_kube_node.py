@@ -33,7 +33,10 @@ HOST_PATHS = ("/var/log/pods", "/var/log/containers", "/var/lib/cni", "/var/lib/
 def host_state() -> dict[str, Any]:
     sysctls = {key: Path("/proc/sys", key).read_text() for key in kubenode.KUBELET_SYSCTLS}
     sysctls["net/ipv4/ip_forward"] = Path("/proc/sys/net/ipv4/ip_forward").read_text()
-    return {"sysctls": sysctls, "paths": {p: os.path.exists(p) for p in HOST_PATHS},
+    # The cgroups a kubelet or containerd makes when not told where: none at the top of any hierarchy.
+    strays = sorted(str(d) for h in kubenode.cgroup_hierarchies() for d in h.iterdir()
+                    if d.name in ("kubepods", "kubepods.slice", "k8s.io", "kubelet", "kubelet.slice"))
+    return {"sysctls": sysctls, "cgroups": strays, "paths": {p: os.path.exists(p) for p in HOST_PATHS},
             "mounts": sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                              if "istio-init-kube" in line)}
 
