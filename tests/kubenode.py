@@ -186,7 +186,7 @@ class Node:
         """Everything up to a Ready node whose `default` namespace admits pods."""
         begin = time.monotonic()
         for sub in ("logs", "home", "etcd", "containerd", "kubelet", "mnt/varlib-up", "mnt/varlib-work",
-                    "mnt/cgroup", "sysctl", "volume-plugins", "flex", "cni/ipam"):
+                    "mnt/etc-up", "mnt/etc-work", "mnt/opt-up", "mnt/opt-work", "mnt/cgroup", "sysctl", "volume-plugins", "flex", "cni/ipam"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         self.save_state(owner)
         _make_pki(self.work / "pki")
@@ -349,6 +349,14 @@ mount --move {w}/mnt/cgroup /sys/fs/cgroup
 mount -t tmpfs -o mode=755,size=64m tmpfs /run
 mount -t tmpfs -o mode=755,size=256m tmpfs /var/log
 mount -t overlay overlay -o lowerdir=/var/lib,upperdir={w}/mnt/varlib-up,workdir={w}/mnt/varlib-work /var/lib
+# The node's CNI dirs where a DaemonSet's hostPath volumes look for them (/opt/cni/bin,
+# /etc/cni/net.d): overlays on /etc and /opt give the mount points, binds the node's own dirs.
+mount -t overlay overlay -o lowerdir=/etc,upperdir={w}/mnt/etc-up,workdir={w}/mnt/etc-work /etc
+mkdir -p {w}/mnt/opt-up/cni/bin
+mount -t overlay overlay -o lowerdir=/opt,upperdir={w}/mnt/opt-up,workdir={w}/mnt/opt-work /opt
+mkdir -p /etc/cni/net.d
+mount --bind {self.cni_bin} /opt/cni/bin
+mount --bind {self.cni_conf} /etc/cni/net.d
 {binds}
 exec containerd --config {c}/config.toml
 """)

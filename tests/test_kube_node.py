@@ -27,7 +27,7 @@ from kubepods import ROOT, client_pod
 pytestmark = [pytest.mark.kube, pytest.mark.root]
 
 HOST_PATHS = ("/var/log/pods", "/var/log/containers", "/var/lib/cni", "/var/lib/kubelet", "/run/containerd",
-              "/etc/cni/net.d", "/root/.kube", "/var/run/kubernetes", "/etc/kubernetes")
+              "/etc/cni/net.d", "/opt/cni/bin", "/var/run/istio-init-cni", "/root/.kube", "/var/run/kubernetes", "/etc/kubernetes")
 
 
 def host_state() -> dict[str, Any]:
