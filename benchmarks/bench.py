@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter of the venv whose istio-init is timed (and runs the floor)")
     parser.add_argument("--scale", default=",".join(map(str, SCALE)), help="-x CIDR counts (default 1000,4000,8000)")
+    parser.add_argument("--containerd", action=argparse.BooleanOptionalAction, default=True,
+                        help="the CNI form's row: containerd's RunPodSandbox with the agent chained and without")
     opts = parser.parse_args(argv)
     global PYTHON
     PYTHON = opts.python
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs root (network namespaces)", file=sys.stderr)
         return 2
     os.chdir(tempfile.gettempdir())
+    # First, before the private lock below: the agent takes each pod namespace's own lock, as on a node.
+    sandbox_row: Row | str | None = bench_run_pod_sandbox(opts.runs) if opts.containerd else None
     # A private istio-init lock: runs elsewhere on the machine (test suites) must not make these wait.
     os.environ["ISTIO_INIT_LOCKFILE"] = os.path.join(tempfile.gettempdir(), f"istio-init-bench-{os.getpid()}.lock")
     scale = [int(n) for n in opts.scale.split(",") if n]
@@ -213,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_dry_run(name, args, opts.runs, target_for(name, "dry run")))
     finally:
         spaces.remove_all()
-    peak = max(row.a.peak_rss_kib for row in rows)
+    if isinstance(sandbox_row, Row):
+        rows.append(sandbox_row)
+    peak = max(row.a.peak_rss_kib for row in rows if row.name != SANDBOX_ROW)
     slopes = {}
     for kind in [*opts.backends.split(","), "dry run"]:
         ours = [(rules[n], r.a.median_ms) for n in configs if n != "seed" for r in rows if r.name == row_name(n, kind)]
@@ -239,8 +245,28 @@ def main(argv: list[str] | None = None) -> int:
               f"runs per side: {opts.runs}; rules: " + ", ".join(f"{n} {c}" for n, c in rules.items()))
         for kind, (ours, floor) in slopes.items():
             print(f"slope, {kind}: istio-init {ours} ms per 1,000 rules, floor {floor} ms per 1,000 rules")
+        if isinstance(sandbox_row, str):
+            print(f"{SANDBOX_ROW}: skipped: {sandbox_row}")
+        elif sandbox_row is not None:
+            print(f"{SANDBOX_ROW}: containerd's RunPodSandbox of a meshed pod with istio-init-cni chained "
+                  "(agent) against the same node without it; RSS is the agent's")
     missed = [r for r in rows if not r.ok] or rss_missed
     return 1 if (opts.check and missed) else 0
+
+
+SANDBOX_ROW = "RunPodSandbox, CNI agent chained"
+
+
+def bench_run_pod_sandbox(runs: int) -> Row | str:
+    """The CNI form's row (benchmarks/bench_containerd.py), or why it cannot run here."""
+    from bench_containerd import run_pod_sandbox
+
+    result = run_pod_sandbox(runs)
+    if isinstance(result, str):
+        return result
+    chained, plain, agent_rss = result
+    return Row(SANDBOX_ROW, Stats.of(chained, agent_rss), Stats.of(plain, 0),
+               round(statistics.median(chained) / statistics.median(plain), 2), 1.3)
 
 
 def row_name(config: str, kind: str) -> str:
