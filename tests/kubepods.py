@@ -21,6 +21,10 @@ MANIFESTS = ROOT / "container" / "kubernetes"
 TEST_IMAGE = "localhost/iik-test:1"
 ORIGDST = "/bin/origdst"
 
+APP_LABEL = "app=nginx"
+CLIENT_PORT = 9090
+GRACE = 1  # seconds: the stand-ins do not handle SIGTERM, so deletions would wait the default 30 s
+
 # The seed's init container args (container/kubernetes/deployment.yaml), without `istio-iptables`.
 SEED_FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
               "-d", "15090,15021,15020"]
@@ -120,14 +124,15 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 120, every: f
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
-def ready_pods(node: Node, selector: str, count: int, timeout: float = 120) -> list[dict[str, Any]]:
+def ready_pods(node: Node, selector: str, count: int, timeout: float = 120,
+               namespace: str = "default") -> list[dict[str, Any]]:
     def probe() -> list[dict[str, Any]] | None:
-        found = pods(node, selector)
+        found = pods(node, selector, namespace)
         return found if len(found) == count and all(is_ready(p) for p in found) else None
     try:
         result: list[dict[str, Any]] = wait_for(f"{count} Ready pod(s) {selector}", probe, timeout)
     except AssertionError as exc:
-        described = node.kubectl("describe", "pods", "-l", selector, check=False).stdout
+        described = node.kubectl("describe", "pods", "-n", namespace, "-l", selector, check=False).stdout
         raise AssertionError(f"{exc}\n{described[-4000:]}\n--- kubelet:\n{node.log('kubelet')[-3000:]}") from None
     return result
 
@@ -205,3 +210,24 @@ def pin_images(obj: dict[str, Any], images: dict[str, str]) -> None:
         if c["name"] in images:
             c["image"] = images[c["name"]]
         c["imagePullPolicy"] = "Never"
+
+
+def ca_configmap() -> dict[str, Any]:
+    """The ConfigMap Istio's control plane publishes and the seed's pod mounts (any content will do)."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-ca-root-cert"},
+            "data": {"root-cert.pem": "not used by the stand-in\n"}}
+
+
+def as_standin(container: dict[str, Any], label: str, *ports: int) -> None:
+    """A manifest's container turned into an origdst stand-in, keeping its securityContext and mounts."""
+    container.update(image=TEST_IMAGE, command=[ORIGDST, "serve", label, *map(str, ports)])
+    for key in ("args", "readinessProbe", "livenessProbe"):
+        container.pop(key, None)
+
+
+def check_traffic(node: Node, pod: dict[str, Any], client: dict[str, Any]) -> None:
+    """Inbound lands on 15006, the app's outbound on 15001, the proxy's own (uid 1337) is not captured."""
+    pod_ip, client_ip = pod["status"]["podIP"], client["status"]["podIP"]
+    assert connect(node, client, "client", pod_ip, 80) == f"proxy 15006 {pod_ip}:80"
+    assert connect(node, pod, "nginx", client_ip, CLIENT_PORT) == f"proxy 15001 {client_ip}:{CLIENT_PORT}"
+    assert connect(node, pod, "istio-proxy", client_ip, CLIENT_PORT) == f"client {CLIENT_PORT} {client_ip}:{CLIENT_PORT}"

@@ -28,15 +28,13 @@ import pytest
 
 from conftest import KUBE_TIMINGS
 from kubenode import Node
-from kubepods import (CONSOLE_2, MANIFESTS, ORIGDST, ROOT, SEED_FLAGS, TEST_IMAGE, apply, client_pod,
-                      connect, container_id, get, in_pod_netns, manifest, normalize_nvl, pin_images,
-                      pod_nat, pod_nat_rules, pods, ready_pods, wait_for)
+from kubepods import (APP_LABEL, CLIENT_PORT, CONSOLE_2, GRACE, MANIFESTS, ROOT, SEED_FLAGS, apply,
+                      as_standin, ca_configmap, check_traffic, client_pod, container_id, get, in_pod_netns,
+                      manifest, normalize_nvl, pin_images, pod_nat, pod_nat_rules, pods, ready_pods,
+                      wait_for)
 
 pytestmark = [pytest.mark.kube, pytest.mark.root]
 
-APP_LABEL = "app=nginx"
-CLIENT_PORT = 9090
-GRACE = 1  # seconds: the stand-ins do not handle SIGTERM, so deletions would wait the default 30 s
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +52,6 @@ def workload(kube_node: Node) -> Iterator[None]:
     kube_node.kubectl("delete", "deployment", "nginx-deployment", "--ignore-not-found", "--wait=true",
                       "--timeout=60s", check=False, timeout=90)
     wait_for("the Deployment's pods to be gone", lambda: not pods(kube_node, APP_LABEL), timeout=60)
-
-
-def ca_configmap() -> dict[str, Any]:
-    """The ConfigMap Istio's control plane publishes and the seed's pod mounts (any content will do)."""
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio-ca-root-cert"},
-            "data": {"root-cert.pem": "not used by the stand-in\n"}}
-
-
-def as_standin(container: dict[str, Any], label: str, *ports: int) -> None:
-    """A manifest's container turned into an origdst stand-in, keeping its securityContext and mounts."""
-    container.update(image=TEST_IMAGE, command=[ORIGDST, "serve", label, *map(str, ports)])
-    for key in ("args", "readinessProbe", "livenessProbe"):
-        container.pop(key, None)
 
 
 def seed_deployment(node: Node, image: str) -> dict[str, Any]:
@@ -122,14 +107,6 @@ def check_init_container(node: Node, pod: dict[str, Any]) -> None:
     for kind in ("bounding", "effective", "permitted"):
         assert sorted(process["capabilities"][kind]) == ["CAP_NET_ADMIN", "CAP_NET_RAW"], process["capabilities"]
     assert process.get("noNewPrivileges") is True
-
-
-def check_traffic(node: Node, pod: dict[str, Any], client: dict[str, Any]) -> None:
-    """Inbound lands on 15006, the app's outbound on 15001, the proxy's own (uid 1337) is not captured."""
-    pod_ip, client_ip = pod["status"]["podIP"], client["status"]["podIP"]
-    assert connect(node, client, "client", pod_ip, 80) == f"proxy 15006 {pod_ip}:80"
-    assert connect(node, pod, "nginx", client_ip, CLIENT_PORT) == f"proxy 15001 {client_ip}:{CLIENT_PORT}"
-    assert connect(node, pod, "istio-proxy", client_ip, CLIENT_PORT) == f"client {CLIENT_PORT} {client_ip}:{CLIENT_PORT}"
 
 
 def init_logs(node: Node, pod: dict[str, Any]) -> str:
