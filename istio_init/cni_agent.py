@@ -36,7 +36,8 @@ from typing import Any, Callable, Mapping
 from istio_init import cni, cni_install
 from istio_init.cni import CniError
 from istio_init.errors import IstioInitError
-from istio_init.podcapture import AnnotationError, Capture, MeshSettings, decide, facts_from_runtime, k8s_pod
+from istio_init.podcapture import (AnnotationError, Capture, MeshSettings, PodFacts, decide, facts_from_runtime,
+                                   k8s_pod)
 
 SOCKET_NAME = "agent.sock"
 EXCLUDED_NAME = "excluded-namespaces"
@@ -52,6 +53,9 @@ _WARM_MODULES = ("istio_init.runner", "istio_init.apply", "istio_init.backends",
                  "istio_init.backends.iptables.tools", "istio_init.backends.iptables.savefile", "yaml")
 
 Log = Callable[..., None]
+# Where a pod's facts come from: (CNI_ARGS, the configuration's runtimeConfig) -> PodFacts. The
+# runtime's annotations by default; a source that asks the API server can take its place.
+PodFactsSource = Callable[[str, Any], PodFacts]
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class AgentOptions:
     mesh: MeshSettings
     health_port: int = 8000
     health_address: str = ""
+    pod_facts: PodFactsSource = facts_from_runtime
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ def read_request(conn: socket.socket) -> Request:
         raise
 
 
-def respond(request: Request, mesh: MeshSettings, log: Log) -> dict[str, Any] | None:
+def respond(request: Request, mesh: MeshSettings, log: Log,
+            pod_facts: PodFactsSource = facts_from_runtime) -> dict[str, Any] | None:
     """The answer to one call (raises CniError for the error object)."""
     environ = request.environ
     command = environ.get("CNI_COMMAND", "")
@@ -148,7 +154,7 @@ def respond(request: Request, mesh: MeshSettings, log: Log) -> dict[str, Any] | 
     netns = f"/proc/{os.getpid()}/fd/{request.netns_fd}" if request.netns_fd is not None else None
     call = cni.Call(environ, log, _no_flags)
     if command == "ADD" or command == "CHECK":
-        decision = _decide(request, mesh)
+        decision = _decide(request, mesh, pod_facts)
         if not isinstance(decision, Capture):
             log(f"{command}: not captured: {decision.reason}")
             return conf.prev_result if command == "ADD" else None
@@ -187,10 +193,10 @@ def forget_lock(netns: str) -> None:
         os.unlink(locks.namespace_lock_path())
 
 
-def _decide(request: Request, mesh: MeshSettings) -> Any:
+def _decide(request: Request, mesh: MeshSettings, pod_facts: PodFactsSource) -> Any:
     try:
         runtime_config = json.loads(request.stdin).get("runtimeConfig")
-        return decide(facts_from_runtime(request.environ.get("CNI_ARGS", ""), runtime_config), mesh)
+        return decide(pod_facts(request.environ.get("CNI_ARGS", ""), runtime_config), mesh)
     except AnnotationError as exc:
         raise CniError(cni.ERR_CONFIG, str(exc)) from None
 
@@ -199,7 +205,7 @@ def _no_flags(_: list[str]) -> dict[str, Any]:
     raise AssertionError("the agent decides from pod facts, never from configured args")
 
 
-def serve_call(conn: socket.socket, mesh: MeshSettings, log: Log) -> None:
+def serve_call(conn: socket.socket, options: AgentOptions, log: Log) -> None:
     """Read one request, answer it: exit status, newline, the JSON document (if any)."""
     try:
         request = read_request(conn)
@@ -207,7 +213,8 @@ def serve_call(conn: socket.socket, mesh: MeshSettings, log: Log) -> None:
         log(f"dropped a connection: {exc}", "warn")
         return
     started = time.monotonic()
-    code, document = cni.answer(request.stdin, log, lambda: respond(request, mesh, log))
+    code, document = cni.answer(request.stdin, log,
+                                lambda: respond(request, options.mesh, log, options.pod_facts))
     log(f"{request.environ.get('CNI_COMMAND', '?')}: answered {code} in {(time.monotonic() - started) * 1000:.1f} ms")
     reply = f"{code}\n".encode() + ((json.dumps(document) + "\n").encode() if document is not None else b"")
     with contextlib.suppress(OSError):
@@ -239,6 +246,13 @@ class Agent:
         elif chained.changed:
             self.log(f"chained {cni_install.PLUGIN_TYPE} into {chained.path}")
 
+    def keep_installed(self) -> None:
+        """install(), retried every second while the node's directories refuse (readyz says 503 meanwhile)."""
+        try:
+            self.install()
+        except OSError as exc:
+            self.log(f"cannot install into the node's CNI directories: {exc}", "error")
+
     def uninstall(self) -> None:
         for path in cni_install.unchain(self.options.cni_conf_dir):
             self.log(f"removed {cni_install.PLUGIN_TYPE} from {path}")
@@ -256,23 +270,31 @@ class Agent:
 
     # -- sockets --
     def open(self) -> None:
+        """The run dir's files, the agent's socket and the health port; one clear error if any fails."""
         run_dir = self.options.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        excluded = "".join(f"{name}\n" for name in self.options.mesh.exclude_namespaces)
-        cni_install.write_atomically(run_dir / EXCLUDED_NAME, excluded.encode())
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.socket_path))
-        os.chmod(self.socket_path, 0o600)
-        listener.listen(256)
-        self.socket_inode = os.stat(self.socket_path).st_ino
-        self.listener = listener
-        health = socket.socket(socket.AF_INET6 if ":" in self.options.health_address else socket.AF_INET)
-        health.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        health.bind((self.options.health_address, self.options.health_port))
-        health.listen(16)
-        self.health = health
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            excluded = "".join(f"{name}\n" for name in self.options.mesh.exclude_namespaces)
+            cni_install.write_atomically(run_dir / EXCLUDED_NAME, excluded.encode())
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener = listener
+            listener.bind(str(self.socket_path))
+            os.chmod(self.socket_path, 0o600)
+            listener.listen(256)
+            self.socket_inode = os.stat(self.socket_path).st_ino
+        except OSError as exc:
+            raise IstioInitError(f"cannot serve in --run-dir {run_dir}: {exc.strerror or exc}") from None
+        try:
+            health = socket.socket(socket.AF_INET6 if ":" in self.options.health_address else socket.AF_INET)
+            self.health = health
+            health.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            health.bind((self.options.health_address, self.options.health_port))
+            health.listen(16)
+        except OSError as exc:
+            raise IstioInitError(f"cannot listen on --health-port {self.options.health_port}: "
+                                 f"{exc.strerror or exc}") from None
         self.log(f"serving {self.socket_path}; /readyz on port {health.getsockname()[1]}")
 
     def close(self) -> None:
@@ -313,7 +335,7 @@ class Agent:
                 for sock in (self.listener, self.health):
                     if sock is not None:
                         sock.close()
-                serve_call(conn, self.options.mesh, self.log)
+                serve_call(conn, self.options, self.log)
             except BaseException:  # noqa: BLE001 - the child must exit, whatever happened
                 code = 1
             finally:
@@ -337,9 +359,11 @@ class Agent:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         warm()
-        self.open()
+        installed = False
         try:
-            self.install()
+            self.open()
+            installed = True  # from here on, whatever happens, the node gets its files back
+            self.keep_installed()
             selector = selectors.DefaultSelector()
             assert self.listener is not None and self.health is not None
             selector.register(self.listener, selectors.EVENT_READ, self.fork_call)
@@ -350,14 +374,12 @@ class Agent:
                     key.data()
                 self.reap()
                 if time.monotonic() >= next_check:
-                    try:
-                        self.install()  # undoes a rewrite of the primary file, puts back a removed binary
-                    except OSError as exc:
-                        self.log(f"cannot install into the node's CNI directories: {exc}", "error")
+                    self.keep_installed()  # undoes a rewrite of the primary file, puts back a removed binary
                     next_check = time.monotonic() + WATCH_INTERVAL
             self.log("stopping: removing the plugin from the node")
         finally:
-            self.uninstall()
+            if installed:
+                self.uninstall()
             self.close()
             deadline = time.monotonic() + CHILD_WAIT_SECONDS
             while self.children and time.monotonic() < deadline:

@@ -175,8 +175,7 @@ def capture_flags(facts: PodFacts, mesh: MeshSettings) -> tuple[list[tuple[str, 
     if mode not in ("REDIRECT", "TPROXY"):  # Istio compares exactly, case included
         raise AnnotationError(f"invalid value for {INTERCEPTION_MODE}: {mode!r}: must be REDIRECT or TPROXY")
     exclude_inbound = annotation("local_exclude_ports", EXCLUDE_INBOUND_PORTS, "15020").strip()
-    ports = [p for p in exclude_inbound.split(",")] if exclude_inbound else []
-    ports = [p for p in ports if p] + list(SIDECAR_OWN_PORTS)
+    ports = [port for port in exclude_inbound.split(",") if port] + list(SIDECAR_OWN_PORTS)
     if REROUTE_VIRTUAL_INTERFACES in annotations:
         virt = annotation("kube_virt_interfaces", REROUTE_VIRTUAL_INTERFACES, "")
     else:
@@ -210,7 +209,7 @@ def capture_flags(facts: PodFacts, mesh: MeshSettings) -> tuple[list[tuple[str, 
     if settings[DUAL_STACK]:
         flags.append(("dual_stack", True))
     for dest, _ in flags:
-        sources.setdefault(dest, f"{FLAGS_BY_DEST[dest].label}")
+        sources.setdefault(dest, FLAGS_BY_DEST[dest].label)
     return [(d, v) for d, v in flags if v != ""], sources
 
 

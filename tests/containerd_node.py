@@ -220,20 +220,18 @@ class ContainerdNode:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        deadline = time.monotonic() + 20
-        while True:  # shims (and their runc children) of this node; exited ones linger as zombies briefly
-            left = _pids_mentioning(str(self.work))
-            if not left or time.monotonic() > deadline:
-                break
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    if time.monotonic() > deadline - 15:
+        # Shims (and their runc children) of this node exit once their sandboxes are gone; exited ones
+        # linger as zombies for a second or two. After 5 s, any still there are killed by pid.
+        started = time.monotonic()
+        while (left := _pids_mentioning(str(self.work))) and time.monotonic() - started < 20:
+            if time.monotonic() - started > 5:
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
         if self.netns in netns.listnetns():
             netns.remove(self.netns)
-        for hierarchy in (CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else []):
-            parent = hierarchy / self.cgroup_parent.lstrip("/")
+        for parent in self._cgroup_dirs():
             if parent.is_dir():
                 for child in sorted(parent.iterdir(), reverse=True):
                     if child.is_dir():
@@ -255,7 +253,12 @@ class ContainerdNode:
                 found.append(f"/run/containerd/s/{digest}")
         with open("/proc/self/mountinfo") as mounts:
             found += [f"mount {line.split()[4]}" for line in mounts if str(self.work) in line]
-        for hierarchy in (CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else []):
-            if (hierarchy / self.cgroup_parent.lstrip("/")).exists():
-                found.append(f"cgroup {hierarchy / self.cgroup_parent.lstrip('/')}")
+        found += [f"cgroup {path}" for path in self._cgroup_dirs() if path.exists()]
         return found
+
+    def _cgroup_dirs(self) -> list[Path]:
+        """Where runc puts the pods' cgroup parent: under each v1 hierarchy, or at the v2 root."""
+        if not CGROUP_ROOT.is_dir():
+            return []
+        roots = [CGROUP_ROOT, *(d for d in CGROUP_ROOT.iterdir() if d.is_dir() and not d.is_symlink())]
+        return [root / self.cgroup_parent.lstrip("/") for root in roots]

@@ -219,9 +219,21 @@ def test_a_bad_annotation_fails_the_add_naming_it(node: Node, agent: AgentProces
 
 
 @pytest.mark.root
+def test_version_and_a_pod_outside_kubernetes(node: Node, agent: AgentProcess) -> None:
+    version = _call(node, agent, "VERSION", None, None)
+    assert version.code == 0 and "1.0.0" in version.answer["supportedVersions"]
+    pod = node.add_pod("bare")
+    done = node.invoke(agent.dirs.bin_dir / PLUGIN_TYPE, "ADD", pod, _conf(agent, pod, MESHED), cni_args="IgnoreUnknown=1")
+    assert done.code == 0 and done.answer == pod.result
+    assert _ours(pod) == ""
+
+
+@pytest.mark.root
 def test_without_the_agent_only_excluded_namespaces_start(node: Node, agent: AgentProcess) -> None:
     pod = node.add_pod("down")
     agent.stop(signal.SIGKILL)
+    version = _call(node, agent, "VERSION", None, None)
+    assert version.code == 0 and "1.0.0" in version.answer["supportedVersions"]
     meshed = _call(node, agent, "ADD", pod, MESHED)
     assert meshed.code != 0 and meshed.answer["code"] == 11
     assert "not reachable" in meshed.answer["msg"]
@@ -275,3 +287,24 @@ def test_the_example_deployment_is_captured_and_validated() -> None:
     validation = next(c for c in template["spec"]["initContainers"] if c["name"] == "istio-validation")
     assert {"--run-validation", "--skip-rule-apply"} <= set(validation["args"])
     assert validation["securityContext"]["runAsUser"] == 1337
+
+
+def test_the_plugin_and_the_agent_speak_the_same_protocol() -> None:
+    """The C plugin's constants are the agent's and the DaemonSet's (spelled once per language)."""
+    import re
+
+    import yaml
+
+    from istio_init import cni, cni_agent
+
+    source = (Path(__file__).resolve().parent.parent / "cniplugin" / "istio-init-cni.c").read_text()
+    defines = dict(re.findall(r'^#define (\w+) "(.*)"$', source, re.MULTILINE))
+    assert defines["MAGIC"].encode().decode("unicode_escape").encode() == cni_agent.MAGIC
+    assert defines["SOCKET_NAME"] == cni_agent.SOCKET_NAME
+    assert defines["EXCLUDED_NAME"] == cni_agent.EXCLUDED_NAME
+    daemonset = next(d for d in yaml.safe_load_all((KUBE / "daemonset.yaml").read_text()) if d["kind"] == "DaemonSet")
+    args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--run-dir") + 1] == defines["DEFAULT_RUN_DIR"]
+    versions = re.search(r'supportedVersions\\":\[(.*?)\]', source)
+    assert versions is not None
+    assert re.findall(r'\\"([0-9.]+)\\"', versions.group(1)) == list(cni.SUPPORTED_VERSIONS)
