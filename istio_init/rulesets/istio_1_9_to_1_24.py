@@ -114,6 +114,10 @@ class RuleSet:
         self.generation = generation
         self.NAME = generation.name
         self.OWNED_CHAINS = generation.owned_chains()
+        from istio_init.rulesets.sentinels import SENTINEL_RESOLVERS
+
+        # Resolvers for shape_configs: rules naming one in a built-in chain are ours whatever the address.
+        self.SHAPE_RESOLVERS = SENTINEL_RESOLVERS
 
     def shape_configs(self) -> list[Config]:
         """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels."""

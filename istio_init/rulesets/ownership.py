@@ -3,9 +3,9 @@
 A re-run or `clean` must remove istio-init's rules and nothing else. In the
 chains a rule set owns that is everything; in built-in chains (PREROUTING,
 OUTPUT, ...) it is the jumps to owned chains plus the few rules a rule set
-writes there directly (`-i IF -j RETURN` for -k, DNS's DNAT, TPROXY's MARK).
+writes there directly (`-i IF -j RETURN` for -k, DNS's DNAT or its REDIRECT to a resolver, TPROXY's MARK).
 Those shapes are found by running each rule set's own planner on configs
-whose variable parts (interfaces, ids, marks) are sentinels (sentinels.py), so a value the
+whose variable parts (interfaces, ids, marks, resolvers) are sentinels (sentinels.py), so a value the
 planner hard-codes (port 53, 15053, 127.0.0.1) is matched exactly and a
 variable part matches any value. A user's rule that merely resembles one
 (`-i cni0 -p tcp -j RETURN`) is not ours.
@@ -31,7 +31,7 @@ def builtin_rules() -> dict[tuple[str, str], tuple[Rule, ...]]:
     for module in RULE_SETS.values():
         for config in module.shape_configs():
             for ipv6 in (False, True):
-                for family in module.plan(config, ipv6).families():
+                for family in module.plan(config, ipv6, getattr(module, "SHAPE_RESOLVERS", ())).families():
                     for step in family.steps:
                         rule = step.rule
                         if is_builtin(rule.table, rule.chain) and rule.target not in owned_chains(rule.table):
