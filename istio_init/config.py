@@ -13,7 +13,7 @@ import functools
 import os
 import re
 from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from istio_init import ifnames
 from istio_init.errors import ConfigError
@@ -579,6 +579,26 @@ def ignored_environment(config: Config, environ: Mapping[str, str] | None = None
                 releases = (25, 32) if name == spec.env_alias else spec.env_releases or spec.releases
                 warnings.append(f"warning: {name} is read only with --rules-version {rule_sets_text(releases)}; "
                                 f"ignored (this run uses {config.rules_version})")
+    return warnings
+
+
+def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
+    """One warning per pilot-agent flag in the args that the rule set's releases never wrote.
+
+    Current Istio's injected args (`--log_output_level=...`) under the 1.8
+    default mean a mesh of a later release runs 1.8's rules: said once, with
+    the releases that write the flag and the --rules-version values for them.
+    """
+    from istio_init.logs import INJECTED_BY
+
+    covered = RULE_SET_RELEASES[rule_set]
+    warnings = []
+    for flag in dict.fromkeys(given):
+        releases = INJECTED_BY.get(flag)
+        if releases and not _overlap(releases, covered):
+            warnings.append(f"warning: {flag} is in the init container args of Istio {releases_text(releases)} "
+                            f"(their rules: --rules-version {rule_sets_text(releases)}); this run installs "
+                            f"Istio {releases_text(covered)}'s rules (--rules-version {rule_set})")
     return warnings
 
 
