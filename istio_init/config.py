@@ -583,7 +583,7 @@ def ignored_environment(config: Config, environ: Mapping[str, str] | None = None
 
 
 def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
-    """One warning per pilot-agent flag in the args that the rule set's releases never wrote.
+    """One warning line when the args hold pilot-agent flags the rule set's releases never wrote.
 
     Current Istio's injected args (`--log_output_level=...`) under the 1.8
     default mean a mesh of a later release runs 1.8's rules: said once, with
@@ -592,14 +592,14 @@ def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
     from istio_init.logs import INJECTED_BY
 
     covered = RULE_SET_RELEASES[rule_set]
-    warnings = []
-    for flag in dict.fromkeys(given):
-        releases = INJECTED_BY.get(flag)
-        if releases and not _overlap(releases, covered):
-            warnings.append(f"warning: {flag} is in the init container args of Istio {releases_text(releases)} "
-                            f"(their rules: --rules-version {rule_sets_text(releases)}); this run installs "
-                            f"Istio {releases_text(covered)}'s rules (--rules-version {rule_set})")
-    return warnings
+    flags = [flag for flag in dict.fromkeys(given)
+             if flag in INJECTED_BY and not _overlap(INJECTED_BY[flag], covered)]
+    if not flags:
+        return []
+    releases = (min(INJECTED_BY[f][0] for f in flags), max(INJECTED_BY[f][1] for f in flags))
+    return [f"warning: {' and '.join(flags)} {'is' if len(flags) == 1 else 'are'} in the init container args of "
+            f"Istio {releases_text(releases)} (their rules: --rules-version {rule_sets_text(releases)}); this run "
+            f"installs Istio {releases_text(covered)}'s rules (--rules-version {rule_set})"]
 
 
 class _Parser:
