@@ -336,6 +336,37 @@ FLAGS: tuple[FlagSpec, ...] = (
 )
 
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
+# Go's strconv.ParseBool, which Istio's (cobra/pflag) boolean flags use for `--flag=VALUE`.
+GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def take_switch_values(args: Sequence[str], extra_switches: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """`--switch=VALUE` words taken out of `args`, as Istio's boolean flags accept them.
+
+    The one grammar both front doors use: every switch of the flag rows (and
+    the `extra_switches`, long names of the click-only ones) takes `=true` or
+    `=false` in Go's spellings. Returns the other words and dest -> "true" /
+    "false"; a `false` given this way is given (it beats the variable), as in
+    Istio. A click-only switch set to true comes back as its bare `--name`.
+    """
+    switches = {spec.long: spec for spec in FLAGS if spec.is_switch and not spec.env_only}
+    rest: list[str] = []
+    values: dict[str, str] = {}
+    for word in args:
+        name, eq, value = word.partition("=")
+        long = name[2:] if name.startswith("--") else ""
+        if eq and (long in switches or long in extra_switches):
+            label = switches[long].label if long in switches else name
+            if value not in GO_TRUE and value not in GO_FALSE:
+                raise ConfigError(label, value, "must be true or false")
+            if long in switches:
+                values[switches[long].dest] = "true" if value in GO_TRUE else "false"
+            elif value in GO_TRUE:
+                rest.append(name)
+            continue
+        rest.append(word)
+    return rest, values
 
 
 class Config(NamedTuple):
