@@ -9,6 +9,7 @@ pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 from istio_init.config import Config
@@ -37,6 +38,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     return result
 
 
+@functools.lru_cache(maxsize=None)
 def owned_chains(table: str) -> frozenset[str]:
     """The chains of `table` that any rule set can create: the only user chains istio-init touches."""
     return frozenset(c for module in RULE_SETS.values() for c in module.OWNED_CHAINS.get(table, ()))

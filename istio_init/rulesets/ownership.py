@@ -22,18 +22,21 @@ from istio_init.rulesets.sentinels import SENTINEL_WORDS
 __all__ = ["SENTINEL_WORDS", "builtin_rules"]
 
 
-@functools.lru_cache(maxsize=1)
-def builtin_rules() -> dict[tuple[str, str], tuple[Rule, ...]]:
-    """(table, built-in chain) -> the rules any rule set writes there that jump to no owned chain."""
+@functools.lru_cache(maxsize=2)
+def builtin_rules(rule_sets: tuple[str, ...] | None = None) -> dict[tuple[str, str], tuple[Rule, ...]]:
+    """(table, built-in chain) -> the rules the rule sets (None: all) write there that jump to no owned chain."""
     from istio_init.rulesets import RULE_SETS, owned_chains
 
     found: dict[tuple[str, str], dict[Rule, None]] = {}
-    for module in RULE_SETS.values():
+    owned = {table: owned_chains(table) for table in ("nat", "mangle", "raw", "filter", "security")}
+    for name, module in RULE_SETS.items():
+        if rule_sets is not None and name not in rule_sets:
+            continue
         for config in module.shape_configs():
             for ipv6 in (False, True):
                 for family in module.plan(config, ipv6, getattr(module, "SHAPE_RESOLVERS", ())).families():
                     for step in family.steps:
                         rule = step.rule
-                        if is_builtin(rule.table, rule.chain) and rule.target not in owned_chains(rule.table):
+                        if is_builtin(rule.table, rule.chain) and rule.target not in owned.get(rule.table, ()):
                             found.setdefault((rule.table, rule.chain), {})[rule] = None
     return {key: tuple(rules) for key, rules in found.items()}
