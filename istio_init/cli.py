@@ -17,11 +17,13 @@ from typing import Any, Callable, TypeVar
 import click
 
 from istio_init import logs, output, timing
-from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec
+from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec, take_switch_values
 from istio_init.errors import ConfigError, IstioInitError
 from istio_init.output import PROG, log
 
 DEFAULT_COMMAND = "run"
+# Switches of the click commands that are not flag rows; `=true/false` works on them too.
+_CLICK_SWITCHES = ("cleanup-only", "live", "json")
 
 
 class _IstioGroup(click.Group):
@@ -69,7 +71,10 @@ _flag_options = _options_for()
 def load_config(given: dict[str, Any]) -> Config:
     """Config from the parsed flags (None: not given) and the environment (output.load_config)."""
     timing.mark("click: parse the command line")
-    config = output.load_config(given)
+    ctx = click.get_current_context(silent=True)
+    switch_values = ((ctx.find_root().obj or {}) if ctx else {}).get("switch_values", {})
+    # As in entry.parse_run: a bare switch wins over its `=VALUE` spelling.
+    config = output.load_config({**given, **{dest: value for dest, value in switch_values.items() if not given.get(dest)}})
     timing.mark("config: validate flags and environment")
     return config
 
@@ -291,11 +296,12 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         args, log_options = logs.split_args(args)
+        args, switch_values = take_switch_values(args, _CLICK_SWITCHES)
     except IstioInitError as exc:
         print(f"{PROG}: {output.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     with logs.configured(log_options):
-        code = _run(args, {"wrap_backend": wrap_backend, "network": network})
+        code = _run(args, {"wrap_backend": wrap_backend, "network": network, "switch_values": switch_values})
         if timing.ENABLED:
             for line in timing.report():
                 log(line)

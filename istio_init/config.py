@@ -13,7 +13,7 @@ import functools
 import os
 import re
 from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from istio_init import ifnames
 from istio_init.errors import ConfigError
@@ -128,7 +128,14 @@ _RESERVED_ROUTE_TABLES = {0, 253, 254, 255}
 
 
 class FlagSpec(NamedTuple):
-    """One command-line flag: its names, environment fallback, default and help."""
+    """One command-line flag: its names, environment fallback, default, help and per-flag facts.
+
+    `releases` is the range of Istio minor releases whose istio-iptables had
+    the flag (istio-init's own flags: every release a rule set covers); a flag
+    is accepted under a rule set whose releases overlap it, and is an error
+    naming those releases under any other. Adding a flag is one row here plus
+    the rule-set code that reads its Config field.
+    """
 
     dest: str
     short: str | None
@@ -137,14 +144,15 @@ class FlagSpec(NamedTuple):
     default: str
     help: str
     is_switch: bool = False
-    # The rule set this flag or variable exists in (None: both); see rule_set_checks.
-    only: str | None = None
+    releases: tuple[int, int] = (8, 32)
     # No command-line flag: the setting is read from `env` only.
     env_only: bool = False
     # A second variable for the same setting that wins over `env` (current rule set only).
     env_alias: str | None = None
-    # The rule set that reads `env` when the flag itself exists in both (None: as `only`).
-    env_only_in: str | None = None
+    # The releases whose runs read `env` when the flag itself exists more widely (None: as `releases`).
+    env_releases: tuple[int, int] | None = None
+    # Accepted for compatibility and validated, but changes no rule (Istio's own switches for its tools).
+    no_effect: bool = False
 
     @property
     def label(self) -> str:
@@ -153,16 +161,48 @@ class FlagSpec(NamedTuple):
             return str(self.env)
         return f"-{self.short}/--{self.long}" if self.short else f"--{self.long}"
 
-    def env_rule_set(self) -> str | None:
-        """The rule set whose runs read `env` (None: both)."""
-        return self.env_only_in or self.only
+    def exists_in(self, rule_set: str) -> bool:
+        return _overlap(self.releases, RULE_SET_RELEASES[rule_set])
+
+    def env_read_in(self, rule_set: str) -> bool:
+        return _overlap(self.env_releases or self.releases, RULE_SET_RELEASES[rule_set])
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 RULES_1_8 = "1.8"
 RULES_CURRENT = "current"
-SUPPORTED_RULES_VERSIONS = "1.8 (or 1.8.x), current, or an Istio version 1.25 to 1.32 (= current)"
-_CURRENT_VERSION = re.compile(r"1\.(2[5-9]|3[0-2])(\.\d+)?")
-_V1_8_VERSION = re.compile(r"1\.8(\.\d+)?")
+# Each rule set (named by its first release; `current` for 1.25 on) and the Istio minor releases it covers.
+RULE_SET_RELEASES: dict[str, tuple[int, int]] = {
+    RULES_1_8: (8, 8), "1.9": (9, 10), "1.11": (11, 11), "1.12": (12, 12), "1.13": (13, 17), "1.18": (18, 19),
+    "1.20": (20, 22), "1.23": (23, 23), "1.24": (24, 24), RULES_CURRENT: (25, 32),
+}
+SUPPORTED_RULES_VERSIONS = "an Istio version 1.8 to 1.32 (such as 1.20 or 1.20.3), or current (= 1.25 to 1.32)"
+_ISTIO_VERSION = re.compile(r"1\.([0-9]{1,2})(?:\.[0-9]{1,4})?")
+
+
+def rule_set_of_release(minor: int) -> str | None:
+    """The rule set that writes what Istio 1.`minor` writes (None: no such release)."""
+    for name, (first, last) in RULE_SET_RELEASES.items():
+        if first <= minor <= last:
+            return name
+    return None
+
+
+def releases_text(releases: tuple[int, int]) -> str:
+    """`1.11-1.32`, or `1.8` for one release."""
+    first, last = releases
+    return f"1.{first}" if first == last else f"1.{first}-1.{last}"
+
+
+def rule_sets_text(releases: tuple[int, int]) -> str:
+    """The --rules-version values that cover `releases`: `1.11 to current`, `current`, `1.8`."""
+    names = [name for name, covered in RULE_SET_RELEASES.items() if _overlap(releases, covered)]
+    return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
+
+
 MAX_OWNER_GROUPS_INCLUDE = 64  # Istio's limit: the include list becomes one rule of N owner matches
 DEFAULT_IPV4_LOOPBACK_CIDR = "127.0.0.1/32"
 
@@ -173,11 +213,11 @@ CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
 
 FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
-             "Which Istio rule set to install: 1.8 (RULES.md) or current (Istio 1.25 to 1.32; also "
-             "accepted as an Istio version such as 1.28)."),
+             "Which Istio release's rules to install: its version (1.8 to 1.32, such as 1.20 or 1.20.3), "
+             "or current (1.25 to 1.32). Default 1.8; docs/compatibility.md lists the rule sets."),
     FlagSpec("envoy_port", "p", "envoy-port", "ENVOY_PORT", "15001",
              "Port the sidecar listens on for captured outbound TCP (env read by the 1.8 rule set only).",
-             env_only_in=RULES_1_8),
+             env_releases=(8, 8)),
     FlagSpec("inbound_capture_port", "z", "inbound-capture-port", "INBOUND_CAPTURE_PORT", "15006",
              "Port the sidecar listens on for captured inbound TCP."),
     FlagSpec("inbound_tunnel_port", "e", "inbound-tunnel-port", "INBOUND_TUNNEL_PORT", "15008",
@@ -235,48 +275,98 @@ FLAGS: tuple[FlagSpec, ...] = (
              "ISTIO_META_DNS_CAPTURE=true.", is_switch=True),
     FlagSpec("multiport", None, "multiport", "ISTIO_MULTIPORT", "false",
              "Group port lists into '-m multiport' rules of up to 15 ports (not Istio's rule "
-             "set; fewer rules for long lists; 1.8 rule set only).", is_switch=True, only=RULES_1_8),
-    # Current Istio (RULES-CURRENT.md) only.
+             "set; fewer rules for long lists; 1.8 rule set only).", is_switch=True, releases=(8, 8)),
+    # Istio's later flags: `releases` says since (and until) which release.
     FlagSpec("exclude_interfaces", "c", "istio-exclude-interfaces", "ISTIO_EXCLUDE_INTERFACES", "",
-             "Comma list of interfaces whose traffic is never captured, in or out (current rule set).",
-             only=RULES_CURRENT),
+             "Comma list of interfaces whose traffic is never captured, in or out (Istio 1.11 on).",
+             releases=(11, 32)),
     FlagSpec("capture_all_dns", None, "capture-all-dns", "CAPTURE_ALL_DNS", "false",
              "With DNS capture, capture all port-53 traffic, not only to the resolvers of "
-             "/etc/resolv.conf (current rule set).", is_switch=True, only=RULES_CURRENT),
+             "/etc/resolv.conf (Istio 1.11 on).", is_switch=True, releases=(11, 32)),
     FlagSpec("drop_invalid", None, "drop-invalid", "DROP_INVALID", "false",
-             "Drop packets conntrack finds INVALID (mangle ISTIO_DROP; current rule set). "
-             "Also INVALID_DROP, which wins.", is_switch=True, only=RULES_CURRENT, env_alias="INVALID_DROP"),
+             "Drop packets conntrack finds INVALID (in mangle; Istio 1.12 on). "
+             "Also INVALID_DROP, which wins (current rule set).", is_switch=True, releases=(12, 32),
+             env_alias="INVALID_DROP"),
     FlagSpec("dual_stack", None, "dual-stack", "DUAL_STACK", "false",
-             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (current rule set). "
-             "Also ISTIO_DUAL_STACK, which wins.", is_switch=True, only=RULES_CURRENT,
+             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.18 on). "
+             "Also ISTIO_DUAL_STACK, which wins (current rule set).", is_switch=True, releases=(18, 32),
              env_alias="ISTIO_DUAL_STACK"),
     FlagSpec("cni_mode", None, "cni-mode", "CNI_MODE", "false",
              "Run from the host for a pod: the xtables lock is scoped to --network-namespace "
-             "(current rule set).", is_switch=True, only=RULES_CURRENT),
+             "(Istio 1.11 on).", is_switch=True, releases=(11, 32)),
     FlagSpec("reconcile", None, "reconcile", "RECONCILE", "false",
-             "Accepted for Istio compatibility: istio-init always converges (current rule set).",
-             is_switch=True, only=RULES_CURRENT),
+             "Accepted for Istio compatibility: istio-init always converges (Istio 1.24 on).",
+             is_switch=True, releases=(24, 32)),
     FlagSpec("force_apply", None, "force-apply", "FORCE_APPLY", "false",
              "Accepted for Istio compatibility: every run converges to the planned rules "
-             "(current rule set).", is_switch=True, only=RULES_CURRENT),
+             "(Istio 1.24 on).", is_switch=True, releases=(24, 32)),
     FlagSpec("force_iptables_binary", None, "force-iptables-binary", "FORCE_IPTABLES_BINARY", "",
              "legacy or nft: skip backend detection, as --iptables-backend legacy|nft (current rule set).",
-             only=RULES_CURRENT),
+             releases=(25, 32)),
     FlagSpec("owner_groups_include", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS", WILDCARD,
-             "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64.",
-             only=RULES_CURRENT, env_only=True),
+             "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64 (Istio 1.14 on).",
+             releases=(14, 32), env_only=True),
     FlagSpec("owner_groups_exclude", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "",
-             "Groups (names or gids) whose outbound traffic is never captured (with the include list '*').",
-             only=RULES_CURRENT, env_only=True),
+             "Groups (names or gids) whose outbound traffic is never captured (with the include list '*'; "
+             "Istio 1.14 on).", releases=(14, 32), env_only=True),
     FlagSpec("ipv4_loopback_cidr", None, "", "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", DEFAULT_IPV4_LOOPBACK_CIDR,
-             "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32.",
-             only=RULES_CURRENT, env_only=True),
+             "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32 "
+             "(Istio 1.21 on).", releases=(21, 32), env_only=True),
     FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
              "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
              "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
+    FlagSpec("trace_logging", None, "iptables-trace-logging", "IPTABLES_TRACE_LOGGING", "false",
+             "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24).",
+             is_switch=True, releases=(12, 24)),
+    FlagSpec("dns_conntrack_zone", None, "", "ISTIO_META_DNS_CONNTRACK_ZONE", "false",
+             "With DNS capture, keep DNS in conntrack zones of its own (Istio 1.10; always from 1.11).",
+             releases=(10, 10), env_only=True),
+    FlagSpec("restore_format", "f", "restore-format", None, "true",
+             "Accepted for Istio compatibility (Istio up to 1.23): istio-init picks its own way to apply.",
+             is_switch=True, releases=(8, 23), no_effect=True),
+    FlagSpec("iptables_version", None, "iptables-version", None, "",
+             "Accepted for Istio compatibility (Istio 1.18-1.21): see --iptables-backend.",
+             releases=(18, 21), no_effect=True),
+    FlagSpec("output_paths", None, "output-paths", None, "",
+             "Accepted for Istio compatibility (Istio 1.11-1.16): istio-init logs to stderr.",
+             releases=(11, 16), no_effect=True),
+    FlagSpec("host_nsenter_exec", None, "host-nsenter-exec", None, "false",
+             "Accepted for Istio compatibility (Istio 1.15-1.17): see --network-namespace.",
+             is_switch=True, releases=(15, 17), no_effect=True),
 )
 
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
+# Go's strconv.ParseBool, which Istio's (cobra/pflag) boolean flags use for `--flag=VALUE`.
+GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def take_switch_values(args: Sequence[str], extra_switches: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """`--switch=VALUE` words taken out of `args`, as Istio's boolean flags accept them.
+
+    The one grammar both front doors use: every switch of the flag rows (and
+    the `extra_switches`, long names of the click-only ones) takes `=true` or
+    `=false` in Go's spellings. Returns the other words and dest -> "true" /
+    "false"; a `false` given this way is given (it beats the variable), as in
+    Istio. A click-only switch set to true comes back as its bare `--name`.
+    """
+    switches = {spec.long: spec for spec in FLAGS if spec.is_switch and not spec.env_only}
+    rest: list[str] = []
+    values: dict[str, str] = {}
+    for word in args:
+        name, eq, value = word.partition("=")
+        long = name[2:] if name.startswith("--") else ""
+        if eq and (long in switches or long in extra_switches):
+            label = switches[long].label if long in switches else name
+            if value not in GO_TRUE and value not in GO_FALSE:
+                raise ConfigError(label, value, "must be true or false")
+            if long in switches:
+                values[switches[long].dest] = "true" if value in GO_TRUE else "false"
+            elif value in GO_TRUE:
+                rest.append(name)
+            continue
+        rest.append(word)
+    return rest, values
 
 
 class Config(NamedTuple):
@@ -325,6 +415,9 @@ class Config(NamedTuple):
     owner_groups_exclude: tuple[int, ...] = ()
     ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK_CIDR
     native_nftables: bool = False
+    # Istio 1.12-1.24 (--iptables-trace-logging) and 1.10 (ISTIO_META_DNS_CONNTRACK_ZONE).
+    trace_logging: bool = False
+    dns_conntrack_zone: bool = False
     # Where each value came from, for the effective-configuration summary.
     sources: Mapping[str, str] = MappingProxyType({})
 
@@ -359,11 +452,10 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
     version = _rules_version(given, environ)
     for spec in FLAGS:
         value = given.get(spec.dest)
-        reads_env = spec.env_rule_set() in (None, version)
+        reads_env = spec.env_read_in(version)
         if value is not None and value is not False:
-            if spec.only not in (None, version):
-                raise ConfigError(spec.label, "true" if value is True else str(value),
-                                  f"exists only with --rules-version {spec.only} (this run uses {version})")
+            if not spec.exists_in(version):
+                raise ConfigError(spec.label, "true" if value is True else str(value), not_in_rule_set(spec, version))
             raw[spec.dest] = "true" if value is True else str(value)
             sources[spec.dest] = "flag"
         elif reads_env and version == RULES_CURRENT and spec.env_alias and environ.get(spec.env_alias) is not None:
@@ -387,7 +479,7 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
 
     mode = parse.mode("inbound_interception_mode")
     inbound_all, inbound_ports = parse.port_list("inbound_ports", wildcard=True)
-    need_prefix = version == RULES_CURRENT  # RULES-CURRENT.md: CIDRs need a prefix length
+    need_prefix = version == RULES_CURRENT  # current Istio: CIDRs need a prefix length
     outbound_all, outbound_cidrs = parse.cidr_list("service_cidr", wildcard=True, need_prefix=need_prefix)
     _, exclude_cidrs = parse.cidr_list("service_exclude_cidr", wildcard=False, need_prefix=need_prefix)
     if version == RULES_CURRENT:
@@ -427,21 +519,23 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
         network_namespace=parse.namespace("network_namespace"),
         rules_version=version,
         native_nftables=parse.switch("native_nftables"),
+        trace_logging=parse.switch("trace_logging"),
+        dns_conntrack_zone=parse.switch("dns_conntrack_zone"),
         sources=sources,
         **current,
     )
 
 
 DNS_CAPTURE_ALIAS = "ISTIO_META_DNS_CAPTURE"
-# Config fields that mean something to one rule set only (left out of the other's summary).
-CURRENT_ONLY_FIELDS = frozenset({"exclude_interfaces", "capture_all_dns", "drop_invalid", "dual_stack", "cni_mode",
-                                 "reconcile", "force_apply", "owner_groups_include", "owner_groups_exclude",
-                                 "ipv4_loopback_cidr"})
-ONLY_1_8_FIELDS = frozenset({"multiport"})
+
+
+def fields_not_in(rule_set: str) -> frozenset[str]:
+    """Config fields of flags the rule set does not have (left out of its summary)."""
+    return frozenset(spec.dest for spec in FLAGS if not spec.exists_in(rule_set) and spec.dest in Config._fields)
 
 
 def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str, str]) -> str:
-    """The rule set's name (`1.8` or `current`), decided first: it says which flags exist."""
+    """The rule set's name (`1.8` ... `current`), decided first: it says which flags exist."""
     spec = FLAGS_BY_DEST["rules_version"]
     text, source = given.get("rules_version"), "flag"
     if text is None:
@@ -449,34 +543,44 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
     if text is None:
         return RULES_1_8
     value = str(text).strip()
-    if value == RULES_CURRENT or _CURRENT_VERSION.fullmatch(value):
+    if value == RULES_CURRENT:
         return RULES_CURRENT
-    if _V1_8_VERSION.fullmatch(value):
-        return RULES_1_8
-    label = spec.label if source == "flag" else f"{spec.label} (from {source})"
-    raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
+    version = _ISTIO_VERSION.fullmatch(value)
+    rule_set = rule_set_of_release(int(version.group(1))) if version else None
+    if rule_set is None:
+        label = spec.label if source == "flag" else f"{spec.label} (from {source})"
+        raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
+    return rule_set
+
+
+def not_in_rule_set(spec: FlagSpec, version: str) -> str:
+    """Why a flag of other releases is refused: the releases that have it and how to select them."""
+    return (f"exists only with --rules-version {rule_sets_text(spec.releases)} (Istio "
+            f"{releases_text(spec.releases)}; this run uses {version})")
 
 
 def _current_settings(parse: "_Parser", version: str) -> dict[str, Any]:
-    """The Config fields only the current rule set reads (defaults under 1.8)."""
-    if version != RULES_CURRENT:
-        return {}
-    include_all, include = parse.group_list("owner_groups_include", wildcard=True)
-    if len(include) > MAX_OWNER_GROUPS_INCLUDE:
-        raise parse.fail("owner_groups_include", parse.raw["owner_groups_include"],
-                         f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
-    return {
-        "exclude_interfaces": parse.interfaces("exclude_interfaces"),
-        "capture_all_dns": parse.switch("capture_all_dns"),
-        "drop_invalid": parse.switch("drop_invalid"),
-        "dual_stack": parse.switch("dual_stack"),
-        "cni_mode": parse.switch("cni_mode"),
-        "reconcile": parse.switch("reconcile"),
-        "force_apply": parse.switch("force_apply"),
-        "owner_groups_include": None if include_all else include,
-        "owner_groups_exclude": parse.group_list("owner_groups_exclude", wildcard=False)[1],
-        "ipv4_loopback_cidr": parse.loopback_cidr("ipv4_loopback_cidr"),
-    }
+    """The Config fields of Istio's later flags, for the rule sets that have them (defaults otherwise)."""
+    exists = {spec.dest for spec in FLAGS if spec.exists_in(version)}
+    out: dict[str, Any] = {}
+    if "owner_groups_include" in exists:
+        include_all, include = parse.group_list("owner_groups_include", wildcard=True)
+        if len(include) > MAX_OWNER_GROUPS_INCLUDE:
+            raise parse.fail("owner_groups_include", parse.raw["owner_groups_include"],
+                             f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
+        out["owner_groups_include"] = None if include_all else include
+        out["owner_groups_exclude"] = parse.group_list("owner_groups_exclude", wildcard=False)[1]
+    if "exclude_interfaces" in exists:
+        out["exclude_interfaces"] = parse.interfaces("exclude_interfaces")
+    if "ipv4_loopback_cidr" in exists:
+        out["ipv4_loopback_cidr"] = parse.loopback_cidr("ipv4_loopback_cidr")
+    for dest in ("capture_all_dns", "drop_invalid", "dual_stack", "cni_mode", "reconcile", "force_apply"):
+        if dest in exists:
+            out[dest] = parse.switch(dest)
+    for spec in FLAGS:
+        if spec.no_effect and spec.is_switch:
+            parse.switch(spec.dest)
+    return out
 
 
 def _backend(parse: "_Parser") -> str:
@@ -500,11 +604,33 @@ def ignored_environment(config: Config, environ: Mapping[str, str] | None = None
     environ = os.environ if environ is None else environ
     warnings = []
     for spec in FLAGS:
-        for name, reader in ((spec.env, spec.env_rule_set()), (spec.env_alias, RULES_CURRENT)):
-            if name and reader not in (None, config.rules_version) and environ.get(name) is not None:
-                warnings.append(f"warning: {name} is read only with --rules-version {reader}; "
+        for name, read in ((spec.env, spec.env_read_in(config.rules_version)),
+                           (spec.env_alias, config.rules_version == RULES_CURRENT)):
+            if name and not read and environ.get(name) is not None:
+                releases = (25, 32) if name == spec.env_alias else spec.env_releases or spec.releases
+                warnings.append(f"warning: {name} is read only with --rules-version {rule_sets_text(releases)}; "
                                 f"ignored (this run uses {config.rules_version})")
     return warnings
+
+
+def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
+    """One warning line when the args hold pilot-agent flags the rule set's releases never wrote.
+
+    Current Istio's injected args (`--log_output_level=...`) under the 1.8
+    default mean a mesh of a later release runs 1.8's rules: said once, with
+    the releases that write the flag and the --rules-version values for them.
+    """
+    from istio_init.logs import INJECTED_BY
+
+    covered = RULE_SET_RELEASES[rule_set]
+    flags = [flag for flag in dict.fromkeys(given)
+             if flag in INJECTED_BY and not _overlap(INJECTED_BY[flag], covered)]
+    if not flags:
+        return []
+    releases = (min(INJECTED_BY[f][0] for f in flags), max(INJECTED_BY[f][1] for f in flags))
+    return [f"warning: {' and '.join(flags)} {'is' if len(flags) == 1 else 'are'} in the init container args of "
+            f"Istio {releases_text(releases)} (their rules: --rules-version {rule_sets_text(releases)}); this run "
+            f"installs Istio {releases_text(covered)}'s rules (--rules-version {rule_set})"]
 
 
 class _Parser:

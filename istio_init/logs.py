@@ -32,6 +32,8 @@ LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 DEFAULT_SCOPE = "default"
 _VALUE_FLAGS = ("--log_output_level", "--log_target", "--log_stacktrace_level", "--log_caller")
 _BOOL_FLAGS = ("--log_as_json",)
+# The Istio releases whose injection template writes each flag into the init container's args.
+INJECTED_BY = {"--log_output_level": (15, 32), "--log_as_json": (15, 32)}
 
 
 class LogOptions(NamedTuple):
@@ -40,6 +42,7 @@ class LogOptions(NamedTuple):
     target: str = "stderr"
     stacktrace_level: str = "none"
     caller: str = ""
+    given: tuple[str, ...] = ()  # which of the flags the command line had, in order
 
 
 def _levels(flag: str, value: str) -> dict[str, str]:
@@ -85,7 +88,7 @@ def split_args(argv: list[str]) -> tuple[list[str], LogOptions]:
         else:
             rest.append(arg)
         i += 1
-    options = LogOptions()
+    options = LogOptions(given=tuple(values))
     if "--log_output_level" in values:
         scopes = _levels("--log_output_level", values["--log_output_level"])
         options = options._replace(level=scopes.get(DEFAULT_SCOPE, options.level))
@@ -157,11 +160,16 @@ def emit(level: str, message: str) -> None:
 @contextlib.contextmanager
 def configured(options: LogOptions) -> Iterator[None]:
     """sys.stderr shaped by `options` for the duration of one command."""
-    real = sys.stderr
+    global ACTIVE
+    real, before = sys.stderr, ACTIVE
     stream = _LogStream(real, options)
-    sys.stderr = stream
+    sys.stderr, ACTIVE = stream, options
     try:
         yield
     finally:
         stream.flush()
-        sys.stderr = real
+        sys.stderr, ACTIVE = real, before
+
+
+# The options of the command running now (for the warning about flags its rule set's releases never wrote).
+ACTIVE = LogOptions()

@@ -14,7 +14,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from istio_init import timing
-from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Cidr, Config, flag_label
+from istio_init.config import RULES_CURRENT, Cidr, Config, fields_not_in, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.render import render_plan
@@ -32,7 +32,7 @@ WrapBackend = Callable[["Backend"], "Backend"]
 def summary(config: Config, ipv6: bool) -> str:
     """The effective configuration, for stderr, as Istio prints its variables."""
     lines = ["istio-init effective configuration:"]
-    other = ONLY_1_8_FIELDS if config.rules_version == RULES_CURRENT else CURRENT_ONLY_FIELDS
+    other = fields_not_in(config.rules_version)
     for name in config._fields:
         if name != "sources" and name not in other:
             value = getattr(config, name)
@@ -63,7 +63,7 @@ def decide_ipv6(config: Config, log: Log) -> bool:
     from istio_init import netns
 
     try:
-        if config.rules_version != RULES_CURRENT:
+        if config.rules_version != RULES_CURRENT and not config.dual_stack:
             return netns.detect_ipv6()
         addresses = netns.pod_addresses()
         if not addresses:

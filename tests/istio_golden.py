@@ -77,3 +77,37 @@ def final_targets(restore_text: str) -> dict[tuple[str, str], list[str]]:
             position = int(words[2]) if words[2].isdigit() else 1
             chains.setdefault((table, words[1]), []).insert(position - 1, words[words.index("-j") + 1])
     return chains
+
+
+_COMMAND_TOOLS = {"iptables": 0, "ip6tables": 1}
+
+
+def command_restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]:
+    """(IPv4, IPv6) restore input of a golden in Istio's command-list form (releases up to 1.23).
+
+    Each line is one `iptables -t TABLE OP ...` or `ip6tables -t TABLE OP ...`
+    command in creation order; a family's commands are regrouped per table
+    (tables in the order first named), which keeps each chain's creation order,
+    so restoring the result leaves what running the commands one by one would.
+    Lines that are not iptables commands (`iptables-save`, a read) are skipped.
+    """
+    tables: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
+    names = "|".join(map(re.escape, group_gids))
+    for line in text.splitlines():
+        words = line.split(" ", 3)
+        if len(words) < 4 or words[0] not in _COMMAND_TOOLS or words[1] != "-t":
+            continue
+        command = words[3]
+        if names:
+            command = re.sub(rf"--gid-owner ({names})\b", lambda m: f"--gid-owner {group_gids[m.group(1)]}", command)
+        tables[_COMMAND_TOOLS[words[0]]].setdefault(words[2], []).append(command)
+    return tuple("".join(f"*{table}\n" + "".join(f"{c}\n" for c in commands) + "COMMIT\n"
+                         for table, commands in family.items())
+                 for family in tables)  # type: ignore[return-value]
+
+
+def any_restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]:
+    """Either form of Istio's goldens: restore input (1.24 on) or a command list (up to 1.23)."""
+    if any(line.startswith(("iptables -t ", "ip6tables -t ")) for line in text.splitlines()):
+        return command_restore_inputs(text, group_gids)
+    return restore_inputs(text, group_gids)

@@ -1,7 +1,7 @@
 """The rule sets istio-init can install, side by side, and the one place that picks one.
 
 Each rule set is a module that reads like its spec (`istio_1_8`: RULES.md,
-`current`: RULES-CURRENT.md) and exports `NAME`, `OWNED_CHAINS` (table -> the
+`current`: RULES-CURRENT.md; `istio_1_9_to_1_24`: one object per generation) and exports `NAME`, `OWNED_CHAINS` (table -> the
 chains it may create: only those are ever istio-init's) and
 `plan(config, ipv6) -> RulePlan` (pure). The current rule set also takes the
 pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
@@ -9,24 +9,27 @@ pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 from istio_init.config import Config
 from istio_init.model import RulePlan
-from istio_init.rulesets import current, istio_1_8
+from istio_init.rulesets import current, istio_1_8, istio_1_9_to_1_24
 
-RULE_SETS: dict[str, ModuleType] = {istio_1_8.NAME: istio_1_8, current.NAME: current}
+# Each rule set by its --rules-version name: a module, or one generation of Istio 1.9-1.24.
+RULE_SETS: dict[str, Any] = {istio_1_8.NAME: istio_1_8,
+                             **{rule_set.NAME: rule_set for rule_set in istio_1_9_to_1_24.RULE_SETS},
+                             current.NAME: current}
 DEFAULT = istio_1_8.NAME
 
 
-def ruleset_for(config: Config) -> ModuleType:
+def ruleset_for(config: Config) -> Any:
     return RULE_SETS[getattr(config, "rules_version", DEFAULT)]
 
 
 def resolvers_needed(config: Config) -> bool:
-    """Whether the plan depends on the pod's resolv.conf (current rule set, DNS capture, not capture-all)."""
-    return ruleset_for(config) is current and config.dns_capture and not config.capture_all_dns
+    """Whether the plan depends on the pod's resolv.conf (Istio 1.9 on, DNS capture, not capture-all)."""
+    return ruleset_for(config) is not istio_1_8 and config.dns_capture and not config.capture_all_dns
 
 
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
@@ -35,6 +38,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     return result
 
 
+@functools.lru_cache(maxsize=None)
 def owned_chains(table: str) -> frozenset[str]:
     """The chains of `table` that any rule set can create: the only user chains istio-init touches."""
     return frozenset(c for module in RULE_SETS.values() for c in module.OWNED_CHAINS.get(table, ()))
