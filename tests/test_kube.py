@@ -10,8 +10,9 @@ destination). A client pod outside the mesh answers on 9090.
    connections from the client and the app land on the stand-in with their original
    destination, the stand-in's own do not; a deleted pod comes back from the ReplicaSet with the
    same rules; `kubectl logs -c istio-init` names the backend and shows the rules.
-2. Current Istio's pod (deployment-current.yaml, the image built for current Istio): its rules
-   are the dry run's, and the traffic goes the same way.
+2. Current Istio's pod (deployment-current.yaml, the image built for current Istio), and the same
+   pod as Istio 1.17 injects it (the 1.8 image told its release by ISTIO_INIT_RULES_VERSION): the
+   rules are the dry run's for that release, and the traffic goes the same way.
 4. check-probe.yaml: the `istio-init check` readiness probe turns the pod NotReady when a rule in
    its namespace is deleted, and Ready again after the rules are applied again.
 """
@@ -149,16 +150,30 @@ def test_seed_deployment(kube_node: Node, kube_images: dict[str, str], client: d
     check_traffic(node, new, client)
 
 
-def test_current_istio_pod(kube_node: Node, kube_images: dict[str, str], client: dict[str, Any],
-                           workload: None) -> None:
+# Pods of other generations: (image variant, the release whose injection template wrote the args, env
+# of the init container). Current Istio's pod relies on its image's own default; an older
+# generation's pod names its release (tests/test_injected_args.py carries each release's args).
+GENERATION_PODS = {
+    "current": ("current", None, {}),
+    "1.17.8": ("1.8", "1.17.8", {"ISTIO_INIT_RULES_VERSION": "1.17.8"}),
+}
+
+
+@pytest.mark.parametrize("generation", sorted(GENERATION_PODS))
+def test_istio_generation_pod(kube_node: Node, kube_images: dict[str, str], client: dict[str, Any],
+                              workload: None, generation: str) -> None:
     node = kube_node
-    deployment = current_deployment(node, kube_images["current"])
-    pod = start_deployment(node, deployment, "current pod Ready after apply")
+    variant, release, env = GENERATION_PODS[generation]
+    deployment = current_deployment(node, kube_images[variant])
+    [init] = deployment["spec"]["template"]["spec"]["initContainers"]
+    init["env"] = [{"name": name, "value": value} for name, value in env.items()]
+    pod = start_deployment(node, deployment, f"{generation} pod Ready after apply")
     check_init_container(node, pod)
     rules = pod_nat_rules(node, pod)
-    # The image's own default is current Istio's rule set: no env in the pod says so.
-    assert rules == dry_run_nat(init_args(deployment), "current")
-    assert "-A OUTPUT -j ISTIO_OUTPUT" in rules and "-A OUTPUT -p tcp -j ISTIO_OUTPUT" not in rules
+    assert rules == dry_run_nat(init_args(deployment), release or "current")
+    if generation == "current":
+        # The image's own default is current Istio's rule set: no env in the pod says so.
+        assert "-A OUTPUT -j ISTIO_OUTPUT" in rules and "-A OUTPUT -p tcp -j ISTIO_OUTPUT" not in rules
     check_traffic(node, pod, client)
     backend, _ = pod_nat(node, pod)
     assert f"iptables backend {backend}" in init_logs(node, pod)
