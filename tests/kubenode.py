@@ -523,6 +523,10 @@ def _reap_children() -> None:
 
 
 def stop(node: Node) -> list[str]:
+    """Removes the node; with $ISTIO_INIT_KUBE_KEEP_LOGS set, its logs are copied there first."""
+    keep = os.environ.get("ISTIO_INIT_KUBE_KEEP_LOGS")
+    if keep and (node.work / "logs").is_dir():
+        shutil.copytree(node.work / "logs", Path(keep) / node.node_id, dirs_exist_ok=True)
     return teardown(node.work, node.cgroup, node.processes)
 
 

@@ -43,7 +43,7 @@ def client(kube_node: Node) -> Iterator[dict[str, Any]]:
     apply(kube_node, client_pod(port=CLIENT_PORT))
     [pod] = ready_pods(kube_node, "app=client", 1)
     yield pod
-    kube_node.kubectl("delete", "pod", "client", "--grace-period=0", "--force", check=False)
+    kube_node.kubectl("delete", "pod", "client", "--wait=true", "--timeout=90s", check=False, timeout=120)
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def client(kube_node: Node, agent: dict[str, Any]) -> Iterator[dict[str, Any]]:
     apply(kube_node, client_pod("cni-client"))
     [pod] = ready_pods(kube_node, "app=cni-client", 1)
     yield pod
-    kube_node.kubectl("delete", "pod", "cni-client", "--grace-period=0", "--force", check=False)
+    kube_node.kubectl("delete", "pod", "cni-client", "--wait=true", "--timeout=90s", check=False, timeout=120)
 
 
 def pod_save(node: Node, pod: dict[str, Any]) -> str:
@@ -141,7 +141,7 @@ def test_each_annotation_case_gets_istios_cni_golden(kube_node: Node, agent: dic
             got = canonical(pod_save(node, found[f"cni-{case.name.lower()}"]), tables)
             assert got == want, case.name
     finally:
-        node.kubectl("delete", "pods", "-l", "cni-case=yes", "--grace-period=0", "--force", check=False)
+        node.kubectl("delete", "pods", "-l", "cni-case=yes", "--wait=true", "--timeout=90s", check=False, timeout=120)
 
 
 def test_a_pod_without_the_annotations_gets_nothing(kube_node: Node, agent: dict[str, Any],
@@ -155,9 +155,11 @@ def test_deleting_the_daemonset_leaves_a_working_node(kube_node: Node, agent: di
     node = kube_node
     node.kubectl("delete", "-n", "kube-system", "daemonset", "istio-init-cni", "--wait=true", "--timeout=60s",
                  timeout=90)
-    # Gone, not only terminating: the agent unchains itself on SIGTERM, before it exits.
+    # Gone, not only terminating: the agent unchains itself on SIGTERM, before it exits. The
+    # kubelet (1.20) deletes the pod object only after its pod cgroup is cleaned up, which the
+    # housekeeping behind other pods' cleanup can delay by up to a minute.
     wait_for("the agent pod to be gone", lambda: not node.kubectl(
-        "get", "pods", "-n", "kube-system", "-l", AGENT_LABEL, "-o", "name").stdout.strip(), timeout=60)
+        "get", "pods", "-n", "kube-system", "-l", AGENT_LABEL, "-o", "name").stdout.strip(), timeout=150)
     assert chained(node) == ["bridge"]
     assert not (node.cni_bin / PLUGIN).exists()
     apply(node, client_pod("after-cni"))
@@ -165,4 +167,4 @@ def test_deleting_the_daemonset_leaves_a_working_node(kube_node: Node, agent: di
         [pod] = ready_pods(node, "app=after-cni", 1)
         assert "ISTIO" not in in_pod_netns(node, pod, "iptables-legacy-save").stdout
     finally:
-        node.kubectl("delete", "pod", "after-cni", "--grace-period=0", "--force", check=False)
+        node.kubectl("delete", "pod", "after-cni", "--wait=true", "--timeout=90s", check=False, timeout=120)
