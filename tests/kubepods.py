@@ -231,3 +231,20 @@ def check_traffic(node: Node, pod: dict[str, Any], client: dict[str, Any]) -> No
     assert connect(node, client, "client", pod_ip, 80) == f"proxy 15006 {pod_ip}:80"
     assert connect(node, pod, "nginx", client_ip, CLIENT_PORT) == f"proxy 15001 {client_ip}:{CLIENT_PORT}"
     assert connect(node, pod, "istio-proxy", client_ip, CLIENT_PORT) == f"client {CLIENT_PORT} {client_ip}:{CLIENT_PORT}"
+
+
+def local_deployment(node: Node, path: Path, images: dict[str, str], *extra: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's Deployment made runnable here: one replica, local images (`images` names
+    istio-init's containers), the test image serving on port 80 for nginx and the stand-in
+    for Envoy (whose readiness probe asks Envoy's admin port, which the stand-in does not serve);
+    `extra` containers are added as they are, after the stand-in treatment of `istio-proxy`."""
+    [deployment] = manifest(node, path)
+    deployment["spec"]["replicas"] = 1
+    spec = deployment["spec"]["template"]["spec"]
+    spec["terminationGracePeriodSeconds"] = GRACE
+    spec["containers"] += list(extra)
+    containers = {c["name"]: c for c in spec["containers"]}
+    as_standin(containers["nginx"], "app", 80)
+    as_standin(containers["istio-proxy"], "proxy", 15001, 15006)
+    pin_images(deployment, images)
+    return deployment

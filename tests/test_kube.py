@@ -29,9 +29,9 @@ import pytest
 
 from conftest import KUBE_TIMINGS
 from kubenode import Node
-from kubepods import (APP_LABEL, CLIENT_PORT, CONSOLE_2, GRACE, MANIFESTS, ROOT, SEED_FLAGS, apply,
-                      as_standin, ca_configmap, check_traffic, client_pod, container_id, get, in_pod_netns,
-                      manifest, normalize_nvl, pin_images, pod_nat, pod_nat_rules, pods, ready_pods,
+from kubepods import (APP_LABEL, CLIENT_PORT, CONSOLE_2, MANIFESTS, ROOT, SEED_FLAGS, apply,
+                      ca_configmap, check_traffic, client_pod, container_id, get, in_pod_netns, local_deployment,
+                      normalize_nvl, pod_nat, pod_nat_rules, pods, ready_pods,
                       wait_for)
 
 pytestmark = [pytest.mark.kube, pytest.mark.root]
@@ -57,33 +57,15 @@ def workload(kube_node: Node) -> Iterator[None]:
 
 def seed_deployment(node: Node, image: str) -> dict[str, Any]:
     """deployment.yaml with one replica, the test image for nginx and a stand-in for Envoy."""
-    [deployment] = manifest(node, MANIFESTS / "deployment.yaml")
-    deployment["spec"]["replicas"] = 1
-    spec = deployment["spec"]["template"]["spec"]
-    spec["terminationGracePeriodSeconds"] = GRACE
-    containers = {c["name"]: c for c in spec["containers"]}
-    as_standin(containers["nginx"], "app", 80)
-    # Envoy's readiness probe asks its admin port (15021), which the stand-in does not serve.
-    as_standin(containers["istio-proxy"], "proxy", 15001, 15006)
-    pin_images(deployment, {"istio-init": image})
-    return deployment
+    return local_deployment(node, MANIFESTS / "deployment.yaml", {"istio-init": image})
 
 
 def current_deployment(node: Node, image: str) -> dict[str, Any]:
     """deployment-current.yaml with one replica and the sidecar injection adds (here: the stand-in)."""
-    [deployment] = manifest(node, MANIFESTS / "deployment-current.yaml")
-    deployment["spec"]["replicas"] = 1
-    spec = deployment["spec"]["template"]["spec"]
-    spec["terminationGracePeriodSeconds"] = GRACE
-    containers = {c["name"]: c for c in spec["containers"]}
-    as_standin(containers["nginx"], "app", 80)
     proxy = {"name": "istio-proxy", "securityContext": {
         "runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": True, "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}}
-    as_standin(proxy, "proxy", 15001, 15006)
-    spec["containers"].append(proxy)
-    pin_images(deployment, {"istio-init": image})
-    return deployment
+    return local_deployment(node, MANIFESTS / "deployment-current.yaml", {"istio-init": image}, proxy)
 
 
 def start_deployment(node: Node, deployment: dict[str, Any], timing: str) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from cases_cni import CNI_CASES, CniCase
 from cnicluster import golden_text
 from istio_golden import canonical
 from kubenode import Node
-from kubepods import (APP_LABEL, GRACE, MANIFESTS, TEST_IMAGE, apply, as_standin, ca_configmap, check_traffic,
-                      client_pod, container_id, in_pod_netns, manifest, pin_images, pods, ready_pods, wait_for)
+from kubepods import (APP_LABEL, MANIFESTS, TEST_IMAGE, apply, ca_configmap, check_traffic, client_pod,
+                      container_id, in_pod_netns, local_deployment, manifest, pin_images, pods, ready_pods,
+                      wait_for)
 from nsutil import Namespace
 
 pytestmark = [pytest.mark.kube, pytest.mark.root]
@@ -79,15 +80,7 @@ def test_the_agent_installs_itself_on_the_node(kube_node: Node, agent: dict[str,
 
 def cni_deployment(node: Node, image: str) -> dict[str, Any]:
     """cni/deployment.yaml with one replica, the test image for nginx and a stand-in for Envoy."""
-    [deployment] = manifest(node, MANIFESTS / "cni" / "deployment.yaml")
-    deployment["spec"]["replicas"] = 1
-    spec = deployment["spec"]["template"]["spec"]
-    spec["terminationGracePeriodSeconds"] = GRACE
-    containers = {c["name"]: c for c in spec["containers"]}
-    as_standin(containers["nginx"], "app", 80)
-    as_standin(containers["istio-proxy"], "proxy", 15001, 15006)
-    pin_images(deployment, {"istio-validation": image})
-    return deployment
+    return local_deployment(node, MANIFESTS / "cni" / "deployment.yaml", {"istio-validation": image})
 
 
 def test_a_meshed_deployment_is_captured_and_validated(kube_node: Node, kube_images: dict[str, str],
