@@ -24,6 +24,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -282,6 +283,7 @@ int main(void) {
     char version[64] = "1.0.0", run_dir[4096] = DEFAULT_RUN_DIR;
     const char *command = getenv("CNI_COMMAND");
     if (!command) command = "";
+    signal(SIGPIPE, SIG_IGN); /* an agent that went away is an answer (EPIPE), not a silent death */
 
     if (read_all(0, &conf, MAX_CONF) < 0) return cni_error(version, ERR_IO, "cannot read the network configuration", "");
     if (buf_add(&conf, "", 0) < 0) return cni_error(version, ERR_IO, "out of memory", "");

@@ -150,7 +150,7 @@ def decide(facts: PodFacts, mesh: MeshSettings) -> Skip | Capture:
     try:
         config = from_sources(given, environ={})
     except ConfigError as exc:
-        culprit = next((d for d, _ in flags if FLAGS_BY_DEST[d].label in exc.flag), "")
+        culprit = next((d for d, _ in flags if exc.flag.split(" (")[0] == FLAGS_BY_DEST[d].label), "")
         raise AnnotationError(f"invalid value for {sources.get(culprit, exc.flag)}: {exc.value!r}: "
                               f"{exc.reason}") from None
     return Capture(config, tuple(_as_argv(flags)))

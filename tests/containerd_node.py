@@ -194,6 +194,12 @@ class ContainerdNode:
             hostname=name[:63], annotations=annotations or {}, log_directory=str(self.work / "logs" / name),
             linux=M["LinuxPodSandboxConfig"](cgroup_parent=self.cgroup_parent))
 
+    def ip_leases(self) -> list[str]:
+        """host-local's leases on the primary network (kept in containerd's mount namespace)."""
+        done = subprocess.run(["nsenter", "-t", str(self.process.pid), "-m", "ls", "/var/lib/cni/networks/podnet"],
+                              capture_output=True, text=True, timeout=30)
+        return sorted(name for name in done.stdout.split() if name.startswith("198.51.100."))
+
     def pause_pid(self, client: RuntimeClient, sandbox: str) -> int:
         info = json.loads(client.pod_sandbox_status(sandbox).info["info"])
         return int(info["pid"])

@@ -9,6 +9,7 @@ through containerd itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -89,6 +90,47 @@ def test_the_host_plugin_is_static(tmp_path_factory: pytest.TempPathFactory) -> 
     plugin = build_plugin(tmp_path_factory.mktemp("plugin"))
     done = subprocess.run(["ldd", str(plugin)], capture_output=True, text=True, timeout=30)
     assert "not a dynamic executable" in done.stdout + done.stderr
+
+
+def test_an_agent_that_hangs_up_is_an_unreachable_agent(tmp_path: Path,
+                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The plugin's answer when the agent closes the connection without one (a crashed call)."""
+    import socket
+    import threading
+
+    plugin = build_plugin(tmp_path_factory.mktemp("plugin"))
+    (tmp_path / "excluded-namespaces").write_text("kube-system\n")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "agent.sock"))
+    listener.listen(8)
+    listener.settimeout(10)
+
+    def hang_up() -> None:
+        for _ in range(3):
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                conn.close()
+
+    server = threading.Thread(target=hang_up)
+    server.start()
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": "198.51.100.9/24"}]}
+    conf = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": PLUGIN_TYPE, "runDir": str(tmp_path),
+                       "prevResult": prev})
+    try:
+        answers = {}
+        for command, namespace in (("ADD", "default"), ("ADD", "kube-system"), ("DEL", "default")):
+            env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_NETNS": "",
+                   "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME=p"}
+            done = subprocess.run([str(plugin)], input=conf, env=env, capture_output=True, text=True, timeout=30)
+            answers[(command, namespace)] = (done.returncode, done.stdout)
+    finally:
+        server.join(timeout=15)
+        listener.close()
+    code, out = answers[("ADD", "default")]
+    assert code == 1 and json.loads(out)["code"] == 11
+    code, out = answers[("ADD", "kube-system")]
+    assert code == 0 and json.loads(out) == prev
+    assert answers[("DEL", "default")] == (0, "")
 
 
 # ---- the agent and the plugin together ------------------------------------------------------------

@@ -112,18 +112,21 @@ def test_pods_the_agent_skips_get_nothing(tag: str, namespace: str, annotations:
     sandbox, _ = cluster.run(tag, annotations, namespace)
     try:
         assert cluster.ours(sandbox) == ""
-        assert cluster.client.pod_sandbox_status(sandbox).status.network.ip.startswith("198.51.100.")
+        address = cluster.client.pod_sandbox_status(sandbox).status.network.ip
+        assert address.startswith("198.51.100.") and address in cluster.node.ip_leases()
     finally:
         cluster.remove(sandbox)
 
 
 def test_a_bad_annotation_fails_runpodsandbox_naming_it(cluster: Cluster) -> None:
     before = {s.id for s in cluster.client.list_pod_sandboxes()}
+    leases = cluster.node.ip_leases()
     with pytest.raises(grpc.RpcError) as failed:
         cluster.run("bad", {**MESHED, "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,nonsense"})
     details = failed.value.details()  # type: ignore[attr-defined]
     assert "traffic.sidecar.istio.io/includeOutboundIPRanges" in details and "nonsense" in details
     assert {s.id for s in cluster.client.list_pod_sandboxes()} == before
+    assert cluster.node.ip_leases() == leases  # containerd's DEL gave the address back
 
 
 def test_the_validation_container_passes_only_in_a_captured_sandbox(cluster: Cluster) -> None:
