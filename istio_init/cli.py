@@ -275,9 +275,12 @@ def _mesh_switch(label: str, value: str | None) -> str | None:
               help="Mesh-wide: drop packets conntrack finds INVALID. [env INVALID_DROP]")
 @click.option("--dual-stack", envvar="ISTIO_DUAL_STACK", default=None, metavar="BOOL",
               help="Mesh-wide: IPv6 rules when the pod has any IPv6 address. [env ISTIO_DUAL_STACK]")
+@click.option("--kubeconfig", default=None, metavar="FILE",
+              help="Read each pod from the API server (as Istio's plugin does: the istio-proxy container's "
+                   "runAsUser/runAsGroup and env) instead of taking the runtime's annotations only.")
 def cni_agent_command(plugin: str, cni_bin_dir: str, cni_conf_dir: str, run_dir: str, exclude_namespaces: str,
                       health_port: int, dns_capture: str | None, invalid_drop: str | None,
-                      dual_stack: str | None) -> None:
+                      dual_stack: str | None, kubeconfig: str | None) -> None:
     """Run the CNI form's node agent: install the host plugin, chain it, and capture pods as they start.
 
     Each pod sandbox is decided from its own annotations, which the container
@@ -300,6 +303,13 @@ def cni_agent_command(plugin: str, cni_bin_dir: str, cni_conf_dir: str, run_dir:
                         {name: value for name, value in settings.items() if value is not None})
     options = cni_agent.AgentOptions(Path(plugin), Path(cni_bin_dir), Path(cni_conf_dir), Path(run_dir), mesh,
                                      health_port)
+    if kubeconfig is not None:
+        from dataclasses import replace
+
+        from istio_init import kubeapi
+
+        source = kubeapi.api_facts_source(kubeapi.load_kubeconfig(kubeconfig), mesh.exclude_namespaces)
+        options = replace(options, pod_facts=source)
     sys.exit(cni_agent.Agent(options, _agent_log).run())
 
 

@@ -19,10 +19,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from cases_cni import CNI_CASES, CniCase
+from cases_cni import CNI_CASES, STATUS, CniCase
 from cnicluster import golden_text
 from istio_golden import canonical
-from kubenode import Node
+from kubenode import NODE_IP, Node
 from kubepods import (APP_LABEL, MANIFESTS, TEST_IMAGE, apply, ca_configmap, check_traffic, client_pod,
                       container_id, in_pod_netns, local_deployment, manifest, pin_images, pods, ready_pods,
                       wait_for)
@@ -142,6 +142,81 @@ def test_a_pod_without_the_annotations_gets_nothing(kube_node: Node, agent: dict
     for backend in ("legacy", "nft"):
         saved = in_pod_netns(kube_node, client, f"iptables-{backend}-save").stdout
         assert "ISTIO" not in saved, saved
+
+
+# The agent with `--kubeconfig`: a kubeconfig the DaemonSet's service account authenticates with
+# (its mounted token and CA), the API server at the node's address (the agent has the host network).
+AGENT_KUBECONFIG = f"""apiVersion: v1
+kind: Config
+clusters:
+- name: node
+  cluster:
+    server: https://{NODE_IP}:6443
+    certificate-authority: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+users:
+- name: istio-init-cni
+  user:
+    tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token
+contexts:
+- name: node
+  context: {{cluster: node, user: istio-init-cni}}
+current-context: node
+"""
+
+# Pods whose facts only the pod spec carries: (name, golden, annotations, the istio-proxy
+# container's securityContext, its env). Istio's custom-uid goldens (tests/cases_cni.py) and, through the
+# container's env instead of an annotation, its DNS golden; DISABLE_ENVOY leaves the pod alone.
+SPEC_CASES = [
+    *[(f"api-{case.name}", case.golden_name, dict(case.annotations),
+       {k: v for k, v in (("runAsUser", case.proxy_uid), ("runAsGroup", case.proxy_gid)) if v is not None}, {})
+      for case in CNI_CASES if not case.by_annotations_only],
+    ("api-dns-env", "dns", {STATUS: "true"}, {}, {"ISTIO_META_DNS_CAPTURE": "true"}),
+    ("api-disable-envoy", None, {STATUS: "true"}, {}, {"DISABLE_ENVOY": "true"}),
+]
+
+
+def spec_pod(name: str, annotations: dict[str, str], security: dict[str, int], env: dict[str, str]) -> dict[str, Any]:
+    proxy = {"name": "istio-proxy", "image": TEST_IMAGE, "imagePullPolicy": "Never",
+             "securityContext": security, "env": [{"name": k, "value": v} for k, v in env.items()]}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name.lower(), "labels": {"cni-case": "api"},
+                         "annotations": annotations},
+            "spec": {"terminationGracePeriodSeconds": 0,
+                     "containers": [{"name": "app", "image": TEST_IMAGE, "imagePullPolicy": "Never"}, proxy]}}
+
+
+def test_with_kubeconfig_the_custom_uid_goldens_pass(kube_node: Node, agent: dict[str, Any]) -> None:
+    node = kube_node
+    apply(node, {"apiVersion": "v1", "kind": "ConfigMap",
+                 "metadata": {"name": "istio-init-cni-kubeconfig", "namespace": "kube-system"},
+                 "data": {"kubeconfig": AGENT_KUBECONFIG}})
+    node.kubectl("patch", "-n", "kube-system", "daemonset", "istio-init-cni", "--type", "json", "--patch", json.dumps([
+        {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--kubeconfig"},
+        {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "/etc/istio-init-cni/kubeconfig"},
+        {"op": "add", "path": "/spec/template/spec/volumes/-",
+         "value": {"name": "kubeconfig", "configMap": {"name": "istio-init-cni-kubeconfig"}}},
+        {"op": "add", "path": "/spec/template/spec/containers/0/volumeMounts/-",
+         "value": {"name": "kubeconfig", "mountPath": "/etc/istio-init-cni"}}]))
+    node.kubectl("rollout", "status", "-n", "kube-system", "daemonset/istio-init-cni", "--timeout=150s", timeout=180)
+    [agent_pod] = ready_pods(node, AGENT_LABEL, 1, namespace="kube-system")
+    assert "--kubeconfig" in agent_pod["spec"]["containers"][0]["args"]
+    apply(node, *[spec_pod(name, annotations, security, env) for name, _, annotations, security, env in SPEC_CASES])
+    try:
+        found = {p["metadata"]["name"]: p for p in ready_pods(node, "cni-case=api", len(SPEC_CASES))}
+        for name, golden, _, _, _ in SPEC_CASES:
+            saved = pod_save(node, found[name.lower()])
+            if golden is None:
+                assert "ISTIO" not in saved, (name, saved)
+                continue
+            [case] = [c for c in CNI_CASES if c.golden_name == golden][:1]
+            scratch = Namespace.create("iik-golden")
+            try:
+                want, tables = golden_text(case, scratch)
+            finally:
+                scratch.remove()
+            assert canonical(saved, tables) == want, name
+    finally:
+        node.kubectl("delete", "pods", "-l", "cni-case=api", "--wait=true", "--timeout=90s", check=False, timeout=120)
 
 
 def test_deleting_the_daemonset_leaves_a_working_node(kube_node: Node, agent: dict[str, Any]) -> None:
