@@ -111,6 +111,15 @@ def test_a_meshed_deployment_is_captured_and_validated(kube_node: Node, kube_ima
 ANNOTATION_CASES = [case for case in CNI_CASES if case.by_annotations_only]
 
 
+def golden(case: CniCase) -> tuple[str, list[str]]:
+    """Istio's golden for a case as the kernel reads it back (loaded into a scratch namespace)."""
+    scratch = Namespace.create("iik-golden")
+    try:
+        return golden_text(case, scratch)
+    finally:
+        scratch.remove()
+
+
 def annotated_pod(case: CniCase) -> dict[str, Any]:
     name = f"cni-{case.name.lower()}"
     return {"apiVersion": "v1", "kind": "Pod",
@@ -126,11 +135,7 @@ def test_each_annotation_case_gets_istios_cni_golden(kube_node: Node, agent: dic
     try:
         found = {p["metadata"]["name"]: p for p in ready_pods(node, "cni-case=yes", len(ANNOTATION_CASES))}
         for case in ANNOTATION_CASES:
-            scratch = Namespace.create("iik-golden")
-            try:
-                want, tables = golden_text(case, scratch)
-            finally:
-                scratch.remove()
+            want, tables = golden(case)
             got = canonical(pod_save(node, found[f"cni-{case.name.lower()}"]), tables)
             assert got == want, case.name
     finally:
@@ -203,17 +208,12 @@ def test_with_kubeconfig_the_custom_uid_goldens_pass(kube_node: Node, agent: dic
     apply(node, *[spec_pod(name, annotations, security, env) for name, _, annotations, security, env in SPEC_CASES])
     try:
         found = {p["metadata"]["name"]: p for p in ready_pods(node, "cni-case=api", len(SPEC_CASES))}
-        for name, golden, _, _, _ in SPEC_CASES:
+        for name, golden_name, _, _, _ in SPEC_CASES:
             saved = pod_save(node, found[name.lower()])
-            if golden is None:
+            if golden_name is None:
                 assert "ISTIO" not in saved, (name, saved)
                 continue
-            [case] = [c for c in CNI_CASES if c.golden_name == golden][:1]
-            scratch = Namespace.create("iik-golden")
-            try:
-                want, tables = golden_text(case, scratch)
-            finally:
-                scratch.remove()
+            want, tables = golden(next(c for c in CNI_CASES if c.golden_name == golden_name))
             assert canonical(saved, tables) == want, name
     finally:
         node.kubectl("delete", "pods", "-l", "cni-case=api", "--wait=true", "--timeout=90s", check=False, timeout=120)
