@@ -29,6 +29,7 @@ Debian's packages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -505,6 +506,8 @@ def teardown(work: Path, cgroup: str, processes: dict[str, int] | None = None, t
         shutil.rmtree(work, ignore_errors=True)
         if work.exists():
             left.append(f"directory {work}")
+    with contextlib.suppress(OSError):  # the base too, once no node uses it
+        work.parent.rmdir()
     return left
 
 

@@ -97,6 +97,7 @@ def test_killed_owner_is_cleaned_up(kube_node: kubenode.Node) -> None:
         time.sleep(0.2)
     assert node_processes(node.work) == []
     assert host_state() == before
+    assert kubenode.WORK_BASE.is_dir()  # the session's node still works there
     # The session's own node is untouched: its owner (this process) is alive.
     assert kubenode.leftovers(kube_node.node_id)
     assert kube_node.kubectl("get", "--raw", "/readyz").stdout == "ok"
