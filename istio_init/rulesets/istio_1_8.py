@@ -47,11 +47,9 @@ OWNED_CHAINS = {
 
 def shape_configs() -> list[Config]:
     """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels."""
-    from istio_init.rulesets.sentinels import SENTINEL_ID, SENTINEL_IFACE, SENTINEL_MARK
+    from istio_init.rulesets.sentinels import shape_config
 
-    return [Config(kube_virt_interfaces=(SENTINEL_IFACE,), dns_capture=True, proxy_uids=(SENTINEL_ID,),
-                   proxy_gids=(SENTINEL_ID,), inbound_interception_mode="TPROXY", capture_all_inbound=True,
-                   capture_all_outbound=True, tproxy_mark=SENTINEL_MARK)]
+    return [shape_config(NAME)]
 
 
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:

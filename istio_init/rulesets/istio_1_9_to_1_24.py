@@ -120,16 +120,14 @@ class RuleSet:
         self.SHAPE_RESOLVERS = SENTINEL_RESOLVERS
 
     def shape_configs(self) -> list[Config]:
-        """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels."""
-        from istio_init.rulesets.sentinels import (SENTINEL_ID, SENTINEL_IFACE, SENTINEL_LOOPBACK_CIDR,
-                                                   SENTINEL_MARK)
+        """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels.
 
-        base = Config(rules_version=self.NAME, exclude_interfaces=(SENTINEL_IFACE,),
-                      kube_virt_interfaces=(SENTINEL_IFACE,), inbound_interception_mode="TPROXY",
-                      capture_all_inbound=True, capture_all_outbound=True, tproxy_mark=SENTINEL_MARK,
-                      proxy_uids=(SENTINEL_ID,), proxy_gids=(SENTINEL_ID,), dns_capture=True, drop_invalid=True,
-                      trace_logging=True, dns_conntrack_zone=True, ipv4_loopback_cidr=SENTINEL_LOOPBACK_CIDR)
-        return [base, base._replace(capture_all_dns=True)]
+        With --capture-all-dns and without it: its rules replace the per-resolver ones.
+        """
+        from istio_init.rulesets.sentinels import shape_config
+
+        config = shape_config(self.NAME)
+        return [config, config._replace(capture_all_dns=False)] if config.capture_all_dns else [config]
 
     def plan(self, config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
         return plan(self.generation, config, ipv6, resolvers)
