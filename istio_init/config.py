@@ -358,6 +358,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
              "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
              "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
+    FlagSpec("agent_dual_stack", None, "", "ISTIO_AGENT_DUAL_STACK", "false",
+             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.17-1.18's "
+             "pilot-agent variable).", releases=(17, 18), env_only=True),
     FlagSpec("trace_logging", None, "iptables-trace-logging", "IPTABLES_TRACE_LOGGING", "false",
              "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24).",
              is_switch=True, releases=(12, 24),
@@ -457,6 +460,7 @@ class Config(NamedTuple):
     capture_all_dns: bool = False
     drop_invalid: bool = False
     dual_stack: bool = False
+    agent_dual_stack: bool = False  # Istio 1.17-1.18
     cni_mode: bool = False
     reconcile: bool = False
     force_apply: bool = False

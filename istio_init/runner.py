@@ -63,7 +63,8 @@ def decide_ipv6(config: Config, log: Log) -> bool:
     from istio_init import netns
 
     try:
-        if config.rules_version != RULES_CURRENT and not config.dual_stack:
+        dual_stack = config.dual_stack or config.agent_dual_stack
+        if config.rules_version != RULES_CURRENT and not dual_stack:
             return netns.detect_ipv6()
         addresses = netns.pod_addresses()
         if not addresses:
@@ -71,7 +72,7 @@ def decide_ipv6(config: Config, log: Log) -> bool:
             log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
                 "warn")
             return False
-        if config.dual_stack:  # any IPv6 address of the pod
+        if dual_stack:  # any IPv6 address of the pod
             return any(address.version == 6 for address in addresses)
         return addresses[0].version == 6
     except OSError as exc:
