@@ -545,6 +545,11 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
 DNS_CAPTURE_ALIAS = "ISTIO_META_DNS_CAPTURE"
 
 
+def cni_refusals() -> dict[str, str]:
+    """dest -> how the CNI plugin names a flag its args may not set, and why (from the rows)."""
+    return {spec.dest: f"{spec.label} ({spec.cni_refusal})" for spec in FLAGS if spec.cni_refusal}
+
+
 def fields_not_in(rule_set: str) -> frozenset[str]:
     """Config fields of flags the rule set does not have (left out of its summary)."""
     return frozenset(field for spec in FLAGS if not spec.exists_in(rule_set) for field in spec.config_fields)
