@@ -24,10 +24,10 @@ Istio's file alone).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from cases_current import CURRENT_CASES, GROUP_GIDS
+from cases_current import CURRENT_CASES, GROUP_GIDS, CurrentCase
 
 ISTIO_DIR = Path(__file__).parent / "golden" / "istio"
 CONVERTED_DIR = Path(__file__).parent / "golden" / "generations"
@@ -40,13 +40,10 @@ __all__ = ["GENERATION_CASES", "GROUP_GIDS", "GenerationCase"]
 
 
 @dataclass(frozen=True)
-class GenerationCase:
-    tag: str
-    name: str
-    args: tuple[str, ...]
-    ipv6: bool = False
-    env: dict[str, str] = field(default_factory=dict)
-    resolvers: tuple[str, ...] = ()
+class GenerationCase(CurrentCase):
+    """A case of one release (`tag`): its golden files and the tag as --rules-version."""
+
+    tag: str = ""
 
     @property
     def id(self) -> str:
@@ -60,20 +57,17 @@ class GenerationCase:
     def golden(self) -> Path:
         return CONVERTED_DIR / self.tag / f"{self.name}.txt"
 
-    def resolv_conf(self) -> str:
-        return "".join(f"nameserver {server}\n" for server in self.resolvers)
-
     def argv(self, dry_run: bool = True) -> list[str]:
         """Command line: the release's tag selects its rule set; the family is pinned."""
-        return ["--rules-version", self.tag, *self.args, *(["-n"] if dry_run else []),
-                "--ipv6", "true" if self.ipv6 else "false"]
+        return ["--rules-version", self.tag, *super().argv(dry_run)[2:]]
 
 
 def _capture_cases(tag: str) -> list[GenerationCase]:
     names = {path.stem for path in (ISTIO_DIR / tag).glob("*.golden")}
-    cases = [GenerationCase(tag, c.name, c.args, c.ipv6, c.env, c.resolvers) for c in CURRENT_CASES if c.name in names]
+    cases = [GenerationCase(c.name, c.args, c.ipv6, c.env, c.resolvers, tag=tag)
+             for c in CURRENT_CASES if c.name in names]
     if "logging" in names:
-        cases.append(GenerationCase(tag, "logging", ("-u", "1337", "-g", "1337", "--iptables-trace-logging")))
+        cases.append(GenerationCase("logging", ("-u", "1337", "-g", "1337", "--iptables-trace-logging"), tag=tag))
     return cases
 
 
@@ -85,18 +79,18 @@ _RESOLVER = ("127.0.0.53",)
 def _run_test_cases(tag: str) -> list[GenerationCase]:
     env = _RUN_TEST_ENV.get(tag, {})
     cases = [
-        GenerationCase(tag, "TestRulesWithIpRange", (*_IDS, "-x", "1.1.0.0/16", "-i", "9.9.0.0/16", *_DNS),
-                       env=env, resolvers=_RESOLVER),
-        GenerationCase(tag, "TestRulesWithTproxy", ("-u", "1337", "-g", "1337", "-m", "TPROXY", "-b", "*",
-                                                    "-x", "1.1.0.0/16", "-i", "9.9.0.0/16", *_DNS),
-                       env=env, resolvers=_RESOLVER),
-        GenerationCase(tag, "TestHandleInboundIpv4RulesWithUidGid", (*_IDS, *_DNS), env=env, resolvers=_RESOLVER),
-        GenerationCase(tag, "TestRulesWithLoopbackIpInOutboundIpRanges", (*_IDS, "-i", "127.1.2.3/32", *_DNS),
-                       env=env, resolvers=_RESOLVER),
+        GenerationCase("TestRulesWithIpRange", (*_IDS, "-x", "1.1.0.0/16", "-i", "9.9.0.0/16", *_DNS),
+                       env=env, resolvers=_RESOLVER, tag=tag),
+        GenerationCase("TestRulesWithTproxy", ("-u", "1337", "-g", "1337", "-m", "TPROXY", "-b", "*",
+                                               "-x", "1.1.0.0/16", "-i", "9.9.0.0/16", *_DNS),
+                       env=env, resolvers=_RESOLVER, tag=tag),
+        GenerationCase("TestHandleInboundIpv4RulesWithUidGid", (*_IDS, *_DNS), env=env, resolvers=_RESOLVER, tag=tag),
+        GenerationCase("TestRulesWithLoopbackIpInOutboundIpRanges", (*_IDS, "-i", "127.1.2.3/32", *_DNS),
+                       env=env, resolvers=_RESOLVER, tag=tag),
     ]
     if (ISTIO_DIR / tag / "TestExcludeIterface.golden").exists():
-        cases.append(GenerationCase(tag, "TestExcludeIterface", ("-u", "1337", "-g", "1337",
-                                                                 "--istio-exclude-interfaces", "not-istio-nic")))
+        cases.append(GenerationCase("TestExcludeIterface", ("-u", "1337", "-g", "1337",
+                                                            "--istio-exclude-interfaces", "not-istio-nic"), tag=tag))
     return cases
 
 
