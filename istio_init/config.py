@@ -576,8 +576,12 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
 
 def not_in_rule_set(spec: FlagSpec, version: str) -> str:
     """Why a flag of other releases is refused: the releases that have it and how to select them."""
+    covered = RULE_SET_RELEASES[version]
+    uses = version
+    if covered[0] != covered[1] and version != RULES_CURRENT:
+        uses += f", for Istio {releases_text(covered)}"
     return (f"exists only with --rules-version {rule_sets_text(spec.releases)} (Istio "
-            f"{releases_text(spec.releases)}; this run uses {version})")
+            f"{releases_text(spec.releases)}; this run uses {uses})")
 
 
 def ignored_environment(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
