@@ -64,3 +64,17 @@ def test_trace_logging_puts_nflog_in_front_of_the_logged_rules(rules: str) -> No
                          ("KubevirtCommand", "-A PREROUTING -i eth1 -j ISTIO_REDIRECT")):
         index = lines.index(rule)
         assert f"-j NFLOG --nflog-prefix {prefix} --nflog-group 1337 --nflog-size 20" in lines[index - 1]
+
+
+def test_the_1_8_and_current_runs_do_not_load_the_other_releases_rule_sets() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib\nfrom istio_init import entry\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            "    try: entry.main(sys.argv[1:])\n    except SystemExit: pass\n"
+            "print('istio_init.rulesets.istio_1_9_to_1_24' in sys.modules)")
+    for rules, loaded in (("1.8", "False"), ("current", "False"), ("1.20", "True")):
+        done = subprocess.run([sys.executable, "-c", code, "--rules-version", rules, "-i", "*", *DRY],
+                              capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip() == loaded, (rules, done.stderr)

@@ -10,16 +10,39 @@ pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from istio_init.config import Config
+from istio_init.config import RULE_SET_RELEASES, Config
 from istio_init.model import RulePlan
-from istio_init.rulesets import current, istio_1_8, istio_1_9_to_1_24
+from istio_init.rulesets import current, istio_1_8
 
-# Each rule set by its --rules-version name: a module, or one generation of Istio 1.9-1.24.
-RULE_SETS: dict[str, Any] = {istio_1_8.NAME: istio_1_8,
-                             **{rule_set.NAME: rule_set for rule_set in istio_1_9_to_1_24.RULE_SETS},
-                             current.NAME: current}
+
+class _RuleSets(Mapping[str, Any]):
+    """Each rule set by its --rules-version name: a module, or one generation of Istio 1.9-1.24.
+
+    The generations' module is imported when one of them is asked for: a run of
+    the 1.8 or the current rule set that needs no other does not load it.
+    """
+
+    def __getitem__(self, name: str) -> Any:
+        if name == istio_1_8.NAME:
+            return istio_1_8
+        if name == current.NAME:
+            return current
+        if name not in RULE_SET_RELEASES:
+            raise KeyError(name)
+        from istio_init.rulesets import istio_1_9_to_1_24
+
+        return istio_1_9_to_1_24.BY_NAME[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(RULE_SET_RELEASES)
+
+    def __len__(self) -> int:
+        return len(RULE_SET_RELEASES)
+
+
+RULE_SETS = _RuleSets()
 DEFAULT = istio_1_8.NAME
 
 
@@ -33,7 +56,7 @@ def resolvers_needed(config: Config) -> bool:
 
 
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
-    """The plan of the rule set `config` asks for; `resolvers` only matter to the current one."""
+    """The plan of the rule set `config` asks for; `resolvers` matter to all but 1.8's."""
     result: RulePlan = ruleset_for(config).plan(config, ipv6, resolvers)
     return result
 

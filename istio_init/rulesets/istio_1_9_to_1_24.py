@@ -112,7 +112,7 @@ class RuleSet:
         return plan(self.generation, config, ipv6, resolvers)
 
 
-RULE_SETS = tuple(RuleSet(generation) for generation in GENERATIONS)
+BY_NAME = {generation.name: RuleSet(generation) for generation in GENERATIONS}
 
 
 def plan(generation: Generation, config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
