@@ -253,7 +253,7 @@ FLAGS: tuple[FlagSpec, ...] = (
              "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture.",
              parser='ports_or_all', fields=('capture_all_inbound', 'inbound_ports')),
     FlagSpec("local_exclude_ports", "d", "istio-local-exclude-ports", "ISTIO_LOCAL_EXCLUDE_PORTS", "",
-             "Comma list of inbound ports left alone when -b is '*'. Port 22 always is.",
+             "Comma list of inbound ports left alone when -b is '*'. Port 22 always is, up to Istio 1.12.",
              parser='ports'),
     FlagSpec("service_cidr", "i", "istio-service-cidr", "ISTIO_SERVICE_CIDR", "",
              "Outbound destinations to capture: '*' for all, or a comma list of CIDRs (IPv4 and "
@@ -263,7 +263,7 @@ FLAGS: tuple[FlagSpec, ...] = (
              "Comma list of CIDRs never captured outbound. '*' is not allowed.",
              parser='cidrs', fields=('exclude_cidrs',)),
     FlagSpec("outbound_ports", "q", "istio-outbound-ports", "ISTIO_OUTBOUND_PORTS", "",
-             "Comma list of outbound ports always captured, whatever -i says (IPv4 only).",
+             "Comma list of outbound ports always captured, whatever -i says (IPv4 only in Istio 1.8).",
              parser='ports'),
     FlagSpec("outbound_ports_exclude", "o", "istio-local-outbound-ports-exclude",
              "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "",

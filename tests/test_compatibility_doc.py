@@ -32,3 +32,29 @@ def test_flag_table_is_the_flag_rows() -> None:
             note = " (accepted; changes no rule)" if spec.no_effect else ""
             want.append((name + note, releases_text(spec.releases), rule_sets_text(spec.releases)))
     assert rows == want
+
+
+def _flags_table() -> str:
+    lines = ["| flag | variable | default | Istio releases (`--rules-version`) | what it does |", "|---|---|---|---|---|"]
+    for spec in FLAGS:
+        flag = "" if spec.env_only else f"`{spec.label}`"
+        variable = f"`{spec.env}`" if spec.env else ""
+        default = "" if spec.is_switch else (f"`{spec.default}`" if spec.default else "empty")
+        releases = ("all" if spec.releases == (8, 32)
+                    else f"{releases_text(spec.releases)} ({rule_sets_text(spec.releases)})")
+        lines.append(f"| {flag} | {variable} | {default} | {releases} | {spec.help.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_flags_page_table_is_the_flag_rows() -> None:
+    """docs/flags.md's table is rendered from config.FLAGS (UPDATE_DOCS=1 rewrites it)."""
+    import os
+
+    page = Path(__file__).parent.parent / "docs" / "flags.md"
+    text = page.read_text()
+    start = text.index("| flag | variable |")
+    end = text.index("\n\n", start) + 1
+    if os.environ.get("UPDATE_DOCS") == "1":
+        page.write_text(text[:start] + _flags_table() + text[end:])
+        text = page.read_text()
+    assert text[start:text.index("\n\n", start) + 1] == _flags_table()
