@@ -236,8 +236,7 @@ class _Family(FamilyBuilder):
         if tproxy:
             self.append(MANGLE, ISTIO_DIVERT, "MARK", target_options=set_mark(cfg.tproxy_mark))
             self.append(MANGLE, ISTIO_DIVERT, "ACCEPT")
-            self.append(MANGLE, ISTIO_TPROXY, "TPROXY", destination=self.loop if self.gen.tunnel_port_on_loopback
-                        else ("::1/128" if self.v6 else "127.0.0.1/32"), negate_destination=True,
+            self.append(MANGLE, ISTIO_TPROXY, "TPROXY", destination=self.loop, negate_destination=True,
                         protocol=TCP, target_options=(
                             Option("on-port", str(cfg.inbound_capture_port)),
                             Option("on-ip", "::" if self.v6 else "0.0.0.0"),
