@@ -38,7 +38,7 @@ class Applied(NamedTuple):
     """What an apply did, for the CLI to report."""
 
     backend: str
-    changed: tuple[str, ...]
+    changed: tuple[str, ...]  # empty: the namespace already held exactly this plan (a converged re-run)
     dump: str  # the touched tables as iptables-save text, as Istio prints after applying
     notes: list[str]
 
@@ -108,7 +108,10 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
     printed = {f.family: backend.dump(f.family, f.tables()) for f in plan.families()}
     dump = "".join(("# IPv6\n" if family == 6 else "") + text for family, text in printed.items() if text)
     timing.mark("the printed tables")
-    return Applied(backend.name, undo.changed, dump, notes)
+    network_changed = any(isinstance(u, _NetworkUndo) and (u.added_routing or u.removed_routing or u.added_addresses)
+                          for u in undos)
+    changed = (*undo.changed, *(("routes and addresses",) if network_changed else ()))
+    return Applied(backend.name, changed, dump, notes)
 
 
 def _apply_routing(plan: RulePlan, previous_marks: set[int], network: Any,

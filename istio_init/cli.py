@@ -42,6 +42,18 @@ class _RunCommand(click.Command):
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         formatter.write_usage(PROG, f"[{ISTIO_BINARY_NAME}] [OPTIONS]")
+        formatter.write_usage(PROG, "COMMAND [OPTIONS]", prefix="       ")
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """`istio-init --help` is this command's help, so it is also where the other commands are found."""
+        rows = [(f"{name} (default)" if name == DEFAULT_COMMAND else name, command.short_help or "")
+                for name, command in cli.commands.items()]
+        rows.append(("istio-init-cni", "The same capture as a chained CNI plugin, run by the container runtime."))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+        formatter.write_paragraph()
+        formatter.write_text(f"'{PROG} COMMAND --help' explains one command; check, trace and graph take "
+                             "the flags above.")
 
 
 def _help(spec: FlagSpec) -> str:
@@ -98,18 +110,20 @@ def cli() -> None:
 
 
 @cli.command(DEFAULT_COMMAND, cls=_RunCommand, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="Other commands: 'istio-init clean' removes istio-init's rules; "
-                    "'istio-init trace --help' explains what the rules do with a connection.")
+             short_help="Install the rules (-n: print them, change nothing).")
 @_flag_options
 @click.option("--cleanup-only", is_flag=True, default=False,
               help="Remove istio-init's rules, routes and addresses instead of applying. [env CLEANUP_ONLY]")
 @click.pass_context
 def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None:
-    """Install Istio's sidecar capture rules in this pod's network namespace.
+    """Install Istio's capture rules in this network namespace (-n: print them).
 
-    Flags and environment variables are those of Istio's istio-iptables; a
-    flag on the command line beats its environment variable. With -n the rules
-    are printed in iptables-save form and nothing is changed.
+    `run` is the default command: `istio-init FLAGS`, `istio-init
+    istio-iptables FLAGS` (Istio's init-container args) and `istio-init run
+    FLAGS` are the same. Flags and environment variables are those of Istio's
+    istio-iptables; a flag on the command line beats its environment variable.
+    With -n the rules are printed in iptables-save form and nothing is changed.
+    A re-run converges to exactly these flags' rules.
     """
     from istio_init import runner
 
@@ -130,7 +144,8 @@ def _cleanup_only_from_env() -> bool:
     raise ConfigError(f"--cleanup-only (from {CLEANUP_ONLY_ENV})", value, "must be true or false")
 
 
-@cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]},
+             short_help="What the rules do with one connection, rule by rule.")
 @_flag_options
 @click.option("--direction", type=click.Choice(["in", "out"]), required=True,
               help="in: arriving at the pod; out: sent by a process in the pod.")
@@ -164,7 +179,8 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     _out(trace.run(config, conn, live, as_json, resolvers) + "\n")
 
 
-@cli.command("check", context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command("check", context_settings={"help_option_names": ["-h", "--help"]},
+             short_help="Compare the installed rules with the flags' rules (exit 1: drift).")
 @_flag_options
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print the result as JSON.")
 def check_command(as_json: bool, **given: Any) -> None:
@@ -183,12 +199,15 @@ def check_command(as_json: bool, **given: Any) -> None:
     sys.exit(report.exit_code)
 
 
-@cli.command("graph", context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command("graph", context_settings={"help_option_names": ["-h", "--help"]},
+             short_help="Draw the chains: Mermaid, DOT, SVG, text or JSON.")
 @_flag_options
 @click.option("--live", is_flag=True, default=False,
-              help="Draw the rules installed in the namespace (iptables-save) instead of the plan.")
-@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "svg"]), default="mermaid",
-              show_default=True, help="mermaid for Markdown, dot for Graphviz, svg through Graphviz's dot.")
+              help="Draw the rules installed in the namespace (iptables-save, or with --native-nftables "
+                   "our nft tables) instead of the plan.")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "svg", "text", "json"]), default="mermaid",
+              show_default=True, help="mermaid for Markdown, dot for Graphviz, svg through Graphviz's dot, "
+                                      "text for a terminal, json for scripts.")
 @click.option("--table", type=click.Choice(["nat", "mangle", "raw", "all"]), default="all", show_default=True)
 def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
     """Draw the chains as a directed graph: hooks and chains, jumps, outcomes.
@@ -207,7 +226,8 @@ def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
 _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "native_nftables")
 
 
-@cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]},
+             short_help="Remove istio-init's rules, routes and ::6 address.")
 @_options_for(_CLEAN_FLAGS)
 @click.pass_context
 def clean_command(ctx: click.Context, /, **given: Any) -> None:
@@ -309,13 +329,18 @@ def cni_main(wrap_backend: Any = None) -> None:
 
     stdout belongs to the protocol: a copy of it is kept for the one answer and
     fd 1 points at stderr (then at the log file), so nothing the apply path or
-    a tool it runs prints can reach the runtime. `wrap_backend` wraps the
-    backend a run chooses (tests inject faults with it).
+    a tool it runs prints can reach the runtime. Without CNI_COMMAND it prints
+    what it is and the protocol versions it speaks, as the reference plugins
+    do. `wrap_backend` wraps the backend a run chooses (tests inject faults
+    with it).
     """
     import json
 
     from istio_init import cni
 
+    if not os.environ.get("CNI_COMMAND"):  # a person, not a runtime: say what this is (stdin is theirs)
+        sys.stderr.write(cni.about())
+        sys.exit(0)
     answer_fd = os.dup(1)
     os.dup2(2, 1)
     call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)

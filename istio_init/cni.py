@@ -51,6 +51,17 @@ ERR_INTERNAL = 102
 _RUNTIME_OWNED = {**cni_refusals(), "cleanup_only": "--cleanup-only (the runtime calls DEL)"}
 
 
+def about() -> str:
+    """What a person running the plugin by hand sees (no CNI_COMMAND), as the reference plugins print it."""
+    from istio_init import __version__
+
+    return (f"CNI {PROG} plugin v{__version__}: Istio's sidecar capture rules (istio-init), installed "
+            "from the node for each pod\n"
+            f"CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n"
+            "The container runtime runs it with CNI_COMMAND set and the network configuration on stdin; "
+            "its \"args\" are the init container's args.\n")
+
+
 Log = Callable[..., None]  # log(message) or log(message, level), as runner.Log
 ParseFlags = Callable[[list[str]], dict[str, Any]]
 

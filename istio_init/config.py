@@ -455,7 +455,7 @@ class Config(NamedTuple):
     iptables_backend: str = "auto"
     network_namespace: str | None = None
     rules_version: str = RULES_1_8
-    # Current rule set only (RULES-CURRENT.md).
+    # Istio's later releases (FlagSpec.releases says which).
     exclude_interfaces: tuple[str, ...] = ()
     capture_all_dns: bool = False
     drop_invalid: bool = False

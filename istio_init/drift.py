@@ -93,6 +93,7 @@ class Report(NamedTuple):
     flavour: str  # the flavour the rules were expected in
     differences: tuple[Difference, ...]
     planned: Planned
+    hint: str = ""  # what the operator most likely meant, when the state suggests it
 
     @property
     def in_sync(self) -> bool:
@@ -299,8 +300,71 @@ def chains_from_objects(objects: list[dict[str, Any]]) -> NftChains:
     return chains
 
 
+def _nft_value(value: Any) -> str:
+    if isinstance(value, dict) and "prefix" in value:
+        return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+    if isinstance(value, dict) and "set" in value:
+        return "{ " + ", ".join(_nft_value(item) for item in value["set"]) + " }"
+    if isinstance(value, dict) and "range" in value:
+        return "-".join(_nft_value(item) for item in value["range"])
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("meta", "ct"):
+        (kind, body), = value.items()
+        return f"{kind} {body['key']}"
+    if isinstance(value, list):
+        return ",".join(_nft_value(item) for item in value)
+    return str(value)
+
+
+_NFT_QUOTED = ("iifname", "oifname")  # nft prints interface names as strings
+
+
+def _nft_expression(expr: dict[str, Any]) -> str:
+    """One libnftables JSON expression in nft's own syntax; an unknown one stays JSON."""
+    (kind, body), = expr.items()
+    if kind == "match":
+        left, right, op = body["left"], body["right"], body["op"]
+        if "payload" in left:
+            subject = f"{left['payload']['protocol']} {left['payload']['field']}"
+        elif "meta" in left:
+            key = left["meta"]["key"]
+            subject = key if key in _NFT_QUOTED else f"meta {key}"
+        elif "ct" in left:
+            subject = f"ct {left['ct']['key']}"
+        else:
+            return json.dumps(expr, separators=(",", ":"))
+        quoted = isinstance(left.get("meta"), dict) and left["meta"]["key"] in _NFT_QUOTED
+        shown = json.dumps(right) if quoted and isinstance(right, str) else _nft_value(right)
+        return f"{subject} {'' if op in ('==', 'in') else op + ' '}{shown}"
+    if kind in ("return", "accept", "drop"):
+        return kind
+    if kind in ("jump", "goto"):
+        return f"{kind} {body['target']}"
+    if kind == "counter":
+        return "counter"
+    if kind == "redirect":
+        return f"redirect to :{body['port']}" if "port" in body else "redirect"
+    if kind in ("dnat", "snat"):
+        family = f" {body['family']}" if "family" in body else ""
+        port = f":{body['port']}" if "port" in body else ""
+        return f"{kind}{family} to {body.get('addr', '')}{port}"
+    if kind == "tproxy":
+        family = f" {body['family']}" if "family" in body else ""
+        return f"tproxy{family} to {body.get('addr', '')}:{body['port']}"
+    if kind == "mangle":
+        return f"{_nft_value(body['key'])} set {_nft_value(body['value'])}"
+    return json.dumps(expr, separators=(",", ":"))
+
+
+def nft_rule_text(expressions: str) -> str:
+    """A rule compared as compact JSON (chains_from_objects), shown as `nft list` would write it."""
+    return " ".join(_nft_expression(expr) for expr in json.loads(expressions))
+
+
 def compare_nft(planned: NftChains, live: NftChains) -> list[Difference]:
-    """Every difference between our planned and live nft chains (the tables are all ours)."""
+    """Every difference between our planned and live nft chains (the tables are all ours).
+
+    Rules are compared as JSON and reported in nft's syntax, as `nft list ruleset` shows them.
+    """
     found: list[Difference] = []
     for table in dict.fromkeys([*planned, *live]):
         want, have = planned.get(table, {}), live.get(table, {})
@@ -310,7 +374,8 @@ def compare_nft(planned: NftChains, live: NftChains) -> list[Difference]:
                   for c in have if c not in want]
         for chain in dict.fromkeys([*want, *have]):
             diffs = compare_chain(want.get(chain, []), list(enumerate(have.get(chain, []), 1)))
-            found += [d._replace(flavour="nftables", table=table, chain=chain) for d in diffs]
+            found += [d._replace(flavour="nftables", table=table, chain=chain, text=nft_rule_text(d.text))
+                      for d in diffs]
     return found
 
 
@@ -340,6 +405,8 @@ def format_text(report: Report) -> str:
     lines = [f"istio-init check: out of sync with the flags: {counts['missing']} missing, {counts['extra']} extra, "
              f"{counts['misordered']} misordered (expected: {_summary(report)})"]
     lines += [d.line() for d in report.differences]
+    if report.hint:
+        lines.append(report.hint)
     return "\n".join(lines)
 
 
@@ -349,6 +416,7 @@ def to_json(report: Report) -> str:
         "flavour": report.flavour,
         "expected": _summary(report),
         "differences": [d._asdict() for d in report.differences],
+        **({"hint": report.hint} if report.hint else {}),
     }, indent=2)
 
 
@@ -461,7 +529,23 @@ def run(config: Config, log: Log) -> Report:
         raise
     except IstioInitError as exc:
         raise CheckError(str(exc)) from None
-    return compare(planned, live, pick_flavour(config.iptables_backend, live.rules))
+    report = compare(planned, live, pick_flavour(config.iptables_backend, live.rules))
+    if not report.in_sync and _native_tables_here():
+        report = report._replace(hint=NATIVE_HINT)
+    return report
+
+
+NATIVE_HINT = ("hint: this namespace holds istio-init's native nftables tables (inet istio-proxy-*): "
+               "the rules were applied with --native-nftables; check them with --native-nftables")
+
+
+def _native_tables_here() -> bool:
+    from istio_init import backends
+
+    try:
+        return backends.native_nft_in_use()
+    except Exception:  # a hint only: never the reason a check fails
+        return False
 
 
 def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report:

@@ -1,4 +1,4 @@
-"""`istio-init graph`: the chains as a directed graph, in Mermaid, DOT or SVG.
+"""`istio-init graph`: the chains as a directed graph, in Mermaid, DOT, SVG, text or JSON.
 
 A rule set is easier to check as a picture than as forty lines of
 iptables-save: which hook enters which chain, under which match, and where
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from istio_init.runner import Log
 
 TABLES = ("raw", "mangle", "nat")  # the order a packet meets them
-FORMATS = ("mermaid", "dot", "svg")
+FORMATS = ("mermaid", "dot", "svg", "text", "json")
 DOT_TIMEOUT_SECONDS = 30
 _CAPTURING = ("REDIRECT", "TPROXY", "DNAT")
 _LETTING_GO = ("RETURN", "ACCEPT")
@@ -296,9 +296,46 @@ def to_svg(dot_text: str) -> str:
     return done.stdout
 
 
+def to_text(graph: Graph) -> str:
+    """The graph for a terminal: each chain's rules, each followed by where it leads."""
+    names = {node.id: node.label for node in graph.nodes()}
+    leads: dict[tuple[str, str], str] = {}  # (chain id, rule number) -> target's label
+    for edge in graph.edges:
+        for label in edge.labels:
+            leads[(edge.source, label.split(":", 1)[0])] = names[edge.target]
+    lines: list[str] = []
+    for cluster in graph.clusters:
+        lines.append(f"IPv{cluster.family} {cluster.table}")
+        for node in cluster.nodes:
+            if node.kind == "outcome":
+                continue
+            lines.append(f"  {node.label}{' (built-in)' if node.kind == 'hook' else ''}")
+            for rule in node.rules:
+                number = rule.split(":", 1)[0]
+                lines.append(f"    {rule}  -> {leads.get((node.id, number), '?')}")
+            if not node.rules:
+                lines.append("    (no rules)")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(graph: Graph) -> str:
+    """The graph as data, for scripts: clusters of nodes, and edges with one label per rule."""
+    import json
+
+    return json.dumps({
+        "clusters": [{"family": c.family, "table": c.table, "nodes": [n._asdict() for n in c.nodes]}
+                     for c in graph.clusters],
+        "edges": [e._asdict() for e in graph.edges],
+    }, indent=2) + "\n"
+
+
 def render(graph: Graph, fmt: str) -> str:
     if fmt == "mermaid":
         return to_mermaid(graph)
+    if fmt == "text":
+        return to_text(graph)
+    if fmt == "json":
+        return to_json(graph)
     if fmt == "dot":
         return to_dot(graph)
     if fmt == "svg":
@@ -318,18 +355,34 @@ def planned_rules(config: Config, log: Log) -> dict[int, Chains]:
 
 
 def live_rules(config: Config) -> dict[int, Chains]:
-    """The installed rules, in the flavour that holds istio-init's (as `check` picks it)."""
+    """The installed rules: native nftables tables with --native-nftables, else the iptables
+    flavour that holds istio-init's (as `check` picks it)."""
     from istio_init import drift
 
-    if config.native_nftables:  # drawing the iptables tables of a native nftables pod would show nothing
-        from istio_init.config import flag_label
-        from istio_init.errors import ConfigError
-
-        raise ConfigError(flag_label("native_nftables", config.sources), "true",
-                          "graph --live reads iptables rules only; native nftables rules are not read yet "
-                          "(nft list ruleset shows them)")
+    if config.native_nftables:
+        return live_nft_rules()
     rules = drift.read_rules(config.iptables_backend)
     return rules.get(drift.pick_flavour(config.iptables_backend, rules), {})
+
+
+def live_nft_rules() -> dict[int, Chains]:
+    """Our `inet istio-proxy-*` tables in iptables' terms, per family (as `trace --live` reads them).
+
+    The tables are `inet`, so each rule is drawn in every family it acts on;
+    a family whose packets no built-in chain sends into our chains is left out.
+    """
+    from istio_init import nft_live
+    from istio_init.render import rule_spec
+
+    drawn: dict[int, Chains] = {}
+    for family in (4, 6):
+        ruleset, _ = nft_live.read_live(family)
+        chains = {table: {chain: [rule_spec(rule) for rule in rules] for chain, rules in by_chain.items()}
+                  for table, by_chain in ruleset.items()}
+        if family == 4 or any(specs for table, by_chain in chains.items()
+                              for chain, specs in by_chain.items() if is_builtin(table, chain)):
+            drawn[family] = chains
+    return drawn
 
 
 def run(config: Config, live: bool, fmt: str, table: str, log: Log) -> str:

@@ -121,7 +121,7 @@ def pod_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
 
 
 def detect_ipv6() -> bool:
-    """RULES.md: IPv6 rules when the first non-loopback address is IPv6; none means IPv4."""
+    """docs/rules-1.8.md: IPv6 rules when the first non-loopback address is IPv6; none means IPv4."""
     addresses = _raw_addresses()
     return bool(addresses) and len(addresses[0]) == 16
 
@@ -169,6 +169,28 @@ def has_net_admin() -> bool | None:
     except (OSError, StopIteration):
         return None
     return bool(int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN))
+
+
+# The kernel's fixed inode number of the initial PID namespace (PROC_PID_INIT_INO in
+# include/linux/proc_ns.h). Network namespaces have no fixed number, so the host's is
+# recognised as the one pid 1 of the initial PID namespace is in.
+_INITIAL_PID_NAMESPACE_INODE = 0xEFFFFFFC
+
+
+def in_initial_namespace() -> bool:
+    """Whether this process is in the host's own network namespace (pid 1's, seen from the host).
+
+    In a pod, pid 1 is the pod's own first process and /proc shows the pod's PID
+    namespace, so this is False there; it is True for a bare `istio-init` in a
+    root shell on a node, which would redirect the node's own traffic.
+    """
+    try:
+        if os.stat("/proc/self/ns/pid").st_ino != _INITIAL_PID_NAMESPACE_INODE:
+            return False
+        ours, init = os.stat("/proc/self/ns/net"), os.stat("/proc/1/ns/net")
+    except OSError:  # no /proc, or pid 1's namespace may not be looked at: cannot tell
+        return False
+    return (ours.st_dev, ours.st_ino) == (init.st_dev, init.st_ino)
 
 
 _NFPROTO_INET = 1

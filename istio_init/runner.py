@@ -68,7 +68,7 @@ def decide_ipv6(config: Config, log: Log) -> bool:
             return netns.detect_ipv6()
         addresses = netns.pod_addresses()
         if not addresses:
-            # Current Istio exits 1 here; RULES-CURRENT.md keeps RULES.md's IPv4 rules, and says so.
+            # Current Istio exits 1 here; docs/rules-current.md keeps the 1.8 rule set's IPv4 rules, and says so.
             log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
                 "warn")
             return False
@@ -115,6 +115,16 @@ def require_net_admin() -> None:
                          "-n prints the rules without privileges)")
 
 
+def warn_if_host_namespace(log: Log) -> None:
+    """A bare `istio-init` in a node's root shell captures the node's own traffic: say so, once."""
+    from istio_init import netns
+
+    if netns.in_initial_namespace():
+        log("warning: applying to the host's own network namespace (the one pid 1 is in), not a pod's: "
+            "its traffic will be redirected to the sidecar ports; use --network-namespace, run inside "
+            "`unshare -n`, or -n to only print the rules", "warn")
+
+
 def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any = None) -> str:
     """The whole run (dry run, apply, validation); returns what goes to stdout."""
     enter_namespace(config)
@@ -122,6 +132,7 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
     applying = not (config.dry_run or config.skip_rule_apply)
     if applying:
         require_net_admin()  # before anything is logged: the pod's log then says just this
+        warn_if_host_namespace(log)
     # Like Istio, every run logs what it was asked to do: the first thing to
     # read in `kubectl logs POD -c istio-init` when a pod's traffic looks wrong.
     log(summary(config, ipv6))
@@ -171,6 +182,8 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
                         lambda: backends.others_holding_ours(name, [4, 6], config.rules_version), network)
     for note in applied.notes:
         log(note)
+    if not applied.changed and not applied.notes:
+        log(f"no change: the namespace already held exactly these rules ({name})")
     timing.mark("log the notes")
     return applied.dump
 

@@ -71,6 +71,14 @@ class Connection:
         return self.dst.version
 
 
+def _address(flag: str, value: str) -> IPAddress:
+    """`value` as an address; a user's typo is a usage error naming the flag, as for every other flag."""
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise TraceError(f"invalid value for {flag}: {value!r}: not an IPv4 or IPv6 address") from None
+
+
 def make_connection(direction: str, dst: str, dport: int, protocol: str = "tcp", src: str | None = None,
                     uid: int = 0, gid: int = 0, in_interface: str | None = None,
                     out_interface: str | None = None,
@@ -85,11 +93,8 @@ def make_connection(direction: str, dst: str, dport: int, protocol: str = "tcp",
         raise TraceError(f"--direction must be '{INBOUND}' or '{OUTBOUND}', not {direction!r}")
     if protocol not in ("tcp", "udp"):
         raise TraceError(f"--protocol must be tcp or udp, not {protocol!r}")
-    try:
-        dst_ip = ipaddress.ip_address(dst)
-        src_ip = ipaddress.ip_address(src) if src else None
-    except ValueError as exc:
-        raise TraceError(f"not an IP address: {exc}") from None
+    dst_ip = _address("--dst", dst)
+    src_ip = _address("--src", src) if src else None
     if src_ip is not None and src_ip.version != dst_ip.version:
         raise TraceError(f"--src {src_ip} and --dst {dst_ip} are of different IP families")
     if not 0 <= dport <= 65535:

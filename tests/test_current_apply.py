@@ -1,9 +1,9 @@
 """Current Istio's injected init container, applied for real; re-runs, converging across rule sets, clean.
 
 The argument lists are those of current Istio's injection template
-(RULES-CURRENT.md, "How current Istio calls the init container"); the rule set
+(docs/rules-current.md, "How current Istio calls the init container"); the rule set
 comes from ISTIO_INIT_RULES_VERSION, as in an image built for current Istio.
-The expected rules are written out here from RULES-CURRENT.md's algorithm, not
+The expected rules are written out here from docs/rules-current.md's algorithm, not
 taken from the planner.
 """
 

@@ -1,4 +1,4 @@
-"""Choosing the rule set, and the flags and variables of the current one (RULES-CURRENT.md's table).
+"""Choosing the rule set, and the flags and variables of the current one (docs/rules-current.md's table).
 
 Like test_config_errors.py: every user mistake is one line naming the flag or
 variable and the value, exit 2, nothing applied; a flag of the other rule set

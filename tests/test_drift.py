@@ -197,14 +197,3 @@ def test_the_kubernetes_probe_checks_the_init_containers_args() -> None:
     command = json.loads(re.search(r"command: (\[\"istio-init\", \"check\".*?\])", probe, re.S).group(1))
     assert init_args[0] == "istio-iptables"
     assert command == ["istio-init", "check", *init_args[1:]]
-
-
-@pytest.mark.parametrize("argv", [["graph", "--live", "--native-nftables"]])
-def test_graph_live_refuses_native_nftables_in_one_line(argv: list[str]) -> None:
-    from clirun import invoke
-
-    out = invoke([*argv, "--ipv6", "false"])
-    assert out.code == 2 and out.stdout == ""
-    assert out.stderr.count("\n") == 1 and "--native-nftables" in out.stderr and "not read yet" in out.stderr
-    env = invoke([*argv[:-1], "--ipv6", "false"], {"NATIVE_NFTABLES": "true"})
-    assert env.code == 2 and "NATIVE_NFTABLES" in env.stderr

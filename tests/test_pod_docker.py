@@ -37,7 +37,7 @@ CURRENT_IMAGE = os.environ.get("ISTIO_INIT_CURRENT_IMAGE", "istio-init:current")
 # The seed's init container, as the kubelet runs it.
 SEED_ARGS = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
              "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]
-# Current Istio's injected init container (RULES-CURRENT.md): the same, then its logging flag.
+# Current Istio's injected init container (docs/rules-current.md): the same, then its logging flag.
 CURRENT_ARGS = [*SEED_ARGS, "--log_output_level=default:info"]
 # variant -> (image, args): the seed's pod, and the same pod as current Istio injects it.
 VARIANTS = {"1.8": (IMAGE, SEED_ARGS), "current": (CURRENT_IMAGE, CURRENT_ARGS)}

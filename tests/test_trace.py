@@ -178,5 +178,5 @@ def test_cli_ipv6_destination_without_ipv6_rules() -> None:
 def test_cli_bad_connection_is_one_line_error() -> None:
     result = invoke(["trace", "--direction", "out", "--dst", "not-an-ip", "--dport", "80"])
     assert result.code == 2
-    assert result.stderr.startswith("istio-init: not an IP address")
+    assert result.stderr == "istio-init: invalid value for --dst: 'not-an-ip': not an IPv4 or IPv6 address\n"
     assert invoke(["trace", "-p", "99999", "--direction", "out", "--dst", "198.51.100.1", "--dport", "80"]).code == 2

@@ -3,7 +3,7 @@
 Same harness as test_traffic.py (tests/podnet.py: a pod namespace and a peer
 joined by a veth pair, a stand-in proxy as uid 1337 on 15001/15006/15053, an
 app as uid 1000, a peer listener on 53/8080/...). Each path is checked twice:
-the connection lands where RULES-CURRENT.md says, and with the deciding rule
+the connection lands where docs/rules-current.md says, and with the deciding rule
 deleted (or rewritten) it lands somewhere else, so the test fails when that
 rule is missing or wrong. `istio-init trace`, from the plan for the same flags
 and from the pod's live rules, must predict the outcome the sockets saw. The

@@ -1,11 +1,12 @@
 """The rule sets istio-init can install, side by side, and the one place that picks one.
 
-Each rule set is a module that reads like its spec (`istio_1_8`: RULES.md,
-`current`: RULES-CURRENT.md; `istio_1_9_to_1_24`: one object per generation) and exports `NAME`, `OWNED_CHAINS` (table -> the
-chains it may create: only those are ever istio-init's) and
-`plan(config, ipv6) -> RulePlan` (pure). The current rule set also takes the
-pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
-"""
+Each rule set reads like its spec or its Istio release (`istio_1_8`:
+docs/rules-1.8.md; `current`: docs/rules-current.md; `istio_1_9_to_1_24`: one
+object per generation of Istio 1.9 to 1.24, after each release's run.go) and
+exports `NAME`, `OWNED_CHAINS` (table -> the chains it may create: only those
+are ever istio-init's) and `plan(config, ipv6, resolvers) -> RulePlan` (pure).
+All but 1.8's also take the pod's DNS resolvers, which the caller reads
+(`resolvers_needed` says when)."""
 
 from __future__ import annotations
 

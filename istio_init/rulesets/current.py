@@ -1,13 +1,13 @@
-"""Current Istio's rule set (1.25 to 1.32): `plan(config, ipv6, resolvers)`, step by step as RULES-CURRENT.md.
+"""Current Istio's rule set (1.25 to 1.32): `plan(config, ipv6, resolvers)`, step by step as docs/rules-current.md.
 
 This is the one file that says which rules the current rule set makes and in
 which order; the step numbers in the comments are the numbered steps of
-RULES-CURRENT.md's algorithm. It is pure: the pod's DNS resolvers (the
+docs/rules-current.md's algorithm. It is pure: the pod's DNS resolvers (the
 `nameserver` lines of its /etc/resolv.conf) are read by the runner and passed
 in, so every test can run it without a kernel or a file.
 
 Both families are built by the same code: current Istio writes the same rule
-in IPv4 and IPv6 ("both") wherever RULES-CURRENT.md does not say otherwise,
+in IPv4 and IPv6 ("both") wherever docs/rules-current.md does not say otherwise,
 with the family's loopback (`LOOP`) and inbound passthrough source (`SIX`).
 Each family's operations are grouped by table in Istio's order (mangle, nat,
 raw), keeping creation order within a table, as Istio's restore input does.
@@ -71,7 +71,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
 
 
 class _Family(FamilyBuilder):
-    """Builds one family's steps in RULES-CURRENT.md's order."""
+    """Builds one family's steps in docs/rules-current.md's order."""
 
     def __init__(self, config: Config, family: int, resolvers: list[str], dns: bool) -> None:
         super().__init__(config, family, resolvers)

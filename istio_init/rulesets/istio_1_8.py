@@ -1,8 +1,8 @@
-"""Istio 1.8's rule set: `plan(config, ipv6)` -> RulePlan, step by step as in spec/RULES.md.
+"""Istio 1.8's rule set: `plan(config, ipv6)` -> RulePlan, step by step as in docs/rules-1.8.md.
 
 This is the one file that says which rules the 1.8 rule set makes and in which
 order. It is pure (no kernel, no environment), so every test can run it. The
-step numbers in the comments are the numbered steps of RULES.md.
+step numbers in the comments are the numbered steps of docs/rules-1.8.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def shape_configs() -> list[Config]:
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     """The complete rule plan for `config` on a pod whose address family is known.
 
-    `resolvers` are ignored: 1.8 captures DNS to any address (RULES.md step 18).
+    `resolvers` are ignored: 1.8 captures DNS to any address (docs/rules-1.8.md, step 18).
     """
     ipv4_plan = _Family(config, 4).build()
     ipv6_plan = _Family(config, 6).build() if ipv6 else None
@@ -74,7 +74,7 @@ def _port_groups(ports: Sequence[int], multiport: bool) -> list[Match]:
 
 
 class _Family:
-    """Builds one family's steps; IPv6 differs from IPv4 only where RULES.md says so."""
+    """Builds one family's steps; IPv6 differs from IPv4 only where docs/rules-1.8.md says so."""
 
     def __init__(self, config: Config, family: int) -> None:
         self.config = config
