@@ -242,6 +242,67 @@ def clean_command(ctx: click.Context, /, **given: Any) -> None:
     _out(runner.clean(load_config(given), log, _wrap(ctx)))
 
 
+def _agent_log(message: str, level: str = "info") -> None:
+    """One entry of the agent's log (stderr: the DaemonSet container's log)."""
+    import time
+
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} {level} {PROG} cni-agent[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+def _mesh_switch(label: str, value: str | None) -> str | None:
+    from istio_init.podcapture import go_bool
+
+    if value is not None and go_bool(value) is None:
+        raise ConfigError(label, value, "must be true or false")
+    return value
+
+
+@cli.command("cni-agent", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--plugin", required=True, metavar="PATH", help="The static host plugin to install "
+              "(scripts/build-cni-plugin builds it; the image has it).")
+@click.option("--cni-bin-dir", required=True, metavar="DIR", help="The node's CNI bin dir (e.g. /opt/cni/bin).")
+@click.option("--cni-conf-dir", required=True, metavar="DIR", help="The node's CNI conf dir (e.g. /etc/cni/net.d).")
+@click.option("--run-dir", required=True, metavar="DIR",
+              help="Where the agent's socket lives; the same path on the node and in the agent's container.")
+@click.option("--exclude-namespaces", default="kube-system", show_default=True, metavar="LIST",
+              help="Comma list of namespaces whose pods are never captured (also passed when the agent is down).")
+@click.option("--health-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port of /readyz (0: any free port).")
+@click.option("--dns-capture", envvar="ISTIO_META_DNS_CAPTURE", default=None, metavar="BOOL",
+              help="Mesh-wide: capture all DNS (a pod's proxyMetadata overrides). [env ISTIO_META_DNS_CAPTURE]")
+@click.option("--invalid-drop", envvar="INVALID_DROP", default=None, metavar="BOOL",
+              help="Mesh-wide: drop packets conntrack finds INVALID. [env INVALID_DROP]")
+@click.option("--dual-stack", envvar="ISTIO_DUAL_STACK", default=None, metavar="BOOL",
+              help="Mesh-wide: IPv6 rules when the pod has any IPv6 address. [env ISTIO_DUAL_STACK]")
+def cni_agent_command(plugin: str, cni_bin_dir: str, cni_conf_dir: str, run_dir: str, exclude_namespaces: str,
+                      health_port: int, dns_capture: str | None, invalid_drop: str | None,
+                      dual_stack: str | None) -> None:
+    """Run the CNI form's node agent: install the host plugin, chain it, and capture pods as they start.
+
+    Each pod sandbox is decided from its own annotations, which the container
+    runtime passes to the plugin; SIGTERM removes the plugin from the node.
+    """
+    from pathlib import Path
+
+    from istio_init import cni_agent
+    from istio_init.podcapture import DNS_CAPTURE, DUAL_STACK, INVALID_DROP, MeshSettings
+
+    if not os.path.isfile(plugin):
+        raise ConfigError("--plugin", plugin, "no such file")
+    for label, value in (("--run-dir", run_dir), ("--cni-bin-dir", cni_bin_dir), ("--cni-conf-dir", cni_conf_dir)):
+        if not os.path.isabs(value) or any(c in value for c in '"\\\n'):
+            raise ConfigError(label, value, "must be an absolute path without quotes or backslashes")
+    settings = {DNS_CAPTURE: _mesh_switch("--dns-capture", dns_capture),
+                INVALID_DROP: _mesh_switch("--invalid-drop", invalid_drop),
+                DUAL_STACK: _mesh_switch("--dual-stack", dual_stack)}
+    mesh = MeshSettings(tuple(n.strip() for n in exclude_namespaces.split(",") if n.strip()),
+                        {name: value for name, value in settings.items() if value is not None})
+    options = cni_agent.AgentOptions(Path(plugin), Path(cni_bin_dir), Path(cni_conf_dir), Path(run_dir), mesh,
+                                     health_port)
+    sys.exit(cni_agent.Agent(options, _agent_log).run())
+
+
 def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line.
 

@@ -361,6 +361,15 @@ def run(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> dict[str,
 
 def invoke(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> tuple[int, dict[str, Any] | None]:
     """(exit status, answer) of one invocation: a failure becomes the specification's error object."""
+    return answer(stdin_text, call.log, lambda: run(call, stdin_text, log_to))
+
+
+def answer(stdin_text: str, log: Log, decide: Callable[[], dict[str, Any] | None]) -> tuple[int, dict[str, Any] | None]:
+    """(exit status, answer) of `decide()`: the one place a failure becomes the error object.
+
+    Both CNI forms (this process and the node agent, cni_agent.py) answer
+    through here, so a caller always gets exactly one valid JSON document.
+    """
     version = LATEST_VERSION
     try:
         asked = json.loads(stdin_text).get("cniVersion")
@@ -368,11 +377,11 @@ def invoke(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> tuple[
     except (ValueError, AttributeError):
         pass
     try:
-        return 0, run(call, stdin_text, log_to)
+        return 0, decide()
     except CniError as exc:
-        call.log(f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
+        log(f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
         return 1, {"cniVersion": version, "code": exc.code, "msg": exc.msg, "details": exc.details}
     except Exception as exc:  # a bug: still the protocol's error object, and the log has the type
-        call.log(f"unexpected error: {type(exc).__name__}: {exc}")
+        log(f"unexpected error: {type(exc).__name__}: {exc}")
         return 1, {"cniVersion": version, "code": ERR_INTERNAL, "msg": f"unexpected error: {type(exc).__name__}",
                    "details": str(exc)}

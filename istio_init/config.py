@@ -9,14 +9,20 @@ default and help text are spelled; the CLI builds its options from it.
 
 from __future__ import annotations
 
-import functools
 import os
-import re
-from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple, Sequence
+from itertools import repeat
 
 from istio_init import ifnames
 from istio_init.errors import ConfigError
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+# No `re`, `functools` or `typing` at import or on a run with the usual values: with what they import
+# they cost 5-10 ms of every pod start (docs/performance.md). Rarely used forms compile a pattern then.
+if TYPE_CHECKING:
+    from types import MappingProxyType
+    from typing import Any, Mapping, Sequence
+else:
+    MappingProxyType = type(type.__dict__)  # what types.MappingProxyType is
 
 
 
@@ -31,42 +37,47 @@ class Cidr(NamedTuple):
         return self.text
 
 
-_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_HOST = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?:/32)?"
+# An IPv4 octet and prefix length as rules spell them: decimal, no leading zeros.
+_OCTETS = frozenset(map(str, range(256)))
+_PREFIXES = frozenset(map(str, range(33)))
 
 
-# Compiled on first use: most pod starts parse no CIDR at all (the seed's -i '*' -x "").
-@functools.lru_cache(maxsize=None)
-def _simple_ipv4_cidr() -> re.Pattern[str]:
-    return re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?\d))?", re.ASCII)
+def _simple_ipv4_cidr(text: str) -> tuple[list[str], str | None] | None:
+    """`a.b.c.d` or `a.b.c.d/N` as (octets, prefix or None); None for any other form."""
+    address, slash, prefix = text.partition("/")
+    octets = address.split(".")
+    if len(octets) != 4 or not _OCTETS.issuperset(octets) or (slash and prefix not in _PREFIXES):
+        return None
+    return octets, prefix if slash else None
 
 
-@functools.lru_cache(maxsize=None)
-def _ipv4_host_list() -> re.Pattern[str]:
-    """A whole list of IPv4 host addresses (`a.b.c.d` or `a.b.c.d/32`), comma-separated, in one match.
+def _ipv4_host_list(items: list[str], joined: str) -> bool:
+    """Whether every item is an IPv4 host address (`a.b.c.d` or `a.b.c.d/32`), checked over the whole list.
 
-    The repetition is possessive: an item, once matched, is never backtracked
-    into (each item's first match is its whole text), so the engine keeps no
-    backtracking state per item. With plain `*`, its first match over 8,000
-    items spent about 6 ms growing that state.
+    A few passes of C string methods over the joined list instead of a loop
+    over (up to 8,000) items: each item has exactly three dots, and with the
+    `/32`s taken off, the list is nothing but valid octets between dots and commas.
     """
-    return re.compile(rf"{_HOST}(?:,{_HOST})*+", re.ASCII)
+    hosts = (joined + ",").replace("/32,", ",")
+    if "/" in hosts or set(map(str.count, items, repeat("."))) != {3}:
+        return False
+    octets = hosts[:-1].replace(",", ".").split(".")
+    return len(octets) == 4 * len(items) and _OCTETS.issuperset(octets)
 
 
 def parse_cidrs(items: list[str]) -> list[Cidr]:
     """`parse_cidr` of each item; ValueError names none (the caller finds the bad one).
 
-    A long -x list is typically thousands of IPv4 host addresses: one regular
-    expression match over the whole list validates them, and each becomes its
-    Cidr without a per-item match (8,000 items, in a fresh process: about 5 ms
-    instead of 30).
+    A long -x list is typically thousands of IPv4 host addresses: one check
+    over the whole list validates them, and each becomes its Cidr without a
+    per-item parse (8,000 items, in a fresh process: about 5 ms instead of 30).
     """
     if len(items) > 16:
         joined = ",".join(items)
-        if _ipv4_host_list().fullmatch(joined):
+        if _ipv4_host_list(items, joined):
             if joined.count("/") == len(items) and ",127." not in f",{joined}":  # all a.b.c.d/32, none loopback
-                new = tuple.__new__  # the NamedTuple's generated __new__ is a Python call per item
-                return [new(Cidr, (item, 4, False)) for item in items]
+                # tuple.__new__ over zipped fields: a loop in C, not the generated __new__'s Python call per item
+                return list(map(tuple.__new__, repeat(Cidr), zip(items, repeat(4), repeat(False))))
             return [Cidr(item if item.endswith("/32") else f"{item}/32", 4, item.startswith("127."))
                     for item in items]
     return [parse_cidr(item) for item in items]
@@ -79,9 +90,9 @@ def parse_cidr(text: str) -> Cidr:
     through `ipaddress` in about 5 ms of every pod start. Everything else
     (IPv6, netmask notation) is left to `ipaddress`, which decides what is valid.
     """
-    simple = _simple_ipv4_cidr().fullmatch(text)
+    simple = _simple_ipv4_cidr(text)
     if simple:
-        a, b, c, d, prefix = simple.groups()
+        (a, b, c, d), prefix = simple
         if prefix is None or prefix == "32":  # a host: already its network form
             return Cidr(text if prefix else f"{text}/32", 4, a == "127")
         bits = int(prefix)
@@ -104,16 +115,63 @@ BACKENDS = ("auto", "libiptc", "legacy", "nft")
 # Characters that mean something to a shell or to iptables' own parser. No
 # legitimate value of any flag contains one, and rejecting them everywhere means
 # nothing a pod spec says can be smuggled into a restore file or a log line.
-_FORBIDDEN = re.compile(r"[;&|$`<>(){}\[\]\\'\"!?~#\x00-\x1f\x7f]")
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_FORBIDDEN = ";&|$`<>(){}[]\\'\"!?~#\x7f" + "".join(map(chr, range(0x20)))
+_FORBIDDEN_BYTES = _FORBIDDEN.encode()  # all ASCII: a UTF-8 encoded value holds one only as itself
+_DURATION_UNITS_IN_ORDER = ("ns", "us", "µs", "μs", "ms", "s", "m", "h")  # the first that fits is the unit
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Bounds on what a value may be, so that every accepted value is one the kernel
 # and every backend can represent and every refusal is one readable line.
 # A value longer than one exec argument may be (MAX_ARG_STRLEN) cannot come from
 # a pod spec anyway; numbers are ASCII digits, at most as many as uint32 needs.
 _MAX_VALUE_CHARS = 131072
-_DECIMAL = re.compile(r"[0-9]{1,10}")
-_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,8}")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _is_decimal(text: str) -> bool:
+    """1-10 ASCII digits."""
+    return 0 < len(text) <= 10 and text.isascii() and text.isdigit()
+
+
+def _is_hex(text: str, most: int | None = 8) -> bool:
+    """`0x` or `0X` and 1 to `most` hex digits (None: any number)."""
+    digits = text[2:]
+    return (text[:2] in ("0x", "0X") and 0 < len(digits) <= (most or len(digits))
+            and _HEX_DIGITS.issuperset(digits))
+
+
+def _is_plain_number(text: str) -> bool:
+    """ASCII digits with an optional fraction (`5`, `2.5`): a duration without a unit."""
+    whole, dot, fraction = text.partition(".")
+    return _is_digits(whole) and (not dot or _is_digits(fraction))
+
+
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _duration_parts(text: str) -> list[tuple[str, str]] | None:
+    """`1m30s` as [("1", "m"), ("30", "s")]: numbers (`5`, `5.`, `.5`, `2.5`) each with a unit; None if not."""
+    parts = []
+    i = 0
+    while i < len(text):
+        j = i
+        while j < len(text) and "0" <= text[j] <= "9":
+            j += 1
+        if text.startswith(".", j):
+            k = j + 1
+            while k < len(text) and "0" <= text[k] <= "9":
+                k += 1
+            if j == i and k == j + 1:  # a dot alone
+                return None
+            j = k
+        if j == i:
+            return None
+        unit = next((u for u in _DURATION_UNITS_IN_ORDER if text.startswith(u, j)), None)
+        if unit is None:
+            return None
+        parts.append((text[i:j], unit))
+        i = j + len(unit)
+    return parts
 _MAX_DURATION_CHARS = 64
 _MAX_PROBE_SECONDS = 3600.0
 _PATH_MAX, _NAME_MAX = 4095, 255
@@ -191,7 +249,6 @@ RULE_SET_RELEASES: dict[str, tuple[int, int]] = {
     "1.20": (20, 22), "1.23": (23, 23), "1.24": (24, 24), RULES_CURRENT: (25, 32),
 }
 SUPPORTED_RULES_VERSIONS = "an Istio version 1.8 to 1.32 (such as 1.20 or 1.20.3), or current (= 1.25 to 1.32)"
-_ISTIO_VERSION = re.compile(r"1\.([0-9]{1,2})(?:\.[0-9]{1,4})?")
 
 
 def rule_set_of_release(minor: int) -> str | None:
@@ -566,8 +623,11 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
     value = str(text).strip()
     if value == RULES_CURRENT:
         return RULES_CURRENT
-    version = _ISTIO_VERSION.fullmatch(value)
-    rule_set = rule_set_of_release(int(version.group(1))) if version else None
+    major, _, rest = value.partition(".")
+    minor, dot, patch = rest.partition(".")
+    patch_ok = not dot or (_is_digits(patch) and len(patch) <= 4)  # 1.N and 1.N.P, as Istio's tags
+    known = major == "1" and _is_digits(minor) and len(minor) <= 2 and patch_ok
+    rule_set = rule_set_of_release(int(minor)) if known else None
     if rule_set is None:
         label = spec.label if source == "flag" else f"{spec.label} (from {source})"
         raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
@@ -643,12 +703,12 @@ class _Parser:
         if len(value) > _MAX_VALUE_CHARS:
             raise self.fail(dest, value, f"longer than {_MAX_VALUE_CHARS} characters")
         try:
-            value.encode("utf-8")
+            encoded = value.encode("utf-8")
         except UnicodeEncodeError:
             raise self.fail(dest, value, "not valid UTF-8") from None
-        bad = _FORBIDDEN.search(value)
-        if bad:
-            raise self.fail(dest, value, f"character {bad.group()!r} is not allowed")
+        if len(encoded.translate(None, _FORBIDDEN_BYTES)) != len(encoded):  # one C pass over up to 128 KiB
+            bad = next(c for c in value if c in _FORBIDDEN)
+            raise self.fail(dest, value, f"character {bad!r} is not allowed")
         if value.isascii():  # one C scan: a -x list is up to 128 KiB, a loop over it costs milliseconds
             return
         if spec.non_ascii == "*":
@@ -670,7 +730,7 @@ class _Parser:
         """ASCII digits only, at most 10 (no int() of a 5,000-digit string), up to `maximum`."""
         if not text.isascii() or not text.isdigit():
             raise self.fail(dest, text, f"not a {what}")
-        if not _DECIMAL.fullmatch(text) or int(text) > maximum:
+        if not _is_decimal(text) or int(text) > maximum:
             raise self.fail(dest, text, f"{what} out of range {range_text}")
         return int(text)
 
@@ -710,7 +770,7 @@ class _Parser:
     def id_list(self, dest: str) -> tuple[int, ...]:
         ids = []
         for item in self.items(dest):
-            if not _DECIMAL.fullmatch(item) or int(item) > 0xFFFFFFFE:
+            if not _is_decimal(item) or int(item) > 0xFFFFFFFE:
                 raise self.fail(dest, item, "not a numeric id")
             ids.append(int(item))
         if not ids:
@@ -765,11 +825,11 @@ class _Parser:
 
     def uint32(self, dest: str) -> int:
         text = self.raw[dest].strip(" ")
-        if _HEX.fullmatch(text):
+        if _is_hex(text):
             value = int(text, 16)
-        elif _DECIMAL.fullmatch(text):
+        elif _is_decimal(text):
             value = int(text, 10)
-        elif text.isascii() and (text.isdigit() or re.fullmatch(r"0[xX][0-9a-fA-F]+", text)):
+        elif text.isascii() and (text.isdigit() or _is_hex(text, None)):
             raise self.fail(dest, text, "must be between 1 and 4294967295")
         else:
             raise self.fail(dest, text, "not a number (decimal or 0x hex)")
@@ -812,11 +872,11 @@ class _Parser:
         text = self.raw[dest].strip(" ")
         if len(text) > _MAX_DURATION_CHARS:
             raise self.fail(dest, text, f"longer than {_MAX_DURATION_CHARS} characters")
-        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+        if _is_plain_number(text):
             seconds = float(text)
         else:
-            parts = _DURATION_PART.findall(text)
-            if not text or "".join(n + u for n, u in parts) != text:
+            parts = _duration_parts(text)
+            if not text or parts is None:
                 raise self.fail(dest, text, "not a duration such as 5s or 500ms")
             seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
         # 64 characters of digits still make 1e63 s; a probe waits an hour at most.

@@ -10,16 +10,18 @@ All but 1.8's also take the pod's DNS resolvers, which the caller reads
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterator, Mapping, Sequence
-
 from istio_init.config import RULE_SET_RELEASES, Config
 from istio_init.model import RulePlan
+from istio_init.records import TYPE_CHECKING
 from istio_init.rulesets import current, istio_1_8
 
+if TYPE_CHECKING:
+    from typing import Any, Iterator, Sequence
 
-class _RuleSets(Mapping[str, Any]):
-    """Each rule set by its --rules-version name: a module, or one generation of Istio 1.9-1.24.
+
+class _RuleSets:
+    """Each rule set by its --rules-version name (a read-only mapping): a module, or one
+    generation of Istio 1.9-1.24.
 
     The generations' module is imported when one of them is asked for: a run of
     the 1.8 or the current rule set that needs no other does not load it.
@@ -36,15 +38,25 @@ class _RuleSets(Mapping[str, Any]):
 
         return istio_1_9_to_1_24.BY_NAME[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in RULE_SET_RELEASES
+
     def __iter__(self) -> Iterator[str]:
         return iter(RULE_SET_RELEASES)
 
     def __len__(self) -> int:
         return len(RULE_SET_RELEASES)
 
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, self[name]) for name in RULE_SET_RELEASES]
+
+    def values(self) -> list[Any]:
+        return [self[name] for name in RULE_SET_RELEASES]
+
 
 RULE_SETS = _RuleSets()
 DEFAULT = istio_1_8.NAME
+_OWNED: dict[str, frozenset[str]] = {}
 
 
 def ruleset_for(config: Config) -> Any:
@@ -62,7 +74,8 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     return result
 
 
-@functools.lru_cache(maxsize=None)
 def owned_chains(table: str) -> frozenset[str]:
     """The chains of `table` that any rule set can create: the only user chains istio-init touches."""
-    return frozenset(c for module in RULE_SETS.values() for c in module.OWNED_CHAINS.get(table, ()))
+    if table not in _OWNED:
+        _OWNED[table] = frozenset(c for module in RULE_SETS.values() for c in module.OWNED_CHAINS.get(table, ()))
+    return _OWNED[table]

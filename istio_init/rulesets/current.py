@@ -15,8 +15,6 @@ raw), keeping creation order within a table, as Istio's restore input does.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from istio_init.config import Config
 from istio_init.model import (IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match, Option, PolicyRoute, RulePlan,
                               destination_appends)
@@ -25,6 +23,10 @@ from istio_init.rulesets.parts import (DNS_CAPTURE_PORT, DNS_PORT, ISTIO_DIVERT,
                                        MANGLE, NAT, OUTBOUND_MARK, OUTPUT, PREROUTING, RAW, REDIRECT, RETURN, TCP, UDP,
                                        ZONE_AGENT_UPSTREAM, ZONE_APP_AGENT, FamilyBuilder, connmark, mark_match, owner,
                                        port, redirect_to, resolvers_by_family, set_mark, zone)
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Sequence
 
 # ipaddress and the C socket module's inet_ntop are imported where used (parts.py): every run imports this
 # module (rulesets/__init__.py), and `socket` plus `ipaddress` are about 3 ms of start-up.

@@ -7,14 +7,16 @@ step numbers in the comments are the numbered steps of docs/rules-1.8.md.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
-
 from istio_init.config import Cidr, Config
 from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
                               Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
 from istio_init.rulesets.parts import (DNS_CAPTURE_PORT, DNS_PORT, ISTIO_DIVERT, ISTIO_IN_REDIRECT, ISTIO_INBOUND,
                                        ISTIO_OUTPUT, ISTIO_REDIRECT, ISTIO_TPROXY, MANGLE, NAT, OUTPUT, POSTROUTING,
                                        PREROUTING, REDIRECT, RETURN, SSH_PORT, TCP, owner)
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Sequence
 
 MULTIPORT_MAX = 15  # xt_multiport's limit per rule
 

@@ -14,8 +14,6 @@ Pure, like the other rule sets: the pod's resolvers are passed in.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
-
 from istio_init.config import Config
 from istio_init.model import (IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match, Option, PolicyRoute, RulePlan,
                               destination_appends)
@@ -24,6 +22,10 @@ from istio_init.rulesets.parts import (DNS_CAPTURE_PORT, DNS_PORT, ISTIO_DIVERT,
                                        OUTBOUND_MARK, OUTPUT, PREROUTING, RAW, REDIRECT, RETURN, SSH_PORT, TCP, UDP,
                                        ZONE_AGENT_UPSTREAM, ZONE_APP_AGENT, FamilyBuilder, connmark, mark_match, owner,
                                        port, redirect_to, resolvers_by_family, set_mark, zone)
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 NFLOG_GROUP = "1337"
 NFLOG_SIZE = "20"

@@ -7,14 +7,14 @@ the kernel's canonical spelling (see model.py).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
-
 from istio_init.config import Cidr, Config
 from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, Match, Option, Rule,
                               Step)
+from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import ipaddress
+    from typing import Any, Iterable, Sequence
 
 MANGLE = "mangle"
 NAT = "nat"

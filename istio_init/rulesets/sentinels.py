@@ -6,9 +6,11 @@ shows up in a rule's text, that part of the shape matches any value.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from istio_init.config import Config
 
 SENTINEL_ID = 4000000123
