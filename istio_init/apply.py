@@ -12,19 +12,20 @@ so tests hand in their own; nothing here prints.
 
 from __future__ import annotations
 
-import contextlib
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
-
 from istio_init import locks, timing
 from istio_init.errors import ApplyError
 from istio_init.model import IPV6_PASSTHROUGH_ADDRESS, RulePlan
+from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    import contextlib
+    from types import ModuleType
+    from typing import Any, Callable, Sequence
+
     from istio_init.backends.base import Backend, Undo
     from istio_init.netns import Routing
 
-Lock = Callable[[], contextlib.AbstractContextManager[None]]
+    Lock = Callable[[], contextlib.AbstractContextManager[None]]
 
 
 def _network() -> ModuleType:

@@ -9,14 +9,20 @@ default and help text are spelled; the CLI builds its options from it.
 
 from __future__ import annotations
 
-import functools
 import os
-import re
-from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple, Sequence
+from itertools import repeat
 
 from istio_init import ifnames
 from istio_init.errors import ConfigError
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+# No `re`, `functools` or `typing` at import or on a run with the usual values: with what they import
+# they cost 5-10 ms of every pod start (docs/performance.md). Rarely used forms compile a pattern then.
+if TYPE_CHECKING:
+    from types import MappingProxyType
+    from typing import Any, Mapping, Sequence
+else:
+    MappingProxyType = type(type.__dict__)  # what types.MappingProxyType is
 
 
 
@@ -31,42 +37,47 @@ class Cidr(NamedTuple):
         return self.text
 
 
-_OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_HOST = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?:/32)?"
+# An IPv4 octet and prefix length as rules spell them: decimal, no leading zeros.
+_OCTETS = frozenset(map(str, range(256)))
+_PREFIXES = frozenset(map(str, range(33)))
 
 
-# Compiled on first use: most pod starts parse no CIDR at all (the seed's -i '*' -x "").
-@functools.lru_cache(maxsize=None)
-def _simple_ipv4_cidr() -> re.Pattern[str]:
-    return re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?\d))?", re.ASCII)
+def _simple_ipv4_cidr(text: str) -> tuple[list[str], str | None] | None:
+    """`a.b.c.d` or `a.b.c.d/N` as (octets, prefix or None); None for any other form."""
+    address, slash, prefix = text.partition("/")
+    octets = address.split(".")
+    if len(octets) != 4 or not _OCTETS.issuperset(octets) or (slash and prefix not in _PREFIXES):
+        return None
+    return octets, prefix if slash else None
 
 
-@functools.lru_cache(maxsize=None)
-def _ipv4_host_list() -> re.Pattern[str]:
-    """A whole list of IPv4 host addresses (`a.b.c.d` or `a.b.c.d/32`), comma-separated, in one match.
+def _ipv4_host_list(items: list[str], joined: str) -> bool:
+    """Whether every item is an IPv4 host address (`a.b.c.d` or `a.b.c.d/32`), checked over the whole list.
 
-    The repetition is possessive: an item, once matched, is never backtracked
-    into (each item's first match is its whole text), so the engine keeps no
-    backtracking state per item. With plain `*`, its first match over 8,000
-    items spent about 6 ms growing that state.
+    A few passes of C string methods over the joined list instead of a loop
+    over (up to 8,000) items: each item has exactly three dots, and with the
+    `/32`s taken off, the list is nothing but valid octets between dots and commas.
     """
-    return re.compile(rf"{_HOST}(?:,{_HOST})*+", re.ASCII)
+    hosts = (joined + ",").replace("/32,", ",")
+    if "/" in hosts or set(map(str.count, items, repeat("."))) != {3}:
+        return False
+    octets = hosts[:-1].replace(",", ".").split(".")
+    return len(octets) == 4 * len(items) and _OCTETS.issuperset(octets)
 
 
 def parse_cidrs(items: list[str]) -> list[Cidr]:
     """`parse_cidr` of each item; ValueError names none (the caller finds the bad one).
 
-    A long -x list is typically thousands of IPv4 host addresses: one regular
-    expression match over the whole list validates them, and each becomes its
-    Cidr without a per-item match (8,000 items, in a fresh process: about 5 ms
-    instead of 30).
+    A long -x list is typically thousands of IPv4 host addresses: one check
+    over the whole list validates them, and each becomes its Cidr without a
+    per-item parse (8,000 items, in a fresh process: about 5 ms instead of 30).
     """
     if len(items) > 16:
         joined = ",".join(items)
-        if _ipv4_host_list().fullmatch(joined):
+        if _ipv4_host_list(items, joined):
             if joined.count("/") == len(items) and ",127." not in f",{joined}":  # all a.b.c.d/32, none loopback
-                new = tuple.__new__  # the NamedTuple's generated __new__ is a Python call per item
-                return [new(Cidr, (item, 4, False)) for item in items]
+                # tuple.__new__ over zipped fields: a loop in C, not the generated __new__'s Python call per item
+                return list(map(tuple.__new__, repeat(Cidr), zip(items, repeat(4), repeat(False))))
             return [Cidr(item if item.endswith("/32") else f"{item}/32", 4, item.startswith("127."))
                     for item in items]
     return [parse_cidr(item) for item in items]
@@ -79,9 +90,9 @@ def parse_cidr(text: str) -> Cidr:
     through `ipaddress` in about 5 ms of every pod start. Everything else
     (IPv6, netmask notation) is left to `ipaddress`, which decides what is valid.
     """
-    simple = _simple_ipv4_cidr().fullmatch(text)
+    simple = _simple_ipv4_cidr(text)
     if simple:
-        a, b, c, d, prefix = simple.groups()
+        (a, b, c, d), prefix = simple
         if prefix is None or prefix == "32":  # a host: already its network form
             return Cidr(text if prefix else f"{text}/32", 4, a == "127")
         bits = int(prefix)
@@ -104,23 +115,66 @@ BACKENDS = ("auto", "libiptc", "legacy", "nft")
 # Characters that mean something to a shell or to iptables' own parser. No
 # legitimate value of any flag contains one, and rejecting them everywhere means
 # nothing a pod spec says can be smuggled into a restore file or a log line.
-_FORBIDDEN = re.compile(r"[;&|$`<>(){}\[\]\\'\"!?~#\x00-\x1f\x7f]")
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_FORBIDDEN = ";&|$`<>(){}[]\\'\"!?~#\x7f" + "".join(map(chr, range(0x20)))
+_FORBIDDEN_BYTES = _FORBIDDEN.encode()  # all ASCII: a UTF-8 encoded value holds one only as itself
+_DURATION_UNITS_IN_ORDER = ("ns", "us", "µs", "μs", "ms", "s", "m", "h")  # the first that fits is the unit
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Bounds on what a value may be, so that every accepted value is one the kernel
 # and every backend can represent and every refusal is one readable line.
 # A value longer than one exec argument may be (MAX_ARG_STRLEN) cannot come from
 # a pod spec anyway; numbers are ASCII digits, at most as many as uint32 needs.
 _MAX_VALUE_CHARS = 131072
-_DECIMAL = re.compile(r"[0-9]{1,10}")
-_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,8}")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _is_decimal(text: str) -> bool:
+    """1-10 ASCII digits."""
+    return 0 < len(text) <= 10 and text.isascii() and text.isdigit()
+
+
+def _is_hex(text: str, most: int | None = 8) -> bool:
+    """`0x` or `0X` and 1 to `most` hex digits (None: any number)."""
+    digits = text[2:]
+    return (text[:2] in ("0x", "0X") and 0 < len(digits) <= (most or len(digits))
+            and _HEX_DIGITS.issuperset(digits))
+
+
+def _is_plain_number(text: str) -> bool:
+    """ASCII digits with an optional fraction (`5`, `2.5`): a duration without a unit."""
+    whole, dot, fraction = text.partition(".")
+    return _is_digits(whole) and (not dot or _is_digits(fraction))
+
+
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _duration_parts(text: str) -> list[tuple[str, str]] | None:
+    """`1m30s` as [("1", "m"), ("30", "s")]: numbers (`5`, `5.`, `.5`, `2.5`) each with a unit; None if not."""
+    parts = []
+    i = 0
+    while i < len(text):
+        j = i
+        while j < len(text) and "0" <= text[j] <= "9":
+            j += 1
+        if text.startswith(".", j):
+            k = j + 1
+            while k < len(text) and "0" <= text[k] <= "9":
+                k += 1
+            if j == i and k == j + 1:  # a dot alone
+                return None
+            j = k
+        if j == i:
+            return None
+        unit = next((u for u in _DURATION_UNITS_IN_ORDER if text.startswith(u, j)), None)
+        if unit is None:
+            return None
+        parts.append((text[i:j], unit))
+        i = j + len(unit)
+    return parts
 _MAX_DURATION_CHARS = 64
 _MAX_PROBE_SECONDS = 3600.0
 _PATH_MAX, _NAME_MAX = 4095, 255
-# Values that may hold non-ASCII text: interface and namespace names, and Go's
-# spellings of microseconds. Every other value is ASCII: Unicode digits such as
-# '²', '１' or '١' pass str.isdigit() and int(), and must not become ports.
-_NON_ASCII_ALLOWED = {"kube_virt_interfaces": None, "network_namespace": None, "probe_timeout": "µμ"}
 _SHOWN_CHARS = 60
 # Route tables the kernel uses itself: a `local default` route in one of them
 # would swallow every packet of the pod.
@@ -153,6 +207,17 @@ class FlagSpec(NamedTuple):
     env_releases: tuple[int, int] | None = None
     # Accepted for compatibility and validated, but changes no rule (Istio's own switches for its tools).
     no_effect: bool = False
+    # The _Parser method that turns the raw text into the value of `fields` (one value, or one per field).
+    parser: str = "switch"
+    # The Config fields it fills (None: the one named `dest`; empty: validated only).
+    fields: tuple[str, ...] | None = None
+    # Its value can appear in rules it writes into built-in chains (PREROUTING, OUTPUT, ...): the rule
+    # sets' ownership shapes are planned with a sentinel in its place (rulesets/sentinels.py).
+    builtin: bool = False
+    # Non-ASCII characters its value may hold: "" none, "*" any, else just these.
+    non_ascii: str = ""
+    # Why the CNI plugin refuses it ("": the plugin's args may set it).
+    cni_refusal: str = ""
 
     @property
     def label(self) -> str:
@@ -160,6 +225,10 @@ class FlagSpec(NamedTuple):
         if self.env_only:
             return str(self.env)
         return f"-{self.short}/--{self.long}" if self.short else f"--{self.long}"
+
+    @property
+    def config_fields(self) -> tuple[str, ...]:
+        return (self.dest,) if self.fields is None else self.fields
 
     def exists_in(self, rule_set: str) -> bool:
         return _overlap(self.releases, RULE_SET_RELEASES[rule_set])
@@ -180,7 +249,6 @@ RULE_SET_RELEASES: dict[str, tuple[int, int]] = {
     "1.20": (20, 22), "1.23": (23, 23), "1.24": (24, 24), RULES_CURRENT: (25, 32),
 }
 SUPPORTED_RULES_VERSIONS = "an Istio version 1.8 to 1.32 (such as 1.20 or 1.20.3), or current (= 1.25 to 1.32)"
-_ISTIO_VERSION = re.compile(r"1\.([0-9]{1,2})(?:\.[0-9]{1,4})?")
 
 
 def rule_set_of_release(minor: int) -> str | None:
@@ -214,79 +282,107 @@ CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
 FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
              "Which Istio release's rules to install: its version (1.8 to 1.32, such as 1.20 or 1.20.3), "
-             "or current (1.25 to 1.32). Default 1.8; docs/compatibility.md lists the rule sets."),
+             "or current (1.25 to 1.32). Default 1.8; docs/compatibility.md lists the rule sets.",
+             parser='rule_set'),
     FlagSpec("envoy_port", "p", "envoy-port", "ENVOY_PORT", "15001",
              "Port the sidecar listens on for captured outbound TCP (env read by the 1.8 rule set only).",
-             env_releases=(8, 8)),
+             env_releases=(8, 8),
+             parser='port'),
     FlagSpec("inbound_capture_port", "z", "inbound-capture-port", "INBOUND_CAPTURE_PORT", "15006",
-             "Port the sidecar listens on for captured inbound TCP."),
+             "Port the sidecar listens on for captured inbound TCP.",
+             parser='port'),
     FlagSpec("inbound_tunnel_port", "e", "inbound-tunnel-port", "INBOUND_TUNNEL_PORT", "15008",
-             "Inbound tunnel port; never captured."),
+             "Inbound tunnel port; never captured.",
+             parser='port'),
     FlagSpec("proxy_uid", "u", "proxy-uid", "PROXY_UID", "",
              "Comma list of uids the proxy runs as; their traffic is never captured. "
-             "Default: uid of user $ENVOY_USER (istio-proxy), else 1337."),
+             "Default: uid of user $ENVOY_USER (istio-proxy), else 1337.",
+             parser='id_list', fields=('proxy_uids',), builtin=True),
     FlagSpec("proxy_gid", "g", "proxy-gid", "PROXY_GID", "",
-             "Comma list of gids the proxy runs as. Default: the -u value."),
+             "Comma list of gids the proxy runs as. Default: the -u value.",
+             parser='id_list', fields=('proxy_gids',), builtin=True),
     FlagSpec("inbound_interception_mode", "m", "istio-inbound-interception-mode",
              "ISTIO_INBOUND_INTERCEPTION_MODE", REDIRECT,
              "How inbound TCP reaches the proxy: REDIRECT (nat) or TPROXY (mangle, keeps the "
-             "original source address)."),
+             "original source address).",
+             parser='mode', builtin=True),
     FlagSpec("inbound_ports", "b", "istio-inbound-ports", "ISTIO_INBOUND_PORTS", "",
-             "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture."),
+             "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture.",
+             parser='ports_or_all', fields=('capture_all_inbound', 'inbound_ports')),
     FlagSpec("local_exclude_ports", "d", "istio-local-exclude-ports", "ISTIO_LOCAL_EXCLUDE_PORTS", "",
-             "Comma list of inbound ports left alone when -b is '*'. Port 22 always is."),
+             "Comma list of inbound ports left alone when -b is '*'. Port 22 always is, up to Istio 1.12.",
+             parser='ports'),
     FlagSpec("service_cidr", "i", "istio-service-cidr", "ISTIO_SERVICE_CIDR", "",
              "Outbound destinations to capture: '*' for all, or a comma list of CIDRs (IPv4 and "
-             "IPv6 may be mixed). Empty: no outbound capture."),
+             "IPv6 may be mixed). Empty: no outbound capture.",
+             parser='cidrs_or_all', fields=('capture_all_outbound', 'outbound_cidrs')),
     FlagSpec("service_exclude_cidr", "x", "istio-service-exclude-cidr", "ISTIO_SERVICE_EXCLUDE_CIDR", "",
-             "Comma list of CIDRs never captured outbound. '*' is not allowed."),
+             "Comma list of CIDRs never captured outbound. '*' is not allowed.",
+             parser='cidrs', fields=('exclude_cidrs',)),
     FlagSpec("outbound_ports", "q", "istio-outbound-ports", "ISTIO_OUTBOUND_PORTS", "",
-             "Comma list of outbound ports always captured, whatever -i says (IPv4 only)."),
+             "Comma list of outbound ports always captured, whatever -i says (IPv4 only in Istio 1.8).",
+             parser='ports'),
     FlagSpec("outbound_ports_exclude", "o", "istio-local-outbound-ports-exclude",
              "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "",
-             "Comma list of outbound ports never captured."),
+             "Comma list of outbound ports never captured.",
+             parser='ports'),
     FlagSpec("kube_virt_interfaces", "k", "kube-virt-interfaces", "KUBE_VIRT_INTERFACES", "",
-             "Comma list of interfaces (KubeVirt VMs) whose inbound traffic is treated as outbound."),
+             "Comma list of interfaces (KubeVirt VMs) whose inbound traffic is treated as outbound.",
+             parser='interfaces', builtin=True, non_ascii='*'),
     FlagSpec("tproxy_mark", "t", "istio-inbound-tproxy-mark", "ISTIO_INBOUND_TPROXY_MARK", "1337",
-             "Firewall mark set on TPROXY-captured packets (decimal or 0x hex)."),
+             "Firewall mark set on TPROXY-captured packets (decimal or 0x hex).",
+             parser='uint32', builtin=True),
     FlagSpec("tproxy_route_table", "r", "istio-inbound-tproxy-route-table",
              "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", "133",
-             "Policy-routing table that delivers TPROXY-marked packets locally."),
+             "Policy-routing table that delivers TPROXY-marked packets locally.",
+             parser='route_table'),
     FlagSpec("iptables_probe_port", None, "iptables-probe-port", "IPTABLES_PROBE_PORT", "15002",
-             "Port of the local listener --run-validation connects through."),
+             "Port of the local listener --run-validation connects through.",
+             parser='port'),
     FlagSpec("probe_timeout", None, "probe-timeout", "PROBE_TIMEOUT", "5s",
-             "How long --run-validation waits, as a duration such as 5s or 500ms."),
+             "How long --run-validation waits, as a duration such as 5s or 500ms.",
+             parser='duration', non_ascii='µμ'),
     FlagSpec("iptables_backend", None, "iptables-backend", "ISTIO_IPTABLES_BACKEND", "auto",
-             "How rules reach the kernel: libiptc, legacy or nft (iptables-restore), or auto."),
+             "How rules reach the kernel: libiptc, legacy or nft (iptables-restore), or auto.",
+             parser='backend'),
     FlagSpec("network_namespace", None, "network-namespace", "NETWORK_NAMESPACE", "",
              "Apply in this network namespace (a name under /run/netns or a path such as "
-             "/proc/PID/ns/net) instead of the current one."),
+             "/proc/PID/ns/net) instead of the current one.",
+             parser='namespace', non_ascii='*', cni_refusal='the runtime gives CNI_NETNS'),
     FlagSpec("ipv6", None, "ipv6", "ISTIO_IPV6", "auto",
-             "Make IPv6 rules: auto (when the pod's first address is IPv6), true or false."),
+             "Make IPv6 rules: auto (when the pod's first address is IPv6), true or false.",
+             parser='tristate'),
     FlagSpec("dry_run", "n", "dry-run", "DRY_RUN", "false",
-             "Print the rules in iptables-save form and change nothing.", is_switch=True),
+             "Print the rules in iptables-save form and change nothing.", is_switch=True,
+             cni_refusal='the runtime wants the rules applied'),
     FlagSpec("skip_rule_apply", None, "skip-rule-apply", "SKIP_RULE_APPLY", "false",
-             "Do not apply any rules (useful with --run-validation).", is_switch=True),
+             "Do not apply any rules (useful with --run-validation).", is_switch=True,
+             cni_refusal='the runtime wants the rules applied'),
     FlagSpec("run_validation", None, "run-validation", "RUN_VALIDATION", "false",
              "After applying, prove an outbound connection is redirected; exit 126 if not.",
-             is_switch=True),
+             is_switch=True,
+             cni_refusal="run it in the pod's validation init container"),
     FlagSpec("redirect_dns", None, "redirect-dns", "REDIRECT_DNS", "false",
              "Capture DNS (UDP and TCP port 53) to port 15053. Also on when "
-             "ISTIO_META_DNS_CAPTURE=true.", is_switch=True),
+             "ISTIO_META_DNS_CAPTURE=true.", is_switch=True,
+             parser='dns', fields=('dns_capture',), builtin=True),
     FlagSpec("multiport", None, "multiport", "ISTIO_MULTIPORT", "false",
              "Group port lists into '-m multiport' rules of up to 15 ports (not Istio's rule "
              "set; fewer rules for long lists; 1.8 rule set only).", is_switch=True, releases=(8, 8)),
     # Istio's later flags: `releases` says since (and until) which release.
     FlagSpec("exclude_interfaces", "c", "istio-exclude-interfaces", "ISTIO_EXCLUDE_INTERFACES", "",
              "Comma list of interfaces whose traffic is never captured, in or out (Istio 1.11 on).",
-             releases=(11, 32)),
+             releases=(11, 32),
+             parser='interfaces', builtin=True),
     FlagSpec("capture_all_dns", None, "capture-all-dns", "CAPTURE_ALL_DNS", "false",
              "With DNS capture, capture all port-53 traffic, not only to the resolvers of "
-             "/etc/resolv.conf (Istio 1.11 on).", is_switch=True, releases=(11, 32)),
+             "/etc/resolv.conf (Istio 1.11 on).", is_switch=True, releases=(11, 32),
+             builtin=True),
     FlagSpec("drop_invalid", None, "drop-invalid", "DROP_INVALID", "false",
              "Drop packets conntrack finds INVALID (in mangle; Istio 1.12 on). "
              "Also INVALID_DROP, which wins (current rule set).", is_switch=True, releases=(12, 32),
-             env_alias="INVALID_DROP"),
+             env_alias="INVALID_DROP",
+             builtin=True),
     FlagSpec("dual_stack", None, "dual-stack", "DUAL_STACK", "false",
              "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.18 on). "
              "Also ISTIO_DUAL_STACK, which wins (current rule set).", is_switch=True, releases=(18, 32),
@@ -302,37 +398,50 @@ FLAGS: tuple[FlagSpec, ...] = (
              "(Istio 1.24 on).", is_switch=True, releases=(24, 32)),
     FlagSpec("force_iptables_binary", None, "force-iptables-binary", "FORCE_IPTABLES_BINARY", "",
              "legacy or nft: skip backend detection, as --iptables-backend legacy|nft (current rule set).",
-             releases=(25, 32)),
+             releases=(25, 32),
+             parser='checked_by_backend', fields=()),
     FlagSpec("owner_groups_include", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS", WILDCARD,
              "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64 (Istio 1.14 on).",
-             releases=(14, 32), env_only=True),
+             releases=(14, 32), env_only=True,
+             parser='groups_or_all'),
     FlagSpec("owner_groups_exclude", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "",
              "Groups (names or gids) whose outbound traffic is never captured (with the include list '*'; "
-             "Istio 1.14 on).", releases=(14, 32), env_only=True),
+             "Istio 1.14 on).", releases=(14, 32), env_only=True,
+             parser='groups'),
     FlagSpec("ipv4_loopback_cidr", None, "", "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", DEFAULT_IPV4_LOOPBACK_CIDR,
              "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32 "
-             "(Istio 1.21 on).", releases=(21, 32), env_only=True),
+             "(Istio 1.21 on).", releases=(21, 32), env_only=True,
+             parser='loopback_cidr', builtin=True),
     FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
              "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
              "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
+    FlagSpec("agent_dual_stack", None, "", "ISTIO_AGENT_DUAL_STACK", "false",
+             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.17-1.18's "
+             "pilot-agent variable).", releases=(17, 18), env_only=True),
     FlagSpec("trace_logging", None, "iptables-trace-logging", "IPTABLES_TRACE_LOGGING", "false",
              "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24).",
-             is_switch=True, releases=(12, 24)),
+             is_switch=True, releases=(12, 24),
+             builtin=True),
     FlagSpec("dns_conntrack_zone", None, "", "ISTIO_META_DNS_CONNTRACK_ZONE", "false",
              "With DNS capture, keep DNS in conntrack zones of its own (Istio 1.10; always from 1.11).",
-             releases=(10, 10), env_only=True),
+             releases=(10, 10), env_only=True,
+             builtin=True),
     FlagSpec("restore_format", "f", "restore-format", None, "true",
              "Accepted for Istio compatibility (Istio up to 1.23): istio-init picks its own way to apply.",
-             is_switch=True, releases=(8, 23), no_effect=True),
+             is_switch=True, releases=(8, 23), no_effect=True,
+             fields=()),
     FlagSpec("iptables_version", None, "iptables-version", None, "",
              "Accepted for Istio compatibility (Istio 1.18-1.21): see --iptables-backend.",
-             releases=(18, 21), no_effect=True),
+             releases=(18, 21), no_effect=True,
+             parser='text', fields=()),
     FlagSpec("output_paths", None, "output-paths", None, "",
              "Accepted for Istio compatibility (Istio 1.11-1.16): istio-init logs to stderr.",
-             releases=(11, 16), no_effect=True),
+             releases=(11, 16), no_effect=True,
+             parser='text', fields=()),
     FlagSpec("host_nsenter_exec", None, "host-nsenter-exec", None, "false",
              "Accepted for Istio compatibility (Istio 1.15-1.17): see --network-namespace.",
-             is_switch=True, releases=(15, 17), no_effect=True),
+             is_switch=True, releases=(15, 17), no_effect=True,
+             fields=()),
 )
 
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
@@ -403,11 +512,12 @@ class Config(NamedTuple):
     iptables_backend: str = "auto"
     network_namespace: str | None = None
     rules_version: str = RULES_1_8
-    # Current rule set only (RULES-CURRENT.md).
+    # Istio's later releases (FlagSpec.releases says which).
     exclude_interfaces: tuple[str, ...] = ()
     capture_all_dns: bool = False
     drop_invalid: bool = False
     dual_stack: bool = False
+    agent_dual_stack: bool = False  # Istio 1.17-1.18
     cni_mode: bool = False
     reconcile: bool = False
     force_apply: bool = False
@@ -473,65 +583,33 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
         raw["proxy_gid"] = raw["proxy_uid"]
         sources["proxy_gid"] = "-u"
 
-    parse = _Parser(raw, sources)
+    parse = _RowParser(raw, sources, version, environ)
     for spec in FLAGS:
-        parse.check_characters(spec.dest)
-
-    mode = parse.mode("inbound_interception_mode")
-    inbound_all, inbound_ports = parse.port_list("inbound_ports", wildcard=True)
-    need_prefix = version == RULES_CURRENT  # current Istio: CIDRs need a prefix length
-    outbound_all, outbound_cidrs = parse.cidr_list("service_cidr", wildcard=True, need_prefix=need_prefix)
-    _, exclude_cidrs = parse.cidr_list("service_exclude_cidr", wildcard=False, need_prefix=need_prefix)
-    if version == RULES_CURRENT:
-        if sources["redirect_dns"] != "flag" and environ.get(DNS_CAPTURE_ALIAS) is not None:
-            raw["redirect_dns"], sources["redirect_dns"] = environ[DNS_CAPTURE_ALIAS], DNS_CAPTURE_ALIAS
-        dns = parse.switch("redirect_dns")
-    else:
-        dns = parse.switch("redirect_dns") or environ.get(DNS_CAPTURE_ALIAS, "").lower() == "true"
-    current = _current_settings(parse, version)
-    return Config(
-        envoy_port=parse.port("envoy_port"),
-        inbound_capture_port=parse.port("inbound_capture_port"),
-        inbound_tunnel_port=parse.port("inbound_tunnel_port"),
-        proxy_uids=parse.id_list("proxy_uid"),
-        proxy_gids=parse.id_list("proxy_gid"),
-        inbound_interception_mode=mode,
-        capture_all_inbound=inbound_all,
-        inbound_ports=inbound_ports,
-        local_exclude_ports=parse.port_list("local_exclude_ports", wildcard=False)[1],
-        capture_all_outbound=outbound_all,
-        outbound_cidrs=outbound_cidrs,
-        exclude_cidrs=exclude_cidrs,
-        outbound_ports=parse.port_list("outbound_ports", wildcard=False)[1],
-        outbound_ports_exclude=parse.port_list("outbound_ports_exclude", wildcard=False)[1],
-        kube_virt_interfaces=parse.interfaces("kube_virt_interfaces"),
-        tproxy_mark=parse.uint32("tproxy_mark"),
-        tproxy_route_table=parse.route_table("tproxy_route_table"),
-        dns_capture=dns,
-        multiport=parse.switch("multiport"),
-        ipv6=parse.tristate("ipv6"),
-        dry_run=parse.switch("dry_run"),
-        skip_rule_apply=parse.switch("skip_rule_apply"),
-        run_validation=parse.switch("run_validation"),
-        iptables_probe_port=parse.port("iptables_probe_port"),
-        probe_timeout=parse.duration("probe_timeout"),
-        iptables_backend=_backend(parse),
-        network_namespace=parse.namespace("network_namespace"),
-        rules_version=version,
-        native_nftables=parse.switch("native_nftables"),
-        trace_logging=parse.switch("trace_logging"),
-        dns_conntrack_zone=parse.switch("dns_conntrack_zone"),
-        sources=sources,
-        **current,
-    )
+        parse.check_characters(spec)
+    # Each row's parser fills its Config fields; a flag this rule set does not have keeps the default.
+    fields: dict[str, Any] = {}
+    for spec in FLAGS:
+        if spec.exists_in(version):
+            value = getattr(parse, spec.parser)(spec.dest)
+            names = spec.config_fields
+            if len(names) == 1:
+                fields[names[0]] = value
+            elif names:
+                fields.update(zip(names, value))
+    return Config(sources=sources, **fields)
 
 
 DNS_CAPTURE_ALIAS = "ISTIO_META_DNS_CAPTURE"
 
 
+def cni_refusals() -> dict[str, str]:
+    """dest -> how the CNI plugin names a flag its args may not set, and why (from the rows)."""
+    return {spec.dest: f"{spec.label} ({spec.cni_refusal})" for spec in FLAGS if spec.cni_refusal}
+
+
 def fields_not_in(rule_set: str) -> frozenset[str]:
     """Config fields of flags the rule set does not have (left out of its summary)."""
-    return frozenset(spec.dest for spec in FLAGS if not spec.exists_in(rule_set) and spec.dest in Config._fields)
+    return frozenset(field for spec in FLAGS if not spec.exists_in(rule_set) for field in spec.config_fields)
 
 
 def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str, str]) -> str:
@@ -545,8 +623,11 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
     value = str(text).strip()
     if value == RULES_CURRENT:
         return RULES_CURRENT
-    version = _ISTIO_VERSION.fullmatch(value)
-    rule_set = rule_set_of_release(int(version.group(1))) if version else None
+    major, _, rest = value.partition(".")
+    minor, dot, patch = rest.partition(".")
+    patch_ok = not dot or (_is_digits(patch) and len(patch) <= 4)  # 1.N and 1.N.P, as Istio's tags
+    known = major == "1" and _is_digits(minor) and len(minor) <= 2 and patch_ok
+    rule_set = rule_set_of_release(int(minor)) if known else None
     if rule_set is None:
         label = spec.label if source == "flag" else f"{spec.label} (from {source})"
         raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
@@ -555,44 +636,12 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
 
 def not_in_rule_set(spec: FlagSpec, version: str) -> str:
     """Why a flag of other releases is refused: the releases that have it and how to select them."""
+    covered = RULE_SET_RELEASES[version]
+    uses = version
+    if covered[0] != covered[1] and version != RULES_CURRENT:
+        uses += f", for Istio {releases_text(covered)}"
     return (f"exists only with --rules-version {rule_sets_text(spec.releases)} (Istio "
-            f"{releases_text(spec.releases)}; this run uses {version})")
-
-
-def _current_settings(parse: "_Parser", version: str) -> dict[str, Any]:
-    """The Config fields of Istio's later flags, for the rule sets that have them (defaults otherwise)."""
-    exists = {spec.dest for spec in FLAGS if spec.exists_in(version)}
-    out: dict[str, Any] = {}
-    if "owner_groups_include" in exists:
-        include_all, include = parse.group_list("owner_groups_include", wildcard=True)
-        if len(include) > MAX_OWNER_GROUPS_INCLUDE:
-            raise parse.fail("owner_groups_include", parse.raw["owner_groups_include"],
-                             f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
-        out["owner_groups_include"] = None if include_all else include
-        out["owner_groups_exclude"] = parse.group_list("owner_groups_exclude", wildcard=False)[1]
-    if "exclude_interfaces" in exists:
-        out["exclude_interfaces"] = parse.interfaces("exclude_interfaces")
-    if "ipv4_loopback_cidr" in exists:
-        out["ipv4_loopback_cidr"] = parse.loopback_cidr("ipv4_loopback_cidr")
-    for dest in ("capture_all_dns", "drop_invalid", "dual_stack", "cni_mode", "reconcile", "force_apply"):
-        if dest in exists:
-            out[dest] = parse.switch(dest)
-    for spec in FLAGS:
-        if spec.no_effect and spec.is_switch:
-            parse.switch(spec.dest)
-    return out
-
-
-def _backend(parse: "_Parser") -> str:
-    """--iptables-backend, or current Istio's --force-iptables-binary mapped onto it."""
-    backend = parse.choice("iptables_backend", BACKENDS)
-    forced = parse.raw["force_iptables_binary"].strip()
-    if not forced:
-        return backend
-    forced = parse.choice("force_iptables_binary", ("legacy", "nft"))
-    if parse.sources["iptables_backend"] != "default" and backend != forced:
-        raise parse.fail("force_iptables_binary", forced, f"contradicts --iptables-backend {backend}")
-    return forced
+            f"{releases_text(spec.releases)}; this run uses {uses})")
 
 
 def ignored_environment(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
@@ -636,33 +685,36 @@ def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
 class _Parser:
     """Turns one raw string per flag into typed values, failing with the flag's name."""
 
-    def __init__(self, raw: Mapping[str, str], sources: Mapping[str, str]) -> None:
+    def __init__(self, raw: dict[str, str], sources: dict[str, str], version: str = RULES_1_8,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.raw = raw
         self.sources = sources
+        self.version = version
+        self.environ = {} if environ is None else environ
 
     def fail(self, dest: str, value: str, reason: str) -> ConfigError:
         if len(value) > _SHOWN_CHARS:  # the one line stays readable for a 5,000-digit value
             value = f"{value[:_SHOWN_CHARS]}... ({len(value)} characters)"
         return ConfigError(flag_label(dest, self.sources), value, reason)
 
-    def check_characters(self, dest: str) -> None:
+    def check_characters(self, spec: FlagSpec) -> None:
+        dest = spec.dest
         value = self.raw[dest]
         if len(value) > _MAX_VALUE_CHARS:
             raise self.fail(dest, value, f"longer than {_MAX_VALUE_CHARS} characters")
         try:
-            value.encode("utf-8")
+            encoded = value.encode("utf-8")
         except UnicodeEncodeError:
             raise self.fail(dest, value, "not valid UTF-8") from None
-        bad = _FORBIDDEN.search(value)
-        if bad:
-            raise self.fail(dest, value, f"character {bad.group()!r} is not allowed")
+        if len(encoded.translate(None, _FORBIDDEN_BYTES)) != len(encoded):  # one C pass over up to 128 KiB
+            bad = next(c for c in value if c in _FORBIDDEN)
+            raise self.fail(dest, value, f"character {bad!r} is not allowed")
         if value.isascii():  # one C scan: a -x list is up to 128 KiB, a loop over it costs milliseconds
             return
-        if dest in _NON_ASCII_ALLOWED:
-            allowed = _NON_ASCII_ALLOWED[dest]
-            if allowed is None:
-                return
-            value = "".join(c for c in value if c not in allowed)
+        if spec.non_ascii == "*":
+            return
+        if spec.non_ascii:
+            value = "".join(c for c in value if c not in spec.non_ascii)
         bad_char = next((c for c in value if not c.isascii()), None)
         if bad_char is not None:
             raise self.fail(dest, self.raw[dest], f"character {bad_char!r} is not ASCII")
@@ -678,7 +730,7 @@ class _Parser:
         """ASCII digits only, at most 10 (no int() of a 5,000-digit string), up to `maximum`."""
         if not text.isascii() or not text.isdigit():
             raise self.fail(dest, text, f"not a {what}")
-        if not _DECIMAL.fullmatch(text) or int(text) > maximum:
+        if not _is_decimal(text) or int(text) > maximum:
             raise self.fail(dest, text, f"{what} out of range {range_text}")
         return int(text)
 
@@ -718,7 +770,7 @@ class _Parser:
     def id_list(self, dest: str) -> tuple[int, ...]:
         ids = []
         for item in self.items(dest):
-            if not _DECIMAL.fullmatch(item) or int(item) > 0xFFFFFFFE:
+            if not _is_decimal(item) or int(item) > 0xFFFFFFFE:
                 raise self.fail(dest, item, "not a numeric id")
             ids.append(int(item))
         if not ids:
@@ -773,11 +825,11 @@ class _Parser:
 
     def uint32(self, dest: str) -> int:
         text = self.raw[dest].strip(" ")
-        if _HEX.fullmatch(text):
+        if _is_hex(text):
             value = int(text, 16)
-        elif _DECIMAL.fullmatch(text):
+        elif _is_decimal(text):
             value = int(text, 10)
-        elif text.isascii() and (text.isdigit() or re.fullmatch(r"0[xX][0-9a-fA-F]+", text)):
+        elif text.isascii() and (text.isdigit() or _is_hex(text, None)):
             raise self.fail(dest, text, "must be between 1 and 4294967295")
         else:
             raise self.fail(dest, text, "not a number (decimal or 0x hex)")
@@ -820,11 +872,11 @@ class _Parser:
         text = self.raw[dest].strip(" ")
         if len(text) > _MAX_DURATION_CHARS:
             raise self.fail(dest, text, f"longer than {_MAX_DURATION_CHARS} characters")
-        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
+        if _is_plain_number(text):
             seconds = float(text)
         else:
-            parts = _DURATION_PART.findall(text)
-            if not text or "".join(n + u for n, u in parts) != text:
+            parts = _duration_parts(text)
+            if not text or parts is None:
                 raise self.fail(dest, text, "not a duration such as 5s or 500ms")
             seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
         # 64 characters of digits still make 1e63 s; a probe waits an hour at most.
@@ -843,6 +895,62 @@ class _Parser:
                 raise self.fail(dest, value, "not a network namespace name")
             return os.path.join("/run/netns", value)
         return value
+
+
+class _RowParser(_Parser):
+    """The parsers the flag rows name (FlagSpec.parser), on top of the value checks above."""
+
+    def rule_set(self, dest: str) -> str:
+        return self.version
+
+    def ports(self, dest: str) -> tuple[int, ...]:
+        return self.port_list(dest, wildcard=False)[1]
+
+    def ports_or_all(self, dest: str) -> tuple[bool, tuple[int, ...]]:
+        return self.port_list(dest, wildcard=True)
+
+    def cidrs(self, dest: str) -> tuple[Cidr, ...]:
+        return self.cidr_list(dest, wildcard=False, need_prefix=self.version == RULES_CURRENT)[1]
+
+    def cidrs_or_all(self, dest: str) -> tuple[bool, tuple[Cidr, ...]]:
+        # Current Istio: CIDRs need a prefix length.
+        return self.cidr_list(dest, wildcard=True, need_prefix=self.version == RULES_CURRENT)
+
+    def dns(self, dest: str) -> bool:
+        """--redirect-dns, or ISTIO_META_DNS_CAPTURE: as its variable (current), or also on (older)."""
+        alias = self.environ.get(DNS_CAPTURE_ALIAS)
+        if self.version == RULES_CURRENT:
+            if self.sources[dest] != "flag" and alias is not None:
+                self.raw[dest], self.sources[dest] = alias, DNS_CAPTURE_ALIAS
+            return self.switch(dest)
+        return self.switch(dest) or (alias or "").lower() == "true"
+
+    def backend(self, dest: str) -> str:
+        """--iptables-backend, or current Istio's --force-iptables-binary mapped onto it."""
+        backend = self.choice(dest, BACKENDS)
+        forced = self.raw["force_iptables_binary"].strip()
+        if not forced:
+            return backend
+        forced = self.choice("force_iptables_binary", ("legacy", "nft"))
+        if self.sources[dest] != "default" and backend != forced:
+            raise self.fail("force_iptables_binary", forced, f"contradicts --iptables-backend {backend}")
+        return forced
+
+    def checked_by_backend(self, dest: str) -> None:
+        """Its value is checked (and used) by `backend`."""
+
+    def groups(self, dest: str) -> tuple[int, ...]:
+        return self.group_list(dest, wildcard=False)[1]
+
+    def groups_or_all(self, dest: str) -> tuple[int, ...] | None:
+        """Group names or gids, None for '*' (Istio's limit: at most 64, one rule of N owner matches)."""
+        include_all, include = self.group_list(dest, wildcard=True)
+        if len(include) > MAX_OWNER_GROUPS_INCLUDE:
+            raise self.fail(dest, self.raw[dest], f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
+        return None if include_all else include
+
+    def text(self, dest: str) -> str:
+        return self.raw[dest]
 
 
 def flag_label(dest: str, sources: Mapping[str, str]) -> str:

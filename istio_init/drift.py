@@ -19,18 +19,18 @@ onto the backends' `read()`.
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING, Any, ContextManager, Mapping, NamedTuple
-
 from istio_init.backends.iptables.reconcile import is_ours
 from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.errors import IstioInitError
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
+from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.render import chain_order, rule_spec
 from istio_init.rulesets import owned_chains
 
 if TYPE_CHECKING:
+    from typing import Any, ContextManager, Mapping
+
     from istio_init.config import Config
     from istio_init.runner import Log
 
@@ -287,6 +287,8 @@ NftChains = dict[str, dict[str, list[str]]]  # table -> chain -> each rule's exp
 
 def chains_from_objects(objects: list[dict[str, Any]]) -> NftChains:
     """Our tables' chains and rules from `nft -j list ruleset` objects."""
+    import json  # here and in to_json: json imports `re`, a cost of every `check` probe otherwise
+
     chains: NftChains = {}
     for obj in objects:
         if "chain" in obj:
@@ -320,6 +322,8 @@ _NFT_QUOTED = ("iifname", "oifname")  # nft prints interface names as strings
 
 def _nft_expression(expr: dict[str, Any]) -> str:
     """One libnftables JSON expression in nft's own syntax; an unknown one stays JSON."""
+    import json  # only for nft drift (see chains_from_objects)
+
     (kind, body), = expr.items()
     if kind == "match":
         left, right, op = body["left"], body["right"], body["op"]
@@ -357,6 +361,8 @@ def _nft_expression(expr: dict[str, Any]) -> str:
 
 def nft_rule_text(expressions: str) -> str:
     """A rule compared as compact JSON (chains_from_objects), shown as `nft list` would write it."""
+    import json
+
     return " ".join(_nft_expression(expr) for expr in json.loads(expressions))
 
 
@@ -411,6 +417,8 @@ def format_text(report: Report) -> str:
 
 
 def to_json(report: Report) -> str:
+    import json
+
     return json.dumps({
         "in_sync": report.in_sync,
         "flavour": report.flavour,
@@ -450,8 +458,8 @@ def read_rules(backend: str) -> dict[str, dict[int, Chains]]:
 
 
 def _loopback_ipv6() -> set[str]:
-    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 on every probe)."""
-    import ipaddress
+    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 or ipaddress on every probe)."""
+    from _socket import AF_INET6, inet_ntop
 
     found = set()
     try:
@@ -459,7 +467,12 @@ def _loopback_ipv6() -> set[str]:
             for line in table:
                 address, _, prefix, _, _, name = line.split()
                 if name == "lo":
-                    found.add(f"{ipaddress.IPv6Address(int(address, 16))}/{int(prefix, 16)}")
+                    text = inet_ntop(AF_INET6, bytes.fromhex(address))
+                    if "." in text:  # the C library writes ::a.b.c.d where ipaddress (and the plan) writes hex
+                        import ipaddress
+
+                        text = str(ipaddress.IPv6Address(int(address, 16)))
+                    found.add(f"{text}/{int(prefix, 16)}")
     except FileNotFoundError:  # IPv6 disabled: no address at all
         pass
     return found
@@ -499,12 +512,13 @@ def _apply_lock() -> ContextManager[None]:
     file there is nothing to wait for, and check creates nothing (a probe
     container's root file system is often read-only).
     """
-    import contextlib
     import os
 
     from istio_init import locks
 
     if not os.path.exists(locks.namespace_lock_path()):
+        import contextlib  # only here: contextlib and what it imports cost every probe about 2 ms
+
         return contextlib.nullcontext()
     return locks.namespace_lock(LOCK_WAIT_SECONDS)
 

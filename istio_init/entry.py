@@ -24,6 +24,8 @@ from istio_init import logs, output, timing
 from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, take_switch_values
 from istio_init.errors import IstioInitError
 
+CHECK_COMMAND = "check"
+
 
 def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
     """The flags of a plain `run` command line as cli.py's run command receives them, or None.
@@ -62,15 +64,30 @@ def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
     return given
 
 
+def parse_check(argv: list[str]) -> tuple[dict[str, str | bool], bool] | None:
+    """`check` with run's flags in the plain form, and whether `--json` was given; None: click parses it.
+
+    `check` is an exec probe, run every few seconds in every pod that has it,
+    so it too starts without click.
+    """
+    if argv[:1] != [CHECK_COMMAND]:
+        return None
+    rest = [arg for arg in argv[1:] if arg != "--json"]
+    given = parse_run(rest) if rest[:1] != [ISTIO_BINARY_NAME] else None
+    return None if given is None else (given, len(rest) < len(argv) - 1)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`istio-init ARGS`: the plain run form here, everything else through cli.main."""
+    """`istio-init ARGS`: the plain run and check forms here, everything else through cli.main."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         rest, log_options = logs.split_args(args)  # pilot-agent's logging flags (current Istio always passes one)
     except IstioInitError:
         rest = None  # cli.main reports it, as for any other command line
-    given = parse_run(rest) if rest is not None and os.environ.get(CLEANUP_ONLY_ENV) is None else None
-    if given is None:
+    plain = rest is not None and os.environ.get(CLEANUP_ONLY_ENV) is None
+    given = parse_run(rest) if plain and rest is not None else None
+    check = parse_check(rest) if plain and rest is not None and given is None else None
+    if given is None and check is None:
         from istio_init import cli
 
         cli.main(args)
@@ -80,18 +97,29 @@ def main(argv: list[str] | None = None) -> None:
     # One run builds up to 8,000 rules' tuples and creates no reference cycle worth collecting:
     # the cycle collector would only walk them, again and again (about 1.5 ms of planning 8,000 CIDRs).
     gc.disable()
+    flags = given if check is None else check[0]
+    exit_code = 0
 
     def command() -> None:
         from istio_init import runner
 
         timing.mark("parse the command line")
-        config = output.load_config(given)
+        config = output.load_config(flags or {})
         timing.mark("config: validate flags and environment")
-        output.out(runner.run(config, output.log))
+        if check is None:
+            output.out(runner.run(config, output.log))
+            return
+        nonlocal exit_code
+        from istio_init import drift  # as cli.py's check command
+
+        runner.enter_namespace(config)
+        report = drift.run(config, output.log)
+        output.out((drift.to_json(report) if check[1] else drift.format_text(report)) + "\n")
+        exit_code = report.exit_code
 
     try:
         with logs.configured(log_options):
-            code = output.guarded(command)
+            code = output.guarded(command) or exit_code
             if timing.ENABLED:
                 for line in timing.report():
                     output.log(line)

@@ -22,11 +22,13 @@ module needs to know which format or level is in force.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from typing import IO, Iterator, NamedTuple
 
 from istio_init.errors import ConfigError
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import IO
 
 LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 DEFAULT_SCOPE = "default"
@@ -157,19 +159,30 @@ def emit(level: str, message: str) -> None:
         print(message, file=stream, flush=True)
 
 
-@contextlib.contextmanager
-def configured(options: LogOptions) -> Iterator[None]:
-    """sys.stderr shaped by `options` for the duration of one command."""
-    global ACTIVE
-    real, before = sys.stderr, ACTIVE
-    stream = _LogStream(real, options)
-    sys.stderr, ACTIVE = stream, options
-    try:
-        yield
-    finally:
-        stream.flush()
-        sys.stderr, ACTIVE = real, before
+class configured:
+    """sys.stderr shaped by `options` for the duration of one command (a `with` block).
+
+    A class rather than a contextlib.contextmanager: contextlib is one more
+    import on every pod start. While it is active, ACTIVE holds its options
+    (for the warning about flags the run's rule set's releases never wrote).
+    """
+
+    def __init__(self, options: LogOptions) -> None:
+        self.options = options
+        self.real: IO[str] = sys.stderr
+        self.before = LogOptions()
+
+    def __enter__(self) -> None:
+        global ACTIVE
+        self.real, self.before = sys.stderr, ACTIVE
+        self.stream = _LogStream(self.real, self.options)
+        sys.stderr, ACTIVE = self.stream, self.options
+
+    def __exit__(self, *exc: object) -> None:
+        global ACTIVE
+        self.stream.flush()
+        sys.stderr, ACTIVE = self.real, self.before
 
 
-# The options of the command running now (for the warning about flags its rule set's releases never wrote).
+# The options of the command running now.
 ACTIVE = LogOptions()

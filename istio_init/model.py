@@ -16,8 +16,11 @@ each) and the large configurations build thousands of rules.
 from __future__ import annotations
 
 from itertools import groupby
-from operator import attrgetter
-from typing import Iterable, NamedTuple
+from _operator import attrgetter  # operator.py only re-exports the C module's
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Iterable
 
 # The source address of the proxy's inbound passthrough connections (Istio's "SIX"); the
 # IPv6 one is added to `lo` by the run (RulePlan.loopback_addresses).

@@ -14,27 +14,23 @@ import _socket as socket  # the C module: see the docstring
 import errno
 import os
 import struct
-from typing import TYPE_CHECKING, Any, NamedTuple
+from istio_init.errors import ConfigError, IstioInitError
+from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ipaddress
-
-from istio_init.errors import ConfigError, IstioInitError
+    from typing import Any
 
 _NLMSG_HEADER = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
-_IFINFOMSG = struct.Struct("=BxHiII")
 _RTATTR = struct.Struct("=HH")
 _NLMSG_DONE = 3
 _NLMSG_ERROR = 2
-_RTM_NEWLINK = 16
-_RTM_GETLINK = 18
 _RTM_NEWADDR = 20
 _RTM_GETADDR = 22
 _NLM_F_REQUEST_DUMP = 0x1 | 0x300
 _IFA_ADDRESS = 1
 _IFA_LOCAL = 2
-_IFF_LOOPBACK = 0x8
 _CLONE_NEWNET = 0x40000000
 
 
@@ -79,14 +75,9 @@ def _attributes(payload: bytes, offset: int) -> dict[int, bytes]:
     return attrs
 
 
-def _loopback_indexes() -> set[int]:
-    indexes = set()
-    for msg_type, payload in _dump(_RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-        if msg_type == _RTM_NEWLINK:
-            _, _, index, flags, _ = _IFINFOMSG.unpack_from(payload)
-            if flags & _IFF_LOOPBACK:
-                indexes.add(index)
-    return indexes
+# The kernel gives every namespace's loopback device index 1 (LOOPBACK_IFINDEX; loopback_net_init
+# insists on it), and no other device has IFF_LOOPBACK: so no link dump is needed to leave lo out.
+_LOOPBACK_IFINDEX = 1
 
 
 def _is_loopback_or_link_local(raw: bytes) -> bool:
@@ -98,13 +89,12 @@ def _is_loopback_or_link_local(raw: bytes) -> bool:
 
 def _raw_addresses() -> list[bytes]:
     """The namespace's addresses (4 or 16 bytes) in kernel order, without loopback and link-local ones."""
-    loopback = _loopback_indexes()
     found = []
     for msg_type, payload in _dump(_RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
         if msg_type != _RTM_NEWADDR:
             continue
         family, _, _, _, index = _IFADDRMSG.unpack_from(payload)
-        if index in loopback or family not in (socket.AF_INET, socket.AF_INET6):
+        if index == _LOOPBACK_IFINDEX or family not in (socket.AF_INET, socket.AF_INET6):
             continue
         attrs = _attributes(payload, _IFADDRMSG.size)
         raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
@@ -267,7 +257,7 @@ class Routing(NamedTuple):
 
 
 def _iproute() -> Any:
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from istio_init.rtnl import IPRoute  # pyroute2's messages without all of pyroute2 (rtnl.py says why)
 
     return IPRoute()
 

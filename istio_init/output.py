@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Mapping
-
 from istio_init import logs
 from istio_init.config import Config, from_sources, ignored_environment, unwritten_flags
 from istio_init.errors import IstioInitError
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable, Mapping
 
 PROG = "istio-init"
 DEBUG_ENV = "ISTIO_INIT_DEBUG"

@@ -10,23 +10,25 @@ returned.
 from __future__ import annotations
 
 import os
-from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from _operator import attrgetter  # operator.py only re-exports the C module's
 
 from istio_init import timing
 from istio_init.config import RULES_CURRENT, Cidr, Config, fields_not_in, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
+from istio_init.records import TYPE_CHECKING
 from istio_init.render import render_plan
 from istio_init.rulesets import plan, resolvers_needed
 
 if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
+
     from istio_init.backends.base import Backend
 
-# log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
-Log = Callable[..., None]
-# Lets a caller (a test) wrap the backend the run chose, e.g. to inject a fault.
-WrapBackend = Callable[["Backend"], "Backend"]
+    # log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
+    Log = Callable[..., None]
+    # Lets a caller (a test) wrap the backend the run chose, e.g. to inject a fault.
+    WrapBackend = Callable[["Backend"], "Backend"]
 
 
 def summary(config: Config, ipv6: bool) -> str:
@@ -63,7 +65,8 @@ def decide_ipv6(config: Config, log: Log) -> bool:
     from istio_init import netns
 
     try:
-        if config.rules_version != RULES_CURRENT and not config.dual_stack:
+        dual_stack = config.dual_stack or config.agent_dual_stack
+        if config.rules_version != RULES_CURRENT and not dual_stack:
             return netns.detect_ipv6()
         addresses = netns.pod_addresses()
         if not addresses:
@@ -71,7 +74,7 @@ def decide_ipv6(config: Config, log: Log) -> bool:
             log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
                 "warn")
             return False
-        if config.dual_stack:  # any IPv6 address of the pod
+        if dual_stack:  # any IPv6 address of the pod
             return any(address.version == 6 for address in addresses)
         return addresses[0].version == 6
     except OSError as exc:
@@ -174,6 +177,10 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
         choice = backends.choose(config.iptables_backend, families)
         log(f"iptables backend {choice.name} ({choice.reason})")
         name, backend = choice.name, backends.get(choice.name)
+        if rule_plan.routes or rule_plan.loopback_addresses:
+            from istio_init import rtnl
+
+            backend.meanwhile = rtnl.messages  # loaded while the restore tool commits, not after it
     timing.mark("choose the backend")
     if wrap is not None:
         backend = wrap(backend)

@@ -9,11 +9,32 @@ a cheap cross-check of rule order that needs no canonical spelling.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from istio_init.render import chain_order
+from istio_init.render import chain_order, split_families
 from istio_init.backends.iptables.savefile import parse_save
 
+if TYPE_CHECKING:
+    from nsutil import Namespace
+
+
+class CaseWithResolvers(Protocol):
+    @property
+    def env(self) -> dict[str, str]: ...
+
+    def resolv_conf(self) -> str: ...
+
 _SAVE_COMMANDS = ("iptables-save", "ip6tables-save")
+# Per flavour, per family: the restore and save tools that load a golden and read it back.
+TOOLS = {
+    "legacy": (("iptables-legacy-restore", "iptables-legacy-save"),
+               ("ip6tables-legacy-restore", "ip6tables-legacy-save")),
+    "nft": (("iptables-nft-restore", "iptables-nft-save"),
+            ("ip6tables-nft-restore", "ip6tables-nft-save")),
+}
+# The flavour of tables each iptables backend writes.
+BACKEND_TOOLS = {"libiptc": "legacy", "legacy": "legacy", "nft": "nft"}
 
 
 def restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]:
@@ -111,3 +132,31 @@ def any_restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]
     if any(line.startswith(("iptables -t ", "ip6tables -t ")) for line in text.splitlines()):
         return command_restore_inputs(text, group_gids)
     return restore_inputs(text, group_gids)
+
+
+def resolv_env(case: CaseWithResolvers, directory: Path) -> dict[str, str]:
+    """The case's environment plus a resolv.conf of its nameservers (never the host's)."""
+    resolv = directory / "resolv.conf"
+    resolv.write_text(case.resolv_conf())
+    return {**case.env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}
+
+
+def kernel_converted(ns: Namespace, inputs: tuple[str, str], flavour: str) -> list[str]:
+    """Each family's restore input loaded into `ns` with `flavour`'s tools, read back as canonical text."""
+    parts = []
+    for text, (restore, save) in zip(inputs, TOOLS[flavour]):
+        if text:
+            ns.run(restore, "--noflush", input=text)
+            parts.append(canonical(ns.save(save), tables_in_order(text)))
+    return parts
+
+
+def assert_holds_golden(ns: Namespace, backend: str, golden_text: str) -> None:
+    """`ns` holds exactly the golden's tables (and no other table of ours) in the backend's flavour."""
+    want = split_families(golden_text)
+    for family, (_, save) in enumerate(TOOLS[BACKEND_TOOLS[backend]]):
+        saved = ns.save(save)
+        used = {name for name, table in parse_save(saved).items() if table.rules or table.user_chains()}
+        assert used == set(tables_in_order(want[family]))
+        if want[family]:
+            assert canonical(saved, tables_in_order(want[family])) == want[family]

@@ -17,24 +17,11 @@ import pytest
 
 from cases_generations import GENERATION_CASES, GROUP_GIDS, GenerationCase
 from clirun import clean_environ, invoke
-from istio_golden import any_restore_inputs, canonical, tables_in_order
-from istio_init.backends.iptables.savefile import parse_save
+from istio_golden import (BACKEND_TOOLS, TOOLS, any_restore_inputs, assert_holds_golden, kernel_converted,
+                          resolv_env)
 from istio_init.render import split_families
 from nsutil import Namespace
 
-TOOLS = {
-    "legacy": (("iptables-legacy-restore", "iptables-legacy-save"),
-               ("ip6tables-legacy-restore", "ip6tables-legacy-save")),
-    "nft": (("iptables-nft-restore", "iptables-nft-save"),
-            ("ip6tables-nft-restore", "ip6tables-nft-save")),
-}
-BACKEND_TOOLS = {"libiptc": "legacy", "legacy": "legacy", "nft": "nft"}
-
-
-def _env(case: GenerationCase, tmp_path: Path) -> dict[str, str]:
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text(case.resolv_conf())
-    return {**case.env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}
 
 
 def _blocks(text: str) -> list[dict[str, str]]:
@@ -54,12 +41,12 @@ def _blocks(text: str) -> list[dict[str, str]]:
 def test_every_carried_golden_is_a_case() -> None:
     carried = {(p.parent.name, p.stem) for p in Path(GENERATION_CASES[0].istio_golden).parents[1].glob("*/*.golden")}
     assert carried == {(case.tag, case.name) for case in GENERATION_CASES}
-    assert len(GENERATION_CASES) == 170
+    assert len(GENERATION_CASES) == 174
 
 
 @pytest.mark.parametrize("case", GENERATION_CASES, ids=lambda c: c.id)
 def test_dry_run_matches_converted_istio_golden(case: GenerationCase, tmp_path: Path) -> None:
-    result = invoke(case.argv(), _env(case, tmp_path))
+    result = invoke(case.argv(), resolv_env(case, tmp_path))
     assert result.code == 0, result.stderr
     assert _blocks(result.stdout) == _blocks(case.golden.read_text())
 
@@ -69,12 +56,7 @@ def test_dry_run_matches_converted_istio_golden(case: GenerationCase, tmp_path: 
 @pytest.mark.parametrize("case", GENERATION_CASES, ids=lambda c: c.id)
 def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: GenerationCase, flavour: str,
                                                                       netns: Namespace) -> None:
-    parts = []
-    for text, (restore, save) in zip(any_restore_inputs(case.istio_golden.read_text(), GROUP_GIDS),
-                                     TOOLS[flavour]):
-        if text:
-            netns.run(restore, "--noflush", input=text)
-            parts.append(canonical(netns.save(save), tables_in_order(text)))
+    parts = kernel_converted(netns, any_restore_inputs(case.istio_golden.read_text(), GROUP_GIDS), flavour)
     assert len(parts) == (2 if case.ipv6 else 1)
     converted = "# IPv6\n".join(parts)
     if os.environ.get("UPDATE_GOLDEN") == "1" and flavour == "legacy":
@@ -89,12 +71,6 @@ def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: Gener
 def test_real_apply_reads_back_as_istio_golden(case: GenerationCase, backend: str, netns: Namespace,
                                                tmp_path: Path) -> None:
     done = netns.run(sys.executable, "-m", "istio_init", *case.argv(dry_run=False), "--iptables-backend", backend,
-                     env=clean_environ(_env(case, tmp_path)), check=False)
+                     env=clean_environ(resolv_env(case, tmp_path)), check=False)
     assert done.returncode == 0, done.stderr
-    want = split_families(case.golden.read_text())
-    for family, (_, save) in enumerate(TOOLS[BACKEND_TOOLS[backend]]):
-        saved = netns.save(save)
-        used = {name for name, table in parse_save(saved).items() if table.rules or table.user_chains()}
-        assert used == set(tables_in_order(want[family]))
-        if want[family]:
-            assert canonical(saved, tables_in_order(want[family])) == want[family]
+    assert_holds_golden(netns, backend, case.golden.read_text())

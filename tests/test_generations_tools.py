@@ -125,3 +125,20 @@ def test_switching_between_rule_sets_converges(backend: str, netns: Namespace, e
         assert_holds_exactly(netns, BACKENDS[backend], istio_init(netns, env, *args, "-n"))
     istio_init(netns, env, "clean", "--iptables-backend", backend)
     assert_nothing_of_ours(netns)
+
+
+@pytest.mark.parametrize("rule_set,reads_it", [("1.13", True), ("1.18", True), ("1.20", False), ("1.8", False)])
+def test_agent_dual_stack_variable_of_istio_1_17_and_1_18(rule_set: str, reads_it: bool, netns: Namespace,
+                                                          env: dict[str, str]) -> None:
+    """ISTIO_AGENT_DUAL_STACK: IPv6 rules when the pod has any IPv6 address, for the releases that read it."""
+    netns.add_address("192.0.2.10/24")  # the first address is IPv4: without dual stack, IPv4 rules only
+    netns.add_address("2001:db8::10/64")
+    args = ["--rules-version", rule_set, "-i", "*", "-n"]
+    assert "# IPv6" not in istio_init(netns, env, *args)
+    done = netns.run(sys.executable, "-m", "istio_init", *args, check=False,
+                     env=clean_environ({**env, "ISTIO_AGENT_DUAL_STACK": "true"}))
+    assert done.returncode == 0, done.stderr
+    assert ("# IPv6" in done.stdout) == reads_it
+    warned = [line for line in done.stderr.splitlines() if "ISTIO_AGENT_DUAL_STACK" in line]
+    assert warned == ([] if reads_it else [f"istio-init: warning: ISTIO_AGENT_DUAL_STACK is read only with "
+                                           f"--rules-version 1.13 to 1.18; ignored (this run uses {rule_set})"])

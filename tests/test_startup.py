@@ -1,44 +1,75 @@
-"""Start-up budget guards: what the common paths must not import (not timings).
+"""Start-up budget guards, per path: the modules each common path may not import (not timings).
 
 An init container delays every pod start, and in Python imports are where
 start-up time goes: python-iptables costs 230-400 ms through its slow paths,
-pyroute2 about 130 ms, setuptools' distutils shim over 100 ms. These tests
-read `-X importtime` of real istio-init processes, so they fail the moment a
-change pulls one of them onto a path that must not have it.
+all of pyroute2 150-300 ms, setuptools' distutils shim over 100 ms, and even
+the standard library's `typing`, `re`, `enum`, `functools`, `collections` and
+`contextlib` together 5-10 ms, about half of what istio-init adds to the
+interpreter's own start (docs/performance.md). These tests read `-X
+importtime` of real istio-init processes, started as the installed command
+starts them (bin/istio-init, not `python -m`, whose runpy imports
+contextlib and importlib.util itself), so they fail the moment a change pulls
+one of them onto a path that must not have it.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
 from cases import SEED_ARGS
 from clirun import clean_environ
 
+COMMAND = Path(__file__).resolve().parent.parent / "bin" / "istio-init"
+# The standard library modules no common path imports (what imports them costs every pod start).
+STDLIB_NOT_NEEDED = {"typing", "re", "enum", "functools", "collections", "contextlib", "json", "pathlib", "urllib",
+                     "dataclasses", "subprocess", "shlex", "socket", "logging", "asyncio", "importlib.util", "inspect"}
 SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources", "click", "subprocess",
-                    "dataclasses", "socket", "ipaddress", "shlex")
+                    "dataclasses", "socket", "ipaddress", "shlex", *sorted(STDLIB_NOT_NEEDED))
 # What no apply needs unless its path does: click (entry.py parses Istio's flags), pyroute2 (TPROXY and
 # ::6 only), setuptools (python-iptables' distutils import is turned into its sysconfig fallback).
-NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"}
+NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"} | STDLIB_NOT_NEEDED
+# All of pyroute2 (its package __init__): TPROXY and ::6 need its netlink messages only (istio_init/rtnl.py).
+ALL_OF_PYROUTE2 = {"asyncio", "pyroute2.iproute", "pyroute2.ndb", "pyroute2.ipdb", "pyroute2.nftables",
+                   "pyroute2.ipset", "pyroute2.iwutil"}
+
+
+def _without_site() -> tuple[list[str], dict[str, str]]:
+    """The interpreter flags and environment that start istio-init with nothing imported for it beforehand.
+
+    `site` (with a development venv's editable install, its import hook) already
+    imports re, contextlib, functools, pathlib, ipaddress and more, which would
+    hide those modules from every check here: so `site` is skipped and the
+    package and its dependencies are found through PYTHONPATH instead.
+    """
+    env = clean_environ({"PYTHONPATH": os.pathsep.join([str(COMMAND.parent.parent), sysconfig.get_paths()["purelib"]])})
+    return ["-S", "-X", "importtime"], env
+
+
+def _importtime_names(stderr: str) -> set[str]:
+    names: set[str] = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            full = line.rsplit("|", 1)[1].strip()
+            names |= {full, full.split(".")[0]}
+    return names
 
 
 def imported_modules(argv: list[str], netns=None) -> set[str]:
-    """Top-level names of every module a real `python -m istio_init` process imported."""
-    command = [sys.executable, "-X", "importtime", "-m", "istio_init", *argv]
+    """Top-level and full names of every module a real istio-init process imported beyond the bare interpreter's."""
+    flags, env = _without_site()
+    bare = subprocess.run([sys.executable, *flags, "-c", "pass"], capture_output=True, text=True, env=env, timeout=60)
+    command = [sys.executable, *flags, str(COMMAND), *argv]
     if netns is not None:
         command = ["nsenter", f"--net={netns.path}", *command]
-    done = subprocess.run(command, capture_output=True, text=True, env=clean_environ(), timeout=60)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
-    names: set[str] = set()
-    after_site = False  # what the interpreter's start-up imports (a development venv's finder) is not ours
-    for line in done.stderr.splitlines():
-        if line.startswith("import time:") and "|" in line:
-            full = line.rsplit("|", 1)[1].strip()
-            if after_site:
-                names |= {full, full.split(".")[0]}
-            after_site = after_site or full == "site"
+    names = _importtime_names(done.stderr) - _importtime_names(bare.stderr)
     assert "istio_init.config" in names  # the importtime output was read at all
     return names
 
@@ -85,10 +116,40 @@ def test_large_auto_apply_imports_no_python_iptables(netns) -> None:
 
 
 @pytest.mark.root
-def test_tproxy_apply_does_import_pyroute2(netns) -> None:
-    """The guard above can fail: the TPROXY route step is where pyroute2 is needed."""
-    names = imported_modules([*SEED_ARGS, "-m", "TPROXY", "--iptables-backend", "legacy"], netns)
-    assert "pyroute2" in names
+def test_tproxy_apply_imports_pyroute2s_messages_only(netns) -> None:
+    """The guards above can fail: TPROXY's policy routing needs pyroute2, its rule and route messages only."""
+    names = imported_modules([*SEED_ARGS, "-m", "TPROXY", "--iptables-backend", "auto"], netns)
+    assert {"pyroute2.netlink.rtnl.fibmsg", "pyroute2.netlink.rtnl.rtmsg"} <= names
+    assert not names & (ALL_OF_PYROUTE2 | {"click", "iptc"}), sorted(names & (ALL_OF_PYROUTE2 | {"click", "iptc"}))
+
+
+@pytest.mark.root
+def test_ipv6_apply_imports_pyroute2s_messages_only(netns) -> None:
+    """An IPv6 pod: both families through the restore tools, and ::6 on lo through pyroute2's address message."""
+    netns.add_address("2001:db8::10/64")
+    names = imported_modules([*SEED_ARGS, "--iptables-backend", "auto"], netns)
+    assert "pyroute2.netlink.rtnl.ifaddrmsg" in names and "istio_init.backends.iptables.restore" in names
+    assert not names & (ALL_OF_PYROUTE2 | {"click", "iptc", "ctypes"}), sorted(names & ALL_OF_PYROUTE2)
+
+
+@pytest.mark.root
+def test_check_in_sync_imports_no_click_and_nothing_slow(netns) -> None:
+    """`check` is an exec probe: entry.py runs it, with what the apply path has and the comparison."""
+    args = [arg for arg in SEED_ARGS if arg != "istio-iptables"]
+    imported_modules([*args, "--iptables-backend", "auto"], netns)
+    names = imported_modules(["check", *args, "--iptables-backend", "auto"], netns)
+    assert "istio_init.drift" in names
+    unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes"}
+    assert not names & unneeded, sorted(names & unneeded)
+
+
+@pytest.mark.root
+def test_a_pod_with_an_address_imports_nothing_slow(netns) -> None:
+    """The pod's IP families come from its addresses (IPv4 here): read without pyroute2 or ipaddress."""
+    netns.add_address("192.0.2.10/24")
+    names = imported_modules([*SEED_ARGS, "--iptables-backend", "auto"], netns)
+    assert "istio_init.netns" in names
+    assert not names & (NEVER_ON_AN_APPLY | {"iptc", "ctypes", "ipaddress"}), sorted(names & NEVER_ON_AN_APPLY)
 
 
 @pytest.mark.root

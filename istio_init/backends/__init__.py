@@ -10,9 +10,11 @@ decided here and nowhere else.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from typing import Callable, Sequence
+
     from istio_init.backends.base import Backend
     from istio_init.backends.iptables.backend import IptablesBackend
 

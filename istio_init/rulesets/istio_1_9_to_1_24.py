@@ -14,38 +14,19 @@ Pure, like the other rule sets: the pod's resolvers are passed in.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple, Sequence
+from istio_init.config import Config
+from istio_init.model import (IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match, Option, PolicyRoute, RulePlan,
+                              destination_appends)
+from istio_init.rulesets.parts import (DNS_CAPTURE_PORT, DNS_PORT, ISTIO_DIVERT, ISTIO_DROP, ISTIO_IN_REDIRECT,
+                                       ISTIO_INBOUND, ISTIO_OUTPUT, ISTIO_REDIRECT, ISTIO_TPROXY, MANGLE, NAT,
+                                       OUTBOUND_MARK, OUTPUT, PREROUTING, RAW, REDIRECT, RETURN, SSH_PORT, TCP, UDP,
+                                       ZONE_AGENT_UPSTREAM, ZONE_APP_AGENT, FamilyBuilder, connmark, mark_match, owner,
+                                       port, redirect_to, resolvers_by_family, set_mark, zone)
+from istio_init.records import TYPE_CHECKING, NamedTuple
 
-from istio_init.config import Cidr, Config
-from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
-                              Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
-MANGLE = "mangle"
-NAT = "nat"
-RAW = "raw"
-
-PREROUTING = "PREROUTING"
-OUTPUT = "OUTPUT"
-
-ISTIO_INBOUND = "ISTIO_INBOUND"
-ISTIO_IN_REDIRECT = "ISTIO_IN_REDIRECT"
-ISTIO_OUTPUT = "ISTIO_OUTPUT"
-ISTIO_REDIRECT = "ISTIO_REDIRECT"
-ISTIO_DIVERT = "ISTIO_DIVERT"
-ISTIO_TPROXY = "ISTIO_TPROXY"
-ISTIO_DROP = "ISTIO_DROP"
-
-RETURN = "RETURN"
-REDIRECT = "REDIRECT"
-TCP = "tcp"
-UDP = "udp"
-
-SSH_PORT = 22
-DNS_PORT = 53
-DNS_CAPTURE_PORT = 15053
-OUTBOUND_MARK = 1338  # Istio's mark on the proxy's own loopback connections in TPROXY mode (1.11 on)
-ZONE_AGENT_UPSTREAM = "1"
-ZONE_APP_AGENT = "2"
 NFLOG_GROUP = "1337"
 NFLOG_SIZE = "20"
 
@@ -120,34 +101,25 @@ class RuleSet:
         self.SHAPE_RESOLVERS = SENTINEL_RESOLVERS
 
     def shape_configs(self) -> list[Config]:
-        """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels."""
-        from istio_init.rulesets.sentinels import (SENTINEL_ID, SENTINEL_IFACE, SENTINEL_LOOPBACK_CIDR,
-                                                   SENTINEL_MARK)
+        """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels.
 
-        base = Config(rules_version=self.NAME, exclude_interfaces=(SENTINEL_IFACE,),
-                      kube_virt_interfaces=(SENTINEL_IFACE,), inbound_interception_mode="TPROXY",
-                      capture_all_inbound=True, capture_all_outbound=True, tproxy_mark=SENTINEL_MARK,
-                      proxy_uids=(SENTINEL_ID,), proxy_gids=(SENTINEL_ID,), dns_capture=True, drop_invalid=True,
-                      trace_logging=True, dns_conntrack_zone=True, ipv4_loopback_cidr=SENTINEL_LOOPBACK_CIDR)
-        return [base, base._replace(capture_all_dns=True)]
+        With --capture-all-dns and without it: its rules replace the per-resolver ones.
+        """
+        from istio_init.rulesets.sentinels import shape_config
+
+        config = shape_config(self.NAME)
+        return [config, config._replace(capture_all_dns=False)] if config.capture_all_dns else [config]
 
     def plan(self, config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
         return plan(self.generation, config, ipv6, resolvers)
 
 
-RULE_SETS = tuple(RuleSet(generation) for generation in GENERATIONS)
+BY_NAME = {generation.name: RuleSet(generation) for generation in GENERATIONS}
 
 
 def plan(generation: Generation, config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     """The complete rule plan of `generation` for `config` (resolvers: the pod's nameservers)."""
-    from istio_init.rulesets.current import _host
-
-    servers: dict[int, list[str]] = {4: [], 6: []}
-    for address in resolvers:
-        import ipaddress
-
-        parsed = ipaddress.ip_address(address)
-        servers[parsed.version].append(_host(parsed))
+    servers = resolvers_by_family(resolvers)
     ipv4_plan = _Family(generation, config, 4, servers[4]).build()
     ipv6_plan = None
     if ipv6:
@@ -161,92 +133,37 @@ def plan(generation: Generation, config: Config, ipv6: bool, resolvers: Sequence
     return RulePlan(ipv4=ipv4_plan, ipv6=ipv6_plan, routes=routes, loopback_addresses=loopback)
 
 
-def _port(protocol: str, name: str, port: int | str, negated: bool = False) -> Match:
-    return Match(protocol, (Option(name, str(port), negated),))
-
-
-def _owner(kind: str, ident: int, negated: bool = False) -> Match:
-    return Match("owner", (Option(f"{kind}-owner", str(ident), negated),))
-
-
-def _mark_match(module: str, mark: int, negated: bool = False) -> Match:
-    return Match(module, (Option("mark", f"{mark:#x}", negated),))
-
-
-def _set_mark(mark: int) -> tuple[Option, ...]:
-    return (Option("set-xmark", f"{mark:#x}/0xffffffff"),)
-
-
-def _zone(zone: str) -> tuple[Option, ...]:
-    return (Option("zone", zone),)
-
-
-def _connmark(action: str) -> tuple[Option, ...]:
-    return (Option(action), Option("nfmask", "0xffffffff"), Option("ctmask", "0xffffffff"))
-
-
-def _redirect_to(port: int) -> tuple[Option, ...]:
-    return (Option("to-ports", str(port)),)
-
-
-class _Family:
-    """Builds one family's steps in `run.go`'s order."""
+class _Family(FamilyBuilder):
+    """Builds one family's steps in `run.go`'s order (the loopback CIDR: ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR
+    from 1.21, its default 127.0.0.1/32 before)."""
 
     def __init__(self, generation: Generation, config: Config, family: int, resolvers: list[str]) -> None:
+        super().__init__(config, family, resolvers)
         self.gen = generation
-        self.config = config
-        self.family = family
-        self.v6 = family == 6
-        # 1.21: ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR (the default, 127.0.0.1/32, before).
-        self.loop = "::1/128" if self.v6 else config.ipv4_loopback_cidr
-        self.six = IPV6_PASSTHROUGH_ADDRESS if self.v6 else IPV4_PASSTHROUGH_ADDRESS
-        self.resolvers = resolvers
         # IPv4 only before 1.12; from 1.12 both families.
         self.full = not self.v6 or generation.ipv6_mirrors_ipv4
-        self.steps: list[Step] = []
 
     def append(self, table: str, chain: str, target: str, log: str = "", **parts: Any) -> None:
         if log and self.config.trace_logging:
-            self.steps.append(Step(APPEND, self._nflog(table, chain, log, parts)))
-        self.steps.append(Step(APPEND, Rule(table, chain, target, **parts)))
+            super().append(table, chain, "NFLOG", **self._nflog(log, parts))
+        super().append(table, chain, target, **parts)
 
     def insert(self, position: int, table: str, chain: str, target: str, log: str = "", **parts: Any) -> None:
-        self.steps.append(Step(INSERT, Rule(table, chain, target, **parts), position))
+        super().insert(position, table, chain, target, **parts)
         if log and self.config.trace_logging:  # inserted after, so it comes first
-            self.steps.append(Step(INSERT, self._nflog(table, chain, log, parts), position))
+            super().insert(position, table, chain, "NFLOG", **self._nflog(log, parts))
 
     @staticmethod
-    def _nflog(table: str, chain: str, prefix: str, parts: dict[str, Any]) -> Rule:
+    def _nflog(prefix: str, parts: dict[str, Any]) -> dict[str, Any]:
         """--iptables-trace-logging: an NFLOG rule with the same match, in front of the logged one."""
-        matches = {k: v for k, v in parts.items() if k != "target_options"}
-        return Rule(table, chain, "NFLOG", **matches, target_options=(
-            Option("nflog-prefix", prefix), Option("nflog-group", NFLOG_GROUP), Option("nflog-size", NFLOG_SIZE)))
-
-    def cidrs(self, networks: Iterable[Cidr]) -> list[str]:
-        from istio_init.rulesets.current import _cidr_text
-
-        return [_cidr_text(net) for net in networks if net.version == self.family]
-
-    def owners(self) -> list[tuple[str, int]]:
-        cfg = self.config
-        return [("uid", u) for u in cfg.proxy_uids] + [("gid", g) for g in cfg.proxy_gids]
+        return {**parts, "target_options": (Option("nflog-prefix", prefix), Option("nflog-group", NFLOG_GROUP),
+                                            Option("nflog-size", NFLOG_SIZE))}
 
     def build(self) -> FamilyPlan:
         cfg, gen = self.config, self.gen
         dns = cfg.dns_capture and self.full
 
-        # Excluded interfaces (1.11): nothing arriving or leaving by them is captured.
-        for iface in cfg.exclude_interfaces:
-            self.append(NAT, PREROUTING, RETURN, EXCLUDE_INTERFACE, in_interface=iface)
-            self.append(NAT, OUTPUT, RETURN, EXCLUDE_INTERFACE, out_interface=iface)
-        if cfg.tproxy:
-            for iface in cfg.exclude_interfaces:
-                self.append(MANGLE, PREROUTING, RETURN, EXCLUDE_INTERFACE, in_interface=iface)
-                self.append(MANGLE, OUTPUT, RETURN, EXCLUDE_INTERFACE, out_interface=iface)
-
-        # Traffic arriving on a KubeVirt interface is not inbound capture.
-        for iface in cfg.kube_virt_interfaces:
-            self.insert(1, NAT, PREROUTING, RETURN, KUBEVIRT, in_interface=iface)
+        self.short_circuit_interfaces()
 
         # --drop-invalid (1.12.2): conntrack-INVALID packets are dropped (1.24: through ISTIO_DROP).
         if cfg.drop_invalid:
@@ -258,18 +175,18 @@ class _Family:
                 self.append(MANGLE, PREROUTING, "DROP", matches=invalid)
 
         # The inbound tunnel port, and the two redirect chains.
-        self.append(NAT, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(_port(TCP, "dport", cfg.inbound_tunnel_port),))
-        self.append(NAT, ISTIO_REDIRECT, REDIRECT, protocol=TCP, target_options=_redirect_to(cfg.envoy_port))
+        self.append(NAT, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(port(TCP, "dport", cfg.inbound_tunnel_port),))
+        self.append(NAT, ISTIO_REDIRECT, REDIRECT, protocol=TCP, target_options=redirect_to(cfg.envoy_port))
         self.append(NAT, ISTIO_IN_REDIRECT, REDIRECT, INBOUND_CAPTURE, protocol=TCP,
-                    target_options=_redirect_to(cfg.inbound_capture_port))
+                    target_options=redirect_to(cfg.inbound_capture_port))
 
         if cfg.inbound_enabled:
             self.inbound(tproxy=cfg.tproxy and self.full)
 
         # Outbound TCP enters ISTIO_OUTPUT; ports never captured; the passthrough source.
         self.append(NAT, OUTPUT, ISTIO_OUTPUT, JUMP_OUTBOUND, protocol=TCP)
-        for port in cfg.outbound_ports_exclude:
-            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=TCP, matches=(_port(TCP, "dport", port),))
+        for number in cfg.outbound_ports_exclude:
+            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=TCP, matches=(port(TCP, "dport", number),))
         self.append(NAT, ISTIO_OUTPUT, RETURN, source=self.six, out_interface="lo")
 
         self.proxy_owners(dns)
@@ -278,19 +195,19 @@ class _Family:
         self.owner_groups(NAT, ISTIO_OUTPUT, ())
 
         if dns:
-            dport = _port(TCP, "dport", DNS_PORT)
+            dport = port(TCP, "dport", DNS_PORT)
             if cfg.capture_all_dns:
                 self.append(NAT, ISTIO_OUTPUT, REDIRECT, protocol=TCP, matches=(dport,),
-                            target_options=_redirect_to(DNS_CAPTURE_PORT))
+                            target_options=redirect_to(DNS_CAPTURE_PORT))
             for server in () if cfg.capture_all_dns else self.resolvers:
                 self.append(NAT, ISTIO_OUTPUT, REDIRECT, destination=server, protocol=TCP, matches=(dport,),
-                            target_options=_redirect_to(DNS_CAPTURE_PORT))
+                            target_options=redirect_to(DNS_CAPTURE_PORT))
 
         # Local and excluded destinations are never captured; ports always captured.
         self.append(NAT, ISTIO_OUTPUT, RETURN, destination=self.loop)
         self.steps += destination_appends(NAT, ISTIO_OUTPUT, RETURN, self.cidrs(cfg.exclude_cidrs))
-        for port in cfg.outbound_ports:
-            self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT, protocol=TCP, matches=(_port(TCP, "dport", port),))
+        for number in cfg.outbound_ports:
+            self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT, protocol=TCP, matches=(port(TCP, "dport", number),))
 
         self.outbound_include(kube_virt_target=ISTIO_REDIRECT)
 
@@ -301,14 +218,27 @@ class _Family:
             self.tproxy_marks()
         return FamilyPlan(self.family, tuple(self.steps))
 
+    def short_circuit_interfaces(self) -> None:
+        """Excluded interfaces (1.11.3): nothing arriving or leaving by them is captured; traffic
+        arriving on a KubeVirt interface is not inbound capture."""
+        cfg = self.config
+        for iface in cfg.exclude_interfaces:
+            self.append(NAT, PREROUTING, RETURN, EXCLUDE_INTERFACE, in_interface=iface)
+            self.append(NAT, OUTPUT, RETURN, EXCLUDE_INTERFACE, out_interface=iface)
+        if cfg.tproxy:
+            for iface in cfg.exclude_interfaces:
+                self.append(MANGLE, PREROUTING, RETURN, EXCLUDE_INTERFACE, in_interface=iface)
+                self.append(MANGLE, OUTPUT, RETURN, EXCLUDE_INTERFACE, out_interface=iface)
+        for iface in cfg.kube_virt_interfaces:
+            self.insert(1, NAT, PREROUTING, RETURN, KUBEVIRT, in_interface=iface)
+
     def inbound(self, tproxy: bool) -> None:
         cfg = self.config
         table = MANGLE if tproxy else NAT
         if tproxy:
-            self.append(MANGLE, ISTIO_DIVERT, "MARK", target_options=_set_mark(cfg.tproxy_mark))
+            self.append(MANGLE, ISTIO_DIVERT, "MARK", target_options=set_mark(cfg.tproxy_mark))
             self.append(MANGLE, ISTIO_DIVERT, "ACCEPT")
-            self.append(MANGLE, ISTIO_TPROXY, "TPROXY", destination=self.loop if self.gen.tunnel_port_on_loopback
-                        else ("::1/128" if self.v6 else "127.0.0.1/32"), negate_destination=True,
+            self.append(MANGLE, ISTIO_TPROXY, "TPROXY", destination=self.loop, negate_destination=True,
                         protocol=TCP, target_options=(
                             Option("on-port", str(cfg.inbound_capture_port)),
                             Option("on-ip", "::" if self.v6 else "0.0.0.0"),
@@ -316,13 +246,13 @@ class _Family:
         self.append(table, PREROUTING, ISTIO_INBOUND, JUMP_INBOUND, protocol=TCP)
         if cfg.capture_all_inbound:
             ssh = [SSH_PORT] if self.gen.ssh_kept else []
-            for port in [*ssh, *cfg.local_exclude_ports]:
+            for number in [*ssh, *cfg.local_exclude_ports]:
                 self.append(table, ISTIO_INBOUND, RETURN, EXCLUDE_INBOUND_PORT, protocol=TCP,
-                            matches=(_port(TCP, "dport", port),))
+                            matches=(port(TCP, "dport", number),))
             self.capture(tproxy, (), "")
         else:
-            for port in cfg.inbound_ports:
-                self.capture(tproxy, (_port(TCP, "dport", port),), INCLUDE_INBOUND_PORT)
+            for number in cfg.inbound_ports:
+                self.capture(tproxy, (port(TCP, "dport", number),), INCLUDE_INBOUND_PORT)
 
     def capture(self, tproxy: bool, matches: tuple[Match, ...], log: str) -> None:
         if tproxy:
@@ -342,33 +272,33 @@ class _Family:
                 if dns and kind == "uid":
                     skip: tuple[Match, ...] = (Match("multiport", (Option("dports", f"{DNS_PORT},{tunnel}", True),)),)
                 else:
-                    skip = (_port(TCP, "dport", tunnel, negated=True),)
+                    skip = (port(TCP, "dport", tunnel, negated=True),)
                 protocol: str | None = TCP
             elif dns and kind == "uid":
-                skip, protocol = (_port(TCP, "dport", DNS_PORT, negated=True),), TCP
+                skip, protocol = (port(TCP, "dport", DNS_PORT, negated=True),), TCP
             else:
                 skip, protocol = (), None
             self.append(NAT, ISTIO_OUTPUT, ISTIO_IN_REDIRECT, destination=self.loop, negate_destination=True,
-                        out_interface="lo", protocol=protocol, matches=skip + (_owner(kind, ident),))
+                        out_interface="lo", protocol=protocol, matches=skip + (owner(kind, ident),))
             if not loopback_in_include or not self.full:
                 if dns:
                     self.append(NAT, ISTIO_OUTPUT, RETURN, out_interface="lo", protocol=TCP,
-                                matches=(_port(TCP, "dport", DNS_PORT, negated=True),
-                                         _owner(kind, ident, negated=True)))
+                                matches=(port(TCP, "dport", DNS_PORT, negated=True),
+                                         owner(kind, ident, negated=True)))
                 else:
                     self.append(NAT, ISTIO_OUTPUT, RETURN, out_interface="lo",
-                                matches=(_owner(kind, ident, negated=True),))
-            self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(_owner(kind, ident),))
+                                matches=(owner(kind, ident, negated=True),))
+            self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(owner(kind, ident),))
 
     def owner_groups(self, table: str, chain: str, udp_dns: tuple[Match, ...]) -> None:
         cfg = self.config
         protocol = UDP if udp_dns else None
         if cfg.owner_groups_include is None:
             for gid in cfg.owner_groups_exclude:
-                self.append(table, chain, RETURN, protocol=protocol, matches=udp_dns + (_owner("gid", gid),))
+                self.append(table, chain, RETURN, protocol=protocol, matches=udp_dns + (owner("gid", gid),))
         else:
             self.append(table, chain, RETURN, protocol=protocol,
-                        matches=udp_dns + tuple(_owner("gid", gid, negated=True) for gid in cfg.owner_groups_include))
+                        matches=udp_dns + tuple(owner("gid", gid, negated=True) for gid in cfg.owner_groups_include))
 
     def outbound_include(self, kube_virt_target: str) -> None:
         cfg = self.config
@@ -388,7 +318,7 @@ class _Family:
     def dns_udp(self) -> None:
         """DNS over UDP to the agent, except the proxy's own queries; then the conntrack zones."""
         cfg, gen = self.config, self.gen
-        dport = _port(UDP, "dport", DNS_PORT)
+        dport = port(UDP, "dport", DNS_PORT)
         if gen.dns_udp_in_istio_output:  # 1.23: the UDP rules live in ISTIO_OUTPUT, nat and raw
             chain = ISTIO_OUTPUT
             self.append(NAT, OUTPUT, ISTIO_OUTPUT, JUMP_OUTBOUND, protocol=UDP)
@@ -396,7 +326,7 @@ class _Family:
         else:
             chain = OUTPUT
         for kind, ident in self.owners():
-            self.append(NAT, chain, RETURN, protocol=UDP, matches=(dport, _owner(kind, ident)))
+            self.append(NAT, chain, RETURN, protocol=UDP, matches=(dport, owner(kind, ident)))
         self.owner_groups(NAT, chain, (dport,))  # 1.14, with owner groups
         servers = [None] if cfg.capture_all_dns else self.resolvers
         for server in servers:
@@ -406,68 +336,60 @@ class _Family:
             return
         # The agent's own queries (zone 1) and its answers to the app (zone 2) ...
         for kind, ident in self.owners():
-            self.append(RAW, chain, "CT", protocol=UDP, matches=(dport, _owner(kind, ident)),
-                        target_options=_zone(ZONE_AGENT_UPSTREAM))
+            self.append(RAW, chain, "CT", protocol=UDP, matches=(dport, owner(kind, ident)),
+                        target_options=zone(ZONE_AGENT_UPSTREAM))
             self.append(RAW, chain, "CT", protocol=UDP,
-                        matches=(_port(UDP, "sport", DNS_CAPTURE_PORT), _owner(kind, ident)),
-                        target_options=_zone(ZONE_APP_AGENT))
+                        matches=(port(UDP, "sport", DNS_CAPTURE_PORT), owner(kind, ident)),
+                        target_options=zone(ZONE_APP_AGENT))
         # ... the app's queries (zone 2) and the resolvers' answers (zone 1; 1.20: by source).
-        sport = _port(UDP, "sport", DNS_PORT)
+        sport = port(UDP, "sport", DNS_PORT)
         for server in servers:
             self.append(RAW, chain, "CT", destination=server, protocol=UDP, matches=(dport,),
-                        target_options=_zone(ZONE_APP_AGENT))
+                        target_options=zone(ZONE_APP_AGENT))
             self.append(RAW, PREROUTING, "CT", source=server if gen.zone1_by_source else None,
                         destination=None if gen.zone1_by_source else server, protocol=UDP, matches=(sport,),
-                        target_options=_zone(ZONE_AGENT_UPSTREAM))
+                        target_options=zone(ZONE_AGENT_UPSTREAM))
 
     def tproxy_marks(self) -> None:
         """TPROXY: the connection mark carries the TPROXY mark back out; marked traffic skips capture."""
         cfg, gen = self.config, self.gen
         mark = cfg.tproxy_mark
-        self.append(MANGLE, PREROUTING, "CONNMARK", protocol=TCP, matches=(_mark_match("mark", mark),),
-                    target_options=_connmark("save-mark"))
+        self.append(MANGLE, PREROUTING, "CONNMARK", protocol=TCP, matches=(mark_match("mark", mark),),
+                    target_options=connmark("save-mark"))
         if gen.tproxy_outbound_mark:  # 1.11
             self.append(MANGLE, OUTPUT, RETURN, out_interface="lo", protocol=TCP,
-                        matches=(_mark_match("mark", mark),))
+                        matches=(mark_match("mark", mark),))
             for kind, ident in self.owners():
                 self.append(MANGLE, OUTPUT, "MARK", destination=self.loop, negate_destination=True,
-                            out_interface="lo", protocol=TCP, matches=(_owner(kind, ident),),
-                            target_options=_set_mark(OUTBOUND_MARK))
-        self.append(MANGLE, OUTPUT, "CONNMARK", protocol=TCP, matches=(_mark_match("connmark", mark),),
-                    target_options=_connmark("restore-mark"))
-        self.insert(1, MANGLE, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(_mark_match("mark", mark),))
+                            out_interface="lo", protocol=TCP, matches=(owner(kind, ident),),
+                            target_options=set_mark(OUTBOUND_MARK))
+        self.append(MANGLE, OUTPUT, "CONNMARK", protocol=TCP, matches=(mark_match("connmark", mark),),
+                    target_options=connmark("restore-mark"))
+        self.insert(1, MANGLE, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(mark_match("mark", mark),))
         if gen.tproxy_outbound_mark:
             self.insert(2, MANGLE, ISTIO_INBOUND, RETURN, source=self.six, in_interface="lo", protocol=TCP)
             self.insert(3, MANGLE, ISTIO_INBOUND, RETURN, in_interface="lo", protocol=TCP,
-                        matches=(_mark_match("mark", OUTBOUND_MARK, negated=True),))
+                        matches=(mark_match("mark", OUTBOUND_MARK, negated=True),))
 
     def build_ipv6_before_1_12(self) -> FamilyPlan:
         """IPv6 in 1.9 to 1.11 (`handleInboundIpv6Rules`): REDIRECT only, no DNS, 1.8's owner rules."""
         cfg = self.config
-        for iface in cfg.exclude_interfaces:  # 1.11.3
-            self.append(NAT, PREROUTING, RETURN, in_interface=iface)
-            self.append(NAT, OUTPUT, RETURN, out_interface=iface)
-        if cfg.tproxy:
-            for iface in cfg.exclude_interfaces:
-                self.append(MANGLE, PREROUTING, RETURN, in_interface=iface)
-                self.append(MANGLE, OUTPUT, RETURN, out_interface=iface)
-        for iface in cfg.kube_virt_interfaces:
-            self.insert(1, NAT, PREROUTING, RETURN, in_interface=iface)
-        self.append(NAT, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(_port(TCP, "dport", cfg.inbound_tunnel_port),))
-        self.append(NAT, ISTIO_REDIRECT, REDIRECT, protocol=TCP, target_options=_redirect_to(cfg.envoy_port))
+        self.short_circuit_interfaces()
+        self.append(NAT, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(port(TCP, "dport", cfg.inbound_tunnel_port),))
+        self.append(NAT, ISTIO_REDIRECT, REDIRECT, protocol=TCP, target_options=redirect_to(cfg.envoy_port))
         self.append(NAT, ISTIO_IN_REDIRECT, REDIRECT, protocol=TCP,
-                    target_options=_redirect_to(cfg.inbound_capture_port))
+                    target_options=redirect_to(cfg.inbound_capture_port))
         if cfg.inbound_enabled:
             self.inbound(tproxy=False)
         self.append(NAT, OUTPUT, ISTIO_OUTPUT, protocol=TCP)
-        for port in cfg.outbound_ports_exclude:
-            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=TCP, matches=(_port(TCP, "dport", port),))
+        for number in cfg.outbound_ports_exclude:
+            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=TCP, matches=(port(TCP, "dport", number),))
         self.append(NAT, ISTIO_OUTPUT, RETURN, source=self.six, out_interface="lo")
         self.proxy_owners(dns=False)
         self.append(NAT, ISTIO_OUTPUT, RETURN, destination=self.loop)
         self.steps += destination_appends(NAT, ISTIO_OUTPUT, RETURN, self.cidrs(cfg.exclude_cidrs))
-        for port in cfg.outbound_ports:
-            self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT, protocol=TCP, matches=(_port(TCP, "dport", port),))
+        for number in cfg.outbound_ports:
+            self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT, protocol=TCP, matches=(port(TCP, "dport", number),))
         # As in those releases, a KubeVirt interface with `-i '*'` returns instead of redirecting.
         self.outbound_include(kube_virt_target=RETURN)
         return FamilyPlan(self.family, tuple(self.steps))

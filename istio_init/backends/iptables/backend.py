@@ -10,9 +10,6 @@ only the expected ones, puts every table that differs from its snapshot back.
 
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager, Mapping, Sequence
-
 from istio_init.backends.iptables.printed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
 from istio_init.backends.iptables.savefile import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
@@ -21,7 +18,11 @@ from istio_init.backends.iptables.tools import Tools, restore_saved, save_text
 from istio_init import timing
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
+from istio_init.records import TYPE_CHECKING
 from istio_init.rulesets import owned_chains
+
+if TYPE_CHECKING:
+    from typing import Callable, ContextManager, Mapping, Sequence
 
 class IptablesUndo:
     """Snapshots of every family read, and the tables a commit may have changed.
@@ -84,10 +85,12 @@ class IptablesBackend:
     tools = Tools("legacy")
     # The last successful converge: the printed tables are derived from its snapshot and decision.
     converged: IptablesUndo | None = None
+    # Work for the next commit's tool run to overlap (TPROXY and ::6 load pyroute2's messages then).
+    meanwhile: Callable[[], object] | None = None
 
     def session(self) -> ContextManager[None]:
         """Held around read and commit (libiptc: the xtables lock)."""
-        return contextlib.nullcontext()
+        return _NO_SESSION
 
     def save(self, family: int, counters: bool = True) -> str:
         return save_text(self.tools, family, counters=counters)
@@ -183,3 +186,15 @@ def _failed(exc: BaseException, problems: list[str], restored: bool) -> ApplyErr
         return ApplyError(f"{message} (everything changed in this run was put back)")
     return ApplyError(f"{message} (nothing had been changed)")
 
+
+class _NoSession:
+    """Nothing held around read and commit (contextlib.nullcontext without importing contextlib)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SESSION = _NoSession()

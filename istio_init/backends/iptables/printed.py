@@ -15,11 +15,13 @@ iptables-save after applies through every backend.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from istio_init.backends.iptables.reconcile import TableChange, simulate
 from istio_init.backends.iptables.savefile import SavedTable, parse_save
 from istio_init.model import BUILTIN_CHAINS
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Sequence
 
 
 def _table(name: str, live: SavedTable | None, change: TableChange | None) -> str:

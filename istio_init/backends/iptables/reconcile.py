@@ -12,26 +12,36 @@ everything else, a user's `ISTIO_FOO` chain included, is left where it is.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import operator
-import re
-from typing import NamedTuple, Sequence
+import _operator as operator  # operator.py only re-exports the C module's
 
 from istio_init.model import INSERT, FamilyPlan, Step, is_builtin
+from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.render import rule_spec
 from istio_init.rulesets import owned_chains
 from istio_init.backends.iptables.savefile import SavedRule, SavedTable
 
+if TYPE_CHECKING:
+    import re
+    from typing import Sequence
 
+# Built once per key, when a run first needs them (None: every rule set's).
+_SHAPES: dict[tuple[str, ...] | None, dict[tuple[str, str], tuple[re.Pattern[str], ...]]] = {}
 # The rule sets whose built-in rules are looked at first: planning all ten to learn their shapes
 # costs tens of milliseconds, and a live rule is nearly always one of these or a jump.
 _FIRST_RULE_SETS = ("1.8", "current")
 
 
-@functools.lru_cache(maxsize=2)
 def _builtin_shapes(rule_sets: tuple[str, ...] | None) -> dict[tuple[str, str], tuple[re.Pattern[str], ...]]:
-    """Each planned built-in rule as a pattern: its text, with every sentinel part matching any word."""
+    """Each planned built-in rule as a pattern: its text, with every sentinel part matching any word.
+
+    Only a namespace with rules in built-in chains needs them (a fresh pod's has none), so `re`
+    is imported here, not on every start.
+    """
+    if rule_sets in _SHAPES:
+        return _SHAPES[rule_sets]
+    import re
+
     from istio_init.rulesets.ownership import SENTINEL_WORDS, builtin_rules
 
     any_word = "|".join(re.escape(word) for word in sorted(SENTINEL_WORDS, key=len, reverse=True))
@@ -42,6 +52,7 @@ def _builtin_shapes(rule_sets: tuple[str, ...] | None) -> dict[tuple[str, str], 
             parts = re.split(f"({any_word})", rule_spec(rule))
             patterns.append("".join(r"\S+" if i % 2 else re.escape(part) for i, part in enumerate(parts)))
         shapes[key] = tuple(re.compile(p) for p in dict.fromkeys(patterns))
+    _SHAPES[rule_sets] = shapes
     return shapes
 
 

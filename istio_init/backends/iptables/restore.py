@@ -9,15 +9,14 @@ python-iptables is unavailable.
 
 from __future__ import annotations
 
-import re
-
 from istio_init.backends.iptables.backend import IptablesBackend
 from istio_init.backends.iptables.reconcile import TableChange, restore_text
 from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, run_tool
 from istio_init.errors import ApplyError
 
-_FAILED_LINE = re.compile(r"(?:line:? (\d+) failed|Error occurred at line: (\d+))")
-_QUOTED = re.compile(r"[`'](\S+?)'")
+# The tool's error text is read with these only when it failed: `re` is no import of every start.
+_FAILED_LINE = r"(?:line:? (\d+) failed|Error occurred at line: (\d+))"
+_QUOTED = r"[`'](\S+?)'"
 
 
 def describe_line(text: str, number: int, error: str = "") -> str:
@@ -33,7 +32,9 @@ def describe_line(text: str, number: int, error: str = "") -> str:
     table = lines[start][1:]
     line = lines[number - 1]
     if line == "COMMIT":
-        named = _QUOTED.findall(error)
+        import re
+
+        named = re.findall(_QUOTED, error)
         line = next((ln for ln in lines[start:number] for name in named if f" {name}" in f" {ln} " and
                      ln.startswith("-")), line)
     words = line.split()
@@ -45,6 +46,8 @@ def describe_line(text: str, number: int, error: str = "") -> str:
 def _reason(error: str) -> str:
     """The tool's first line without its `iptables-restore v1.8.9 (legacy): ` prefix."""
     first = error.strip().splitlines()[0] if error.strip() else "failed"
+    import re
+
     return re.sub(r"^\S*tables\S*restore v[\d.]+ \(\w+\): ", "", first)
 
 
@@ -60,9 +63,12 @@ class RestoreBackend(IptablesBackend):
         if not text:
             return
         argv = [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
-        done = run_tool(argv, text)
+        meanwhile, self.meanwhile = self.meanwhile, None
+        done = run_tool(argv, text, meanwhile)
         if done.returncode != 0:
-            found = _FAILED_LINE.search(done.stderr)
+            import re
+
+            found = re.search(_FAILED_LINE, done.stderr)
             where = (describe_line(text, int(found.group(1) or found.group(2)), done.stderr) if found
                      else "tables " + ", ".join(c.table for c in changes))
             raise ApplyError(f"{argv[0]}: {where}: {_reason(done.stderr)}")

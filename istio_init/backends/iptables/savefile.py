@@ -10,10 +10,11 @@ idempotency is decided by pure functions, without the kernel.
 
 from __future__ import annotations
 
-import functools
-from typing import Iterable, NamedTuple
-
 from istio_init.model import Match, Option, Rule, is_builtin
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Iterable
 
 
 class SavedRule(NamedTuple):
@@ -132,12 +133,21 @@ def parse_rule(table: str, chain: str, spec: str) -> Rule:
                 **parts)  # type: ignore[arg-type]
 
 
-@functools.lru_cache(maxsize=4096)
+_PARSED: dict[tuple[str, str, str], tuple[Rule | None, str]] = {}  # a memo (functools is an import of every start)
+
+
 def _parsed(table: str, chain: str, spec: str) -> tuple[Rule | None, str]:
-    try:
-        return parse_rule(table, chain, spec), ""
-    except UnmodelledRule as exc:
-        return None, str(exc)
+    key = (table, chain, spec)
+    found = _PARSED.get(key)
+    if found is None:
+        try:
+            found = parse_rule(table, chain, spec), ""
+        except UnmodelledRule as exc:
+            found = None, str(exc)
+        if len(_PARSED) >= 4096:
+            _PARSED.clear()
+        _PARSED[key] = found
+    return found
 
 
 def parse_save(text: str) -> dict[str, SavedTable]:

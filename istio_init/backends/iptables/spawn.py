@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import select
 import time
-from typing import NamedTuple
+
+from istio_init.records import NamedTuple
 
 # The tools' text is bytes: a rule someone else made (or an old python-iptables
 # cut) can hold an interface name that is not UTF-8. Carried as lone surrogates,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, NamedTuple
-
 from istio_init.backends.iptables.spawn import Finished, Running, ToolTimeout
 from istio_init.errors import ApplyError
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Callable
 
 WAIT_SECONDS = 30  # how long to wait for the xtables lock, as `iptables -w 30`
 
@@ -37,8 +38,19 @@ def _finish(argv: list[str], running: Running) -> Finished:
         raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
 
 
-def run_tool(argv: list[str], stdin: str | None = None) -> Finished:
-    return _finish(argv, _start(argv, stdin))
+def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None) -> Finished:
+    """Run a tool to its end; `meanwhile` runs while the tool works (the tool is killed if it raises)."""
+    running = _start(argv, stdin)
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except BaseException:
+            try:
+                running.wait(0)  # kills and reaps the tool
+            except ToolTimeout:
+                pass
+            raise
+    return _finish(argv, running)
 
 
 def save_text(tools: Tools, family: int, counters: bool = True,
@@ -48,19 +60,29 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     `meanwhile` runs while the tool works: the libiptc backend imports
     python-iptables then, so the two costs of every pod start overlap.
     """
-    argv = [tools.save(family)] + (["-c"] if counters else [])
-    running = _start(argv)
-    try:
+    if tools.flavour == "legacy" and _no_legacy_tables(family):
+        # A new pod's namespace: the kernel lists no legacy table of the family, so the tool would
+        # print nothing, and starting it is one more process of every pod's apply (and check).
         if meanwhile is not None:
             meanwhile()
-    except BaseException:
-        with contextlib.suppress(ToolTimeout):
-            running.wait(0)  # kills and reaps the tool
-        raise
-    done = _finish(argv, running)
+        return ""
+    argv = [tools.save(family)] + (["-c"] if counters else [])
+    done = run_tool(argv, meanwhile=meanwhile)
     if done.returncode != 0:
         raise ApplyError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
     return done.stdout
+
+
+_LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+
+
+def _no_legacy_tables(family: int) -> bool:
+    """Whether the kernel lists no legacy table of `family` in this namespace (False: cannot tell)."""
+    try:
+        with open(_LEGACY_TABLE_NAMES[family], "rb") as names:
+            return not names.read().strip()
+    except OSError:
+        return False
 
 
 def restore_saved(tools: Tools, family: int, saved_blocks: str) -> None:

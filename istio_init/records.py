@@ -1,0 +1,101 @@
+"""istio-init's record types: `typing.NamedTuple`'s class syntax without importing typing.
+
+Every data type here (Config, FlagSpec, Rule, RulePlan, ...) is a typed
+NamedTuple. Importing `typing` pulls in `re`, `enum`, `functools` and
+`collections` and costs 5-10 ms of every pod start: about half of what
+istio-init adds to the interpreter's own start on a dry run (docs/performance.md).
+So modules take `NamedTuple` (and `TYPE_CHECKING`) from here: mypy sees
+typing's own (the `if TYPE_CHECKING` branch), and at run time `NamedTuple`
+builds the same kind of class: a tuple subclass with one C field accessor per
+field, defaults, `_fields`, `_field_defaults`, `_replace`, `_asdict`, `_make`,
+a `Name(field=value, ...)` repr, and the class body's methods and docstring.
+tests/test_records.py holds it to collections.namedtuple's behaviour.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    from typing import NamedTuple as NamedTuple
+else:
+    from _collections import _tuplegetter  # the C accessor collections.namedtuple uses too
+
+    _RESERVED = frozenset({"__new__", "__init__", "__slots__", "__getnewargs__", "_fields", "_field_defaults",
+                           "_make", "_replace", "_asdict"})
+
+    def _repr(self):
+        return f"{type(self).__name__}({', '.join(f'{n}={v!r}' for n, v in zip(self._fields, self))})"
+
+    def _replace(self, **changes):
+        fields = self._fields
+        result = tuple.__new__(type(self), [changes.pop(n, v) for n, v in zip(fields, self)])
+        if changes:
+            raise ValueError(f"Got unexpected field names: {list(changes)!r}")
+        return result
+
+    def _asdict(self):
+        return dict(zip(self._fields, self))
+
+    def _getnewargs(self):
+        return tuple(self)
+
+    def _make_from(cls, iterable):
+        result = tuple.__new__(cls, iterable)
+        if len(result) != len(cls._fields):
+            raise TypeError(f"Expected {len(cls._fields)} arguments, got {len(result)}")
+        return result
+
+    FunctionType = type(_repr)
+    _CONSTRUCTORS = {}
+
+    def _constructor(arity):
+        """The code of `__new__(_cls, a, b, ...)` for `arity` fields, compiled once per arity.
+
+        A generated constructor, as collections.namedtuple makes (no *args loop per
+        record); each class then only renames its parameters to its fields, which
+        costs a tenth of compiling the source again.
+        """
+        if arity not in _CONSTRUCTORS:
+            arguments = ", ".join(f"_{i}" for i in range(arity))
+            scope = {}
+            exec(f"def __new__(_cls, {arguments}):\n    return _tuple_new(_cls, ({arguments}{',' if arity else ''}))\n",
+                 scope)
+            _CONSTRUCTORS[arity] = scope["__new__"].__code__
+        return _CONSTRUCTORS[arity]
+
+    def _build(name, namespace):
+        fields = tuple(namespace.get("__annotations__", {}))
+        for field in fields:
+            if field.startswith("_"):
+                raise ValueError(f"{name}: field names cannot start with an underscore: {field!r}")
+        defaults = tuple(namespace[f] for f in fields if f in namespace)
+        if defaults and any(f not in namespace for f in fields[len(fields) - len(defaults):]):
+            raise TypeError(f"{name}: a field without a default follows one with a default")
+        new = FunctionType(_constructor(len(fields)).replace(co_varnames=("_cls", *fields)),
+                           {"_tuple_new": tuple.__new__, "__name__": namespace.get("__module__", __name__)},
+                           "__new__", defaults or None)
+        new.__qualname__ = f"{name}.__new__"
+        body = {"__slots__": (), "__new__": new, "_fields": fields, "__match_args__": fields,
+                "_field_defaults": dict(zip(fields[len(fields) - len(defaults):], defaults)),
+                "__repr__": _repr, "_replace": _replace, "_asdict": _asdict, "__getnewargs__": _getnewargs,
+                "_make": classmethod(_make_from)}
+        for key, value in namespace.items():
+            if key in _RESERVED:
+                raise AttributeError(f"{name}: cannot overwrite NamedTuple attribute {key}")
+            if key not in fields:
+                body[key] = value
+        for index, field in enumerate(fields):
+            body[field] = _tuplegetter(index, f"Alias for field number {index}")
+        return type(name, (tuple,), body)
+
+    class _Meta(type):
+        def __new__(mcs, name, bases, namespace):
+            return _build(name, namespace)
+
+    _Root = type.__new__(_Meta, "NamedTuple", (), {})
+
+    def NamedTuple(*args, **kwargs):  # noqa: N802 (typing's name)
+        raise TypeError("istio_init.records.NamedTuple supports the class syntax only")
+
+    NamedTuple.__mro_entries__ = lambda bases: (_Root,)

@@ -1,0 +1,65 @@
+"""istio_init.records.NamedTuple behaves as typing.NamedTuple for what istio-init's types use."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import typing
+
+import pytest
+
+from istio_init.records import NamedTuple
+
+
+class Ours(NamedTuple):
+    """A record."""
+
+    name: str
+    port: int = 15001
+    tags: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        return f"{self.name}:{self.port}"
+
+
+class Theirs(typing.NamedTuple):
+    """A record."""
+
+    name: str
+    port: int = 15001
+    tags: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        return f"{self.name}:{self.port}"
+
+
+@pytest.mark.parametrize("args,kwargs", [(("a",), {}), (("a", 1), {}), (("a",), {"tags": ("x",)}),
+                                         ((), {"name": "b", "port": 2, "tags": ()})])
+def test_records_match_typing_namedtuple(args: tuple, kwargs: dict) -> None:
+    ours, theirs = Ours(*args, **kwargs), Theirs(*args, **kwargs)
+    assert tuple(ours) == tuple(theirs) and ours == theirs and hash(ours) == hash(theirs)
+    assert repr(ours).replace("Ours", "Theirs") == repr(theirs)
+    assert ours._fields == theirs._fields and ours._field_defaults == theirs._field_defaults
+    assert ours._asdict() == theirs._asdict()
+    assert tuple(ours._replace(port=9)) == tuple(theirs._replace(port=9))
+    assert ours.label() == theirs.label() and Ours.__doc__ == Theirs.__doc__
+    assert (ours.name, ours.port, ours.tags) == (theirs.name, theirs.port, theirs.tags)
+    assert Ours._make(list(ours)) == ours and isinstance(Ours._make(list(ours)), Ours)
+    assert copy.copy(ours) == ours and pickle.loads(pickle.dumps(ours)) == ours
+    assert Ours.__match_args__ == Theirs.__match_args__
+
+
+def test_records_refuse_what_typing_refuses() -> None:
+    with pytest.raises(TypeError):
+        Ours()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Ours("a", 1, (), 4)  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        Ours("a")._replace(nope=1)  # type: ignore[call-arg]
+    with pytest.raises(AttributeError):
+        Ours("a").port = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        class Bad(NamedTuple):
+            a: int = 1
+            b: int
+    assert not hasattr(Ours("a"), "__dict__")
