@@ -470,9 +470,11 @@ def teardown(work: Path, cgroup: str, processes: dict[str, int] | None = None, t
 
     Returns what could not be removed (empty on success)."""
     # The control plane first, politely: the kubelet and the API server stop talking to each other.
+    # Only pids still in the node's cgroup: a recorded pid may have been reused since.
+    members = _pids_in(cgroup)
     for name in ("kubelet", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
         pid = (processes or {}).get(name)
-        if pid and not _process_exited(pid):
+        if pid in members:
             _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while True:
