@@ -17,11 +17,14 @@ from typing import Any, Callable, TypeVar
 import click
 
 from istio_init import logs, output, timing
-from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec, switch_value
+from istio_init.config import (CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec, switch_value,
+                               take_switch_values)
 from istio_init.errors import ConfigError, IstioInitError
 from istio_init.output import PROG, log
 
 DEFAULT_COMMAND = "run"
+# Switches of the click commands that are not flag rows; `=true/false` works on them too.
+_CLICK_SWITCHES = ("cleanup-only", "live", "json")
 
 
 class _IstioGroup(click.Group):
@@ -81,7 +84,10 @@ _flag_options = _options_for()
 def load_config(given: dict[str, Any]) -> Config:
     """Config from the parsed flags (None: not given) and the environment (output.load_config)."""
     timing.mark("click: parse the command line")
-    config = output.load_config(given)
+    ctx = click.get_current_context(silent=True)
+    switch_values = ((ctx.find_root().obj or {}) if ctx else {}).get("switch_values", {})
+    # As in entry.parse_run: a bare switch wins over its `=VALUE` spelling.
+    config = output.load_config({**given, **{dest: value for dest, value in switch_values.items() if not given.get(dest)}})
     timing.mark("config: validate flags and environment")
     return config
 
@@ -260,9 +266,12 @@ def _mesh_switch(label: str, value: str | None) -> str | None:
               help="Mesh-wide: drop packets conntrack finds INVALID. [env INVALID_DROP]")
 @click.option("--dual-stack", envvar="ISTIO_DUAL_STACK", default=None, metavar="BOOL",
               help="Mesh-wide: IPv6 rules when the pod has any IPv6 address. [env ISTIO_DUAL_STACK]")
+@click.option("--kubeconfig", default=None, metavar="FILE",
+              help="Read each pod from the API server (as Istio's plugin does: the istio-proxy container's "
+                   "runAsUser/runAsGroup and env) instead of taking the runtime's annotations only.")
 def cni_agent_command(plugin: str, cni_bin_dir: str, cni_conf_dir: str, run_dir: str, exclude_namespaces: str,
                       health_port: int, dns_capture: str | None, invalid_drop: str | None,
-                      dual_stack: str | None) -> None:
+                      dual_stack: str | None, kubeconfig: str | None) -> None:
     """Run the CNI form's node agent: install the host plugin, chain it, and capture pods as they start.
 
     Each pod sandbox is decided from its own annotations, which the container
@@ -285,6 +294,13 @@ def cni_agent_command(plugin: str, cni_bin_dir: str, cni_conf_dir: str, run_dir:
                         {name: value for name, value in settings.items() if value is not None})
     options = cni_agent.AgentOptions(Path(plugin), Path(cni_bin_dir), Path(cni_conf_dir), Path(run_dir), mesh,
                                      health_port)
+    if kubeconfig is not None:
+        from dataclasses import replace
+
+        from istio_init import kubeapi
+
+        source = kubeapi.api_facts_source(kubeapi.load_kubeconfig(kubeconfig), mesh.exclude_namespaces)
+        options = replace(options, pod_facts=source)
     sys.exit(cni_agent.Agent(options, _agent_log).run())
 
 
@@ -299,25 +315,27 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         args, log_options = logs.split_args(args)
+        args, switch_values = take_switch_values(args, _CLICK_SWITCHES)
     except IstioInitError as exc:
         print(f"{PROG}: {output.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     with logs.configured(log_options):
-        code = _run(args)
+        code = _run(args, {"switch_values": switch_values})
         if timing.ENABLED:
             for line in timing.report():
                 log(line)
     sys.exit(code)
 
 
-def _run(args: list[str]) -> int:
-    """The command's exit code; every failure already reported as one line."""
+def _run(args: list[str], obj: dict[str, Any]) -> int:
+    """The command's exit code; every failure already reported as one line. `obj` is click's context object
+    (the switch values taken out of the arguments)."""
     exit_code = 0
 
     def command() -> None:
         nonlocal exit_code
         try:
-            cli.main(args=args, prog_name=PROG, standalone_mode=False)
+            cli.main(args=args, prog_name=PROG, standalone_mode=False, obj=obj)
         except click.exceptions.Exit as done:
             exit_code = done.exit_code
         except click.Abort:

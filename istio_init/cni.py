@@ -25,7 +25,7 @@ import shutil
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
-from istio_init.config import Config
+from istio_init.config import Config, cni_refusals
 from istio_init.errors import ConfigError, IstioInitError
 
 PROG = "istio-init-cni"
@@ -40,6 +40,7 @@ ERR_ENVIRONMENT = 4
 ERR_IO = 5
 ERR_DECODE = 6
 ERR_CONFIG = 7
+ERR_TRY_AGAIN = 11
 ERR_NOT_AVAILABLE = 50  # STATUS, spec 1.1
 ERR_APPLY = 100
 ERR_DRIFT = 101
@@ -47,10 +48,7 @@ ERR_INTERNAL = 102
 
 # Flags of `run` that make no sense when the runtime calls the plugin: it programs the
 # namespace in CNI_NETNS for real, and validation belongs to the pod's own init container.
-_RUNTIME_OWNED = {"network_namespace": "--network-namespace (the runtime gives CNI_NETNS)",
-                  "dry_run": "-n/--dry-run", "skip_rule_apply": "--skip-rule-apply",
-                  "run_validation": "--run-validation (run it in the pod's validation init container)",
-                  "cleanup_only": "--cleanup-only (the runtime calls DEL)"}
+_RUNTIME_OWNED = {**cni_refusals(), "cleanup_only": "--cleanup-only (the runtime calls DEL)"}
 
 
 def about() -> str:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 from istio_init import cni, cni_install
 from istio_init.cni import CniError
 from istio_init.errors import IstioInitError
+from istio_init.kubeapi import PodLookupError
 from istio_init.podcapture import (AnnotationError, Capture, MeshSettings, PodFacts, decide, facts_from_runtime,
                                    k8s_pod)
 
@@ -199,6 +200,8 @@ def _decide(request: Request, data: Any, mesh: MeshSettings, pod_facts: PodFacts
         return decide(pod_facts(request.environ.get("CNI_ARGS", ""), runtime_config), mesh)
     except AnnotationError as exc:
         raise CniError(cni.ERR_CONFIG, str(exc)) from None
+    except PodLookupError as exc:
+        raise CniError(cni.ERR_TRY_AGAIN, "the pod cannot be read from the API server", str(exc)) from None
 
 
 def _no_flags(_: list[str]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from istio_init.records import TYPE_CHECKING, NamedTuple
 # they are start-up time (docs/performance.md, "What start-up avoids"). Rarely used forms compile a pattern then.
 if TYPE_CHECKING:
     from types import MappingProxyType
-    from typing import Any, Mapping
+    from typing import Any, Mapping, Sequence
 else:
     MappingProxyType = type(type.__dict__)  # what types.MappingProxyType is
 
@@ -175,10 +175,6 @@ def _duration_parts(text: str) -> list[tuple[str, str]] | None:
 _MAX_DURATION_CHARS = 64
 _MAX_PROBE_SECONDS = 3600.0
 _PATH_MAX, _NAME_MAX = 4095, 255
-# Values that may hold non-ASCII text: interface and namespace names, and Go's
-# spellings of microseconds. Every other value is ASCII: Unicode digits such as
-# '²', '１' or '١' pass str.isdigit() and int(), and must not become ports.
-_NON_ASCII_ALLOWED = {"kube_virt_interfaces": None, "network_namespace": None, "probe_timeout": "µμ"}
 _SHOWN_CHARS = 60
 # Route tables the kernel uses itself: a `local default` route in one of them
 # would swallow every packet of the pod.
@@ -186,7 +182,14 @@ _RESERVED_ROUTE_TABLES = {0, 253, 254, 255}
 
 
 class FlagSpec(NamedTuple):
-    """One command-line flag: its names, environment fallback, default and help."""
+    """One command-line flag: its names, environment fallback, default, help and per-flag facts.
+
+    `releases` is the range of Istio minor releases whose istio-iptables had
+    the flag (istio-init's own flags: every release a rule set covers); a flag
+    is accepted under a rule set whose releases overlap it, and is an error
+    naming those releases under any other. Adding a flag is one row here plus
+    the rule-set code that reads its Config field.
+    """
 
     dest: str
     short: str | None
@@ -195,14 +198,26 @@ class FlagSpec(NamedTuple):
     default: str
     help: str
     is_switch: bool = False
-    # The rule set this flag or variable exists in (None: both); see rule_set_checks.
-    only: str | None = None
+    releases: tuple[int, int] = (8, 32)
     # No command-line flag: the setting is read from `env` only.
     env_only: bool = False
     # A second variable for the same setting that wins over `env` (current rule set only).
     env_alias: str | None = None
-    # The rule set that reads `env` when the flag itself exists in both (None: as `only`).
-    env_only_in: str | None = None
+    # The releases whose runs read `env` when the flag itself exists more widely (None: as `releases`).
+    env_releases: tuple[int, int] | None = None
+    # Accepted for compatibility and validated, but changes no rule (Istio's own switches for its tools).
+    no_effect: bool = False
+    # The _Parser method that turns the raw text into the value of `fields` (one value, or one per field).
+    parser: str = "switch"
+    # The Config fields it fills (None: the one named `dest`; empty: validated only).
+    fields: tuple[str, ...] | None = None
+    # Its value can appear in rules it writes into built-in chains (PREROUTING, OUTPUT, ...): the rule
+    # sets' ownership shapes are planned with a sentinel in its place (rulesets/sentinels.py).
+    builtin: bool = False
+    # Non-ASCII characters its value may hold: "" none, "*" any, else just these.
+    non_ascii: str = ""
+    # Why the CNI plugin refuses it ("": the plugin's args may set it).
+    cni_refusal: str = ""
 
     @property
     def label(self) -> str:
@@ -211,15 +226,51 @@ class FlagSpec(NamedTuple):
             return str(self.env)
         return f"-{self.short}/--{self.long}" if self.short else f"--{self.long}"
 
-    def env_rule_set(self) -> str | None:
-        """The rule set whose runs read `env` (None: both)."""
-        return self.env_only_in or self.only
+    @property
+    def config_fields(self) -> tuple[str, ...]:
+        return (self.dest,) if self.fields is None else self.fields
+
+    def exists_in(self, rule_set: str) -> bool:
+        return _overlap(self.releases, RULE_SET_RELEASES[rule_set])
+
+    def env_read_in(self, rule_set: str) -> bool:
+        return _overlap(self.env_releases or self.releases, RULE_SET_RELEASES[rule_set])
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 RULES_1_8 = "1.8"
 RULES_CURRENT = "current"
-SUPPORTED_RULES_VERSIONS = "1.8 (or 1.8.x), current, or an Istio version 1.25 to 1.32 (= current)"
-_CURRENT_MINORS = frozenset(map(str, range(25, 33)))
+# Each rule set (named by its first release; `current` for 1.25 on) and the Istio minor releases it covers.
+RULE_SET_RELEASES: dict[str, tuple[int, int]] = {
+    RULES_1_8: (8, 8), "1.9": (9, 10), "1.11": (11, 11), "1.12": (12, 12), "1.13": (13, 17), "1.18": (18, 19),
+    "1.20": (20, 22), "1.23": (23, 23), "1.24": (24, 24), RULES_CURRENT: (25, 32),
+}
+SUPPORTED_RULES_VERSIONS = "an Istio version 1.8 to 1.32 (such as 1.20 or 1.20.3), or current (= 1.25 to 1.32)"
+
+
+def rule_set_of_release(minor: int) -> str | None:
+    """The rule set that writes what Istio 1.`minor` writes (None: no such release)."""
+    for name, (first, last) in RULE_SET_RELEASES.items():
+        if first <= minor <= last:
+            return name
+    return None
+
+
+def releases_text(releases: tuple[int, int]) -> str:
+    """`1.11-1.32`, or `1.8` for one release."""
+    first, last = releases
+    return f"1.{first}" if first == last else f"1.{first}-1.{last}"
+
+
+def rule_sets_text(releases: tuple[int, int]) -> str:
+    """The --rules-version values that cover `releases`: `1.11 to current`, `current`, `1.8`."""
+    names = [name for name, covered in RULE_SET_RELEASES.items() if _overlap(releases, covered)]
+    return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
+
+
 MAX_OWNER_GROUPS_INCLUDE = 64  # Istio's limit: the include list becomes one rule of N owner matches
 DEFAULT_IPV4_LOOPBACK_CIDR = "127.0.0.1/32"
 
@@ -250,110 +301,201 @@ def switch_value(text: str, words: tuple[tuple[str, ...], tuple[str, ...]] = SWI
 
 FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
-             "Which Istio rule set to install: 1.8 (RULES.md) or current (Istio 1.25 to 1.32; also "
-             "accepted as an Istio version such as 1.28)."),
+             "Which Istio release's rules to install: its version (1.8 to 1.32, such as 1.20 or 1.20.3), "
+             "or current (1.25 to 1.32). Default 1.8; docs/compatibility.md lists the rule sets.",
+             parser='rule_set'),
     FlagSpec("envoy_port", "p", "envoy-port", "ENVOY_PORT", "15001",
              "Port the sidecar listens on for captured outbound TCP (env read by the 1.8 rule set only).",
-             env_only_in=RULES_1_8),
+             env_releases=(8, 8),
+             parser='port'),
     FlagSpec("inbound_capture_port", "z", "inbound-capture-port", "INBOUND_CAPTURE_PORT", "15006",
-             "Port the sidecar listens on for captured inbound TCP."),
+             "Port the sidecar listens on for captured inbound TCP.",
+             parser='port'),
     FlagSpec("inbound_tunnel_port", "e", "inbound-tunnel-port", "INBOUND_TUNNEL_PORT", "15008",
-             "Inbound tunnel port; never captured."),
+             "Inbound tunnel port; never captured.",
+             parser='port'),
     FlagSpec("proxy_uid", "u", "proxy-uid", "PROXY_UID", "",
              "Comma list of uids the proxy runs as; their traffic is never captured. "
-             "Default: uid of user $ENVOY_USER (istio-proxy), else 1337."),
+             "Default: uid of user $ENVOY_USER (istio-proxy), else 1337.",
+             parser='id_list', fields=('proxy_uids',), builtin=True),
     FlagSpec("proxy_gid", "g", "proxy-gid", "PROXY_GID", "",
-             "Comma list of gids the proxy runs as. Default: the -u value."),
+             "Comma list of gids the proxy runs as. Default: the -u value.",
+             parser='id_list', fields=('proxy_gids',), builtin=True),
     FlagSpec("inbound_interception_mode", "m", "istio-inbound-interception-mode",
              "ISTIO_INBOUND_INTERCEPTION_MODE", REDIRECT,
              "How inbound TCP reaches the proxy: REDIRECT (nat) or TPROXY (mangle, keeps the "
-             "original source address)."),
+             "original source address).",
+             parser='mode', builtin=True),
     FlagSpec("inbound_ports", "b", "istio-inbound-ports", "ISTIO_INBOUND_PORTS", "",
-             "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture."),
+             "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture.",
+             parser='ports_or_all', fields=('capture_all_inbound', 'inbound_ports')),
     FlagSpec("local_exclude_ports", "d", "istio-local-exclude-ports", "ISTIO_LOCAL_EXCLUDE_PORTS", "",
-             "Comma list of inbound ports left alone when -b is '*'. Port 22 always is."),
+             "Comma list of inbound ports left alone when -b is '*'. Port 22 always is, up to Istio 1.12.",
+             parser='ports'),
     FlagSpec("service_cidr", "i", "istio-service-cidr", "ISTIO_SERVICE_CIDR", "",
              "Outbound destinations to capture: '*' for all, or a comma list of CIDRs (IPv4 and "
-             "IPv6 may be mixed). Empty: no outbound capture."),
+             "IPv6 may be mixed). Empty: no outbound capture.",
+             parser='cidrs_or_all', fields=('capture_all_outbound', 'outbound_cidrs')),
     FlagSpec("service_exclude_cidr", "x", "istio-service-exclude-cidr", "ISTIO_SERVICE_EXCLUDE_CIDR", "",
-             "Comma list of CIDRs never captured outbound. '*' is not allowed."),
+             "Comma list of CIDRs never captured outbound. '*' is not allowed.",
+             parser='cidrs', fields=('exclude_cidrs',)),
     FlagSpec("outbound_ports", "q", "istio-outbound-ports", "ISTIO_OUTBOUND_PORTS", "",
-             "Comma list of outbound ports always captured, whatever -i says (IPv4 only)."),
+             "Comma list of outbound ports always captured, whatever -i says (IPv4 only in Istio 1.8).",
+             parser='ports'),
     FlagSpec("outbound_ports_exclude", "o", "istio-local-outbound-ports-exclude",
              "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "",
-             "Comma list of outbound ports never captured."),
+             "Comma list of outbound ports never captured.",
+             parser='ports'),
     FlagSpec("kube_virt_interfaces", "k", "kube-virt-interfaces", "KUBE_VIRT_INTERFACES", "",
-             "Comma list of interfaces (KubeVirt VMs) whose inbound traffic is treated as outbound."),
+             "Comma list of interfaces (KubeVirt VMs) whose inbound traffic is treated as outbound.",
+             parser='interfaces', builtin=True, non_ascii='*'),
     FlagSpec("tproxy_mark", "t", "istio-inbound-tproxy-mark", "ISTIO_INBOUND_TPROXY_MARK", "1337",
-             "Firewall mark set on TPROXY-captured packets (decimal or 0x hex)."),
+             "Firewall mark set on TPROXY-captured packets (decimal or 0x hex).",
+             parser='uint32', builtin=True),
     FlagSpec("tproxy_route_table", "r", "istio-inbound-tproxy-route-table",
              "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", "133",
-             "Policy-routing table that delivers TPROXY-marked packets locally."),
+             "Policy-routing table that delivers TPROXY-marked packets locally.",
+             parser='route_table'),
     FlagSpec("iptables_probe_port", None, "iptables-probe-port", "IPTABLES_PROBE_PORT", "15002",
-             "Port of the local listener --run-validation connects through."),
+             "Port of the local listener --run-validation connects through.",
+             parser='port'),
     FlagSpec("probe_timeout", None, "probe-timeout", "PROBE_TIMEOUT", "5s",
-             "How long --run-validation waits, as a duration such as 5s or 500ms."),
+             "How long --run-validation waits, as a duration such as 5s or 500ms.",
+             parser='duration', non_ascii='µμ'),
     FlagSpec("iptables_backend", None, "iptables-backend", "ISTIO_IPTABLES_BACKEND", "auto",
-             "How rules reach the kernel: libiptc, legacy or nft (iptables-restore), or auto."),
+             "How rules reach the kernel: libiptc, legacy or nft (iptables-restore), or auto.",
+             parser='backend'),
     FlagSpec("network_namespace", None, "network-namespace", "NETWORK_NAMESPACE", "",
              "Apply in this network namespace (a name under /run/netns or a path such as "
-             "/proc/PID/ns/net) instead of the current one."),
+             "/proc/PID/ns/net) instead of the current one.",
+             parser='namespace', non_ascii='*', cni_refusal='the runtime gives CNI_NETNS'),
     FlagSpec("ipv6", None, "ipv6", "ISTIO_IPV6", "auto",
-             "Make IPv6 rules: auto (when the pod's first address is IPv6), true or false."),
+             "Make IPv6 rules: auto (when the pod's first address is IPv6), true or false.",
+             parser='tristate'),
     FlagSpec("dry_run", "n", "dry-run", "DRY_RUN", "false",
-             "Print the rules in iptables-save form and change nothing.", is_switch=True),
+             "Print the rules in iptables-save form and change nothing.", is_switch=True,
+             cni_refusal='the runtime wants the rules applied'),
     FlagSpec("skip_rule_apply", None, "skip-rule-apply", "SKIP_RULE_APPLY", "false",
-             "Do not apply any rules (useful with --run-validation).", is_switch=True),
+             "Do not apply any rules (useful with --run-validation).", is_switch=True,
+             cni_refusal='the runtime wants the rules applied'),
     FlagSpec("run_validation", None, "run-validation", "RUN_VALIDATION", "false",
              "After applying, prove an outbound connection is redirected; exit 126 if not.",
-             is_switch=True),
+             is_switch=True,
+             cni_refusal="run it in the pod's validation init container"),
     FlagSpec("redirect_dns", None, "redirect-dns", "REDIRECT_DNS", "false",
              "Capture DNS (UDP and TCP port 53) to port 15053. Also on when "
-             "ISTIO_META_DNS_CAPTURE=true.", is_switch=True),
+             "ISTIO_META_DNS_CAPTURE=true.", is_switch=True,
+             parser='dns', fields=('dns_capture',), builtin=True),
     FlagSpec("multiport", None, "multiport", "ISTIO_MULTIPORT", "false",
              "Group port lists into '-m multiport' rules of up to 15 ports (not Istio's rule "
-             "set; fewer rules for long lists; 1.8 rule set only).", is_switch=True, only=RULES_1_8),
-    # Current Istio (RULES-CURRENT.md) only.
+             "set; fewer rules for long lists; 1.8 rule set only).", is_switch=True, releases=(8, 8)),
+    # Istio's later flags: `releases` says since (and until) which release.
     FlagSpec("exclude_interfaces", "c", "istio-exclude-interfaces", "ISTIO_EXCLUDE_INTERFACES", "",
-             "Comma list of interfaces whose traffic is never captured, in or out (current rule set).",
-             only=RULES_CURRENT),
+             "Comma list of interfaces whose traffic is never captured, in or out (Istio 1.11 on).",
+             releases=(11, 32),
+             parser='interfaces', builtin=True),
     FlagSpec("capture_all_dns", None, "capture-all-dns", "CAPTURE_ALL_DNS", "false",
              "With DNS capture, capture all port-53 traffic, not only to the resolvers of "
-             "/etc/resolv.conf (current rule set).", is_switch=True, only=RULES_CURRENT),
+             "/etc/resolv.conf (Istio 1.11 on).", is_switch=True, releases=(11, 32),
+             builtin=True),
     FlagSpec("drop_invalid", None, "drop-invalid", "DROP_INVALID", "false",
-             "Drop packets conntrack finds INVALID (mangle ISTIO_DROP; current rule set). "
-             "Also INVALID_DROP, which wins.", is_switch=True, only=RULES_CURRENT, env_alias="INVALID_DROP"),
+             "Drop packets conntrack finds INVALID (in mangle; Istio 1.12 on). "
+             "Also INVALID_DROP, which wins (current rule set).", is_switch=True, releases=(12, 32),
+             env_alias="INVALID_DROP",
+             builtin=True),
     FlagSpec("dual_stack", None, "dual-stack", "DUAL_STACK", "false",
-             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (current rule set). "
-             "Also ISTIO_DUAL_STACK, which wins.", is_switch=True, only=RULES_CURRENT,
+             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.18 on). "
+             "Also ISTIO_DUAL_STACK, which wins (current rule set).", is_switch=True, releases=(18, 32),
              env_alias="ISTIO_DUAL_STACK"),
     FlagSpec("cni_mode", None, "cni-mode", "CNI_MODE", "false",
              "Run from the host for a pod: the xtables lock is scoped to --network-namespace "
-             "(current rule set).", is_switch=True, only=RULES_CURRENT),
+             "(Istio 1.11 on).", is_switch=True, releases=(11, 32)),
     FlagSpec("reconcile", None, "reconcile", "RECONCILE", "false",
-             "Accepted for Istio compatibility: istio-init always converges (current rule set).",
-             is_switch=True, only=RULES_CURRENT),
+             "Accepted for Istio compatibility: istio-init always converges (Istio 1.24 on).",
+             is_switch=True, releases=(24, 32)),
     FlagSpec("force_apply", None, "force-apply", "FORCE_APPLY", "false",
              "Accepted for Istio compatibility: every run converges to the planned rules "
-             "(current rule set).", is_switch=True, only=RULES_CURRENT),
+             "(Istio 1.24 on).", is_switch=True, releases=(24, 32)),
     FlagSpec("force_iptables_binary", None, "force-iptables-binary", "FORCE_IPTABLES_BINARY", "",
              "legacy or nft: skip backend detection, as --iptables-backend legacy|nft (current rule set).",
-             only=RULES_CURRENT),
+             releases=(25, 32),
+             parser='checked_by_backend', fields=()),
     FlagSpec("owner_groups_include", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS", WILDCARD,
-             "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64.",
-             only=RULES_CURRENT, env_only=True),
+             "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64 (Istio 1.14 on).",
+             releases=(14, 32), env_only=True,
+             parser='groups_or_all'),
     FlagSpec("owner_groups_exclude", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "",
-             "Groups (names or gids) whose outbound traffic is never captured (with the include list '*').",
-             only=RULES_CURRENT, env_only=True),
+             "Groups (names or gids) whose outbound traffic is never captured (with the include list '*'; "
+             "Istio 1.14 on).", releases=(14, 32), env_only=True,
+             parser='groups'),
     FlagSpec("ipv4_loopback_cidr", None, "", "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", DEFAULT_IPV4_LOOPBACK_CIDR,
-             "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32.",
-             only=RULES_CURRENT, env_only=True),
+             "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32 "
+             "(Istio 1.21 on).", releases=(21, 32), env_only=True,
+             parser='loopback_cidr', builtin=True),
     FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
              "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
              "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
+    FlagSpec("agent_dual_stack", None, "", "ISTIO_AGENT_DUAL_STACK", "false",
+             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.17-1.18's "
+             "pilot-agent variable).", releases=(17, 18), env_only=True),
+    FlagSpec("trace_logging", None, "iptables-trace-logging", "IPTABLES_TRACE_LOGGING", "false",
+             "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24).",
+             is_switch=True, releases=(12, 24),
+             builtin=True),
+    FlagSpec("dns_conntrack_zone", None, "", "ISTIO_META_DNS_CONNTRACK_ZONE", "false",
+             "With DNS capture, keep DNS in conntrack zones of its own (Istio 1.10; always from 1.11).",
+             releases=(10, 10), env_only=True,
+             builtin=True),
+    FlagSpec("restore_format", "f", "restore-format", None, "true",
+             "Accepted for Istio compatibility (Istio up to 1.23): istio-init picks its own way to apply.",
+             is_switch=True, releases=(8, 23), no_effect=True,
+             fields=()),
+    FlagSpec("iptables_version", None, "iptables-version", None, "",
+             "Accepted for Istio compatibility (Istio 1.18-1.21): see --iptables-backend.",
+             releases=(18, 21), no_effect=True,
+             parser='text', fields=()),
+    FlagSpec("output_paths", None, "output-paths", None, "",
+             "Accepted for Istio compatibility (Istio 1.11-1.16): istio-init logs to stderr.",
+             releases=(11, 16), no_effect=True,
+             parser='text', fields=()),
+    FlagSpec("host_nsenter_exec", None, "host-nsenter-exec", None, "false",
+             "Accepted for Istio compatibility (Istio 1.15-1.17): see --network-namespace.",
+             is_switch=True, releases=(15, 17), no_effect=True,
+             fields=()),
 )
 
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
+# Go's strconv.ParseBool, which Istio's (cobra/pflag) boolean flags use for `--flag=VALUE`.
+GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def take_switch_values(args: Sequence[str], extra_switches: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """`--switch=VALUE` words taken out of `args`, as Istio's boolean flags accept them.
+
+    The one grammar both front doors use: every switch of the flag rows (and
+    the `extra_switches`, long names of the click-only ones) takes `=true` or
+    `=false` in Go's spellings. Returns the other words and dest -> "true" /
+    "false"; a `false` given this way is given (it beats the variable), as in
+    Istio. A click-only switch set to true comes back as its bare `--name`.
+    """
+    switches = {spec.long: spec for spec in FLAGS if spec.is_switch and not spec.env_only}
+    rest: list[str] = []
+    values: dict[str, str] = {}
+    for word in args:
+        name, eq, value = word.partition("=")
+        long = name[2:] if name.startswith("--") else ""
+        if eq and (long in switches or long in extra_switches):
+            label = switches[long].label if long in switches else name
+            if value not in GO_TRUE and value not in GO_FALSE:
+                raise ConfigError(label, value, "must be true or false")
+            if long in switches:
+                values[switches[long].dest] = "true" if value in GO_TRUE else "false"
+            elif value in GO_TRUE:
+                rest.append(name)
+            continue
+        rest.append(word)
+    return rest, values
 
 
 class Config(NamedTuple):
@@ -390,11 +532,12 @@ class Config(NamedTuple):
     iptables_backend: str = "auto"
     network_namespace: str | None = None
     rules_version: str = RULES_1_8
-    # Current rule set only (RULES-CURRENT.md).
+    # Istio's later releases (FlagSpec.releases says which).
     exclude_interfaces: tuple[str, ...] = ()
     capture_all_dns: bool = False
     drop_invalid: bool = False
     dual_stack: bool = False
+    agent_dual_stack: bool = False  # Istio 1.17-1.18
     cni_mode: bool = False
     reconcile: bool = False
     force_apply: bool = False
@@ -402,6 +545,9 @@ class Config(NamedTuple):
     owner_groups_exclude: tuple[int, ...] = ()
     ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK_CIDR
     native_nftables: bool = False
+    # Istio 1.12-1.24 (--iptables-trace-logging) and 1.10 (ISTIO_META_DNS_CONNTRACK_ZONE).
+    trace_logging: bool = False
+    dns_conntrack_zone: bool = False
     # Where each value came from, for the effective-configuration summary.
     sources: Mapping[str, str] = MappingProxyType({})
 
@@ -436,11 +582,10 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
     version = _rules_version(given, environ)
     for spec in FLAGS:
         value = given.get(spec.dest)
-        reads_env = spec.env_rule_set() in (None, version)
+        reads_env = spec.env_read_in(version)
         if value is not None and value is not False:
-            if spec.only not in (None, version):
-                raise ConfigError(spec.label, "true" if value is True else str(value),
-                                  f"exists only with --rules-version {spec.only} (this run uses {version})")
+            if not spec.exists_in(version):
+                raise ConfigError(spec.label, "true" if value is True else str(value), not_in_rule_set(spec, version))
             raw[spec.dest] = "true" if value is True else str(value)
             sources[spec.dest] = "flag"
         elif reads_env and version == RULES_CURRENT and spec.env_alias and environ.get(spec.env_alias) is not None:
@@ -458,67 +603,37 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
         raw["proxy_gid"] = raw["proxy_uid"]
         sources["proxy_gid"] = "-u"
 
-    parse = _Parser(raw, sources)
+    parse = _RowParser(raw, sources, version, environ)
     for spec in FLAGS:
-        parse.check_characters(spec.dest)
-
-    mode = parse.mode("inbound_interception_mode")
-    inbound_all, inbound_ports = parse.port_list("inbound_ports", wildcard=True)
-    need_prefix = version == RULES_CURRENT  # RULES-CURRENT.md: CIDRs need a prefix length
-    outbound_all, outbound_cidrs = parse.cidr_list("service_cidr", wildcard=True, need_prefix=need_prefix)
-    _, exclude_cidrs = parse.cidr_list("service_exclude_cidr", wildcard=False, need_prefix=need_prefix)
-    if version == RULES_CURRENT:
-        if sources["redirect_dns"] != "flag" and environ.get(DNS_CAPTURE_ALIAS) is not None:
-            raw["redirect_dns"], sources["redirect_dns"] = environ[DNS_CAPTURE_ALIAS], DNS_CAPTURE_ALIAS
-        dns = parse.switch("redirect_dns")
-    else:
-        dns = parse.switch("redirect_dns") or environ.get(DNS_CAPTURE_ALIAS, "").lower() == "true"
-    current = _current_settings(parse, version)
-    return Config(
-        envoy_port=parse.port("envoy_port"),
-        inbound_capture_port=parse.port("inbound_capture_port"),
-        inbound_tunnel_port=parse.port("inbound_tunnel_port"),
-        proxy_uids=parse.id_list("proxy_uid"),
-        proxy_gids=parse.id_list("proxy_gid"),
-        inbound_interception_mode=mode,
-        capture_all_inbound=inbound_all,
-        inbound_ports=inbound_ports,
-        local_exclude_ports=parse.port_list("local_exclude_ports", wildcard=False)[1],
-        capture_all_outbound=outbound_all,
-        outbound_cidrs=outbound_cidrs,
-        exclude_cidrs=exclude_cidrs,
-        outbound_ports=parse.port_list("outbound_ports", wildcard=False)[1],
-        outbound_ports_exclude=parse.port_list("outbound_ports_exclude", wildcard=False)[1],
-        kube_virt_interfaces=parse.interfaces("kube_virt_interfaces"),
-        tproxy_mark=parse.uint32("tproxy_mark"),
-        tproxy_route_table=parse.route_table("tproxy_route_table"),
-        dns_capture=dns,
-        multiport=parse.switch("multiport"),
-        ipv6=parse.tristate("ipv6"),
-        dry_run=parse.switch("dry_run"),
-        skip_rule_apply=parse.switch("skip_rule_apply"),
-        run_validation=parse.switch("run_validation"),
-        iptables_probe_port=parse.port("iptables_probe_port"),
-        probe_timeout=parse.duration("probe_timeout"),
-        iptables_backend=_backend(parse),
-        network_namespace=parse.namespace("network_namespace"),
-        rules_version=version,
-        native_nftables=parse.switch("native_nftables"),
-        sources=sources,
-        **current,
-    )
+        parse.check_characters(spec)
+    # Each row's parser fills its Config fields; a flag this rule set does not have keeps the default.
+    fields: dict[str, Any] = {}
+    for spec in FLAGS:
+        if spec.exists_in(version):
+            value = getattr(parse, spec.parser)(spec.dest)
+            names = spec.config_fields
+            if len(names) == 1:
+                fields[names[0]] = value
+            elif names:
+                fields.update(zip(names, value))
+    return Config(sources=sources, **fields)
 
 
 DNS_CAPTURE_ALIAS = "ISTIO_META_DNS_CAPTURE"
-# Config fields that mean something to one rule set only (left out of the other's summary).
-CURRENT_ONLY_FIELDS = frozenset({"exclude_interfaces", "capture_all_dns", "drop_invalid", "dual_stack", "cni_mode",
-                                 "reconcile", "force_apply", "owner_groups_include", "owner_groups_exclude",
-                                 "ipv4_loopback_cidr"})
-ONLY_1_8_FIELDS = frozenset({"multiport"})
+
+
+def cni_refusals() -> dict[str, str]:
+    """dest -> how the CNI plugin names a flag its args may not set, and why (from the rows)."""
+    return {spec.dest: f"{spec.label} ({spec.cni_refusal})" for spec in FLAGS if spec.cni_refusal}
+
+
+def fields_not_in(rule_set: str) -> frozenset[str]:
+    """Config fields of flags the rule set does not have (left out of its summary)."""
+    return frozenset(field for spec in FLAGS if not spec.exists_in(rule_set) for field in spec.config_fields)
 
 
 def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str, str]) -> str:
-    """The rule set's name (`1.8` or `current`), decided first: it says which flags exist."""
+    """The rule set's name (`1.8` ... `current`), decided first: it says which flags exist."""
     spec = FLAGS_BY_DEST["rules_version"]
     text, source = given.get("rules_version"), "flag"
     if text is None:
@@ -526,49 +641,27 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
     if text is None:
         return RULES_1_8
     value = str(text).strip()
+    if value == RULES_CURRENT:
+        return RULES_CURRENT
     major, _, rest = value.partition(".")
     minor, dot, patch = rest.partition(".")
-    patch_ok = not dot or _is_digits(patch)  # 1.8 and 1.8.N, as Istio's tags
-    if value == RULES_CURRENT or (major == "1" and minor in _CURRENT_MINORS and patch_ok):
-        return RULES_CURRENT
-    if major == "1" and minor == "8" and patch_ok:
-        return RULES_1_8
-    label = spec.label if source == "flag" else f"{spec.label} (from {source})"
-    raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
+    patch_ok = not dot or (_is_digits(patch) and len(patch) <= 4)  # 1.N and 1.N.P, as Istio's tags
+    known = major == "1" and _is_digits(minor) and len(minor) <= 2 and patch_ok
+    rule_set = rule_set_of_release(int(minor)) if known else None
+    if rule_set is None:
+        label = spec.label if source == "flag" else f"{spec.label} (from {source})"
+        raise ConfigError(label, value, f"supported: {SUPPORTED_RULES_VERSIONS}")
+    return rule_set
 
 
-def _current_settings(parse: "_Parser", version: str) -> dict[str, Any]:
-    """The Config fields only the current rule set reads (defaults under 1.8)."""
-    if version != RULES_CURRENT:
-        return {}
-    include_all, include = parse.group_list("owner_groups_include", wildcard=True)
-    if len(include) > MAX_OWNER_GROUPS_INCLUDE:
-        raise parse.fail("owner_groups_include", parse.raw["owner_groups_include"],
-                         f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
-    return {
-        "exclude_interfaces": parse.interfaces("exclude_interfaces"),
-        "capture_all_dns": parse.switch("capture_all_dns"),
-        "drop_invalid": parse.switch("drop_invalid"),
-        "dual_stack": parse.switch("dual_stack"),
-        "cni_mode": parse.switch("cni_mode"),
-        "reconcile": parse.switch("reconcile"),
-        "force_apply": parse.switch("force_apply"),
-        "owner_groups_include": None if include_all else include,
-        "owner_groups_exclude": parse.group_list("owner_groups_exclude", wildcard=False)[1],
-        "ipv4_loopback_cidr": parse.loopback_cidr("ipv4_loopback_cidr"),
-    }
-
-
-def _backend(parse: "_Parser") -> str:
-    """--iptables-backend, or current Istio's --force-iptables-binary mapped onto it."""
-    backend = parse.choice("iptables_backend", BACKENDS)
-    forced = parse.raw["force_iptables_binary"].strip()
-    if not forced:
-        return backend
-    forced = parse.choice("force_iptables_binary", ("legacy", "nft"))
-    if parse.sources["iptables_backend"] != "default" and backend != forced:
-        raise parse.fail("force_iptables_binary", forced, f"contradicts --iptables-backend {backend}")
-    return forced
+def not_in_rule_set(spec: FlagSpec, version: str) -> str:
+    """Why a flag of other releases is refused: the releases that have it and how to select them."""
+    covered = RULE_SET_RELEASES[version]
+    uses = version
+    if covered[0] != covered[1] and version != RULES_CURRENT:
+        uses += f", for Istio {releases_text(covered)}"
+    return (f"exists only with --rules-version {rule_sets_text(spec.releases)} (Istio "
+            f"{releases_text(spec.releases)}; this run uses {uses})")
 
 
 def ignored_environment(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
@@ -580,26 +673,52 @@ def ignored_environment(config: Config, environ: Mapping[str, str] | None = None
     environ = os.environ if environ is None else environ
     warnings = []
     for spec in FLAGS:
-        for name, reader in ((spec.env, spec.env_rule_set()), (spec.env_alias, RULES_CURRENT)):
-            if name and reader not in (None, config.rules_version) and environ.get(name) is not None:
-                warnings.append(f"warning: {name} is read only with --rules-version {reader}; "
+        for name, read in ((spec.env, spec.env_read_in(config.rules_version)),
+                           (spec.env_alias, config.rules_version == RULES_CURRENT)):
+            if name and not read and environ.get(name) is not None:
+                releases = (25, 32) if name == spec.env_alias else spec.env_releases or spec.releases
+                warnings.append(f"warning: {name} is read only with --rules-version {rule_sets_text(releases)}; "
                                 f"ignored (this run uses {config.rules_version})")
     return warnings
+
+
+def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
+    """One warning line when the args hold pilot-agent flags the rule set's releases never wrote.
+
+    Current Istio's injected args (`--log_output_level=...`) under the 1.8
+    default mean a mesh of a later release runs 1.8's rules: said once, with
+    the releases that write the flag and the --rules-version values for them.
+    """
+    from istio_init.logs import INJECTED_BY
+
+    covered = RULE_SET_RELEASES[rule_set]
+    flags = [flag for flag in dict.fromkeys(given)
+             if flag in INJECTED_BY and not _overlap(INJECTED_BY[flag], covered)]
+    if not flags:
+        return []
+    releases = (min(INJECTED_BY[f][0] for f in flags), max(INJECTED_BY[f][1] for f in flags))
+    return [f"warning: {' and '.join(flags)} {'is' if len(flags) == 1 else 'are'} in the init container args of "
+            f"Istio {releases_text(releases)} (their rules: --rules-version {rule_sets_text(releases)}); this run "
+            f"installs Istio {releases_text(covered)}'s rules (--rules-version {rule_set})"]
 
 
 class _Parser:
     """Turns one raw string per flag into typed values, failing with the flag's name."""
 
-    def __init__(self, raw: Mapping[str, str], sources: Mapping[str, str]) -> None:
+    def __init__(self, raw: dict[str, str], sources: dict[str, str], version: str = RULES_1_8,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.raw = raw
         self.sources = sources
+        self.version = version
+        self.environ = {} if environ is None else environ
 
     def fail(self, dest: str, value: str, reason: str) -> ConfigError:
         if len(value) > _SHOWN_CHARS:  # the one line stays readable for a 5,000-digit value
             value = f"{value[:_SHOWN_CHARS]}... ({len(value)} characters)"
         return ConfigError(flag_label(dest, self.sources), value, reason)
 
-    def check_characters(self, dest: str) -> None:
+    def check_characters(self, spec: FlagSpec) -> None:
+        dest = spec.dest
         value = self.raw[dest]
         if len(value) > _MAX_VALUE_CHARS:
             raise self.fail(dest, value, f"longer than {_MAX_VALUE_CHARS} characters")
@@ -612,11 +731,10 @@ class _Parser:
             raise self.fail(dest, value, f"character {bad!r} is not allowed")
         if value.isascii():  # one C scan: a -x list is up to 128 KiB, a loop over it costs milliseconds
             return
-        if dest in _NON_ASCII_ALLOWED:
-            allowed = _NON_ASCII_ALLOWED[dest]
-            if allowed is None:
-                return
-            value = "".join(c for c in value if c not in allowed)
+        if spec.non_ascii == "*":
+            return
+        if spec.non_ascii:
+            value = "".join(c for c in value if c not in spec.non_ascii)
         bad_char = next((c for c in value if not c.isascii()), None)
         if bad_char is not None:
             raise self.fail(dest, self.raw[dest], f"character {bad_char!r} is not ASCII")
@@ -795,6 +913,62 @@ class _Parser:
                 raise self.fail(dest, value, "not a network namespace name")
             return os.path.join("/run/netns", value)
         return value
+
+
+class _RowParser(_Parser):
+    """The parsers the flag rows name (FlagSpec.parser), on top of the value checks above."""
+
+    def rule_set(self, dest: str) -> str:
+        return self.version
+
+    def ports(self, dest: str) -> tuple[int, ...]:
+        return self.port_list(dest, wildcard=False)[1]
+
+    def ports_or_all(self, dest: str) -> tuple[bool, tuple[int, ...]]:
+        return self.port_list(dest, wildcard=True)
+
+    def cidrs(self, dest: str) -> tuple[Cidr, ...]:
+        return self.cidr_list(dest, wildcard=False, need_prefix=self.version == RULES_CURRENT)[1]
+
+    def cidrs_or_all(self, dest: str) -> tuple[bool, tuple[Cidr, ...]]:
+        # Current Istio: CIDRs need a prefix length.
+        return self.cidr_list(dest, wildcard=True, need_prefix=self.version == RULES_CURRENT)
+
+    def dns(self, dest: str) -> bool:
+        """--redirect-dns, or ISTIO_META_DNS_CAPTURE: as its variable (current), or also on (older)."""
+        alias = self.environ.get(DNS_CAPTURE_ALIAS)
+        if self.version == RULES_CURRENT:
+            if self.sources[dest] != "flag" and alias is not None:
+                self.raw[dest], self.sources[dest] = alias, DNS_CAPTURE_ALIAS
+            return self.switch(dest)
+        return self.switch(dest) or (alias or "").lower() == "true"
+
+    def backend(self, dest: str) -> str:
+        """--iptables-backend, or current Istio's --force-iptables-binary mapped onto it."""
+        backend = self.choice(dest, BACKENDS)
+        forced = self.raw["force_iptables_binary"].strip()
+        if not forced:
+            return backend
+        forced = self.choice("force_iptables_binary", ("legacy", "nft"))
+        if self.sources[dest] != "default" and backend != forced:
+            raise self.fail("force_iptables_binary", forced, f"contradicts --iptables-backend {backend}")
+        return forced
+
+    def checked_by_backend(self, dest: str) -> None:
+        """Its value is checked (and used) by `backend`."""
+
+    def groups(self, dest: str) -> tuple[int, ...]:
+        return self.group_list(dest, wildcard=False)[1]
+
+    def groups_or_all(self, dest: str) -> tuple[int, ...] | None:
+        """Group names or gids, None for '*' (Istio's limit: at most 64, one rule of N owner matches)."""
+        include_all, include = self.group_list(dest, wildcard=True)
+        if len(include) > MAX_OWNER_GROUPS_INCLUDE:
+            raise self.fail(dest, self.raw[dest], f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
+        return None if include_all else include
+
+    def text(self, dest: str) -> str:
+        return self.raw[dest]
 
 
 def flag_label(dest: str, sources: Mapping[str, str]) -> str:

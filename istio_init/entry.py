@@ -20,7 +20,7 @@ import os
 import sys
 
 from istio_init import logs, output, timing
-from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME
+from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, take_switch_values
 from istio_init.errors import IstioInitError
 
 CHECK_COMMAND = "check"
@@ -32,9 +32,13 @@ def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
     None means "not this simple form": the click CLI must parse it.
     """
     args = argv[1:] if argv[:1] == [ISTIO_BINARY_NAME] else argv
+    try:
+        args, switch_values = take_switch_values(args)
+    except IstioInitError:
+        return None  # the click CLI reports it
     short = {f"-{spec.short}": spec for spec in FLAGS if spec.short and not spec.env_only}
     long = {f"--{spec.long}": spec for spec in FLAGS if not spec.env_only}
-    given: dict[str, str | bool] = {}
+    given: dict[str, str | bool] = dict(switch_values)
     i = 0
     while i < len(args):
         word, value = args[i], None

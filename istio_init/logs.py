@@ -35,6 +35,8 @@ LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 DEFAULT_SCOPE = "default"
 _VALUE_FLAGS = ("--log_output_level", "--log_target", "--log_stacktrace_level", "--log_caller")
 _BOOL_FLAGS = ("--log_as_json",)
+# The Istio releases whose injection template writes each flag into the init container's args.
+INJECTED_BY = {"--log_output_level": (15, 32), "--log_as_json": (15, 32)}
 
 
 class LogOptions(NamedTuple):
@@ -43,6 +45,7 @@ class LogOptions(NamedTuple):
     target: str = "stderr"
     stacktrace_level: str = "none"
     caller: str = ""
+    given: tuple[str, ...] = ()  # which of the flags the command line had, in order
 
 
 def _levels(flag: str, value: str) -> dict[str, str]:
@@ -86,7 +89,7 @@ def split_args(argv: list[str]) -> tuple[list[str], LogOptions]:
         else:
             rest.append(arg)
         i += 1
-    options = LogOptions()
+    options = LogOptions(given=tuple(values))
     if "--log_output_level" in values:
         scopes = _levels("--log_output_level", values["--log_output_level"])
         options = options._replace(level=scopes.get(DEFAULT_SCOPE, options.level))
@@ -159,18 +162,26 @@ class configured:
     """sys.stderr shaped by `options` for the duration of one command (a `with` block).
 
     A class rather than a contextlib.contextmanager: contextlib is one more
-    import on every pod start.
+    import on every pod start. While it is active, ACTIVE holds its options
+    (for the warning about flags the run's rule set's releases never wrote).
     """
 
     def __init__(self, options: LogOptions) -> None:
         self.options = options
         self.real: IO[str] = sys.stderr
+        self.before = LogOptions()
 
     def __enter__(self) -> None:
-        self.real = sys.stderr
+        global ACTIVE
+        self.real, self.before = sys.stderr, ACTIVE
         self.stream = _LogStream(self.real, self.options)
-        sys.stderr = self.stream
+        sys.stderr, ACTIVE = self.stream, self.options
 
     def __exit__(self, *exc: object) -> None:
+        global ACTIVE
         self.stream.flush()
-        sys.stderr = self.real
+        sys.stderr, ACTIVE = self.real, self.before
+
+
+# The options of the command running now.
+ACTIVE = LogOptions()

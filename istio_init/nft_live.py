@@ -125,6 +125,10 @@ class _Builder:
             where += f":{body['port']}" if "port" in body else ""
             self.target = kind.upper()
             self.target_options.append(Option("to-destination" if kind == "dnat" else "to-source", where))
+        elif kind == "log":
+            self.target = "NFLOG"
+            self.target_options += [Option(f"nflog-{name}", str(body[key])) for name, key in
+                                    (("prefix", "prefix"), ("group", "group"), ("size", "snaplen")) if key in body]
         elif kind == "tproxy":
             if body.get("family") and body["family"] != _IP[self.family]:
                 raise _OtherFamily

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from istio_init import logs
-from istio_init.config import Config, from_sources, ignored_environment
+from istio_init.config import Config, from_sources, ignored_environment, unwritten_flags
 from istio_init.errors import IstioInitError
 from istio_init.records import TYPE_CHECKING
 
@@ -55,6 +55,8 @@ def load_config(given: Mapping[str, str | bool | None]) -> Config:
     """
     config = from_sources(given)
     for warning in ignored_environment(config):
+        logs.emit("warn", f"{PROG}: {warning}")
+    for warning in unwritten_flags(logs.ACTIVE.given, config.rules_version):
         logs.emit("warn", f"{PROG}: {warning}")
     return config
 

@@ -48,6 +48,8 @@ DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"
 INVALID_DROP = "INVALID_DROP"
 DUAL_STACK = "ISTIO_DUAL_STACK"
 PROXY_SETTINGS = (DNS_CAPTURE, INVALID_DROP, DUAL_STACK)
+# An istio-proxy environment setting that leaves the pod without a proxy (plugin.go skips the pod).
+DISABLE_ENVOY = "DISABLE_ENVOY"
 
 # Istio's own init container: a pod that has it captures itself.
 ISTIO_INIT_CONTAINER = "istio-init"
@@ -63,7 +65,8 @@ class PodFacts:
     `annotations` is None when the runtime did not pass them at all (the key
     was absent), which is different from a pod without annotations ({}).
     `proxy_uid`/`proxy_gid` are the istio-proxy container's runAsUser and
-    runAsGroup, known only to a source that reads the pod spec (None: 1337).
+    runAsGroup, and `proxy_env` its environment, known only to a source that
+    reads the pod spec (None: 1337, and no environment).
     """
 
     namespace: str
@@ -71,6 +74,7 @@ class PodFacts:
     annotations: Mapping[str, str] | None
     proxy_uid: int | None = None
     proxy_gid: int | None = None
+    proxy_env: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,8 @@ def decide(facts: PodFacts, mesh: MeshSettings) -> Skip | Capture:
             f"the container runtime passed no pod annotations: the plugin's entry declares the capability "
             f"{ANNOTATIONS_CAPABILITY!r}, which {RUNTIMES_WITH_CAPABILITY} honour")
     annotations = facts.annotations
+    if go_bool((facts.proxy_env or {}).get(DISABLE_ENVOY, "")) is True:
+        return Skip(f"the istio-proxy container's {DISABLE_ENVOY} is true")
     if go_bool(annotations.get(INJECT, "")) is False:
         return Skip(f"{INJECT} is {annotations[INJECT]!r}")
     if STATUS not in annotations:
@@ -180,7 +186,7 @@ def capture_flags(facts: PodFacts, mesh: MeshSettings) -> tuple[list[tuple[str, 
         virt = annotation("kube_virt_interfaces", REROUTE_VIRTUAL_INTERFACES, "")
     else:
         virt = annotation("kube_virt_interfaces", KUBEVIRT_INTERFACES, "")
-    settings = proxy_settings(annotations, mesh)
+    settings = proxy_settings(annotations, mesh, facts.proxy_env)
     uid = str(facts.proxy_uid) if facts.proxy_uid else str(DEFAULT_PROXY_ID)
     gid = str(facts.proxy_gid) if facts.proxy_gid else str(DEFAULT_PROXY_ID)
     flags: list[tuple[str, str | bool]] = [
@@ -213,14 +219,19 @@ def capture_flags(facts: PodFacts, mesh: MeshSettings) -> tuple[list[tuple[str, 
     return [(d, v) for d, v in flags if v != ""], sources
 
 
-def proxy_settings(annotations: Mapping[str, str], mesh: MeshSettings) -> dict[str, bool]:
-    """The three istio-proxy settings: mesh-wide, overridden by the pod's proxyMetadata."""
+def proxy_settings(annotations: Mapping[str, str], mesh: MeshSettings,
+                   proxy_env: Mapping[str, str] | None = None) -> dict[str, bool]:
+    """The three istio-proxy settings: mesh-wide, overridden by the pod's proxyMetadata, and both
+    by the istio-proxy container's own environment when the source read it (what the injector
+    rendered from them, as Istio's plugin reads it)."""
     merged: dict[str, tuple[str, str]] = {name: (mesh.proxy_env[name], f"the agent's {name}")
                                          for name in PROXY_SETTINGS if name in mesh.proxy_env}
     metadata = _proxy_metadata(annotations)
     for name in PROXY_SETTINGS:
         if name in metadata:
             merged[name] = (metadata[name], f"{PROXY_CONFIG} proxyMetadata.{name}")
+        if proxy_env and name in proxy_env:
+            merged[name] = (proxy_env[name], f"the istio-proxy container's {name}")
     settings = {}
     for name in PROXY_SETTINGS:
         text, where = merged.get(name, ("false", ""))

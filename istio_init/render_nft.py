@@ -208,6 +208,12 @@ def _target(rule: Rule, family: int) -> tuple[list[_Expr], str | None]:
     if target == "CT" and "zone" in opts:
         text = f"ct zone set {opts['zone']}"
         return [_Expr(text, text)], None
+    if target == "NFLOG":  # --iptables-trace-logging (Istio 1.12-1.24): the planner's own ASCII prefixes
+        parts = [f'prefix "{opts["nflog-prefix"]}"' if "nflog-prefix" in opts else "",
+                 f"group {opts['nflog-group']}" if "nflog-group" in opts else "",
+                 f"snaplen {opts['nflog-size']}" if "nflog-size" in opts else ""]
+        text = " ".join(["log", *filter(None, parts)])
+        return [_Expr(text, text)], None
     raise NftRenderError(f"no nft form for -j {target} {' '.join('--' + k for k in opts)}".rstrip())
 
 

@@ -13,7 +13,7 @@ import os
 from _operator import attrgetter  # operator.py only re-exports the C module's
 
 from istio_init import timing
-from istio_init.config import CURRENT_ONLY_FIELDS, ONLY_1_8_FIELDS, RULES_CURRENT, Cidr, Config, flag_label
+from istio_init.config import RULES_CURRENT, Cidr, Config, fields_not_in, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 def summary(config: Config, ipv6: bool) -> str:
     """The effective configuration, for stderr, as Istio prints its variables."""
     lines = ["istio-init effective configuration:"]
-    other = ONLY_1_8_FIELDS if config.rules_version == RULES_CURRENT else CURRENT_ONLY_FIELDS
+    other = fields_not_in(config.rules_version)
     for name in config._fields:
         if name != "sources" and name not in other:
             value = getattr(config, name)
@@ -61,7 +61,8 @@ def decide_ipv6(config: Config, log: Log) -> bool:
         return config.ipv6
     system = current()
     try:
-        if config.rules_version != RULES_CURRENT:
+        dual_stack = config.dual_stack or config.agent_dual_stack
+        if config.rules_version != RULES_CURRENT and not dual_stack:
             return system.detect_ipv6()
         addresses = system.pod_addresses()
         if not addresses:
@@ -69,7 +70,7 @@ def decide_ipv6(config: Config, log: Log) -> bool:
             log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
                 "warn")
             return False
-        if config.dual_stack:  # any IPv6 address of the pod
+        if dual_stack:  # any IPv6 address of the pod
             return any(address.version == 6 for address in addresses)
         return addresses[0].version == 6
     except OSError as exc:

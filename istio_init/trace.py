@@ -337,7 +337,7 @@ def walk_table(ruleset: Ruleset, table: str, hook: str, conn: Connection, marks:
             if rule.target in ("MARK", "CONNMARK"):
                 walk.marks = _set_marks(rule, walk.marks)
                 continue
-            if rule.target in ("LOG", "CT"):
+            if rule.target in ("LOG", "NFLOG", "CT"):
                 continue  # non-terminating
             if rule.target in chains or (rule.target.isupper() and rule.target.startswith("ISTIO_")):
                 if len(stack) > 64:

@@ -13,7 +13,7 @@ from istio_init.cli import cli, main
 
 # Variables istio-init reads; cleared so the developer's shell cannot leak into a test.
 _ISTIO_ENV_PREFIXES = ("ISTIO_", "ENVOY_", "PROXY_", "INBOUND_", "KUBE_VIRT", "DRY_RUN", "SKIP_RULE",
-                       "RUN_VALIDATION", "IPTABLES_PROBE", "PROBE_TIMEOUT", "NETWORK_NAMESPACE", "REDIRECT_DNS",
+                       "RUN_VALIDATION", "IPTABLES_PROBE", "IPTABLES_TRACE", "PROBE_TIMEOUT", "NETWORK_NAMESPACE", "REDIRECT_DNS",
                        "DROP_INVALID", "INVALID_DROP", "DUAL_STACK", "CAPTURE_ALL_DNS", "CNI_MODE", "RECONCILE",
                        "FORCE_APPLY", "FORCE_IPTABLES_BINARY", "CLEANUP_ONLY", "NATIVE_NFTABLES")
 

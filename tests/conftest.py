@@ -1,4 +1,4 @@
-"""Shared fixtures: a fresh network namespace per test, and the root marker.
+"""Shared fixtures: a fresh network namespace per test, the root marker, and the kube node.
 
 Tests that change kernel state run only as root (CI is root); elsewhere they
 skip with a reason. Namespaces are named, created with pyroute2 and removed
@@ -8,7 +8,10 @@ after the test whatever happens, so `ip netns list` stays empty.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import shutil
+import subprocess
+import time
+from typing import Any, Iterator
 
 import pytest
 
@@ -46,3 +49,66 @@ def pod() -> Iterator[Namespace]:
         yield ns
     finally:
         ns.remove()
+
+
+# What the kube tests measured, printed at the end of the run (docs/kubernetes-node.md's figures).
+KUBE_TIMINGS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if KUBE_TIMINGS:
+        terminalreporter.write_line("kube: " + ", ".join(f"{k} {v:.1f}s" for k, v in KUBE_TIMINGS.items()))
+
+
+@pytest.fixture(scope="session")
+def kube_node() -> Iterator[Any]:
+    """A single-node cluster (tests/kubenode.py) for the whole run, removed afterwards.
+
+    Skips with the reason when this machine cannot run one (not root, binaries or packages
+    missing: scripts/ci-kube builds and installs them). Nodes left by a killed run are removed
+    first."""
+    if not IS_ROOT:
+        pytest.skip("needs root for the node's namespaces, mounts and cgroups")
+    if os.environ.get("ISTIO_INIT_SKIP_KUBE") == "1":
+        pytest.skip("ISTIO_INIT_SKIP_KUBE=1 (CI runs the kube tests in scripts/ci-kube)")
+    import kubenode
+
+    missing = kubenode.missing_parts()
+    if missing:
+        pytest.skip("no Kubernetes node can run here; missing: " + "; ".join(missing))
+    kubenode.cleanup_stale()
+    node = kubenode.start_node(owner=os.getpid())
+    KUBE_TIMINGS["node Ready"] = node.timings["node_ready"]
+    try:
+        yield node
+    finally:
+        left = kubenode.stop(node)
+        assert not left, f"the node left behind: {left}"
+
+
+# variant -> the image of this project scripts/ci-kube builds for it (scripts/build-image).
+KUBE_ISTIO_IMAGES = {"1.8": os.environ.get("ISTIO_INIT_IMAGE", "istio-init:dev"),
+                     "current": os.environ.get("ISTIO_INIT_CURRENT_IMAGE", "istio-init:current")}
+
+
+@pytest.fixture(scope="session")
+def kube_images(kube_node: Any) -> dict[str, str]:
+    """This project's images (`docker save` from the Docker engine) imported into the node."""
+    if shutil.which("docker") is None:
+        pytest.skip("no docker client to `docker save` the istio-init images (scripts/ci-kube builds them)")
+    loaded: dict[str, str] = {}
+    for variant, image in KUBE_ISTIO_IMAGES.items():
+        tar = kube_node.work / "images" / (image.replace(":", "_").replace("/", "_") + ".tar")
+        begin = time.monotonic()
+        try:
+            saved = subprocess.run(["docker", "save", "-o", str(tar), image], capture_output=True, text=True,
+                                   timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"`docker save {image}` timed out")
+        if saved.returncode != 0:
+            pytest.skip(f"image {image} cannot be saved ({saved.stderr.strip()}); build it: scripts/ci-kube")
+        kube_node.import_image(tar)
+        tar.unlink()
+        KUBE_TIMINGS[f"image {image} imported"] = time.monotonic() - begin
+        loaded[variant] = image
+    return loaded

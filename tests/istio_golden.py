@@ -9,11 +9,32 @@ a cheap cross-check of rule order that needs no canonical spelling.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from istio_init.render import chain_order
+from istio_init.render import chain_order, split_families
 from istio_init.backends.iptables.savefile import parse_save
 
+if TYPE_CHECKING:
+    from nsutil import Namespace
+
+
+class CaseWithResolvers(Protocol):
+    @property
+    def env(self) -> dict[str, str]: ...
+
+    def resolv_conf(self) -> str: ...
+
 _SAVE_COMMANDS = ("iptables-save", "ip6tables-save")
+# Per flavour, per family: the restore and save tools that load a golden and read it back.
+TOOLS = {
+    "legacy": (("iptables-legacy-restore", "iptables-legacy-save"),
+               ("ip6tables-legacy-restore", "ip6tables-legacy-save")),
+    "nft": (("iptables-nft-restore", "iptables-nft-save"),
+            ("ip6tables-nft-restore", "ip6tables-nft-save")),
+}
+# The flavour of tables each iptables backend writes.
+BACKEND_TOOLS = {"libiptc": "legacy", "legacy": "legacy", "nft": "nft"}
 
 
 def restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]:
@@ -77,3 +98,65 @@ def final_targets(restore_text: str) -> dict[tuple[str, str], list[str]]:
             position = int(words[2]) if words[2].isdigit() else 1
             chains.setdefault((table, words[1]), []).insert(position - 1, words[words.index("-j") + 1])
     return chains
+
+
+_COMMAND_TOOLS = {"iptables": 0, "ip6tables": 1}
+
+
+def command_restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]:
+    """(IPv4, IPv6) restore input of a golden in Istio's command-list form (releases up to 1.23).
+
+    Each line is one `iptables -t TABLE OP ...` or `ip6tables -t TABLE OP ...`
+    command in creation order; a family's commands are regrouped per table
+    (tables in the order first named), which keeps each chain's creation order,
+    so restoring the result leaves what running the commands one by one would.
+    Lines that are not iptables commands (`iptables-save`, a read) are skipped.
+    """
+    tables: tuple[dict[str, list[str]], dict[str, list[str]]] = ({}, {})
+    names = "|".join(map(re.escape, group_gids))
+    for line in text.splitlines():
+        words = line.split(" ", 3)
+        if len(words) < 4 or words[0] not in _COMMAND_TOOLS or words[1] != "-t":
+            continue
+        command = words[3]
+        if names:
+            command = re.sub(rf"--gid-owner ({names})\b", lambda m: f"--gid-owner {group_gids[m.group(1)]}", command)
+        tables[_COMMAND_TOOLS[words[0]]].setdefault(words[2], []).append(command)
+    return tuple("".join(f"*{table}\n" + "".join(f"{c}\n" for c in commands) + "COMMIT\n"
+                         for table, commands in family.items())
+                 for family in tables)  # type: ignore[return-value]
+
+
+def any_restore_inputs(text: str, group_gids: dict[str, int]) -> tuple[str, str]:
+    """Either form of Istio's goldens: restore input (1.24 on) or a command list (up to 1.23)."""
+    if any(line.startswith(("iptables -t ", "ip6tables -t ")) for line in text.splitlines()):
+        return command_restore_inputs(text, group_gids)
+    return restore_inputs(text, group_gids)
+
+
+def resolv_env(case: CaseWithResolvers, directory: Path) -> dict[str, str]:
+    """The case's environment plus a resolv.conf of its nameservers (never the host's)."""
+    resolv = directory / "resolv.conf"
+    resolv.write_text(case.resolv_conf())
+    return {**case.env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}
+
+
+def kernel_converted(ns: Namespace, inputs: tuple[str, str], flavour: str) -> list[str]:
+    """Each family's restore input loaded into `ns` with `flavour`'s tools, read back as canonical text."""
+    parts = []
+    for text, (restore, save) in zip(inputs, TOOLS[flavour]):
+        if text:
+            ns.run(restore, "--noflush", input=text)
+            parts.append(canonical(ns.save(save), tables_in_order(text)))
+    return parts
+
+
+def assert_holds_golden(ns: Namespace, backend: str, golden_text: str) -> None:
+    """`ns` holds exactly the golden's tables (and no other table of ours) in the backend's flavour."""
+    want = split_families(golden_text)
+    for family, (_, save) in enumerate(TOOLS[BACKEND_TOOLS[backend]]):
+        saved = ns.save(save)
+        used = {name for name, table in parse_save(saved).items() if table.rules or table.user_chains()}
+        assert used == set(tables_in_order(want[family]))
+        if want[family]:
+            assert canonical(saved, tables_in_order(want[family])) == want[family]

@@ -18,25 +18,12 @@ import pytest
 
 from cases_current import CURRENT_CASES, GROUP_GIDS, CurrentCase
 from clirun import clean_environ, invoke
-from istio_golden import canonical, final_targets, restore_inputs, tables_in_order
+from istio_golden import (BACKEND_TOOLS, TOOLS, assert_holds_golden, final_targets, kernel_converted, resolv_env,
+                          restore_inputs, tables_in_order)
 from istio_init.render import split_families
 from istio_init.backends.iptables.savefile import parse_save
 from nsutil import Namespace
 
-TOOLS = {
-    "legacy": (("iptables-legacy-restore", "iptables-legacy-save"),
-               ("ip6tables-legacy-restore", "ip6tables-legacy-save")),
-    "nft": (("iptables-nft-restore", "iptables-nft-save"),
-            ("ip6tables-nft-restore", "ip6tables-nft-save")),
-}
-BACKEND_TOOLS = {"libiptc": "legacy", "legacy": "legacy", "nft": "nft"}
-
-
-def _env(case: CurrentCase, tmp_path: Path) -> dict[str, str]:
-    """The case's environment plus a resolv.conf of its nameservers (never the host's)."""
-    resolv = tmp_path / "resolv.conf"
-    resolv.write_text(case.resolv_conf())
-    return {**case.env, "ISTIO_INIT_RESOLV_CONF": str(resolv)}
 
 
 def test_every_istio_golden_is_a_case() -> None:
@@ -48,7 +35,7 @@ def test_every_istio_golden_is_a_case() -> None:
 
 @pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
 def test_dry_run_matches_converted_istio_golden(case: CurrentCase, tmp_path: Path) -> None:
-    result = invoke(case.argv(), _env(case, tmp_path))
+    result = invoke(case.argv(), resolv_env(case, tmp_path))
     assert result.code == 0, result.stderr
     assert result.stdout == case.golden.read_text()
 
@@ -56,7 +43,7 @@ def test_dry_run_matches_converted_istio_golden(case: CurrentCase, tmp_path: Pat
 @pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
 def test_chain_order_matches_istio_golden_without_a_kernel(case: CurrentCase, tmp_path: Path) -> None:
     """Istio's text, its -A and -I N applied in order, against our plan: same targets per chain."""
-    ours = invoke(case.argv(), _env(case, tmp_path)).stdout
+    ours = invoke(case.argv(), resolv_env(case, tmp_path)).stdout
     for istio_text, our_text in zip(restore_inputs(case.istio_golden.read_text(), GROUP_GIDS),
                                     split_families(ours)):
         assert bool(istio_text) == bool(our_text)
@@ -71,11 +58,7 @@ def test_chain_order_matches_istio_golden_without_a_kernel(case: CurrentCase, tm
 @pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
 def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: CurrentCase, flavour: str,
                                                                       netns: Namespace) -> None:
-    parts = []
-    for text, (restore, save) in zip(restore_inputs(case.istio_golden.read_text(), GROUP_GIDS), TOOLS[flavour]):
-        if text:
-            netns.run(restore, "--noflush", input=text)
-            parts.append(canonical(netns.save(save), tables_in_order(text)))
+    parts = kernel_converted(netns, restore_inputs(case.istio_golden.read_text(), GROUP_GIDS), flavour)
     assert len(parts) == (2 if case.ipv6 else 1)
     converted = "# IPv6\n".join(parts)
     if os.environ.get("UPDATE_GOLDEN") == "1" and flavour == "legacy":
@@ -89,16 +72,9 @@ def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: Curre
 def test_real_apply_reads_back_as_istio_golden(case: CurrentCase, backend: str, netns: Namespace,
                                                tmp_path: Path) -> None:
     done = netns.run(sys.executable, "-m", "istio_init", *case.argv(dry_run=False), "--iptables-backend", backend,
-                     env=clean_environ(_env(case, tmp_path)), check=False)
+                     env=clean_environ(resolv_env(case, tmp_path)), check=False)
     assert done.returncode == 0, done.stderr
-    flavour = BACKEND_TOOLS[backend]
-    want = split_families(case.golden.read_text())
-    for family, (_, save) in enumerate(TOOLS[flavour]):
-        saved = netns.save(save)
-        used = {name for name, table in parse_save(saved).items() if table.rules or table.user_chains()}
-        assert used == set(tables_in_order(want[family]))
-        if want[family]:
-            assert canonical(saved, tables_in_order(want[family])) == want[family]
+    assert_holds_golden(netns, backend, case.golden.read_text())
 
 
 def _target(spec: str) -> str:

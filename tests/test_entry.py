@@ -19,7 +19,7 @@ from unittest import mock
 import pytest
 
 from cases import CASES, SEED_ARGS
-from clirun import clean_environ
+from clirun import clean_environ, invoke
 from istio_init import cli, entry
 
 # Command lines entry.py parses itself (all dry runs, no privileges needed).
@@ -27,6 +27,7 @@ OWN = [[*case.args, "-n", "--ipv6", "true" if case.ipv6 else "false"] for case i
     [*SEED_ARGS, "--dry-run", "--ipv6=false"],
     ["-n", "-p", "15001", "-p", "16001"],  # the last one wins, as in click
     ["-n", "-x", ""],
+    [*SEED_ARGS, "--dry-run=true", "--redirect-dns=false", "--ipv6=false"],  # Istio's `=VALUE` switches
     [],  # no flags at all: a real run would apply, so only parse_run is checked for it
 ]
 # Mistakes entry.py parses and config.py refuses: one line naming the flag, exit 2.
@@ -34,7 +35,7 @@ BAD = [["-n", "-p", "abc"], ["-n", "-x", "*"], ["-n", "-m", "NOPE"], ["-n", "--i
        ["-n", "-i", "10.0.0.0/33"], ["-n", "-u", "x;y"]]
 # Forms entry.py must leave to click.
 HANDED_OVER = [["--help"], ["-h"], ["run", "-n"], ["clean", "-n"], ["-n", "--nope"], ["-n", "-p"],
-               ["-n", "-p15001"], ["-n", "--", "-p", "1"], ["-n", "--dry-run=true"], ["-n", "-x", "-1"],
+               ["-n", "-p15001"], ["-n", "--", "-p", "1"], ["-n", "-x", "-1"],
                ["-n", "extra"], ["-nx", "1"], ["--cleanup-only", "-n"], ["trace", "--help"]]
 
 
@@ -174,3 +175,48 @@ def test_check_prints_and_exits_as_the_click_command_does(netns, argv: list[str]
     assert ("click" in imported) == (argv in CHECK_HANDED_OVER)
     if argv in CHECK_OWN:
         assert ours.returncode == (1 if "15099" in argv else 0), ours.stdout + stderr
+
+
+# ---- `--switch=true|false`, as Istio's boolean flags (one grammar: config.take_switch_values) ----
+
+SWITCH_FORMS = [("--redirect-dns=true", True), ("--redirect-dns=True", True), ("--redirect-dns=1", True),
+                ("--redirect-dns=t", True), ("--redirect-dns=false", False), ("--redirect-dns=FALSE", False),
+                ("--redirect-dns=0", False), ("--redirect-dns=f", False)]
+
+
+@pytest.mark.parametrize("word,on", SWITCH_FORMS)
+def test_switch_value_forms_work_in_both_front_doors(word: str, on: bool) -> None:
+    from istio_init import entry
+
+    argv = ["-i", "*", word, "-n", "--ipv6", "false"]
+    given = entry.parse_run(argv)
+    assert given is not None and given["redirect_dns"] == ("true" if on else "false")
+    for env in ({}, {"REDIRECT_DNS": "true"}):  # a given false beats the variable, as in Istio
+        click_door = invoke(argv, env)
+        assert click_door.code == 0, click_door.stderr
+        assert ("15053" in click_door.stdout) == on
+
+
+def test_every_switch_row_takes_true_and_false() -> None:
+    from istio_init.config import FLAGS, take_switch_values
+
+    switches = [spec for spec in FLAGS if spec.is_switch and not spec.env_only]
+    assert len(switches) >= 15
+    for spec in switches:
+        for value, want in (("true", "true"), ("False", "false")):
+            assert take_switch_values([f"--{spec.long}={value}"]) == ([], {spec.dest: want})
+
+
+def test_a_bad_switch_value_names_the_flag() -> None:
+    result = invoke(["--redirect-dns=yes", "-n"])
+    assert result.code == 2
+    assert result.stderr.splitlines() == ["istio-init: invalid value for --redirect-dns: 'yes': must be true or false"]
+
+
+def test_click_only_switches_take_values_too() -> None:
+    on = invoke(["trace", "-i", "*", "--ipv6", "false", "--direction", "out", "--dst", "198.51.100.1", "--dport", "80",
+                 "--json=true"])
+    assert on.code == 0 and on.stdout.lstrip().startswith("{")
+    off = invoke(["trace", "-i", "*", "--ipv6", "false", "--direction", "out", "--dst", "198.51.100.1", "--dport", "80",
+                  "--json=false"])
+    assert off.code == 0 and not off.stdout.lstrip().startswith("{")

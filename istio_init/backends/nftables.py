@@ -72,13 +72,15 @@ def divert_marks(objects: list[dict[str, Any]]) -> set[int]:
     return marks
 
 
-# Rule sets whose nft form keeps iptables' family scope: on an IPv4-only pod IPv6 is left alone.
-_GUARDED_RULE_SETS = frozenset({"1.8"})
+# The one rule set whose nft form is Istio's own (current Istio's nftables mode), which has no
+# family guard; every older release had iptables only, so their nft form keeps iptables' family
+# scope: on an IPv4-only pod IPv6 is left alone.
+_UNGUARDED_RULE_SETS = frozenset({"current"})
 
 
 def guard_single_family(rules_version: str) -> bool:
-    """Whether IPv4-only plans get `meta nfproto ipv4` (ours for 1.8; current Istio's text has none)."""
-    return rules_version in _GUARDED_RULE_SETS
+    """Whether IPv4-only plans get `meta nfproto ipv4` (every rule set but current)."""
+    return rules_version not in _UNGUARDED_RULE_SETS
 
 
 def _reset_commands() -> list[dict[str, Any]]:

@@ -1,42 +1,81 @@
 """The rule sets istio-init can install, side by side, and the one place that picks one.
 
-Each rule set is a module that reads like its spec (`istio_1_8`: RULES.md,
-`current`: RULES-CURRENT.md) and exports `NAME`, `OWNED_CHAINS` (table -> the
-chains it may create: only those are ever istio-init's) and
-`plan(config, ipv6) -> RulePlan` (pure). The current rule set also takes the
-pod's DNS resolvers, which the caller reads (`resolvers_needed` says when).
-"""
+Each rule set reads like its spec or its Istio release (`istio_1_8`:
+docs/rules-1.8.md; `current`: docs/rules-current.md; `istio_1_9_to_1_24`: one
+object per generation of Istio 1.9 to 1.24, after each release's run.go) and
+exports `NAME`, `OWNED_CHAINS` (table -> the chains it may create: only those
+are ever istio-init's) and `plan(config, ipv6, resolvers) -> RulePlan` (pure).
+All but 1.8's also take the pod's DNS resolvers, which the caller reads
+(`resolvers_needed` says when)."""
 
 from __future__ import annotations
 
-from istio_init.config import Config
+from istio_init.config import RULE_SET_RELEASES, Config
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
 from istio_init.rulesets import current, istio_1_8
 
 if TYPE_CHECKING:
-    from types import ModuleType
-    from typing import Sequence
+    from typing import Any, Iterator, Sequence
 
-RULE_SETS: dict[str, ModuleType] = {istio_1_8.NAME: istio_1_8, current.NAME: current}
+
+class _RuleSets:
+    """Each rule set by its --rules-version name (a read-only mapping): a module, or one
+    generation of Istio 1.9-1.24.
+
+    The generations' module is imported when one of them is asked for: a run of
+    the 1.8 or the current rule set that needs no other does not load it.
+    """
+
+    def __getitem__(self, name: str) -> Any:
+        if name == istio_1_8.NAME:
+            return istio_1_8
+        if name == current.NAME:
+            return current
+        if name not in RULE_SET_RELEASES:
+            raise KeyError(name)
+        from istio_init.rulesets import istio_1_9_to_1_24
+
+        return istio_1_9_to_1_24.BY_NAME[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in RULE_SET_RELEASES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(RULE_SET_RELEASES)
+
+    def __len__(self) -> int:
+        return len(RULE_SET_RELEASES)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, self[name]) for name in RULE_SET_RELEASES]
+
+    def values(self) -> list[Any]:
+        return [self[name] for name in RULE_SET_RELEASES]
+
+
+RULE_SETS = _RuleSets()
 DEFAULT = istio_1_8.NAME
+_OWNED: dict[str, frozenset[str]] = {}
 
 
-def ruleset_for(config: Config) -> ModuleType:
+def ruleset_for(config: Config) -> Any:
     return RULE_SETS[getattr(config, "rules_version", DEFAULT)]
 
 
 def resolvers_needed(config: Config) -> bool:
-    """Whether the plan depends on the pod's resolv.conf (current rule set, DNS capture, not capture-all)."""
-    return ruleset_for(config) is current and config.dns_capture and not config.capture_all_dns
+    """Whether the plan depends on the pod's resolv.conf (Istio 1.9 on, DNS capture, not capture-all)."""
+    return ruleset_for(config) is not istio_1_8 and config.dns_capture and not config.capture_all_dns
 
 
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
-    """The plan of the rule set `config` asks for; `resolvers` only matter to the current one."""
+    """The plan of the rule set `config` asks for; `resolvers` matter to all but 1.8's."""
     result: RulePlan = ruleset_for(config).plan(config, ipv6, resolvers)
     return result
 
 
 def owned_chains(table: str) -> frozenset[str]:
     """The chains of `table` that any rule set can create: the only user chains istio-init touches."""
-    return frozenset(c for module in RULE_SETS.values() for c in module.OWNED_CHAINS.get(table, ()))
+    if table not in _OWNED:
+        _OWNED[table] = frozenset(c for module in RULE_SETS.values() for c in module.OWNED_CHAINS.get(table, ()))
+    return _OWNED[table]

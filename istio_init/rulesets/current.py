@@ -15,47 +15,23 @@ raw), keeping creation order within a table, as Istio's restore input does.
 
 from __future__ import annotations
 
-from istio_init.config import Cidr, Config
-from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
-                              Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
+from istio_init.config import Config
+from istio_init.model import (IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match, Option, PolicyRoute, RulePlan,
+                              destination_appends)
+from istio_init.rulesets.parts import (DNS_CAPTURE_PORT, DNS_PORT, ISTIO_DIVERT, ISTIO_DROP, ISTIO_IN_REDIRECT,
+                                       ISTIO_INBOUND, ISTIO_OUTPUT, ISTIO_OUTPUT_DNS, ISTIO_REDIRECT, ISTIO_TPROXY,
+                                       MANGLE, NAT, OUTBOUND_MARK, OUTPUT, PREROUTING, RAW, REDIRECT, RETURN, TCP, UDP,
+                                       ZONE_AGENT_UPSTREAM, ZONE_APP_AGENT, FamilyBuilder, connmark, mark_match, owner,
+                                       port, redirect_to, resolvers_by_family, set_mark, zone)
 from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import ipaddress
-    from typing import Any, Iterable, Sequence
+    from typing import Sequence
 
-# ipaddress and the C socket module's inet_ntop are imported where used: every run imports this
+# ipaddress and the C socket module's inet_ntop are imported where used (parts.py): every run imports this
 # module (rulesets/__init__.py), and both are start-up time (docs/performance.md, "What start-up avoids").
 
-MANGLE = "mangle"
-NAT = "nat"
-RAW = "raw"
 TABLE_ORDER = (MANGLE, NAT, RAW)
-
-PREROUTING = "PREROUTING"
-OUTPUT = "OUTPUT"
-
-ISTIO_INBOUND = "ISTIO_INBOUND"
-ISTIO_IN_REDIRECT = "ISTIO_IN_REDIRECT"
-ISTIO_OUTPUT = "ISTIO_OUTPUT"
-ISTIO_OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
-ISTIO_REDIRECT = "ISTIO_REDIRECT"
-ISTIO_DIVERT = "ISTIO_DIVERT"
-ISTIO_TPROXY = "ISTIO_TPROXY"
-ISTIO_DROP = "ISTIO_DROP"
-
-RETURN = "RETURN"
-REDIRECT = "REDIRECT"
-TCP = "tcp"
-UDP = "udp"
-
-DNS_PORT = 53
-DNS_CAPTURE_PORT = 15053
-# The mark the proxy's own loopback connections get in TPROXY mode (Istio's OutboundMark).
-OUTBOUND_MARK = 1338
-# Conntrack zones that keep the app<->agent and agent<->resolver halves of a DNS query apart.
-ZONE_AGENT_UPSTREAM = "1"
-ZONE_APP_AGENT = "2"
 
 
 NAME = "current"
@@ -69,13 +45,9 @@ OWNED_CHAINS = {
 
 def shape_configs() -> list[Config]:
     """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels."""
-    from istio_init.rulesets.sentinels import SENTINEL_ID, SENTINEL_IFACE, SENTINEL_LOOPBACK_CIDR, SENTINEL_MARK
+    from istio_init.rulesets.sentinels import shape_config
 
-    return [Config(rules_version=NAME, exclude_interfaces=(SENTINEL_IFACE,), kube_virt_interfaces=(SENTINEL_IFACE,),
-                   inbound_interception_mode="TPROXY", capture_all_inbound=True, capture_all_outbound=True,
-                   tproxy_mark=SENTINEL_MARK, proxy_uids=(SENTINEL_ID,), proxy_gids=(SENTINEL_ID,),
-                   ipv4_loopback_cidr=SENTINEL_LOOPBACK_CIDR, dns_capture=True, capture_all_dns=True,
-                   drop_invalid=True)]
+    return [shape_config(NAME)]
 
 
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
@@ -85,12 +57,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     resolv.conf order); they matter only with DNS capture and without
     --capture-all-dns.
     """
-    servers: dict[int, list[str]] = {4: [], 6: []}
-    for address in resolvers:
-        import ipaddress
-
-        parsed = ipaddress.ip_address(address)
-        servers[parsed.version].append(_host(parsed))
+    servers = resolvers_by_family(resolvers)
     # As in Istio, a resolver of either family keeps DNS capture on (the runner
     # warns when there is none), even if the pod makes no rules of its family.
     dns = config.dns_capture and (config.capture_all_dns or bool(servers[4] or servers[6]))
@@ -105,80 +72,12 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
     return RulePlan(ipv4=built[0], ipv6=built[1] if ipv6 else None, routes=routes, loopback_addresses=loopback)
 
 
-def _host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """A host CIDR spelled as iptables-save prints it (glibc's inet_ntop, e.g. `::127.0.0.53/128`)."""
-    import _socket
-
-    if address.version == 4:
-        return f"{address}/32"
-    return f"{_socket.inet_ntop(_socket.AF_INET6, address.packed)}/128"
-
-
-def _cidr_text(cidr: Cidr) -> str:
-    """A CIDR of -i/-x as iptables-save prints it (IPv6 through inet_ntop, as _host)."""
-    if cidr.version == 4:
-        return cidr.text
-    import _socket
-    import ipaddress
-
-    network = ipaddress.ip_network(cidr.text)
-    return f"{_socket.inet_ntop(_socket.AF_INET6, network.network_address.packed)}/{network.prefixlen}"
-
-
-def _port(protocol: str, name: str, port: int | str, negated: bool = False) -> Match:
-    return Match(protocol, (Option(name, str(port), negated),))
-
-
-def _owner(kind: str, ident: int, negated: bool = False) -> Match:
-    return Match("owner", (Option(f"{kind}-owner", str(ident), negated),))
-
-
-def _mark_match(module: str, mark: int, negated: bool = False) -> Match:
-    return Match(module, (Option("mark", f"{mark:#x}", negated),))
-
-
-def _set_mark(mark: int) -> tuple[Option, ...]:
-    return (Option("set-xmark", f"{mark:#x}/0xffffffff"),)
-
-
-def _zone(zone: str) -> tuple[Option, ...]:
-    return (Option("zone", zone),)
-
-
-def _connmark(action: str) -> tuple[Option, ...]:
-    return (Option(action), Option("nfmask", "0xffffffff"), Option("ctmask", "0xffffffff"))
-
-
-def _redirect_to(port: int) -> tuple[Option, ...]:
-    return (Option("to-ports", str(port)),)
-
-
-class _Family:
+class _Family(FamilyBuilder):
     """Builds one family's steps in docs/rules-current.md's order."""
 
     def __init__(self, config: Config, family: int, resolvers: list[str], dns: bool) -> None:
-        self.config = config
-        self.family = family
-        self.v6 = family == 6
-        self.loop = "::1/128" if self.v6 else config.ipv4_loopback_cidr  # LOOP
-        self.six = IPV6_PASSTHROUGH_ADDRESS if self.v6 else IPV4_PASSTHROUGH_ADDRESS  # SIX
-        self.resolvers = resolvers
+        super().__init__(config, family, resolvers)
         self.dns = dns  # DNS capture on and effective (capture-all, or a resolver in some family)
-        self.steps: list[Step] = []
-
-    def append(self, table: str, chain: str, target: str, **parts: Any) -> None:
-        self.steps.append(Step(APPEND, Rule(table, chain, target, **parts)))
-
-    def insert(self, position: int, table: str, chain: str, target: str, **parts: Any) -> None:
-        self.steps.append(Step(INSERT, Rule(table, chain, target, **parts), position))
-
-    def cidrs(self, networks: Iterable[Cidr]) -> list[str]:
-        return [_cidr_text(net) for net in networks if net.version == self.family]
-
-    def owners(self) -> list[tuple[str, int]]:
-        """The proxy's uids, then its gids, as (owner kind, id)."""
-        cfg = self.config
-        return [("uid", u) for u in cfg.proxy_uids] + [("gid", g) for g in cfg.proxy_gids]
 
     def build(self) -> FamilyPlan:
         cfg = self.config
@@ -204,12 +103,12 @@ class _Family:
             self.append(MANGLE, ISTIO_DROP, "DROP")
 
         # 4. The inbound tunnel port is never captured.
-        self.append(NAT, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(_port(TCP, "dport", tunnel),))
+        self.append(NAT, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(port(TCP, "dport", tunnel),))
 
         # 5. The redirect chains.
-        self.append(NAT, ISTIO_REDIRECT, REDIRECT, protocol=TCP, target_options=_redirect_to(cfg.envoy_port))
+        self.append(NAT, ISTIO_REDIRECT, REDIRECT, protocol=TCP, target_options=redirect_to(cfg.envoy_port))
         self.append(NAT, ISTIO_IN_REDIRECT, REDIRECT, protocol=TCP,
-                    target_options=_redirect_to(cfg.inbound_capture_port))
+                    target_options=redirect_to(cfg.inbound_capture_port))
 
         # 6. Inbound capture.
         if cfg.inbound_enabled:
@@ -219,9 +118,9 @@ class _Family:
         self.append(NAT, OUTPUT, ISTIO_OUTPUT)
 
         # 8. Ports never captured outbound, TCP and UDP.
-        for port in cfg.outbound_ports_exclude:
-            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=TCP, matches=(_port(TCP, "dport", port),))
-            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=UDP, matches=(_port(UDP, "dport", port),))
+        for number in cfg.outbound_ports_exclude:
+            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=TCP, matches=(port(TCP, "dport", number),))
+            self.append(NAT, ISTIO_OUTPUT, RETURN, protocol=UDP, matches=(port(UDP, "dport", number),))
 
         # 9. The inbound passthrough source is the proxy talking to the app.
         self.append(NAT, ISTIO_OUTPUT, RETURN, source=self.six, out_interface="lo")
@@ -234,26 +133,26 @@ class _Family:
             if self.dns and kind == "uid":
                 not_local_port = Match("multiport", (Option("dports", f"{DNS_PORT},{tunnel}", True),))
             else:
-                not_local_port = _port(TCP, "dport", tunnel, negated=True)
+                not_local_port = port(TCP, "dport", tunnel, negated=True)
             self.append(NAT, ISTIO_OUTPUT, ISTIO_IN_REDIRECT, destination=self.loop, negate_destination=True,
-                        out_interface="lo", protocol=TCP, matches=(not_local_port, _owner(kind, ident)))
+                        out_interface="lo", protocol=TCP, matches=(not_local_port, owner(kind, ident)))
             if not loopback_in_include:
                 if self.dns:
                     self.append(NAT, ISTIO_OUTPUT, RETURN, out_interface="lo", protocol=TCP,
-                                matches=(_port(TCP, "dport", DNS_PORT, negated=True),
-                                         _owner(kind, ident, negated=True)))
+                                matches=(port(TCP, "dport", DNS_PORT, negated=True),
+                                         owner(kind, ident, negated=True)))
                 else:
                     self.append(NAT, ISTIO_OUTPUT, RETURN, out_interface="lo",
-                                matches=(_owner(kind, ident, negated=True),))
-            self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(_owner(kind, ident),))
+                                matches=(owner(kind, ident, negated=True),))
+            self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(owner(kind, ident),))
 
         # 12. Owner groups: only the included groups' traffic is captured, or all but the excluded.
         if cfg.owner_groups_include is None:
             for gid in cfg.owner_groups_exclude:
-                self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(_owner("gid", gid),))
+                self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(owner("gid", gid),))
         else:
             self.append(NAT, ISTIO_OUTPUT, RETURN,
-                        matches=tuple(_owner("gid", gid, negated=True) for gid in cfg.owner_groups_include))
+                        matches=tuple(owner("gid", gid, negated=True) for gid in cfg.owner_groups_include))
 
         # 13. DNS to the agent on 15053, in conntrack zones of their own.
         if self.dns:
@@ -264,8 +163,8 @@ class _Family:
         self.steps += destination_appends(NAT, ISTIO_OUTPUT, RETURN, self.cidrs(cfg.exclude_cidrs))
 
         # 15. Ports always captured, whatever -i says.
-        for port in cfg.outbound_ports:
-            self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT, protocol=TCP, matches=(_port(TCP, "dport", port),))
+        for number in cfg.outbound_ports:
+            self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT, protocol=TCP, matches=(port(TCP, "dport", number),))
 
         # 16. What to capture outbound (no trailing RETURN any more).
         self.outbound_include()
@@ -283,7 +182,7 @@ class _Family:
         cfg = self.config
         table = MANGLE if cfg.tproxy else NAT
         if cfg.tproxy:
-            self.append(MANGLE, ISTIO_DIVERT, "MARK", target_options=_set_mark(cfg.tproxy_mark))
+            self.append(MANGLE, ISTIO_DIVERT, "MARK", target_options=set_mark(cfg.tproxy_mark))
             self.append(MANGLE, ISTIO_DIVERT, "ACCEPT")
             self.append(MANGLE, ISTIO_TPROXY, "TPROXY", destination=self.loop, negate_destination=True,
                         protocol=TCP, target_options=(
@@ -301,12 +200,12 @@ class _Family:
                 self.append(NAT, ISTIO_INBOUND, ISTIO_IN_REDIRECT, protocol=TCP, matches=matches)
 
         if cfg.capture_all_inbound:
-            for port in cfg.local_exclude_ports:
-                self.append(table, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(_port(TCP, "dport", port),))
+            for number in cfg.local_exclude_ports:
+                self.append(table, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(port(TCP, "dport", number),))
             capture(())
         else:
-            for port in cfg.inbound_ports:
-                capture((_port(TCP, "dport", port),))
+            for number in cfg.inbound_ports:
+                capture((port(TCP, "dport", number),))
 
     def dns_capture(self) -> None:
         cfg = self.config
@@ -316,36 +215,36 @@ class _Family:
         # All TCP redirects, then all UDP ones; only queries to the pod's resolvers
         # unless capture-all (a local DNS proxy's upstream queries must not loop back).
         for protocol in (TCP, UDP):
-            dport = _port(protocol, "dport", DNS_PORT)
+            dport = port(protocol, "dport", DNS_PORT)
             if cfg.capture_all_dns:
                 self.append(NAT, ISTIO_OUTPUT_DNS, REDIRECT, protocol=protocol, matches=(dport,),
-                            target_options=_redirect_to(DNS_CAPTURE_PORT))
+                            target_options=redirect_to(DNS_CAPTURE_PORT))
             else:
                 for server in self.resolvers:
                     self.append(NAT, ISTIO_OUTPUT_DNS, REDIRECT, destination=server, protocol=protocol,
-                                matches=(dport,), target_options=_redirect_to(DNS_CAPTURE_PORT))
+                                matches=(dport,), target_options=redirect_to(DNS_CAPTURE_PORT))
         # The agent's own queries (zone 1) and its answers to the app (zone 2).
         for kind, ident in self.owners():
             self.append(RAW, ISTIO_OUTPUT_DNS, "CT", protocol=UDP,
-                        matches=(_port(UDP, "dport", DNS_PORT), _owner(kind, ident)),
-                        target_options=_zone(ZONE_AGENT_UPSTREAM))
+                        matches=(port(UDP, "dport", DNS_PORT), owner(kind, ident)),
+                        target_options=zone(ZONE_AGENT_UPSTREAM))
             self.append(RAW, ISTIO_OUTPUT_DNS, "CT", protocol=UDP,
-                        matches=(_port(UDP, "sport", DNS_CAPTURE_PORT), _owner(kind, ident)),
-                        target_options=_zone(ZONE_APP_AGENT))
+                        matches=(port(UDP, "sport", DNS_CAPTURE_PORT), owner(kind, ident)),
+                        target_options=zone(ZONE_APP_AGENT))
         # The app's queries (zone 2) and the resolvers' answers (zone 1).
         if cfg.capture_all_dns:
             self.append(RAW, PREROUTING, ISTIO_INBOUND)
-            self.append(RAW, ISTIO_OUTPUT_DNS, "CT", protocol=UDP, matches=(_port(UDP, "dport", DNS_PORT),),
-                        target_options=_zone(ZONE_APP_AGENT))
-            self.append(RAW, ISTIO_INBOUND, "CT", protocol=UDP, matches=(_port(UDP, "sport", DNS_PORT),),
-                        target_options=_zone(ZONE_AGENT_UPSTREAM))
+            self.append(RAW, ISTIO_OUTPUT_DNS, "CT", protocol=UDP, matches=(port(UDP, "dport", DNS_PORT),),
+                        target_options=zone(ZONE_APP_AGENT))
+            self.append(RAW, ISTIO_INBOUND, "CT", protocol=UDP, matches=(port(UDP, "sport", DNS_PORT),),
+                        target_options=zone(ZONE_AGENT_UPSTREAM))
         elif self.resolvers:
             self.append(RAW, PREROUTING, ISTIO_INBOUND)
             for server in self.resolvers:
                 self.append(RAW, ISTIO_OUTPUT_DNS, "CT", destination=server, protocol=UDP,
-                            matches=(_port(UDP, "dport", DNS_PORT),), target_options=_zone(ZONE_APP_AGENT))
+                            matches=(port(UDP, "dport", DNS_PORT),), target_options=zone(ZONE_APP_AGENT))
                 self.append(RAW, ISTIO_INBOUND, "CT", source=server, protocol=UDP,
-                            matches=(_port(UDP, "sport", DNS_PORT),), target_options=_zone(ZONE_AGENT_UPSTREAM))
+                            matches=(port(UDP, "sport", DNS_PORT),), target_options=zone(ZONE_AGENT_UPSTREAM))
 
     def outbound_include(self) -> None:
         cfg = self.config
@@ -362,16 +261,16 @@ class _Family:
     def tproxy_marks(self) -> None:
         cfg = self.config
         mark = cfg.tproxy_mark
-        self.append(MANGLE, PREROUTING, "CONNMARK", protocol=TCP, matches=(_mark_match("mark", mark),),
-                    target_options=_connmark("save-mark"))
-        self.append(MANGLE, OUTPUT, RETURN, out_interface="lo", protocol=TCP, matches=(_mark_match("mark", mark),))
+        self.append(MANGLE, PREROUTING, "CONNMARK", protocol=TCP, matches=(mark_match("mark", mark),),
+                    target_options=connmark("save-mark"))
+        self.append(MANGLE, OUTPUT, RETURN, out_interface="lo", protocol=TCP, matches=(mark_match("mark", mark),))
         for kind, ident in self.owners():
             self.append(MANGLE, OUTPUT, "MARK", destination=self.loop, negate_destination=True, out_interface="lo",
-                        protocol=TCP, matches=(_owner(kind, ident),), target_options=_set_mark(OUTBOUND_MARK))
-        self.append(MANGLE, OUTPUT, "CONNMARK", protocol=TCP, matches=(_mark_match("connmark", mark),),
-                    target_options=_connmark("restore-mark"))
+                        protocol=TCP, matches=(owner(kind, ident),), target_options=set_mark(OUTBOUND_MARK))
+        self.append(MANGLE, OUTPUT, "CONNMARK", protocol=TCP, matches=(mark_match("connmark", mark),),
+                    target_options=connmark("restore-mark"))
         # Marked, passthrough and the proxy's unmarked loopback traffic skip inbound capture.
-        self.insert(1, MANGLE, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(_mark_match("mark", mark),))
+        self.insert(1, MANGLE, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(mark_match("mark", mark),))
         self.insert(2, MANGLE, ISTIO_INBOUND, RETURN, source=self.six, in_interface="lo", protocol=TCP)
         self.insert(3, MANGLE, ISTIO_INBOUND, RETURN, in_interface="lo", protocol=TCP,
-                    matches=(_mark_match("mark", OUTBOUND_MARK, negated=True),))
+                    matches=(mark_match("mark", OUTBOUND_MARK, negated=True),))

@@ -10,32 +10,14 @@ from __future__ import annotations
 from istio_init.config import Cidr, Config
 from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, FamilyPlan, Match,
                               Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
+from istio_init.rulesets.parts import (DNS_CAPTURE_PORT, DNS_PORT, ISTIO_DIVERT, ISTIO_IN_REDIRECT, ISTIO_INBOUND,
+                                       ISTIO_OUTPUT, ISTIO_REDIRECT, ISTIO_TPROXY, MANGLE, NAT, OUTPUT, POSTROUTING,
+                                       PREROUTING, REDIRECT, RETURN, SSH_PORT, TCP, owner)
 from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import Any, Iterable, Sequence
 
-NAT = "nat"
-MANGLE = "mangle"
-
-PREROUTING = "PREROUTING"
-OUTPUT = "OUTPUT"
-POSTROUTING = "POSTROUTING"
-
-ISTIO_INBOUND = "ISTIO_INBOUND"
-ISTIO_IN_REDIRECT = "ISTIO_IN_REDIRECT"
-ISTIO_OUTPUT = "ISTIO_OUTPUT"
-ISTIO_REDIRECT = "ISTIO_REDIRECT"
-ISTIO_DIVERT = "ISTIO_DIVERT"
-ISTIO_TPROXY = "ISTIO_TPROXY"
-
-RETURN = "RETURN"
-REDIRECT = "REDIRECT"
-
-TCP = "tcp"
-SSH_PORT = 22
-DNS_PORT = 53
-DNS_CAPTURE_PORT = 15053
 MULTIPORT_MAX = 15  # xt_multiport's limit per rule
 
 
@@ -49,11 +31,9 @@ OWNED_CHAINS = {
 
 def shape_configs() -> list[Config]:
     """Configs reaching every rule this set writes into built-in chains, variable parts as sentinels."""
-    from istio_init.rulesets.sentinels import SENTINEL_ID, SENTINEL_IFACE, SENTINEL_MARK
+    from istio_init.rulesets.sentinels import shape_config
 
-    return [Config(kube_virt_interfaces=(SENTINEL_IFACE,), dns_capture=True, proxy_uids=(SENTINEL_ID,),
-                   proxy_gids=(SENTINEL_ID,), inbound_interception_mode="TPROXY", capture_all_inbound=True,
-                   capture_all_outbound=True, tproxy_mark=SENTINEL_MARK)]
+    return [shape_config(NAME)]
 
 
 def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
@@ -73,10 +53,6 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
 
 def _tcp_dport(port: int | str) -> Match:
     return Match(TCP, (Option("dport", str(port)),))
-
-
-def _owner(kind: str, ident: int, negated: bool = False) -> Match:
-    return Match("owner", (Option(f"{kind}-owner", str(ident), negated),))
 
 
 def _established() -> Match:
@@ -160,11 +136,11 @@ class _Family:
         for kind, ids in (("uid", cfg.proxy_uids), ("gid", cfg.proxy_gids)):
             for ident in ids:
                 self.append(NAT, ISTIO_OUTPUT, ISTIO_IN_REDIRECT, destination=self.localhost,
-                            negate_destination=True, out_interface="lo", matches=(_owner(kind, ident),))
+                            negate_destination=True, out_interface="lo", matches=(owner(kind, ident),))
                 if self.v6 or not loopback_in_include:
                     self.append(NAT, ISTIO_OUTPUT, RETURN, out_interface="lo",
-                                matches=(_owner(kind, ident, negated=True),))
-                self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(_owner(kind, ident),))
+                                matches=(owner(kind, ident, negated=True),))
+                self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(owner(kind, ident),))
 
         # 13-14. Local and excluded destinations are never captured.
         self.append(NAT, ISTIO_OUTPUT, RETURN, destination=self.localhost)
@@ -239,7 +215,7 @@ class _Family:
         dns = Match("udp", (Option("dport", str(DNS_PORT)),))
         for kind, ids in (("uid", cfg.proxy_uids), ("gid", cfg.proxy_gids)):
             for ident in ids:
-                self.append(NAT, OUTPUT, RETURN, protocol="udp", matches=(dns, _owner(kind, ident)))
+                self.append(NAT, OUTPUT, RETURN, protocol="udp", matches=(dns, owner(kind, ident)))
         self.append(NAT, OUTPUT, "DNAT", protocol="udp", matches=(dns,),
                     target_options=(Option("to-destination", f"127.0.0.1:{DNS_CAPTURE_PORT}"),))
         self.append(NAT, POSTROUTING, "SNAT", protocol="udp",

@@ -227,6 +227,9 @@ class _Family:
             for opt in match.options:
                 made.set_parameter(opt.name, ("!" if opt.negated else "") + opt.value)
         target = built.create_target(rule.target)
+        if rule.target == "NFLOG":
+            _set_nflog(target, {opt.name: opt.value for opt in rule.target_options})
+            return built
         for opt in rule.target_options:
             target.set_parameter(opt.name, opt.value)
         return built
@@ -268,6 +271,32 @@ class _Family:
                     table.refresh()  # drop the uncommitted copy
             raise ApplyError(f"libiptc {command(self.family)}: table {change.table}, chain {chain}, rule `{spec}`: "
                              f"{exc or type(exc).__name__}") from None
+
+
+# struct xt_entry_target (u16 size, char name[29], u8 revision) is followed by xt_nflog_info:
+# u32 len, u16 group, u16 threshold, u16 flags, u16 pad, char prefix[64].
+_TARGET_HEADER = 32
+_NFLOG_F_COPY_LEN = 1
+
+
+def _set_nflog(target: Any, options: Mapping[str, str]) -> None:
+    """NFLOG's options written into its struct, never parsed by python-iptables.
+
+    Its parse of --nflog-prefix corrupts the heap (the process crashes at a
+    later, unrelated allocation), and its final check saves the target and
+    parses every option again; so the fields are set here and the check,
+    whose only test is the prefix's length (the planner's short ASCII
+    names), is skipped. The values are the planner's own.
+    """
+    data = ctypes.addressof(target.target) + _TARGET_HEADER
+    if "nflog-size" in options:
+        ctypes.c_uint32.from_address(data).value = int(options["nflog-size"])
+        ctypes.c_uint16.from_address(data + 8).value |= _NFLOG_F_COPY_LEN
+    if "nflog-group" in options:
+        ctypes.c_uint16.from_address(data + 4).value = int(options["nflog-group"])
+    prefix = options.get("nflog-prefix", "").encode()[:63] + b"\0"
+    ctypes.memmove(data + 12, prefix, len(prefix))
+    object.__setattr__(target, "final_check", lambda: None)
 
 
 class LibiptcTables(ToolTables):

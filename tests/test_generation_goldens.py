@@ -1,0 +1,76 @@
+"""The rule sets of Istio 1.9 to 1.24 against each release's own expected rules (cases_generations.py).
+
+Pure: the dry run of each case equals the stored canonical text (table by
+table). Root: Istio's expected rules, loaded into a fresh namespace by the
+legacy and the nft restore tools, read back as that stored text (so the text is
+Istio's, converted by the kernel); and istio-init, applied for real with each
+backend, leaves exactly that text.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from cases_generations import GENERATION_CASES, GROUP_GIDS, GenerationCase
+from clirun import clean_environ, invoke
+from istio_golden import (BACKEND_TOOLS, TOOLS, any_restore_inputs, assert_holds_golden, kernel_converted,
+                          resolv_env)
+from istio_init.render import split_families
+from nsutil import Namespace
+
+
+
+def _blocks(text: str) -> list[dict[str, str]]:
+    """Per family, table name -> its block of iptables-save text (the order of tables means nothing)."""
+    out = []
+    for family in split_families(text):
+        blocks: dict[str, str] = {}
+        name = ""
+        for line in family.splitlines(keepends=True):
+            if line.startswith("*"):
+                name = line[1:].strip()
+            blocks[name] = blocks.get(name, "") + line
+        out.append(blocks)
+    return out
+
+
+def test_every_carried_golden_is_a_case() -> None:
+    carried = {(p.parent.name, p.stem) for p in Path(GENERATION_CASES[0].istio_golden).parents[1].glob("*/*.golden")}
+    assert carried == {(case.tag, case.name) for case in GENERATION_CASES}
+    assert len(GENERATION_CASES) == 174
+
+
+@pytest.mark.parametrize("case", GENERATION_CASES, ids=lambda c: c.id)
+def test_dry_run_matches_converted_istio_golden(case: GenerationCase, tmp_path: Path) -> None:
+    result = invoke(case.argv(), resolv_env(case, tmp_path))
+    assert result.code == 0, result.stderr
+    assert _blocks(result.stdout) == _blocks(case.golden.read_text())
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("flavour", sorted(TOOLS))
+@pytest.mark.parametrize("case", GENERATION_CASES, ids=lambda c: c.id)
+def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: GenerationCase, flavour: str,
+                                                                      netns: Namespace) -> None:
+    parts = kernel_converted(netns, any_restore_inputs(case.istio_golden.read_text(), GROUP_GIDS), flavour)
+    assert len(parts) == (2 if case.ipv6 else 1)
+    converted = "# IPv6\n".join(parts)
+    if os.environ.get("UPDATE_GOLDEN") == "1" and flavour == "legacy":
+        case.golden.parent.mkdir(parents=True, exist_ok=True)
+        case.golden.write_text(converted)
+    assert converted == case.golden.read_text()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", sorted(BACKEND_TOOLS))
+@pytest.mark.parametrize("case", GENERATION_CASES, ids=lambda c: c.id)
+def test_real_apply_reads_back_as_istio_golden(case: GenerationCase, backend: str, netns: Namespace,
+                                               tmp_path: Path) -> None:
+    done = netns.run(sys.executable, "-m", "istio_init", *case.argv(dry_run=False), "--iptables-backend", backend,
+                     env=clean_environ(resolv_env(case, tmp_path)), check=False)
+    assert done.returncode == 0, done.stderr
+    assert_holds_golden(netns, backend, case.golden.read_text())
