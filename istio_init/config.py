@@ -279,6 +279,10 @@ ISTIO_BINARY_NAME = "istio-iptables"
 # Current Istio's --cleanup-only, given by environment (the click CLI reads and checks it).
 CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
 
+# The Istio releases (1.N) whose injection template writes each of pilot-agent's logging flags (logs.py)
+# into the init container's args.
+INJECTED_BY = {"--log_output_level": (15, 32), "--log_as_json": (15, 32)}
+
 # How a switch is spelled: Istio's flags and variables, and CLEANUP_ONLY (case and surrounding
 # spaces aside); Go's strconv.ParseBool for pilot-agent's logging flags (case aside) and for pod
 # annotations and proxy metadata (exactly).
@@ -689,8 +693,6 @@ def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
     default mean a mesh of a later release runs 1.8's rules: said once, with
     the releases that write the flag and the --rules-version values for them.
     """
-    from istio_init.logs import INJECTED_BY
-
     covered = RULE_SET_RELEASES[rule_set]
     flags = [flag for flag in dict.fromkeys(given)
              if flag in INJECTED_BY and not _overlap(INJECTED_BY[flag], covered)]

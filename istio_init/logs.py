@@ -35,8 +35,6 @@ LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 DEFAULT_SCOPE = "default"
 _VALUE_FLAGS = ("--log_output_level", "--log_target", "--log_stacktrace_level", "--log_caller")
 _BOOL_FLAGS = ("--log_as_json",)
-# The Istio releases whose injection template writes each flag into the init container's args.
-INJECTED_BY = {"--log_output_level": (15, 32), "--log_as_json": (15, 32)}
 
 
 class LogOptions(NamedTuple):
