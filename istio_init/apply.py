@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
     from istio_init.backends.base import Backend, Undo
-    from istio_init.netns import Routing
+    from istio_init.netns import Removed, Routing
 
     Lock = Callable[[], contextlib.AbstractContextManager[None]]
 
@@ -54,16 +54,17 @@ class _NetworkUndo:
     def __init__(self, network: Any) -> None:
         self.network = network
         self.added_routing: list[Routing] = []
-        self.removed_routing: list[Routing] = []
+        self.removed_routing: list[Removed] = []
         self.added_addresses: list[str] = []
+        self.removed_addresses: list[str] = []
 
     def undo(self) -> list[str]:
         problems = []
         steps: list[Callable[[], object]] = [
-                 lambda: self.network.remove_routing(list(reversed(self.added_routing))),
-                 *[(lambda r=r: self.network.add_policy_route(r.family, r.fwmark, r.table))
-                   for r in self.removed_routing if r.kind == "rule"],
-                 *[(lambda a=a: self.network.remove_loopback_address(a)) for a in self.added_addresses]]
+            lambda: self.network.remove_routing(list(reversed(self.added_routing))),
+            lambda: self.network.restore_routing(self.removed_routing),
+            *[(lambda a=a: self.network.remove_loopback_address(a)) for a in self.added_addresses],
+            *[(lambda a=a: self.network.add_loopback_address(a)) for a in self.removed_addresses]]
         for step in steps:
             try:
                 step()
@@ -81,11 +82,14 @@ def _undo_all(undos: Sequence[Undo | _NetworkUndo], error: BaseException) -> App
 
 
 def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]] = tuple, network: Any = None,
-        lock: Lock = locks.namespace_lock) -> Applied:
+        lock: Lock = locks.namespace_lock, tproxy: tuple[int, int] = (1337, 133)) -> Applied:
     """Install `plan` through `backend`, converging from whatever is there; remove ours from `others()`.
 
     `others` is asked under the lock: a concurrent run with another backend
-    may have just installed its rules there.
+    may have just installed its rules there. `tproxy` is the flags' TPROXY
+    mark and route table: policy routing of that shape (and of marks
+    istio-init's replaced rules set) is istio-init's, and goes when the plan
+    does not want it.
     """
     families = [family.family for family in plan.families()]
     notes: list[str] = []
@@ -102,7 +106,7 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
                 notes.append(f"removed istio-init's rules from the {other.name} tables (this run uses "
                              f"{backend.name}, so two rule sets do not capture at once)")
             timing.mark("other backends holding istio-init's rules")
-            _apply_routing(plan, marks, network, undos)
+            _apply_routing(plan, marks | {tproxy[0]}, {tproxy[1]}, network, undos)
             timing.mark("routes and addresses")
         except BaseException as exc:  # anything after the first commit rolls everything back
             raise _undo_all(undos, exc) from None
@@ -115,12 +119,16 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
     return Applied(backend.name, changed, dump, notes)
 
 
-def _apply_routing(plan: RulePlan, previous_marks: set[int], network: Any,
+def _apply_routing(plan: RulePlan, marks: set[int], tables: set[int], network: Any,
                    undos: list[Undo | _NetworkUndo]) -> None:
-    planned = {route.fwmark for route in plan.routes}
-    stale = previous_marks - planned
-    if not (plan.loopback_addresses or plan.routes or stale):
-        return  # the common case: no pyroute2 at all
+    """Addresses and the planned policy routing in; istio-init's policy routing the plan does not want out."""
+    from istio_init import netns
+
+    wanted = netns.planned_routing(plan.routes)
+    marks = marks | {item.fwmark for item in wanted if item.kind == "rule"}
+    tables = tables | {item.table for item in wanted}
+    if not (plan.loopback_addresses or plan.routes) and network is None and not netns.routing_present(marks, tables):
+        return  # the common case: nothing of ours, and no pyroute2 at all
     net = network or _network()
     state = _NetworkUndo(net)
     undos.append(state)
@@ -130,15 +138,13 @@ def _apply_routing(plan: RulePlan, previous_marks: set[int], network: Any,
             step = f"address {address} on lo"
             if net.add_loopback_address(address):
                 state.added_addresses.append(address)
-        for route in plan.routes:
+        for route in plan.routes:  # the new routing first, so capture never lapses
             step = f"policy route fwmark {route.fwmark:#x} lookup {route.table}"
             state.added_routing += net.add_policy_route(route.family, route.fwmark, route.table)
+        step = "removing policy routing of istio-init's that the plan does not want"
+        stale = [item for family in (4, 6) for item in net.owned_routing(family, marks, tables) if item not in wanted]
         if stale:
-            step = "removing the policy routes of earlier TPROXY marks"
-            for family in (4, 6):
-                found = net.policy_routing_for_marks(family, stale)
-                net.remove_routing(found)
-                state.removed_routing += found
+            net.remove_routing(stale, state.removed_routing)
     except Exception as exc:  # ApplyError, NetlinkError, OSError from pyroute2
         raise ApplyError(f"route step, {step}: {exc}") from None
 
@@ -152,8 +158,12 @@ class Cleaned:
 
 
 def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, network: Any = None,
-          lock: Lock = locks.namespace_lock) -> Cleaned:
-    """Remove istio-init's rules from every backend given, its TPROXY routes and the ::6 address."""
+          lock: Lock = locks.namespace_lock, tables: frozenset[int] = frozenset({133})) -> Cleaned:
+    """Remove istio-init's rules from every backend given, its TPROXY routing and the ::6 address.
+
+    The routing removed is istio-init's shapes (netns.py) for `marks` (the
+    flags' and those istio-init's removed rules set) and `tables`.
+    """
     result = Cleaned()
     families = [4, 6]
     with lock():
@@ -167,7 +177,7 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, n
                 undos.append(undo)
                 result.changed += [f"{backend.name} {c}" for c in undo.changed]
                 marks |= undo.previous_marks
-            result.changed += _clean_routing(marks, dry_run, network or _network(), result)
+            result.changed += _clean_routing(marks, set(tables), dry_run, network or _network(), result, undos)
         except BaseException as exc:
             if dry_run:
                 raise
@@ -175,17 +185,20 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, n
     return result
 
 
-def _clean_routing(marks: set[int], dry_run: bool, net: Any, result: Cleaned) -> list[str]:
-    found = [item for family in (4, 6) for item in net.policy_routing_for_marks(family, marks)]
+def _clean_routing(marks: set[int], tables: set[int], dry_run: bool, net: Any, result: Cleaned,
+                   undos: list[Undo | _NetworkUndo]) -> list[str]:
+    found = [item for family in (4, 6) for item in net.owned_routing(family, marks, tables)]
     has_address = net.has_loopback_address(IPV6_PASSTHROUGH_ADDRESS)
     gone = [str(item) for item in found] + ([f"address {IPV6_PASSTHROUGH_ADDRESS} on lo"] if has_address else [])
     if dry_run:
         result.planned += [f"# remove {item}\n" for item in gone]
         return []
+    state = _NetworkUndo(net)
+    undos.append(state)
     try:
-        net.remove_routing(found)
-        if has_address:
-            net.remove_loopback_address(IPV6_PASSTHROUGH_ADDRESS)
+        net.remove_routing(found, state.removed_routing)
+        if has_address and net.remove_loopback_address(IPV6_PASSTHROUGH_ADDRESS):
+            state.removed_addresses.append(IPV6_PASSTHROUGH_ADDRESS)
     except Exception as exc:  # NetlinkError, OSError from pyroute2
         raise ApplyError(f"clean: removing routes or the ::6 address: {exc}") from None
     return gone

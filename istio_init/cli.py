@@ -223,7 +223,8 @@ def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
     _out(graph.run(config, live, fmt, table, log))
 
 
-_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "native_nftables")
+_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "tproxy_route_table",
+                "native_nftables")
 
 
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]},
@@ -362,12 +363,26 @@ def cni_flags(argv: list[str]) -> dict[str, Any]:
 
 
 def _cni_log(message: str, level: str = "info") -> None:
-    """One entry in the plugin's log: fd 2, which is the configuration's logFile once it is read."""
+    """One entry in the plugin's log: fd 2, which is the configuration's logFile once it is read.
+
+    Written straight to the descriptor and never raising: a log that cannot
+    be written (a full disk, /dev/full) loses lines, not the answer.
+    """
     import time
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-    print(f"{stamp} {level} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}",
-          file=sys.stderr, flush=True)
+    line = f"{stamp} {level} {CNI_PROG}[{os.getpid()}] {os.environ.get('CNI_CONTAINERID', '-')[:12]}: {message}\n"
+    _write_all(2, line.encode("utf-8", "replace"))
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write all of `data` to `fd`; False (nothing raised) when the descriptor refuses."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        return False
+    return True
 
 
 def _cni_log_to(path: str) -> None:
@@ -378,36 +393,80 @@ def _cni_log_to(path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         raise CniError(ERR_IO, f"cannot open the log file {path}", exc.strerror or str(exc)) from None
-    sys.stdout.flush()
-    sys.stderr.flush()
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
 
 
+def _cni_descriptors() -> int:
+    """Make fds 0-2 usable and keep a private copy of stdout for the answer; returns that copy.
+
+    A runtime may start the plugin with a descriptor closed (`2>&-`). Then the
+    next file opened would take its number, so the log could land in the
+    answer: a closed 0, 1 or 2 is opened on /dev/null first. Then fd 1 points
+    at fd 2, so nothing the apply path or a tool it runs prints can reach the
+    runtime.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)
+    return answer_fd
+
+
+def _cni_stdin() -> bytes:
+    """The network configuration as bytes (decoded by cni.decode), read boundedly."""
+    from istio_init.cni import MAX_INPUT_BYTES
+
+    chunks, size = [], 0
+    try:
+        while size <= MAX_INPUT_BYTES:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        pass  # unreadable stdin: what was read (maybe nothing) is decoded, and refused
+    return b"".join(chunks)
+
+
 def cni_main(wrap_backend: Any = None) -> None:
     """Console-script entry of istio-init-cni; stdout and the exit status follow the CNI specification.
 
-    stdout belongs to the protocol: a copy of it is kept for the one answer and
-    fd 1 points at stderr (then at the log file), so nothing the apply path or
-    a tool it runs prints can reach the runtime. Without CNI_COMMAND it prints
-    what it is and the protocol versions it speaks, as the reference plugins
-    do. `wrap_backend` wraps the backend a run chooses (tests inject faults
-    with it).
+    stdout belongs to the protocol: `cni.answer` makes the one answer (already
+    encoded, always valid JSON), it is written to the copy of fd 1 kept by
+    _cni_descriptors, and the process ends at once, so no late flush of a log
+    that cannot be written changes the exit status. Without CNI_COMMAND it
+    prints what it is and the protocol versions it speaks, as the reference
+    plugins do. `wrap_backend` wraps the backend a run chooses (tests inject
+    faults with it).
     """
-    import json
-
     from istio_init import cni
 
     if not os.environ.get("CNI_COMMAND"):  # a person, not a runtime: say what this is (stdin is theirs)
-        sys.stderr.write(cni.about())
-        sys.exit(0)
-    answer_fd = os.dup(1)
-    os.dup2(2, 1)
+        try:
+            sys.stderr.write(cni.about())
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):  # no stderr to say it on
+            pass
+        os._exit(0)
+    answer_fd = _cni_descriptors()
+    sys.stdout = sys.stderr = open(1, "w", errors="replace", closefd=False)  # stray prints go to the log, never to the answer
     call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)
-    code, answer = cni.invoke(call, sys.stdin.read(), _cni_log_to)
-    if answer is not None:
-        data = (json.dumps(answer) + "\n").encode()
-        while data:
-            data = data[os.write(answer_fd, data):]
-    sys.exit(code)
+    code, answer = cni.answer(os.environ.get("CNI_COMMAND", ""), _cni_stdin(), call.log,
+                              lambda data: cni.run(call, data, _cni_log_to))
+    if answer and not _write_all(answer_fd, answer):
+        code = code or 1  # the runtime cannot have the result: it must not take the ADD as done
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -19,7 +19,6 @@ answer) is `cli.cni_main`, as only the CLI does I/O.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -97,8 +96,8 @@ class NetConf:
         self.env = _string_map(data, "env")
         self.exclude_namespaces = _string_list(data, "excludeNamespaces")
         log_file = data.get("logFile")
-        if log_file is not None and (not isinstance(log_file, str) or not log_file):
-            raise CniError(ERR_CONFIG, "invalid network configuration: logFile must be a path")
+        if log_file is not None and (not isinstance(log_file, str) or not log_file or "\0" in log_file):
+            raise CniError(ERR_CONFIG, "invalid network configuration: logFile must be a path (no NUL byte)")
         self.log_file: str | None = log_file
         self.prev_result = data.get("prevResult")
         if command in ("ADD", "CHECK") and not isinstance(self.prev_result, dict):
@@ -147,11 +146,34 @@ def _ruleset_flags(data: Mapping[str, Any]) -> list[str]:
     return flags
 
 
-def parse_netconf(text: str, command: str) -> NetConf:
+MAX_INPUT_BYTES = 16 << 20  # a network configuration with its prevResult is a few kilobytes
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode(raw: bytes) -> Any:
+    """The JSON document on stdin, as the specification's JSON: UTF-8, no NaN or Infinity, nested boundedly.
+
+    Python's json module takes NaN and Infinity (a runtime's decoder does not,
+    so echoing them in prevResult would be no answer at all) and raises
+    RecursionError, not ValueError, on deep nesting; both are decode errors.
+    """
+    if len(raw) > MAX_INPUT_BYTES:
+        raise CniError(ERR_DECODE, "cannot decode the network configuration",
+                       f"larger than {MAX_INPUT_BYTES} bytes")
     try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise CniError(ERR_DECODE, "cannot decode the network configuration", str(exc)) from None
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise CniError(ERR_DECODE, "cannot decode the network configuration", f"not UTF-8: {exc.reason} "
+                       f"at byte {exc.start}") from None
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CniError(ERR_DECODE, "cannot decode the network configuration", detail) from None
+
+
+def parse_netconf(data: Any, command: str) -> NetConf:
     if not isinstance(data, dict):
         raise CniError(ERR_DECODE, "cannot decode the network configuration", "not a JSON object")
     return NetConf(data, command)
@@ -230,8 +252,7 @@ def core(action: str, config: Config, call: Call) -> list[str]:
         return []
     if action == "DEL":
         runner.clean(config, call.log, call.wrap)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(locks.namespace_lock_path())  # the pod is going; its lock file goes with it
+        locks.retire_namespace_lock()  # the pod is going; its lock file goes with it, under its lock
         return []
     # CHECK is `istio-init check`: the same plan, live state and comparison (drift.py).
     from istio_init import drift
@@ -321,29 +342,27 @@ def cmd_status() -> None:
         raise CniError(ERR_NOT_AVAILABLE, "no iptables-legacy-save or iptables-nft-save on this node")
 
 
-def cmd_version(text: str) -> dict[str, Any]:
-    try:
-        asked = json.loads(text).get("cniVersion") if text.strip() else None
-    except (ValueError, AttributeError):
-        asked = None
+def cmd_version(data: Any) -> dict[str, Any]:
+    asked = data.get("cniVersion") if isinstance(data, dict) else None
     return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST_VERSION,
             "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
 # ---- one invocation ------------------------------------------------------------------------------
 
-def run(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> dict[str, Any] | None:
+def run(call: Call, data: Any, log_to: Callable[[str], None]) -> dict[str, Any] | None:
     """The answer for stdout, or None (DEL, CHECK, STATUS and GC succeed silently).
 
-    `log_to(path)` is called with the configuration's logFile, once it is read.
+    `data` is the decoded stdin; `log_to(path)` is called with the
+    configuration's logFile, once it is read.
     """
     environ = call.environ
     command = environ.get("CNI_COMMAND", "")
     if command == "VERSION":
-        return cmd_version(stdin_text)
+        return cmd_version(data)
     if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
         raise CniError(ERR_ENVIRONMENT, f"CNI_COMMAND {command!r} is not a CNI command")
-    conf = parse_netconf(stdin_text, command)
+    conf = parse_netconf(data, command)
     if conf.log_file is not None:
         log_to(conf.log_file)
     call.log(f"{command} netns={environ.get('CNI_NETNS', '')} args={environ.get('CNI_ARGS', '')}")
@@ -359,29 +378,56 @@ def run(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> dict[str,
     return None
 
 
-def invoke(call: Call, stdin_text: str, log_to: Callable[[str], None]) -> tuple[int, dict[str, Any] | None]:
-    """(exit status, answer) of one invocation: a failure becomes the specification's error object."""
-    return answer(stdin_text, call.log, lambda: run(call, stdin_text, log_to))
+def _encode(answer: dict[str, Any]) -> bytes:
+    """One JSON document and a newline: strict JSON (no NaN), ASCII, so any runtime's decoder reads it."""
+    return (json.dumps(answer, allow_nan=False) + "\n").encode("ascii")
 
 
-def answer(stdin_text: str, log: Log, decide: Callable[[], dict[str, Any] | None]) -> tuple[int, dict[str, Any] | None]:
-    """(exit status, answer) of `decide()`: the one place a failure becomes the error object.
+def _error_object(version: str, code: int, msg: str, details: str) -> bytes:
+    def text(value: str) -> str:  # a lone surrogate (an undecodable path) is no Unicode text
+        return value.encode("utf-8", "replace").decode("utf-8")
 
-    Both CNI forms (this process and the node agent, cni_agent.py) answer
-    through here, so a caller always gets exactly one valid JSON document.
+    return _encode({"cniVersion": version, "code": code, "msg": text(msg), "details": text(details)})
+
+
+def answer(command: str, stdin: bytes, log: Callable[[str], None],
+           decide: Callable[[Any], dict[str, Any] | None]) -> tuple[int, bytes]:
+    """(exit status, the bytes for stdout) of one call, whatever the input: `decide` gets the decoded stdin.
+
+    The one place an answer is made, for both CNI forms (this process and the
+    node agent, cni_agent.py): a success gives the result (ADD, VERSION) or
+    nothing (DEL, CHECK, STATUS, GC), every failure exactly one error object,
+    and what is returned has been encoded already, so it is always one valid
+    JSON document (or nothing): a result that cannot be encoded becomes an
+    error object, and so does a bug.
     """
     version = LATEST_VERSION
     try:
-        asked = json.loads(stdin_text).get("cniVersion")
+        try:
+            data = decode(stdin)
+        except CniError:
+            if command != "VERSION":
+                raise
+            data = None  # VERSION answers whatever it is given (the newest version, then)
+        asked = data.get("cniVersion") if isinstance(data, dict) else None
         version = asked if isinstance(asked, str) and asked else version
-    except (ValueError, AttributeError):
-        pass
-    try:
-        return 0, decide()
+        result = decide(data)
+        if result is None:
+            return 0, b""
+        try:
+            return 0, _encode(result)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise CniError(ERR_DECODE, "the prevResult cannot be passed on as JSON", str(exc)) from None
     except CniError as exc:
-        log(f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
-        return 1, {"cniVersion": version, "code": exc.code, "msg": exc.msg, "details": exc.details}
+        _log_quietly(log, f"error {exc.code}: {exc.msg}" + (f": {exc.details}" if exc.details else ""))
+        return 1, _error_object(version, exc.code, exc.msg, exc.details)
     except Exception as exc:  # a bug: still the protocol's error object, and the log has the type
-        log(f"unexpected error: {type(exc).__name__}: {exc}")
-        return 1, {"cniVersion": version, "code": ERR_INTERNAL, "msg": f"unexpected error: {type(exc).__name__}",
-                   "details": str(exc)}
+        _log_quietly(log, f"unexpected error: {type(exc).__name__}: {exc}")
+        return 1, _error_object(version, ERR_INTERNAL, f"unexpected error: {type(exc).__name__}", str(exc))
+
+
+def _log_quietly(log: Callable[[str], None], message: str) -> None:
+    try:
+        log(message)
+    except Exception:  # the answer matters more than its log line
+        pass

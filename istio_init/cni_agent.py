@@ -77,7 +77,7 @@ class Request:
     """One forwarded call: the CNI_* variables, the configuration, the namespace descriptor (or None)."""
 
     environ: Mapping[str, str]
-    stdin: str
+    stdin: bytes  # decoded by cni.answer, as the CNI specification's stdin
     netns_fd: int | None
 
 
@@ -131,30 +131,30 @@ def read_request(conn: socket.socket) -> Request:
                 break
             name, _, value = entry.partition("=")
             environ[name] = value
-        return Request(environ, body[position:].decode("utf-8", "replace"), fd)
+        return Request(environ, body[position:], fd)
     except BaseException:
         if fd is not None:
             os.close(fd)
         raise
 
 
-def respond(request: Request, mesh: MeshSettings, log: Log,
+def respond(request: Request, data: Any, mesh: MeshSettings, log: Log,
             pod_facts: PodFactsSource = facts_from_runtime) -> dict[str, Any] | None:
-    """The answer to one call (raises CniError for the error object)."""
+    """The answer to one call, `data` its decoded configuration (raises CniError for the error object)."""
     environ = request.environ
     command = environ.get("CNI_COMMAND", "")
     if command == "VERSION":
-        return cni.cmd_version(request.stdin)
+        return cni.cmd_version(data)
     if command not in ("ADD", "DEL", "CHECK", "STATUS", "GC"):
         raise CniError(cni.ERR_ENVIRONMENT, f"CNI_COMMAND {command!r} is not a CNI command")
-    conf = cni.parse_netconf(request.stdin, command)
+    conf = cni.parse_netconf(data, command)
     namespace, name = k8s_pod(environ.get("CNI_ARGS", ""))
     log(f"{command} pod {namespace or '-'}/{name or '-'} container {environ.get('CNI_CONTAINERID', '-')[:12]}")
     # By pid, not /proc/self: the path is also the xtables lock of the iptables tools the apply may run.
     netns = f"/proc/{os.getpid()}/fd/{request.netns_fd}" if request.netns_fd is not None else None
     call = cni.Call(environ, log, _no_flags)
     if command == "ADD" or command == "CHECK":
-        decision = _decide(request, mesh, pod_facts)
+        decision = _decide(request, data, mesh, pod_facts)
         if not isinstance(decision, Capture):
             log(f"{command}: not captured: {decision.reason}")
             return conf.prev_result if command == "ADD" else None
@@ -193,9 +193,9 @@ def forget_lock(netns: str) -> None:
         os.unlink(locks.namespace_lock_path())
 
 
-def _decide(request: Request, mesh: MeshSettings, pod_facts: PodFactsSource) -> Any:
+def _decide(request: Request, data: Any, mesh: MeshSettings, pod_facts: PodFactsSource) -> Any:
     try:
-        runtime_config = json.loads(request.stdin).get("runtimeConfig")
+        runtime_config = data.get("runtimeConfig")
         return decide(pod_facts(request.environ.get("CNI_ARGS", ""), runtime_config), mesh)
     except AnnotationError as exc:
         raise CniError(cni.ERR_CONFIG, str(exc)) from None
@@ -213,10 +213,10 @@ def serve_call(conn: socket.socket, options: AgentOptions, log: Log) -> None:
         log(f"dropped a connection: {exc}", "warn")
         return
     started = time.monotonic()
-    code, document = cni.answer(request.stdin, log,
-                                lambda: respond(request, options.mesh, log, options.pod_facts))
+    code, document = cni.answer(request.environ.get("CNI_COMMAND", ""), request.stdin,
+                                log, lambda data: respond(request, data, options.mesh, log, options.pod_facts))
     log(f"{request.environ.get('CNI_COMMAND', '?')}: answered {code} in {(time.monotonic() - started) * 1000:.1f} ms")
-    reply = f"{code}\n".encode() + ((json.dumps(document) + "\n").encode() if document is not None else b"")
+    reply = f"{code}\n".encode() + document
     with contextlib.suppress(OSError):
         conn.sendall(reply)
 

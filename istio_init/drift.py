@@ -22,6 +22,7 @@ from __future__ import annotations
 from istio_init.backends.iptables.reconcile import is_ours
 from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.errors import IstioInitError
+from istio_init.installed import FLAVOURS
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
 from istio_init.records import TYPE_CHECKING, NamedTuple
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 # table -> chain -> rule specs (the text after `-A CHAIN`) in kernel order; chains listed even when empty.
 Chains = dict[str, dict[str, list[str]]]
 
-FLAVOURS = ("legacy", "nft")
 IN_SYNC = 0
 DRIFTED = 1
 LOCK_WAIT_SECONDS = 5  # never hold up an apply (or a probe) for long
@@ -63,6 +63,7 @@ class Live(NamedTuple):
     rules: dict[str, dict[int, Chains]]  # flavour -> family -> chains
     routing: frozenset[Routing]
     addresses: frozenset[str]
+    store: str = "legacy"  # the flavour holding istio-init's rules (installed.py's policy)
 
 
 class Difference(NamedTuple):
@@ -135,12 +136,10 @@ def chains_from_save(text: str) -> Chains:
 
 
 def planned_state(rule_plan: RulePlan) -> Planned:
-    routing = set()
-    for route in rule_plan.routes:
-        routing.add(Routing("rule", route.family, route.fwmark, route.table))
-        routing.add(Routing("route", route.family, 0, route.table))
+    from istio_init.netns import planned_routing
+
     return Planned({family.family: chains_from_plan(family) for family in rule_plan.families()},
-                   frozenset(routing), frozenset(rule_plan.loopback_addresses))
+                   planned_routing(rule_plan.routes), frozenset(rule_plan.loopback_addresses))
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -219,30 +218,6 @@ def compare_rules(planned: Chains, live: Chains) -> list[Difference]:
     for table in dict.fromkeys([*planned, *live]):
         found += _compare_table(table, planned.get(table, {}), live.get(table))
     return found
-
-
-def pick_flavour(backend: str, rules: dict[str, dict[int, Chains]]) -> str:
-    """The flavour the rules are expected in: the backend's, or for auto the one apply would use.
-
-    For auto that is the flavour already holding istio-init's chains (nft
-    first, as apply prefers it), else nft when the namespace has nft tables
-    or no legacy ones, else legacy.
-    """
-    if backend in ("libiptc", "legacy"):
-        return "legacy"
-    if backend == "nft":
-        return "nft"
-
-    def holds_ours(flavour: str) -> bool:
-        return any(is_own_chain(table, chain) for chains in rules.get(flavour, {}).values()
-                   for table, by_chain in chains.items() for chain in by_chain)
-
-    for flavour in ("nft", "legacy"):
-        if holds_ours(flavour):
-            return flavour
-    if any(rules.get("nft", {}).values()) or "legacy" not in rules:
-        return "nft"
-    return "legacy"
 
 
 def _routing_text(routing: Routing) -> str:
@@ -431,30 +406,21 @@ def to_json(report: Report) -> str:
 # --------------------------------------------------------------------------- the kernel
 
 
-def read_rules(backend: str) -> dict[str, dict[int, Chains]]:
-    """The namespace's rules through the backends' read(): flavour -> family -> chains.
+def read_rules(backend: str) -> tuple[str, dict[str, dict[int, Chains]]]:
+    """(the store holding istio-init's rules, the rules of every flavour in use: flavour -> family -> chains).
 
-    Reads only: a flavour the kernel lacks (no legacy ip_tables, or no
-    iptables-nft tables) is left out instead of being created. With a backend
-    other than auto only its flavour is read.
+    Read through installed.py, the one reader `trace --live` and `graph
+    --live` use too, so all three judge the same store.
     """
-    from istio_init import backends
+    from istio_init import installed
     from istio_init.errors import ApplyError
 
-    flavours = backends.candidates(backend, [4, 6])
-    rules: dict[str, dict[int, Chains]] = {}
     try:
-        for flavour in flavours:
-            reader = backends.get(flavour)
-            for family in (4, 6):
-                if flavour == "legacy" and not backends.legacy_available([family]):
-                    continue
-                if flavour == "nft" and not backends.nft_in_use([family]):
-                    continue
-                rules.setdefault(flavour, {})[family] = chains_from_tables(reader.read(family))
+        found = installed.read(backend)
     except ApplyError as exc:
         raise CheckError(f"cannot read the rules: {exc}") from None
-    return rules
+    return found.store, {name: {family: chains_from_tables(tables) for family, tables in families.items()}
+                         for name, families in found.tables.items()}
 
 
 def _loopback_ipv6() -> set[str]:
@@ -478,31 +444,32 @@ def _loopback_ipv6() -> set[str]:
     return found
 
 
-def read_state(backend: str, planned: Planned) -> Live:
-    """The rules (read_rules), the TPROXY policy routing and `::6` on lo.
+def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 133)) -> Live:
+    """The rules (read_rules), istio-init's policy routing and `::6` on lo.
 
-    The policy routing looked at is that of the planned marks and of marks
-    set by live ISTIO_DIVERT rules (any flavour), with their tables' routes.
+    istio-init's policy routing is that of the planned marks and tables, of
+    the flags' TPROXY mark and route table (`tproxy`) and of marks set by live
+    ISTIO_DIVERT rules (any flavour and family), in the shapes a rule set
+    plans (netns.py), so a stale TPROXY route is extra and a user's rule is
+    never looked at.
     """
     from istio_init import netns
     from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
-    rules = read_rules(backend)
-    marks = {r.fwmark for r in planned.routing if r.kind == "rule"}
-    marks |= {m for families in rules.values()
-              for m in divert_marks(families.get(4, {}).get("mangle", {}).get(DIVERT_CHAIN, []))}
-    routing = set()
+    store, rules = read_rules(backend)
+    marks = {r.fwmark for r in planned.routing if r.kind == "rule"} | {tproxy[0]}
+    marks |= {m for families in rules.values() for chains in families.values()
+              for m in divert_marks(chains.get("mangle", {}).get(DIVERT_CHAIN, []))}
+    tables = {r.table for r in planned.routing} | {tproxy[1]}
+    routing: set[Routing] = set()
     try:
-        for family in sorted({4} | {r.family for r in planned.routing}) if marks or planned.routing else ():
-            found = netns.policy_routing_for_marks(family, marks) if marks else []
-            routing |= {r for r in found if r.kind == "rule"}
-            tables = {r.table for r in found} | {r.table for r in planned.routing if r.family == family}
-            routing |= {Routing("route", family, 0, t) for t in netns.local_default_route_tables(family, tables)}
+        if planned.routing or netns.routing_present(marks, tables):
+            routing = {item for family in (4, 6) for item in netns.owned_routing(family, marks, tables)}
         on_lo = _loopback_ipv6()
     except Exception as exc:  # NetlinkError, OSError from pyroute2
         raise CheckError(f"cannot read the policy routing or the addresses on lo: {exc}") from None
     addresses = {a for a in {IPV6_PASSTHROUGH_ADDRESS, *planned.addresses} if a in on_lo}
-    return Live(rules, frozenset(routing), frozenset(addresses))
+    return Live(rules, frozenset(routing), frozenset(addresses), store)
 
 
 def _apply_lock() -> ContextManager[None]:
@@ -538,12 +505,12 @@ def run(config: Config, log: Log) -> Report:
         return _run_native(config, rule_plan, planned)
     try:
         with _apply_lock():
-            live = read_state(config.iptables_backend, planned)
+            live = read_state(config.iptables_backend, planned, (config.tproxy_mark, config.tproxy_route_table))
     except CheckError:
         raise
     except IstioInitError as exc:
         raise CheckError(str(exc)) from None
-    report = compare(planned, live, pick_flavour(config.iptables_backend, live.rules))
+    report = compare(planned, live, live.store)
     if not report.in_sync and _native_tables_here():
         report = report._replace(hint=NATIVE_HINT)
     return report
@@ -572,7 +539,7 @@ def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report
         want = chains_from_objects(backend.as_loaded(render_transaction(rule_plan, backend.guard_single_family)))
         with _apply_lock():
             have = chains_from_objects(backend.ours())
-            live = read_state("auto", planned)
+            live = read_state("auto", planned, (config.tproxy_mark, config.tproxy_route_table))
     except CheckError:
         raise
     except IstioInitError as exc:

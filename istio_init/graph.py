@@ -355,14 +355,14 @@ def planned_rules(config: Config, log: Log) -> dict[int, Chains]:
 
 
 def live_rules(config: Config) -> dict[int, Chains]:
-    """The installed rules: native nftables tables with --native-nftables, else the iptables
-    flavour that holds istio-init's (as `check` picks it)."""
+    """The installed rules: native nftables tables with --native-nftables, else those of the iptables
+    store holding istio-init's (installed.py: as `check` and `trace` read them)."""
     from istio_init import drift
 
     if config.native_nftables:
         return live_nft_rules()
-    rules = drift.read_rules(config.iptables_backend)
-    return rules.get(drift.pick_flavour(config.iptables_backend, rules), {})
+    store, rules = drift.read_rules(config.iptables_backend)
+    return rules.get(store, {})
 
 
 def live_nft_rules() -> dict[int, Chains]:

@@ -25,6 +25,13 @@ rules on the next run. Checked in a namespace (tests/test_hostile_input.py):
   did not recognise `-i a\u2003b -j RETURN` as its own and left it behind.
 - A trailing '+' is iptables' documented wildcard (`-k vnet+` matches every
   vnet device), which Istio passes through as well; it is kept, on purpose.
+  The kernel stores a wildcard as a name and a mask over the bytes before the
+  '+', so `+` alone is a mask of no bytes: every backend stores "any
+  interface", iptables-save prints no `-i` at all, and the rule (`-j RETURN`
+  in PREROUTING) would return every packet. It is refused. Any other name
+  ending in '+' (`++`, `a+`) keeps at least one byte and is stored and printed
+  back exactly; a '+' or '*' inside a name is a plain character to iptables,
+  and the nftables renderer escapes '*' so nft reads it as one too.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ def common_refusal(name: str) -> str | None:
     """Why no backend can carry `name` so that istio-init finds the rule again, or None."""
     if name.startswith("-"):
         return "a name starting with '-' reads as an iptables option in iptables-save text"
+    if name == "+":
+        return ("'+' alone is a wildcard of no characters: the kernel stores it as any interface "
+                "(no -i match at all); give a prefix before '+', such as vnet+")
     odd = next((c for c in name if c.isspace() or not c.isprintable()), None)
     if odd is not None:
         return f"character {odd!r} splits or hides the name where istio-init reads its rules back"
@@ -59,7 +69,7 @@ def common_refusal(name: str) -> str | None:
 
 
 def backend_refusal(name: str, backend: str) -> str | None:
-    """Why `backend` cannot write `name` exactly, or None (auto is decided in apply.py)."""
+    """Why `backend` cannot write `name` exactly, or None (auto never picks libiptc)."""
     if backend == LIBIPTC and not name.isascii():
         return ("--iptables-backend libiptc (python-iptables) cannot write a non-ASCII name "
                 "exactly (it would cut it into a wildcard); use --iptables-backend legacy or nft")

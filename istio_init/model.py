@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 IPV4_PASSTHROUGH_ADDRESS = "127.0.0.6/32"
 IPV6_PASSTHROUGH_ADDRESS = "::6/128"
 
+# --native-nftables: istio-init's tables are exactly these, in family inet (any other table,
+# `inet istio-proxy-foo` included, is someone else's), in the order Istio creates them.
+NATIVE_TABLE_PREFIX = "istio-proxy-"
+NATIVE_TABLES = ("nat", "mangle", "raw")
+
 APPEND = "A"
 INSERT = "I"  # at Step.position (1-based), as `iptables -I CHAIN N`
 

@@ -14,12 +14,13 @@ import _socket as socket  # the C module: see the docstring
 import errno
 import os
 import struct
+
 from istio_init.errors import ConfigError, IstioInitError
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ipaddress
-    from typing import Any
+    from typing import Any, Iterable
 
 _NLMSG_HEADER = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
@@ -184,15 +185,20 @@ def in_initial_namespace() -> bool:
 
 
 _NFPROTO_INET = 1
-NATIVE_TABLE_PREFIX = "istio-proxy-"
 
 
 def native_nft_tables() -> set[str]:
-    """istio-init's own `inet istio-proxy-*` tables in this namespace (--native-nftables), over netlink.
+    """istio-init's own `inet istio-proxy-{nat,mangle,raw}` tables in this namespace, over netlink.
 
     Every iptables apply asks, so that a switch away from native nftables
     removes them; loading libnftables to find out would cost every pod start.
+    Only the tables a rule set plans are istio-init's: a user's `inet
+    istio-proxy-foo` is not, and must neither load libnftables nor be reported
+    as removed.
     """
+    from istio_init.model import NATIVE_TABLE_PREFIX, NATIVE_TABLES
+
+    ours = {NATIVE_TABLE_PREFIX + table for table in NATIVE_TABLES}
     try:
         replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO_INET, 0, 0), _NETLINK_NETFILTER)
     except OSError:
@@ -203,7 +209,7 @@ def native_nft_tables() -> set[str]:
             continue
         raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
         name = raw.split(b"\0", 1)[0].decode(errors="replace")
-        if name.startswith(NATIVE_TABLE_PREFIX):
+        if name in ours:
             names.add(name)
     return names
 
@@ -236,10 +242,29 @@ def enter(path: str, label: str = "--network-namespace") -> None:
 
 # TPROXY policy routing and the ::6 loopback address. pyroute2 is imported
 # only here, only when a plan (or clean) needs them: most pods never do.
+#
+# What is istio-init's: exactly the shapes a rule set plans, `fwmark MARK
+# lookup TABLE` (mask all ones, no other selector, any priority: none is
+# planned, and the kernel or pyroute2 picks one) and `local default dev lo
+# table TABLE`, either for the marks and tables the caller names (the flags'
+# mark and route table, and marks istio-init's live rules set), or made by
+# istio-init: it records itself as the rule's and route's protocol
+# (ROUTING_PROTOCOL, `proto 73` in `ip rule` and `ip route`), so a run whose
+# flags changed the mark or the table still finds what an earlier run made. A
+# user's `fwmark 1337 lookup 200`, `fwmark 0x539/0xffff lookup main` or `fwmark
+# 1337 iif eth0 lookup 133` is not istio-init's, nor is any other route.
 
 _RTN_LOCAL = 2
 _RT_SCOPE_HOST = 254
 _RTPROT_BOOT = 3  # what `ip route add` records
+_FR_ACT_TO_TBL = 1
+ROUTING_PROTOCOL = 73  # rtnetlink protocol number istio-init gives its rules and routes ('I'; unassigned)
+_FULL_MASK = 0xFFFFFFFF
+# Rule attributes that narrow a rule beyond "fwmark MARK lookup TABLE": a rule with one is not a planned shape.
+_RULE_SELECTORS = ("FRA_IIFNAME", "FRA_OIFNAME", "FRA_SRC", "FRA_DST", "FRA_UID_RANGE", "FRA_IP_PROTO",
+                   "FRA_SPORT_RANGE", "FRA_DPORT_RANGE", "FRA_L3MDEV", "FRA_TUN_ID", "FRA_GOTO",
+                   "FRA_SUPPRESS_IFGROUP", "FRA_FLOW")
+_NO_SUPPRESS_PREFIXLEN = (None, 0xFFFFFFFF)
 
 
 class Routing(NamedTuple):
@@ -256,6 +281,72 @@ class Routing(NamedTuple):
         return f"ip route local default dev lo table {self.table}"
 
 
+def planned_routing(routes: Iterable[Any]) -> frozenset[Routing]:
+    """The rules and routes a plan's TPROXY routes (family, fwmark, table) stand for."""
+    found = set()
+    for route in routes:
+        found.add(Routing("rule", route.family, route.fwmark, route.table))
+        found.add(Routing("route", route.family, 0, route.table))
+    return frozenset(found)
+
+
+_RTM_NEWROUTE = 24
+_RTM_GETROUTE = 26
+_RTM_NEWRULE = 32
+_RTM_GETRULE = 34
+_RTMSG = struct.Struct("=BBBBBBBBI")  # struct rtmsg and struct fib_rule_hdr have this one layout
+_RTA_TABLE = 15  # also FRA_TABLE
+_FRA_FWMARK = 10
+_FRA_PROTOCOL = 21
+
+
+def routing_present(marks: set[int], tables: set[int]) -> bool:
+    """Whether any policy rule for `marks` into `tables`, or any local default route in `tables`, may exist.
+
+    Asked over a raw netlink dump (well under a millisecond) on every apply
+    whose plan has no TPROXY routing, so the common pod never imports
+    pyroute2 (about 130 ms) just to learn there is nothing of ours to remove.
+    A superset of owned_routing(): True sends the caller to the exact check.
+    A route dump covers every table: a pod has a handful of routes.
+    """
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            rules = _dump(_RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
+            routes = _dump(_RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
+        except OSError as exc:
+            if exc.errno == errno.EAFNOSUPPORT:  # IPv6 disabled in the kernel: nothing of that family
+                continue
+            return True  # cannot tell: let the exact check decide
+        for msg_type, payload in rules:
+            if msg_type != _RTM_NEWRULE:
+                continue
+            attrs = _attributes(payload, _RTMSG.size)
+            mark = attrs.get(_FRA_FWMARK)
+            table = attrs.get(_RTA_TABLE)
+            table_id = struct.unpack("=I", table)[0] if table and len(table) == 4 else payload[4]
+            if mark and len(mark) == 4 and struct.unpack("=I", mark)[0] in marks and table_id in tables:
+                return True
+            if attrs.get(_FRA_PROTOCOL, b"")[:1] == bytes([ROUTING_PROTOCOL]):
+                return True
+        for msg_type, payload in routes:
+            if msg_type != _RTM_NEWROUTE:
+                continue
+            _, dst_len, _, _, table_byte, protocol, _, kind, _ = _RTMSG.unpack_from(payload)
+            table = _attributes(payload, _RTMSG.size).get(_RTA_TABLE)
+            table_id = struct.unpack("=I", table)[0] if table and len(table) == 4 else table_byte
+            if kind == _RTN_LOCAL and dst_len == 0 and (table_id in tables or protocol == ROUTING_PROTOCOL):
+                return True
+    return False
+
+
+class Removed(NamedTuple):
+    """A rule or route deleted, with the priority (rule) or metric (route) and protocol it had, to put it back."""
+
+    item: Routing
+    priority: int | None
+    protocol: int = _RTPROT_BOOT
+
+
 def _iproute() -> Any:
     from istio_init.rtnl import IPRoute  # pyroute2's messages without all of pyroute2 (rtnl.py says why)
 
@@ -266,14 +357,43 @@ def _rule_table(rule: Any) -> int:
     return int(rule.get_attr("FRA_TABLE") or rule["table"])
 
 
-def _has_policy_rule(ipr: Any, family: int, fwmark: int, table: int) -> bool:
-    return any(r.get_attr("FRA_FWMARK") == fwmark and _rule_table(r) == table
-               for r in ipr.get_rules(family=_af(family)))
+def _has_planned_shape(rule: Any) -> bool:
+    """`fwmark MARK lookup TABLE`: full mask, no other selector, not inverted (see above)."""
+    mask = rule.get_attr("FRA_FWMASK")
+    return (rule["action"] == _FR_ACT_TO_TBL and rule["flags"] == 0 and rule["src_len"] == 0
+            and rule["dst_len"] == 0 and rule["tos"] == 0
+            and rule.get_attr("FRA_FWMARK") is not None and (mask is None or mask == _FULL_MASK)
+            and rule.get_attr("FRA_SUPPRESS_PREFIXLEN") in _NO_SUPPRESS_PREFIXLEN
+            and not any(rule.get_attr(name) is not None for name in _RULE_SELECTORS))
+
+
+def _owned_rules(ipr: Any, family: int, marks: set[int], tables: set[int]) -> list[Any]:
+    """Rules of the planned shape for `marks` and `tables`, or made by istio-init (any mark and table)."""
+    return [r for r in ipr.get_rules(family=_af(family)) if _has_planned_shape(r)
+            and ((r.get_attr("FRA_FWMARK") in marks and _rule_table(r) in tables)
+                 or r.get_attr("FRA_PROTOCOL") == ROUTING_PROTOCOL)]
+
+
+def _rules_for(ipr: Any, family: int, fwmark: int, table: int) -> list[Any]:
+    return [r for r in ipr.get_rules(family=_af(family)) if _has_planned_shape(r)
+            and r.get_attr("FRA_FWMARK") == fwmark and _rule_table(r) == table]
+
+
+def _is_local_default(route: Any, lo: int) -> bool:
+    """`local default dev lo`: type local, no prefix, through lo, no gateway."""
+    return (route["type"] == _RTN_LOCAL and route["dst_len"] == 0 and route.get_attr("RTA_OIF") == lo
+            and route.get_attr("RTA_GATEWAY") is None and route.get_attr("RTA_MULTIPATH") is None)
+
+
+def _route_table(route: Any) -> int:
+    return int(route.get_attr("RTA_TABLE") or route["table"])
 
 
 def _local_default_routes(ipr: Any, family: int, table: int) -> list[Any]:
+    """`local default dev lo table TABLE`."""
+    lo = _lo_index(ipr)
     return [r for r in ipr.get_routes(family=_af(family), table=table)
-            if r["type"] == _RTN_LOCAL and r["dst_len"] == 0 and r.get_attr("RTA_TABLE") == table]
+            if _route_table(r) == table and _is_local_default(r, lo)]
 
 
 def _af(family: int) -> int:
@@ -282,6 +402,26 @@ def _af(family: int) -> int:
 
 def _lo_index(ipr: Any) -> int:
     return int(ipr.link_lookup(ifname="lo")[0])
+
+
+def owned_routing(family: int, marks: set[int], tables: set[int]) -> list[Routing]:
+    """istio-init's policy rules and local default routes in this namespace, for these marks and tables."""
+    found: list[Routing] = []
+    with _iproute() as ipr:
+        try:
+            ipr.get_rules(family=_af(family))
+        except Exception as exc:  # pyroute2's NetlinkError
+            if getattr(exc, "code", None) == errno.EAFNOSUPPORT:
+                return []  # the family is disabled in the kernel: it can hold nothing of ours
+            raise
+        for rule in _owned_rules(ipr, family, marks, tables):
+            found.append(Routing("rule", family, int(rule.get_attr("FRA_FWMARK")), _rule_table(rule)))
+        lo = _lo_index(ipr)
+        for route in ipr.route("dump", family=_af(family)):  # every table
+            table = _route_table(route)
+            if _is_local_default(route, lo) and (table in tables or route["proto"] == ROUTING_PROTOCOL):
+                found.append(Routing("route", family, 0, table))
+    return list(dict.fromkeys(found))
 
 
 def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
@@ -294,10 +434,10 @@ def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
         with _iproute() as ipr:
             if not _local_default_routes(ipr, family, table):
                 ipr.route("add", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
-                          proto=_RTPROT_BOOT, table=table, oif=_lo_index(ipr))
+                          proto=ROUTING_PROTOCOL, table=table, oif=_lo_index(ipr))
                 added.append(Routing("route", family, 0, table))
-            if not _has_policy_rule(ipr, family, fwmark, table):
-                ipr.rule("add", family=_af(family), fwmark=fwmark, table=table)
+            if not _rules_for(ipr, family, fwmark, table):
+                ipr.rule("add", family=_af(family), fwmark=fwmark, table=table, protocol=ROUTING_PROTOCOL)
                 added.append(Routing("rule", family, fwmark, table))
     except Exception:
         if added:  # the route went in but the rule did not: leave nothing half made
@@ -306,40 +446,45 @@ def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
     return added
 
 
-def remove_routing(items: list[Routing]) -> None:
-    """Delete policy rules and local default routes given as ("rule"|"route", family, mark, table)."""
+def remove_routing(items: list[Routing], removed: list[Removed] | None = None) -> list[Removed]:
+    """Delete istio-init's rules and routes named by `items`; returns what went, to put it back (restore_routing).
+
+    Only the planned shapes are deleted, each rule by its own priority, so a
+    user's rule with the same mark (another mask, table or selector) stays.
+    Each deletion is appended to `removed` as it happens, so a failure half
+    way still says what to put back.
+    """
+    removed = [] if removed is None else removed
     with _iproute() as ipr:
         for item in items:
-            kind, family, fwmark, table = item.kind, item.family, item.fwmark, item.table
-            if kind == "rule":
-                while _has_policy_rule(ipr, family, fwmark, table):
-                    ipr.rule("del", family=_af(family), fwmark=fwmark, table=table,
-                             priority=next(r.get_attr("FRA_PRIORITY") for r in ipr.get_rules(family=_af(family))
-                                           if r.get_attr("FRA_FWMARK") == fwmark and _rule_table(r) == table))
+            if item.kind == "rule":
+                for rule in _rules_for(ipr, item.family, item.fwmark, item.table):
+                    priority = rule.get_attr("FRA_PRIORITY")
+                    ipr.rule("del", family=_af(item.family), fwmark=item.fwmark, fwmask=_FULL_MASK,
+                             table=item.table, priority=priority or 0)
+                    removed.append(Removed(item, priority, rule.get_attr("FRA_PROTOCOL") or 0))
             else:
-                for _ in _local_default_routes(ipr, family, table):
-                    ipr.route("del", family=_af(family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
-                              table=table, oif=_lo_index(ipr))
+                for route in _local_default_routes(ipr, item.family, item.table):
+                    metric = route.get_attr("RTA_PRIORITY")
+                    ipr.route("del", family=_af(item.family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
+                              table=item.table, oif=_lo_index(ipr), **({"priority": metric} if metric else {}))
+                    removed.append(Removed(item, metric, route["proto"]))
+    return removed
 
 
-def policy_routing_for_marks(family: int, marks: set[int]) -> list[Routing]:
-    """The policy rules for any of `marks`, and the local default routes of their tables."""
-    found: list[Routing] = []
+def restore_routing(removed: list[Removed]) -> None:
+    """Put back what remove_routing() deleted: routes first, so a rule never points at an empty table."""
     with _iproute() as ipr:
-        for rule in ipr.get_rules(family=_af(family)):
-            mark = rule.get_attr("FRA_FWMARK")
-            if mark in marks:
-                table = _rule_table(rule)
-                found.append(Routing("rule", family, mark, table))
-                if _local_default_routes(ipr, family, table):
-                    found.append(Routing("route", family, 0, table))
-    return list(dict.fromkeys(found))
-
-
-def local_default_route_tables(family: int, tables: set[int]) -> set[int]:
-    """Which of `tables` hold a `local default dev lo` route (read-only, for `check`)."""
-    with _iproute() as ipr:
-        return {table for table in tables if _local_default_routes(ipr, family, table)}
+        for entry in sorted(removed, key=lambda e: e.item.kind != "route"):
+            item = entry.item
+            if item.kind == "route":
+                ipr.route("add", family=_af(item.family), dst_len=0, type=_RTN_LOCAL, scope=_RT_SCOPE_HOST,
+                          proto=entry.protocol, table=item.table, oif=_lo_index(ipr),
+                          **({"priority": entry.priority} if entry.priority else {}))
+            else:
+                ipr.rule("add", family=_af(item.family), fwmark=item.fwmark, table=item.table,
+                         protocol=entry.protocol,
+                         **({"priority": entry.priority} if entry.priority is not None else {}))
 
 
 def _split(address: str) -> tuple[str, int]:

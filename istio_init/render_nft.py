@@ -32,12 +32,12 @@ from __future__ import annotations
 import difflib
 from typing import Iterable, NamedTuple
 
-from istio_init.model import (INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, Match, Option, Rule, RulePlan,
-                              Step)
+from istio_init.model import (INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PASSTHROUGH_ADDRESS, NATIVE_TABLE_PREFIX,
+                              NATIVE_TABLES, Match, Option, Rule, RulePlan, Step)
 
 FAMILY = "inet"
-TABLE_PREFIX = "istio-proxy-"
-TABLES = ("nat", "mangle", "raw")  # the order Istio creates (and `nft list` shows) them
+TABLE_PREFIX = NATIVE_TABLE_PREFIX
+TABLES = NATIVE_TABLES  # the order Istio creates (and `nft list` shows) them
 
 # (iptables table, built-in chain) -> (nft chain type, priority).
 BASE_CHAINS = {

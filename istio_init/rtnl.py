@@ -142,19 +142,35 @@ class IPRoute:
     def get_addr(self, index: int, family: int) -> list[Any]:
         return [a for a in self._dump(self.ifaddrmsg, _GETADDR, family) if a["index"] == index]
 
-    def rule(self, command: str, family: int, fwmark: int, table: int,
-             priority: int = _DEFAULT_RULE_PRIORITY) -> None:
-        """`ip rule add|del fwmark MARK lookup TABLE priority PRIORITY`."""
+    def rule(self, command: str, family: int, fwmark: int, table: int, priority: int | None = None,
+             protocol: int | None = None, fwmask: int | None = None) -> None:
+        """`ip rule add|del fwmark MARK[/MASK] lookup TABLE [priority PRIORITY] [protocol PROTOCOL]`.
+
+        An added rule without a priority gets 32000, as from pyroute2's IPRoute.rule.
+        """
+        if priority is None and command == "add":
+            priority = _DEFAULT_RULE_PRIORITY
         message = self.fibmsg()
         message["family"] = family
         message["action"] = _FR_ACT_TO_TBL
         message["table"] = table if table <= 255 else _RT_TABLE_COMPAT
-        message["attrs"] = [("FRA_TABLE", table), ("FRA_PRIORITY", priority), ("FRA_FWMARK", fwmark)]
+        attrs: list[tuple[str, int]] = [("FRA_TABLE", table)]
+        if priority is not None:
+            attrs.append(("FRA_PRIORITY", priority))
+        attrs.append(("FRA_FWMARK", fwmark))
+        if fwmask is not None:
+            attrs.append(("FRA_FWMASK", fwmask))
+        if protocol is not None:
+            attrs.append(("FRA_PROTOCOL", protocol))
+        message["attrs"] = attrs
         self._send(message, _NEWRULE if command == "add" else _DELRULE, _FLAGS[command])
 
-    def route(self, command: str, family: int, dst_len: int, type: int, scope: int, table: int, oif: int,
-              proto: int = 0) -> None:
-        """`ip route add|del TYPE default dev OIF table TABLE` (here: `local default dev lo`)."""
+    def route(self, command: str, family: int, dst_len: int = 0, type: int = 0, scope: int = 0, table: int = 0,
+              oif: int = 0, proto: int = 0, priority: int | None = None) -> list[Any]:
+        """`ip route add|del TYPE default dev OIF table TABLE [metric PRIORITY]` (here: `local default dev lo`);
+        `dump` lists the family's routes of every table."""
+        if command == "dump":
+            return self._dump(self.rtmsg, _GETROUTE, family)
         message = self.rtmsg()
         message["family"] = family
         message["dst_len"] = dst_len
@@ -163,7 +179,10 @@ class IPRoute:
         message["proto"] = proto
         message["table"] = table if table <= 255 else _RT_TABLE_COMPAT
         message["attrs"] = [("RTA_TABLE", table), ("RTA_OIF", oif)]
+        if priority is not None:
+            message["attrs"].append(("RTA_PRIORITY", priority))
         self._send(message, _NEWROUTE if command == "add" else _DELROUTE, _FLAGS[command])
+        return []
 
     def addr(self, command: str, index: int, address: str, prefixlen: int, family: int) -> None:
         """`ip addr add|del ADDRESS/PREFIXLEN dev INDEX`."""

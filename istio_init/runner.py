@@ -185,7 +185,8 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
     if wrap is not None:
         backend = wrap(backend)
     applied = apply.run(rule_plan, backend,
-                        lambda: backends.others_holding_ours(name, [4, 6], config.rules_version), network)
+                        lambda: backends.others_holding_ours(name, [4, 6], config.rules_version), network,
+                        tproxy=(config.tproxy_mark, config.tproxy_route_table))
     for note in applied.notes:
         log(note)
     if not applied.changed and not applied.notes:
@@ -207,7 +208,8 @@ def clean(config: Config, log: Log, wrap: WrapBackend | None = None) -> str:
         chosen.append(backends.native(config.rules_version))
     if wrap is not None:
         chosen = [wrap(b) for b in chosen]
-    result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run)
+    result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run,
+                         tables=frozenset({config.tproxy_route_table}))
     if config.dry_run:
         return "".join(result.planned)
     log(f"clean: {'changed ' + str(len(result.changed)) + ' table(s) or route(s)' if result.changed else 'nothing to remove'}")

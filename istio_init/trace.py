@@ -174,27 +174,19 @@ def ruleset_from_plan(family: FamilyPlan) -> dict[str, dict[str, list[Rule]]]:
 
 
 def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, list[Rule]]], str]:
-    """The current namespace's rules, read through the backends; returns (ruleset, tool used).
+    """The rules of the store holding istio-init's (installed.py, as `check` and `graph` read them).
 
-    With backend "auto" every flavour in use is asked and the first that holds
-    istio-init's rules is used: a pod has its rules in exactly one of them.
+    Returns (ruleset, the save tool that shows them).
     """
-    from istio_init import backends
-    from istio_init.backends.iptables.backend import tables_hold_ours
+    from istio_init import installed
     from istio_init.errors import ApplyError
 
-    tables: dict[str, savefile.SavedTable] = {}
-    tool = ""
-    for flavour in backends.candidates(backend, [family]):
-        reader = backends.get(flavour)
-        tool = f"{'ip6' if family == 6 else 'ip'}tables-{flavour}-save"
-        try:
-            tables = reader.read(family)
-            if tables_hold_ours(tables):  # the tables just read, not a second iptables-save
-                break
-        except ApplyError as exc:
-            raise TraceError(str(exc)) from None
-    return ruleset_from_tables(tables), tool
+    try:
+        found = installed.read(backend)
+    except ApplyError as exc:
+        raise TraceError(str(exc)) from None
+    tool = f"{'ip6' if family == 6 else 'ip'}tables-{found.store}-save"
+    return ruleset_from_tables(found.of_store(family)), tool
 
 
 # --------------------------------------------------------------------------- matching

@@ -34,3 +34,15 @@ def netns() -> Iterator[Namespace]:
         yield ns
     finally:
         ns.remove()
+
+
+@pytest.fixture
+def pod() -> Iterator[Namespace]:
+    """A fresh pod namespace (pod0 at 192.0.2.10/24, hostile.py), removed afterwards."""
+    from hostile import pod_namespace
+
+    ns = pod_namespace("pod")
+    try:
+        yield ns
+    finally:
+        ns.remove()

@@ -255,6 +255,39 @@ def test_dns_capture_without_a_resolver_is_off_with_a_warning(tmp_path: Path) ->
         assert len(warnings) == 1 and "DNS is not captured" in warnings[0] and str(path) in warnings[0]
 
 
+def _dry_run_with_resolv_conf(path: str) -> "subprocess.CompletedProcess[str]":
+    """A DNS-capturing dry run in a child bounded in time and memory (a hang or a runaway read fails)."""
+    import resource
+    import subprocess
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run([sys.executable, "-m", "istio_init", *CURRENT, "--redirect-dns", "-n", "--ipv6", "false"],
+                          env=clean_environ({"ISTIO_INIT_RESOLV_CONF": path}), text=True, capture_output=True,
+                          timeout=20, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "directory", "huge"])
+def test_a_resolv_conf_that_is_no_file_is_read_boundedly_and_named(tmp_path: Path, kind: str) -> None:
+    """issue 19, finding 6: a FIFO hung the run forever and /dev/zero read until memory ran out."""
+    import os
+
+    path = {"fifo": str(tmp_path / "fifo"), "/dev/zero": "/dev/zero", "directory": str(tmp_path),
+            "huge": str(tmp_path / "huge")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    if kind == "huge":
+        Path(path).write_text("nameserver 192.0.2.53\n" + "#" * (1 << 20))
+    plain = invoke([*CURRENT, "-n", "--ipv6", "false"])
+    result = _dry_run_with_resolv_conf(path)
+    assert result.returncode == 0 and result.stdout == plain.stdout, result.stderr[-500:]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    reason = {"fifo": "not a regular file (a FIFO)", "/dev/zero": "not a regular file (a character device)",
+              "directory": "not a regular file (a directory)", "huge": "is larger than 65536 bytes"}[kind]
+    assert len(warnings) == 1 and f"{path} " in warnings[0] and reason in warnings[0], warnings
+
+
 def test_resolvers_are_split_by_family_and_capture_all_needs_none(tmp_path: Path) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 192.0.2.53\nnameserver 2001:db8::53\nnameserver fe80::1%eth0\noptions ndots:5\n")

@@ -14,9 +14,11 @@ import pytest
 from cases import CASES, SEED_ARGS, UNRELATED_V4, Case
 from istio_init.config import from_sources
 from istio_init.drift import (Difference, Live, chains_from_plan, chains_from_save, compare, compare_chain,
-                              format_text, pick_flavour, planned_state, to_json)
+                              format_text, planned_state, to_json)
+from istio_init.backends.iptables.savefile import parse_save
+from istio_init.installed import holding_store, stores_holding_ours
 from istio_init.netns import Routing
-from istio_init.render import render_family, split_families
+from istio_init.render import render_family, render_plan, split_families
 from istio_init.rulesets import plan
 
 
@@ -171,16 +173,23 @@ def test_text_lines_name_tool_table_chain_position_and_rule() -> None:
     ]
 
 
-def test_pick_flavour() -> None:
-    ours = chains_from_plan(_plan(SEED_ARGS).ipv4)
-    empty_nft = {"filter": {"INPUT": []}}
-    assert pick_flavour("libiptc", {"nft": {4: ours}}) == "legacy"
-    assert pick_flavour("nft", {"legacy": {4: ours}}) == "nft"
-    assert pick_flavour("auto", {"legacy": {4: ours}, "nft": {4: empty_nft}}) == "legacy"
-    assert pick_flavour("auto", {"legacy": {4: {}}, "nft": {4: ours}}) == "nft"
-    assert pick_flavour("auto", {"legacy": {4: {}}}) == "legacy"
-    assert pick_flavour("auto", {"legacy": {4: {}}, "nft": {4: empty_nft}}) == "nft"
-    assert pick_flavour("auto", {}) == "nft"
+def test_the_store_policy() -> None:
+    """installed.holding_store: the backend's flavour; for auto apply's choice unless only the other holds ours."""
+    assert holding_store("libiptc", ["nft"], "nft") == "legacy"
+    assert holding_store("nft", ["legacy"], "legacy") == "nft"
+    assert holding_store("auto", ["legacy"], "nft") == "legacy"   # ours only in legacy: that is where they capture
+    assert holding_store("auto", ["legacy", "nft"], "nft") == "nft"  # leftovers in both: the one apply keeps
+    assert holding_store("auto", ["legacy", "nft"], "legacy") == "legacy"
+    assert holding_store("auto", [], "legacy") == "legacy"
+    assert holding_store("auto", [], "nft") == "nft"
+
+
+def test_which_stores_hold_ours() -> None:
+    seed = parse_save(render_plan(_plan(SEED_ARGS)))
+    user = parse_save("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp -j ACCEPT\nCOMMIT\n")
+    assert stores_holding_ours({"legacy": {4: user}, "nft": {4: seed}}) == ["nft"]
+    assert stores_holding_ours({"legacy": {4: seed, 6: user}, "nft": {6: seed}}) == ["legacy", "nft"]
+    assert stores_holding_ours({"legacy": {4: user}}) == []
 
 
 def test_the_kubernetes_probe_checks_the_init_containers_args() -> None:

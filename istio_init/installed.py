@@ -1,0 +1,83 @@
+"""The iptables rules installed in this namespace, read once, and the one answer to "which store holds ours".
+
+A namespace can hold rules in both iptables flavours (legacy and nft; the
+kernel runs both flavours' hooks), for instance when a run was killed during
+a backend switch. `check`, `trace --live` and `graph --live` must then look at
+the same store, or `trace` walks one rule set while `check` judges the other.
+So they all read through `read()` and use its `store`, decided here by one
+policy (`holding_store`), which agrees with where an apply writes
+(`backends.choose`) and what it removes from the other stores
+(`backends.others_holding_ours`, by the same `tables_hold_ours` test):
+
+- an explicit --iptables-backend names the store;
+- with `auto`, the store an apply would write to, when it holds istio-init's
+  rules or no store does; otherwise the one store that does (an apply would
+  move them, but until then that is where they capture).
+
+`clean` needs no store: it removes istio-init's rules from every flavour in use.
+"""
+
+from __future__ import annotations
+
+from istio_init.backends.iptables.savefile import SavedTable
+from istio_init.records import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Mapping, Sequence
+
+FLAVOURS = ("legacy", "nft")
+FAMILIES = (4, 6)
+
+
+class Installed(NamedTuple):
+    """Every flavour's parsed tables (flavours and families the kernel lacks are absent), and the store."""
+
+    store: str  # "legacy" or "nft": the flavour that holds (or, holding none, would get) istio-init's rules
+    tables: dict[str, dict[int, dict[str, SavedTable]]]  # flavour -> family -> table name -> parsed table
+
+    def of_store(self, family: int) -> dict[str, SavedTable]:
+        return self.tables.get(self.store, {}).get(family, {})
+
+
+def holding_store(requested: str, holding: Sequence[str], apply_would_use: str) -> str:
+    """The one policy: the store that holds istio-init's rules (see the module's docstring). Pure."""
+    from istio_init.backends import flavour
+
+    if requested != "auto":
+        return flavour(requested)
+    if apply_would_use in holding or not holding:
+        return apply_would_use
+    return holding[0]
+
+
+def stores_holding_ours(tables: Mapping[str, Mapping[int, Mapping[str, SavedTable]]]) -> list[str]:
+    """The flavours whose tables (any family) hold istio-init's rules, in FLAVOURS order."""
+    from istio_init.backends.iptables.backend import tables_hold_ours
+
+    return [name for name in FLAVOURS
+            if any(tables_hold_ours(family) for family in tables.get(name, {}).values())]
+
+
+def read(requested: str) -> Installed:
+    """Read every flavour that may hold istio-init's rules (both families, each once) and pick the store.
+
+    Reads only: a flavour the kernel lacks (no legacy ip_tables, or no
+    iptables-nft tables) is left out instead of being created. With a backend
+    other than auto only its flavour is read. ApplyError when a tool fails.
+    """
+    from istio_init import backends
+
+    tables: dict[str, dict[int, dict[str, SavedTable]]] = {}
+    for name in backends.candidates(requested, list(FAMILIES)):
+        reader = backends.get(name)
+        for family in FAMILIES:
+            if name == "legacy" and not backends.legacy_available([family]):
+                continue
+            if name == "nft" and not backends.nft_in_use([family]):
+                continue
+            tables.setdefault(name, {})[family] = reader.read(family)
+    if requested != "auto":
+        return Installed(holding_store(requested, [], ""), tables)
+    would_use = backends.choose("auto", [4]).name  # every plan has IPv4 rules
+
+    return Installed(holding_store(requested, stores_holding_ours(tables), would_use), tables)
