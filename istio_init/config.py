@@ -650,7 +650,7 @@ def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str,
     major, _, rest = value.partition(".")
     minor, dot, patch = rest.partition(".")
     patch_ok = not dot or (_is_digits(patch) and len(patch) <= 4)  # 1.N and 1.N.P, as Istio's tags
-    known = major == "1" and _is_digits(minor) and len(minor) <= 2 and patch_ok
+    known = major == "1" and _is_digits(minor) and minor == str(int(minor)) and patch_ok  # no `1.08`
     rule_set = rule_set_of_release(int(minor)) if known else None
     if rule_set is None:
         label = spec.label if source == "flag" else f"{spec.label} (from {source})"

@@ -63,9 +63,10 @@ def test_ipv4_cidrs_and_host_lists() -> None:
 
 def test_rules_versions() -> None:
     for value, expected in [("1.8", "1.8"), ("1.8.3", "1.8"), ("1.25", "current"), ("1.32.0", "current"),
-                            ("current", "current"), (" 1.30 ", "current")]:
+                            ("current", "current"), (" 1.30 ", "current"), ("1.24", "1.24"), ("1.10", "1.9"),
+                            ("1.22.8", "1.20"), ("1.17.0", "1.13")]:
         assert config._rules_version({"rules_version": value}, {}) == expected
-    for value in ["1.33", "1.8.", "1.24", "01.8", "1.08", "1", "1.8.3.4", "1.25.x", "1.8.١"]:
+    for value in ["1.33", "1.7", "1.8.", "01.8", "1.08", "1.010", "1", "1.8.3.4", "1.25.x", "1.8.١", "1.100"]:
         try:
             config._rules_version({"rules_version": value}, {})
         except config.ConfigError:
