@@ -6,33 +6,24 @@ and undoes its own partial commits), remove istio-init's rules from any other
 backend that still holds them (a backend switch: after the new rules are in,
 so capture never lapses), then the loopback address and TPROXY routes. If a
 later step fails, every earlier step is undone in reverse, so a pod never
-starts with half a rule set. The backend and the network steps are passed in,
-so tests hand in their own; nothing here prints.
+starts with half a rule set. The lock, the routes and the addresses are the
+System's (system.py), as the backends' tables are; nothing here prints.
 """
 
 from __future__ import annotations
 
-from istio_init import locks, timing
-from istio_init.errors import ApplyError
+from istio_init import timing
+from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import IPV6_PASSTHROUGH_ADDRESS, RulePlan
 from istio_init.records import TYPE_CHECKING, NamedTuple
+from istio_init.system import current
 
 if TYPE_CHECKING:
-    import contextlib
-    from types import ModuleType
-    from typing import Any, Callable, Sequence
+    from typing import Callable, Sequence
 
     from istio_init.backends.base import Backend, Undo
     from istio_init.netns import Removed, Routing
-
-    Lock = Callable[[], contextlib.AbstractContextManager[None]]
-
-
-def _network() -> ModuleType:
-    """The module that changes routes and addresses (pyroute2), imported only when a step needs it."""
-    from istio_init import netns
-
-    return netns
+    from istio_init.system import System
 
 
 class Applied(NamedTuple):
@@ -47,11 +38,10 @@ class Applied(NamedTuple):
 class _NetworkUndo:
     """Routes and addresses changed so far, so they can be undone.
 
-    A plain class, not a dataclass: the dataclasses module (and the inspect
-    module it imports) cost about 6 ms of every apply's start-up.
+    A plain class, not a dataclass: importing dataclasses is start-up time (docs/performance.md).
     """
 
-    def __init__(self, network: Any) -> None:
+    def __init__(self, network: System) -> None:
         self.network = network
         self.added_routing: list[Routing] = []
         self.removed_routing: list[Removed] = []
@@ -74,39 +64,37 @@ class _NetworkUndo:
 
 
 def _undo_all(undos: Sequence[Undo | _NetworkUndo], error: BaseException) -> ApplyError:
-    problems = [p for undo in reversed(undos) for p in undo.undo()]
-    message = str(error) if isinstance(error, ApplyError) else f"{type(error).__name__}: {error}"
-    if problems:
-        return ApplyError(f"{message}; rollback incomplete: {'; '.join(problems)}")
-    return ApplyError(f"{message} (everything changed in this run was put back)")
+    return rollback_outcome(error, [p for undo in reversed(undos) for p in undo.undo()])
 
 
-def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]] = tuple, network: Any = None,
-        lock: Lock = locks.namespace_lock, tproxy: tuple[int, int] = (1337, 133)) -> Applied:
-    """Install `plan` through `backend`, converging from whatever is there; remove ours from `others()`.
+def run(plan: RulePlan, backend: Backend, tproxy: tuple[int, int] = (1337, 133)) -> Applied:
+    """Install `plan` through `backend`, converging from whatever is there; remove ours from other backends.
 
-    `others` is asked under the lock: a concurrent run with another backend
-    may have just installed its rules there. `tproxy` is the flags' TPROXY
-    mark and route table: policy routing of that shape (and of marks
-    istio-init's replaced rules set) is istio-init's, and goes when the plan
-    does not want it.
+    The other backends are asked under the lock: a concurrent run with
+    another backend may have just installed its rules there. `tproxy` is the
+    flags' TPROXY mark and route table: policy routing of that shape (and of
+    marks istio-init's replaced rules set) is istio-init's, and goes when the
+    plan does not want it.
     """
+    from istio_init.backends import others_holding_ours
+
+    system = current()
     families = [family.family for family in plan.families()]
     notes: list[str] = []
-    with lock():
+    with system.namespace_lock():
         timing.mark("istio-init's namespace lock")
         undo = backend.converge(plan, families)
         undos: list[Undo | _NetworkUndo] = [undo]
         marks = set(undo.previous_marks)  # TPROXY marks of rules replaced here or removed elsewhere
         try:
-            for other in others():
+            for other in others_holding_ours(backend.name, [4, 6]):
                 removed = other.remove([4, 6])
                 undos.append(removed)
                 marks |= removed.previous_marks
                 notes.append(f"removed istio-init's rules from the {other.name} tables (this run uses "
                              f"{backend.name}, so two rule sets do not capture at once)")
             timing.mark("other backends holding istio-init's rules")
-            _apply_routing(plan, marks | {tproxy[0]}, {tproxy[1]}, network, undos)
+            _apply_routing(plan, marks | {tproxy[0]}, {tproxy[1]}, system, undos)
             timing.mark("routes and addresses")
         except BaseException as exc:  # anything after the first commit rolls everything back
             raise _undo_all(undos, exc) from None
@@ -119,17 +107,16 @@ def run(plan: RulePlan, backend: Backend, others: Callable[[], Sequence[Backend]
     return Applied(backend.name, changed, dump, notes)
 
 
-def _apply_routing(plan: RulePlan, marks: set[int], tables: set[int], network: Any,
+def _apply_routing(plan: RulePlan, marks: set[int], tables: set[int], net: System,
                    undos: list[Undo | _NetworkUndo]) -> None:
     """Addresses and the planned policy routing in; istio-init's policy routing the plan does not want out."""
-    from istio_init import netns
+    from istio_init.netns import planned_routing
 
-    wanted = netns.planned_routing(plan.routes)
+    wanted = planned_routing(plan.routes)
     marks = marks | {item.fwmark for item in wanted if item.kind == "rule"}
     tables = tables | {item.table for item in wanted}
-    if not (plan.loopback_addresses or plan.routes) and network is None and not netns.routing_present(marks, tables):
+    if not (plan.loopback_addresses or plan.routes) and not net.routing_present(marks, tables):
         return  # the common case: nothing of ours, and no pyroute2 at all
-    net = network or _network()
     state = _NetworkUndo(net)
     undos.append(state)
     step = "loopback address"
@@ -157,16 +144,17 @@ class Cleaned:
         self.planned: list[str] = []  # -n: restore text and routes that would go
 
 
-def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, network: Any = None,
-          lock: Lock = locks.namespace_lock, tables: frozenset[int] = frozenset({133})) -> Cleaned:
+def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False,
+          tables: frozenset[int] = frozenset({133})) -> Cleaned:
     """Remove istio-init's rules from every backend given, its TPROXY routing and the ::6 address.
 
     The routing removed is istio-init's shapes (netns.py) for `marks` (the
     flags' and those istio-init's removed rules set) and `tables`.
     """
+    system = current()
     result = Cleaned()
     families = [4, 6]
-    with lock():
+    with system.namespace_lock():
         undos: list[Undo | _NetworkUndo] = []
         try:
             for backend in backends:
@@ -177,7 +165,7 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, n
                 undos.append(undo)
                 result.changed += [f"{backend.name} {c}" for c in undo.changed]
                 marks |= undo.previous_marks
-            result.changed += _clean_routing(marks, set(tables), dry_run, network or _network(), result, undos)
+            result.changed += _clean_routing(marks, set(tables), dry_run, system, result, undos)
         except BaseException as exc:
             if dry_run:
                 raise
@@ -185,7 +173,7 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False, n
     return result
 
 
-def _clean_routing(marks: set[int], tables: set[int], dry_run: bool, net: Any, result: Cleaned,
+def _clean_routing(marks: set[int], tables: set[int], dry_run: bool, net: System, result: Cleaned,
                    undos: list[Undo | _NetworkUndo]) -> list[str]:
     found = [item for family in (4, 6) for item in net.owned_routing(family, marks, tables)]
     has_address = net.has_loopback_address(IPV6_PASSTHROUGH_ADDRESS)

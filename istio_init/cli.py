@@ -17,7 +17,8 @@ from typing import Any, Callable, TypeVar
 import click
 
 from istio_init import logs, output, timing
-from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec, take_switch_values
+from istio_init.config import (CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec, switch_value,
+                               take_switch_values)
 from istio_init.errors import ConfigError, IstioInitError
 from istio_init.output import PROG, log
 
@@ -94,16 +95,6 @@ def load_config(given: dict[str, Any]) -> Config:
 _out = output.out
 
 
-def _wrap(ctx: click.Context) -> Any:
-    """A backend wrapper passed in by a caller of main() (tests inject faults this way)."""
-    return (ctx.find_root().obj or {}).get("wrap_backend")
-
-
-def _network(ctx: click.Context) -> Any:
-    """Network steps (routes, addresses) passed in by a caller of main(); None: the real ones."""
-    return (ctx.find_root().obj or {}).get("network")
-
-
 @click.group(cls=_IstioGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """istio-init: Istio's istio-iptables init container, in Python."""
@@ -114,8 +105,7 @@ def cli() -> None:
 @_flag_options
 @click.option("--cleanup-only", is_flag=True, default=False,
               help="Remove istio-init's rules, routes and addresses instead of applying. [env CLEANUP_ONLY]")
-@click.pass_context
-def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None:
+def run_command(cleanup_only: bool, **given: Any) -> None:
     """Install Istio's capture rules in this network namespace (-n: print them).
 
     `run` is the default command: `istio-init FLAGS`, `istio-init
@@ -129,19 +119,20 @@ def run_command(ctx: click.Context, /, cleanup_only: bool, **given: Any) -> None
 
     config = load_config(given)
     if cleanup_only or _cleanup_only_from_env():
-        _out(runner.clean(config, log, _wrap(ctx)))
+        _out(runner.clean(config, log))
     else:
-        _out(runner.run(config, log, _wrap(ctx), _network(ctx)))
+        _out(runner.run(config, log))
 
 
 def _cleanup_only_from_env() -> bool:
     """Current Istio's CLEANUP_ONLY, with the flag table's spelling of true and false."""
     value = os.environ.get(CLEANUP_ONLY_ENV)
-    if value is None or value.strip().lower() in ("", "0", "false", "no", "off"):
+    if value is None:
         return False
-    if value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"--cleanup-only (from {CLEANUP_ONLY_ENV})", value, "must be true or false")
+    cleanup = switch_value(value)
+    if cleanup is None:
+        raise ConfigError(f"--cleanup-only (from {CLEANUP_ONLY_ENV})", value, "must be true or false")
+    return cleanup
 
 
 @cli.command("trace", context_settings={"help_option_names": ["-h", "--help"]},
@@ -190,12 +181,12 @@ def check_command(as_json: bool, **given: Any) -> None:
     the missing, extra and misordered rules, chains, TPROXY routing and ::6
     when not; exit 3 when the state cannot be read. Usable as an exec probe.
     """
-    from istio_init import drift, runner
+    from istio_init import check, runner
 
     config = load_config(given)
     runner.enter_namespace(config)
-    report = drift.run(config, log)
-    _out((drift.to_json(report) if as_json else drift.format_text(report)) + "\n")
+    report = check.run(config, log)
+    _out((check.to_json(report) if as_json else check.format_text(report)) + "\n")
     sys.exit(report.exit_code)
 
 
@@ -230,8 +221,7 @@ _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]},
              short_help="Remove istio-init's rules, routes and ::6 address.")
 @_options_for(_CLEAN_FLAGS)
-@click.pass_context
-def clean_command(ctx: click.Context, /, **given: Any) -> None:
+def clean_command(**given: Any) -> None:
     """Remove istio-init's rules, TPROXY routes and the ::6 address, in both families.
 
     Removes every ISTIO_ chain, every jump to one and the few rules istio-init
@@ -240,7 +230,7 @@ def clean_command(ctx: click.Context, /, **given: Any) -> None:
     """
     from istio_init import runner
 
-    _out(runner.clean(load_config(given), log, _wrap(ctx)))
+    _out(runner.clean(load_config(given), log))
 
 
 def _agent_log(message: str, level: str = "info") -> None:
@@ -314,13 +304,11 @@ def cni_agent_command(plugin: str, cni_bin_dir: str, cni_conf_dir: str, run_dir:
     sys.exit(cni_agent.Agent(options, _agent_log).run())
 
 
-def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry: click errors and IstioInitError become one stderr line.
 
     pilot-agent's logging flags are taken out first (logs.py): they shape
     stderr for the whole run, whatever the command and rule set.
-    `wrap_backend` wraps the backend a run chooses and `network` replaces the
-    route and address steps, when given (tests pass fault injectors).
     """
     timing.mark("imports: click, config, the CLI's commands")
     output.prepare_stdout()
@@ -332,7 +320,7 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
         print(f"{PROG}: {output.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     with logs.configured(log_options):
-        code = _run(args, {"wrap_backend": wrap_backend, "network": network, "switch_values": switch_values})
+        code = _run(args, {"switch_values": switch_values})
         if timing.ENABLED:
             for line in timing.report():
                 log(line)
@@ -340,7 +328,8 @@ def main(argv: list[str] | None = None, wrap_backend: Any = None, network: Any =
 
 
 def _run(args: list[str], obj: dict[str, Any]) -> int:
-    """The command's exit code; every failure already reported as one line."""
+    """The command's exit code; every failure already reported as one line. `obj` is click's context object
+    (the switch values taken out of the arguments)."""
     exit_code = 0
 
     def command() -> None:
@@ -447,7 +436,7 @@ def _cni_stdin() -> bytes:
     return b"".join(chunks)
 
 
-def cni_main(wrap_backend: Any = None) -> None:
+def cni_main() -> None:
     """Console-script entry of istio-init-cni; stdout and the exit status follow the CNI specification.
 
     stdout belongs to the protocol: `cni.answer` makes the one answer (already
@@ -455,8 +444,7 @@ def cni_main(wrap_backend: Any = None) -> None:
     _cni_descriptors, and the process ends at once, so no late flush of a log
     that cannot be written changes the exit status. Without CNI_COMMAND it
     prints what it is and the protocol versions it speaks, as the reference
-    plugins do. `wrap_backend` wraps the backend a run chooses (tests inject
-    faults with it).
+    plugins do.
     """
     from istio_init import cni
 
@@ -469,7 +457,7 @@ def cni_main(wrap_backend: Any = None) -> None:
         os._exit(0)
     answer_fd = _cni_descriptors()
     sys.stdout = sys.stderr = open(1, "w", errors="replace", closefd=False)  # stray prints go to the log, never to the answer
-    call = cni.Call(os.environ, _cni_log, cni_flags, wrap_backend)
+    call = cni.Call(os.environ, _cni_log, cni_flags)
     code, answer = cni.answer(os.environ.get("CNI_COMMAND", ""), _cni_stdin(), call.log,
                               lambda data: cni.run(call, data, _cni_log_to))
     if answer and not _write_all(answer_fd, answer):

@@ -72,7 +72,6 @@ class Call(NamedTuple):
     environ: Mapping[str, str]
     log: Log
     parse_flags: ParseFlags
-    wrap: Any = None  # wraps the backend a run chooses (tests inject faults)
 
 
 class CniError(Exception):
@@ -242,24 +241,22 @@ def core(action: str, config: Config, call: Call) -> list[str]:
     lock of that namespace (locks.namespace_lock: parallel ADDs for different
     pods do not wait for each other) and returns what the CLI would print,
     which goes to the log. Returns the drift found by CHECK (empty otherwise).
-    `call.wrap` wraps the chosen backend, as the CLI's wrap_backend (tests
-    inject faults with it).
     """
     from istio_init import locks, runner
 
     if action == "ADD":
-        dump = runner.run(config, call.log, call.wrap)
+        dump = runner.run(config, call.log)
         call.log(f"the tables after the apply:\n{dump.rstrip()}")
         return []
     if action == "DEL":
-        runner.clean(config, call.log, call.wrap)
+        runner.clean(config, call.log)
         locks.retire_namespace_lock()  # the pod is going; its lock file goes with it, under its lock
         return []
-    # CHECK is `istio-init check`: the same plan, live state and comparison (drift.py).
-    from istio_init import drift
+    # CHECK is `istio-init check`: the same plan, live state and comparison (check.py).
+    from istio_init import check
 
     runner.enter_namespace(config)
-    return [" ".join(difference.line().split()) for difference in drift.run(config, call.log).differences]
+    return [" ".join(difference.line().split()) for difference in check.run(config, call.log).differences]
 
 
 # ---- the commands ---------------------------------------------------------------------------------

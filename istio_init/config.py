@@ -17,7 +17,7 @@ from istio_init.errors import ConfigError
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 # No `re`, `functools` or `typing` at import or on a run with the usual values: with what they import
-# they cost 5-10 ms of every pod start (docs/performance.md). Rarely used forms compile a pattern then.
+# they are start-up time (docs/performance.md, "What start-up avoids"). Rarely used forms compile a pattern then.
 if TYPE_CHECKING:
     from types import MappingProxyType
     from typing import Any, Mapping, Sequence
@@ -70,7 +70,7 @@ def parse_cidrs(items: list[str]) -> list[Cidr]:
 
     A long -x list is typically thousands of IPv4 host addresses: one check
     over the whole list validates them, and each becomes its Cidr without a
-    per-item parse (8,000 items, in a fresh process: about 5 ms instead of 30).
+    per-item parse (docs/performance.md, "What start-up avoids").
     """
     if len(items) > 16:
         joined = ",".join(items)
@@ -86,9 +86,9 @@ def parse_cidrs(items: list[str]) -> list[Cidr]:
 def parse_cidr(text: str) -> Cidr:
     """`text` as a Cidr, or ValueError. A bare address is a host route (/32, /128).
 
-    The common IPv4 form is parsed here: an -x list of a thousand CIDRs went
-    through `ipaddress` in about 5 ms of every pod start. Everything else
-    (IPv6, netmask notation) is left to `ipaddress`, which decides what is valid.
+    The common IPv4 form is parsed here, without `ipaddress` (docs/performance.md, "What start-up avoids").
+    Everything else (IPv6, netmask notation) is left to `ipaddress`, which
+    decides what is valid.
     """
     simple = _simple_ipv4_cidr(text)
     if simple:
@@ -278,6 +278,30 @@ DEFAULT_IPV4_LOOPBACK_CIDR = "127.0.0.1/32"
 ISTIO_BINARY_NAME = "istio-iptables"
 # Current Istio's --cleanup-only, given by environment (the click CLI reads and checks it).
 CLEANUP_ONLY_ENV = "CLEANUP_ONLY"
+
+# The Istio releases (1.N) whose injection template writes each of pilot-agent's logging flags (logs.py)
+# into the init container's args.
+INJECTED_BY = {"--log_output_level": (15, 32), "--log_as_json": (15, 32)}
+
+# How a switch is spelled: Istio's flags and variables, and CLEANUP_ONLY (case and surrounding
+# spaces aside); Go's strconv.ParseBool for pilot-agent's logging flags (case aside) and for pod
+# annotations and proxy metadata (exactly).
+SWITCH_WORDS = (("1", "true", "yes", "on"), ("", "0", "false", "no", "off"))
+GO_SWITCH_WORDS = (("1", "t", "T", "TRUE", "true", "True"), ("0", "f", "F", "FALSE", "false", "False"))
+
+
+def switch_value(text: str, words: tuple[tuple[str, ...], tuple[str, ...]] = SWITCH_WORDS,
+                 exact: bool = False) -> bool | None:
+    """True or False for a spelling in `words` (true ones, false ones); None for anything else.
+
+    Unless `exact`, surrounding spaces and case do not count.
+    """
+    key = text if exact else text.strip().lower()
+    if key in words[0]:
+        return True
+    if key in words[1]:
+        return False
+    return None
 
 FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
@@ -669,8 +693,6 @@ def unwritten_flags(given: Sequence[str], rule_set: str) -> list[str]:
     default mean a mesh of a later release runs 1.8's rules: said once, with
     the releases that write the flag and the --rules-version values for them.
     """
-    from istio_init.logs import INJECTED_BY
-
     covered = RULE_SET_RELEASES[rule_set]
     flags = [flag for flag in dict.fromkeys(given)
              if flag in INJECTED_BY and not _overlap(INJECTED_BY[flag], covered)]
@@ -856,12 +878,10 @@ class _Parser:
         return value
 
     def switch(self, dest: str) -> bool:
-        value = self.raw[dest].strip().lower()
-        if value in ("1", "true", "yes", "on"):
-            return True
-        if value in ("", "0", "false", "no", "off"):
-            return False
-        raise self.fail(dest, self.raw[dest], "must be true or false")
+        value = switch_value(self.raw[dest])
+        if value is None:
+            raise self.fail(dest, self.raw[dest], "must be true or false")
+        return value
 
     def tristate(self, dest: str) -> bool | None:
         if self.raw[dest].strip().lower() == "auto":

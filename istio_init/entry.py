@@ -2,9 +2,8 @@
 
 Every pod start runs `istio-init istio-iptables -p 15001 ... -d 15090,...`, the
 default `run` command with flags from config.FLAGS. Importing click, building
-the CLI's commands from it and letting it parse those flags took about 20 ms
-of a 50 ms start (README, "Start-up time"), more than everything else istio-init does
-on a dry run. This module reads exactly that form itself, from the same flag
+the CLI's commands from it and letting it parse those flags costs more than
+everything else istio-init does on a dry run (docs/performance.md, "What start-up avoids"). This module reads exactly that form itself, from the same flag
 table: `-f VALUE`, `--flag VALUE`, `--flag=VALUE` and switches. Anything else
 (help, subcommands, `--cleanup-only`, attached or stacked short flags, `--`, a
 value starting with `-`, an unknown or incomplete flag) goes to the click CLI
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     timing.mark("imports: config (no click)")
     output.prepare_stdout()
     # One run builds up to 8,000 rules' tuples and creates no reference cycle worth collecting:
-    # the cycle collector would only walk them, again and again (about 1.5 ms of planning 8,000 CIDRs).
+    # the cycle collector would only walk them, again and again (docs/performance.md, "What start-up avoids").
     gc.disable()
     flags = given if check is None else check[0]
     exit_code = 0
@@ -110,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
             output.out(runner.run(config, output.log))
             return
         nonlocal exit_code
-        from istio_init import drift  # as cli.py's check command
+        from istio_init import check as checking  # as cli.py's check command
 
         runner.enter_namespace(config)
-        report = drift.run(config, output.log)
-        output.out((drift.to_json(report) if check[1] else drift.format_text(report)) + "\n")
+        report = checking.run(config, output.log)
+        output.out((checking.to_json(report) if check[1] else checking.format_text(report)) + "\n")
         exit_code = report.exit_code
 
     try:
@@ -133,7 +132,7 @@ def console() -> None:
 
     Once a run has returned, what the interpreter would still do at exit is
     free every object the run made (8,000 rules' worth) and tear its modules
-    down: 2-6 ms of every pod start for nothing, as the kernel releases the
+    down: time of every pod start for nothing (docs/performance.md, "What start-up avoids"), as the kernel releases the
     memory, the descriptors and with them the flock()s. So stdout and stderr
     are flushed and the process ends with its exit code. istio-init starts
     no thread and registers no atexit handler. An exception other than

@@ -1,10 +1,19 @@
-"""The two kinds of failure istio-init reports.
+"""The failures istio-init reports as one line, and how a rollback's outcome is worded.
 
 A `ConfigError` is the user's mistake: the CLI prints its one-line message and
 exits 2 before anything is touched. An `ApplyError` is the kernel refusing
 something; its message names the table, chain and rule, and by the time it
-reaches the CLI the backend has already put everything back.
+reaches the CLI everything was put back, and `rollback_outcome` said so (or
+said what could not be). A `ValidationError` is `--run-validation`'s exit 126;
+a `TraceError` a connection or rule `trace` cannot evaluate.
 """
+
+from __future__ import annotations
+
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Sequence
 
 
 class IstioInitError(Exception):
@@ -41,3 +50,18 @@ class TraceError(IstioInitError):
     """The rules (or the connection) cannot be evaluated; names the rule."""
 
     exit_code = 2
+
+
+def rollback_outcome(error: BaseException, problems: Sequence[str], changed: bool = True) -> ApplyError:
+    """The one line for a failed change once its rollback ran: what failed, then what became of the rest.
+
+    `problems` are what the rollback could not put back; `changed` is False when the
+    failure came before anything changed (then nothing needed putting back). An
+    unexpected exception is named by its type, so even a bug reads as one line.
+    """
+    message = str(error) if isinstance(error, ApplyError) else f"{type(error).__name__}: {error}"
+    if problems:
+        return ApplyError(f"{message}; rollback incomplete: {'; '.join(problems)}")
+    if changed:
+        return ApplyError(f"{message} (everything changed in this run was put back)")
+    return ApplyError(f"{message} (nothing had been changed)")

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from typing import TYPE_CHECKING, NamedTuple
 
-from istio_init.drift import Chains, chains_from_plan
+from istio_init.check import Chains, chains_from_plan
 from istio_init.errors import IstioInitError
 from istio_init.model import is_builtin
 from istio_init.render import chain_order
@@ -357,11 +357,11 @@ def planned_rules(config: Config, log: Log) -> dict[int, Chains]:
 def live_rules(config: Config) -> dict[int, Chains]:
     """The installed rules: native nftables tables with --native-nftables, else those of the iptables
     store holding istio-init's (installed.py: as `check` and `trace` read them)."""
-    from istio_init import drift
+    from istio_init import check
 
     if config.native_nftables:
         return live_nft_rules()
-    store, rules = drift.read_rules(config.iptables_backend)
+    store, rules = check.read_rules(config.iptables_backend)
     return rules.get(store, {})
 
 

@@ -15,6 +15,11 @@ policy (`holding_store`), which agrees with where an apply writes
   move them, but until then that is where they capture).
 
 `clean` needs no store: it removes istio-init's rules from every flavour in use.
+
+The rest of what an apply leaves is read here too, for the same commands:
+istio-init's native nftables tables, its policy routing and the addresses on
+lo. Everything is read through the System (system.py), so the in-memory host
+of the tests answers as the kernel does.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from istio_init.backends.iptables.savefile import SavedTable
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from typing import Mapping, Sequence
+    from typing import Any, Mapping, Sequence
+
+    from istio_init.netns import Routing
 
 FLAVOURS = ("legacy", "nft")
 FAMILIES = (4, 6)
@@ -81,3 +88,31 @@ def read(requested: str) -> Installed:
     would_use = backends.choose("auto", [4]).name  # every plan has IPv4 rules
 
     return Installed(holding_store(requested, stores_holding_ours(tables), would_use), tables)
+
+
+def native_objects() -> list[dict[str, Any]]:
+    """istio-init's native nftables tables (`inet istio-proxy-*`), as `nft -j list ruleset` objects."""
+    from istio_init.backends.nftables import NftablesBackend
+
+    return NftablesBackend().ours()
+
+
+def policy_routing(marks: set[int], tables: set[int], planned: bool) -> frozenset[Routing]:
+    """istio-init's policy rules and routes for `marks` and `tables` in both families.
+
+    Unless the plan has routing (`planned`), pyroute2 is only loaded when a
+    netlink dump says some may be there.
+    """
+    from istio_init.system import current
+
+    system = current()
+    if not planned and not system.routing_present(marks, tables):
+        return frozenset()
+    return frozenset(item for family in FAMILIES for item in system.owned_routing(family, marks, tables))
+
+
+def loopback_ipv6() -> set[str]:
+    """The IPv6 addresses on lo, as "::6/128"."""
+    from istio_init.system import current
+
+    return current().loopback_ipv6_addresses()

@@ -103,7 +103,7 @@ class held:
 
     `holder` says who is waited for, in the error: "another istio-init run".
     A class, not a contextlib.contextmanager: contextlib and what it imports
-    cost every apply about 2 ms.
+    are start-up time of every apply (docs/performance.md, "What start-up avoids").
     """
 
     def __init__(self, path: str, timeout: float, holder: str, make_dir: bool = False) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sys
 
+from istio_init.config import GO_SWITCH_WORDS, switch_value
 from istio_init.errors import ConfigError
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
@@ -34,8 +35,6 @@ LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 DEFAULT_SCOPE = "default"
 _VALUE_FLAGS = ("--log_output_level", "--log_target", "--log_stacktrace_level", "--log_caller")
 _BOOL_FLAGS = ("--log_as_json",)
-# The Istio releases whose injection template writes each flag into the init container's args.
-INJECTED_BY = {"--log_output_level": (15, 32), "--log_as_json": (15, 32)}
 
 
 class LogOptions(NamedTuple):
@@ -62,12 +61,10 @@ def _levels(flag: str, value: str) -> dict[str, str]:
 
 
 def _switch(flag: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "t", "true"):
-        return True
-    if lowered in ("0", "f", "false"):
-        return False
-    raise ConfigError(flag, value, "must be true or false")
+    on = switch_value(value, GO_SWITCH_WORDS)
+    if on is None:
+        raise ConfigError(flag, value, "must be true or false")
+    return on
 
 
 def split_args(argv: list[str]) -> tuple[list[str], LogOptions]:

@@ -8,9 +8,9 @@ A `FamilyPlan` keeps the operations in the order Istio creates them; the
 final order of each chain (inserts at their positions) is derived, not stored.
 
 The types are typed NamedTuples rather than frozen dataclasses: just as
-immutable and comparable, but defining them costs a tenth as much, and every
-pod start defines them (a frozen dataclass is about 0.5 ms of generated code
-each) and the large configurations build thousands of rules.
+immutable and comparable, but far cheaper to define, and every pod start
+defines them and the large configurations build thousands of rules
+(docs/performance.md, "What start-up avoids").
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The network namespace: which addresses the pod has, and entering another one.
 
 Both run on every pod start, so they use the standard library only: a single
-netlink dump over a raw socket replaces pyroute2 here (pyroute2 costs about
-130 ms to import and is only needed for TPROXY routes and the ::6 address).
-The socket is the C module's (`_socket`): the `socket` module around it
-imports selectors and enum types for nothing a netlink dump uses (about 2 ms),
-and the family check reads address bytes without `ipaddress` (about 1 ms).
+netlink dump over a raw socket replaces pyroute2 here (pyroute2 is slow to
+import and is only needed for TPROXY routes and the ::6 address). The socket
+is the C module's (`_socket`): the `socket` module around it imports
+selectors and enum types for nothing a netlink dump uses, and the family
+check reads address bytes without `ipaddress` (docs/performance.md, "What start-up avoids").
 """
 
 from __future__ import annotations
@@ -126,27 +126,28 @@ _NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 IPTABLES_TABLE_NAMES = frozenset({"filter", "nat", "mangle", "raw", "security"})
 
 
-def iptables_nft_tables(family: int) -> set[str]:
-    """The iptables tables that iptables-nft has made in this namespace, for one family.
-
-    `auto` must not put legacy rules beside nft-based ones. Asking nf_tables
-    over netlink takes well under a millisecond; running `iptables-nft-save`
-    to find out costs a process start on every pod. A kernel without
-    nf_tables has none.
-    """
+def _nft_table_names(nfproto: int) -> set[str]:
+    """The names of nf_tables' tables of one protocol family here, over netlink; none without nf_tables."""
     try:
-        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO[family], 0, 0), _NETLINK_NETFILTER)
+        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(nfproto, 0, 0), _NETLINK_NETFILTER)
     except OSError:
         return set()
     names = set()
     for msg_type, payload in replies:
-        if msg_type != _NFT_NEWTABLE or payload[0] != _NFPROTO[family]:
-            continue
-        raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
-        name = raw.split(b"\0", 1)[0].decode(errors="replace")
-        if name in IPTABLES_TABLE_NAMES:
-            names.add(name)
+        if msg_type == _NFT_NEWTABLE and payload[0] == nfproto:
+            raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
+            names.add(raw.split(b"\0", 1)[0].decode(errors="replace"))
     return names
+
+
+def iptables_nft_tables(family: int) -> set[str]:
+    """The iptables tables that iptables-nft has made in this namespace, for one family.
+
+    `auto` must not put legacy rules beside nft-based ones. Asking nf_tables
+    over netlink is far cheaper than running `iptables-nft-save` to find out,
+    a process start on every pod. A kernel without nf_tables has none.
+    """
+    return _nft_table_names(_NFPROTO[family]) & IPTABLES_TABLE_NAMES
 
 
 _CAP_NET_ADMIN = 12
@@ -198,20 +199,7 @@ def native_nft_tables() -> set[str]:
     """
     from istio_init.model import NATIVE_TABLE_PREFIX, NATIVE_TABLES
 
-    ours = {NATIVE_TABLE_PREFIX + table for table in NATIVE_TABLES}
-    try:
-        replies = _dump(_NFT_GETTABLE, _NFGENMSG.pack(_NFPROTO_INET, 0, 0), _NETLINK_NETFILTER)
-    except OSError:
-        return set()
-    names = set()
-    for msg_type, payload in replies:
-        if msg_type != _NFT_NEWTABLE or payload[0] != _NFPROTO_INET:
-            continue
-        raw = _attributes(payload, _NFGENMSG.size).get(_NFTA_TABLE_NAME, b"")
-        name = raw.split(b"\0", 1)[0].decode(errors="replace")
-        if name in ours:
-            names.add(name)
-    return names
+    return _nft_table_names(_NFPROTO_INET) & {NATIVE_TABLE_PREFIX + table for table in NATIVE_TABLES}
 
 
 def enter(path: str, label: str = "--network-namespace") -> None:
@@ -303,9 +291,9 @@ _FRA_PROTOCOL = 21
 def routing_present(marks: set[int], tables: set[int]) -> bool:
     """Whether any policy rule for `marks` into `tables`, or any local default route in `tables`, may exist.
 
-    Asked over a raw netlink dump (well under a millisecond) on every apply
-    whose plan has no TPROXY routing, so the common pod never imports
-    pyroute2 (about 130 ms) just to learn there is nothing of ours to remove.
+    Asked over a raw netlink dump on every apply whose plan has no TPROXY
+    routing, so the common pod never imports pyroute2 just to learn there is
+    nothing of ours to remove (docs/performance.md, "What start-up avoids").
     A superset of owned_routing(): True sends the caller to the exact check.
     A route dump covers every table: a pod has a handful of routes.
     """
@@ -517,3 +505,24 @@ def remove_loopback_address(address: str) -> bool:
     with _iproute() as ipr:
         ipr.addr("del", index=_lo_index(ipr), address=ip, prefixlen=prefix, family=socket.AF_INET6)
     return True
+
+
+def loopback_ipv6_addresses() -> set[str]:
+    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 or ipaddress on every probe)."""
+    from _socket import AF_INET6, inet_ntop
+
+    found = set()
+    try:
+        with open("/proc/net/if_inet6") as table:
+            for line in table:
+                address, _, prefix, _, _, name = line.split()
+                if name == "lo":
+                    text = inet_ntop(AF_INET6, bytes.fromhex(address))
+                    if "." in text:  # the C library writes ::a.b.c.d where ipaddress (and the plan) writes hex
+                        import ipaddress
+
+                        text = str(ipaddress.IPv6Address(int(address, 16)))
+                    found.add(f"{text}/{int(prefix, 16)}")
+    except FileNotFoundError:  # IPv6 disabled: no address at all
+        pass
+    return found

@@ -195,11 +195,11 @@ def ruleset_from_json(objects: list[dict[str, Any]], family: int) -> Ruleset:
 
 def read_live(family: int) -> tuple[Ruleset, str]:
     """The current namespace's nft rules of `family` (our tables only) and where they came from."""
-    from istio_init.backends.nftables import NftablesBackend
+    from istio_init import installed
     from istio_init.errors import ApplyError
 
     try:
-        objects = NftablesBackend().ours()
+        objects = installed.native_objects()
     except ApplyError as exc:
         raise TraceError(str(exc)) from None
     return ruleset_from_json(objects, family), "nft -j list ruleset"

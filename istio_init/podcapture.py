@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from istio_init.config import FLAGS_BY_DEST, RULES_CURRENT, Config, from_sources
+from istio_init.config import FLAGS_BY_DEST, GO_SWITCH_WORDS, RULES_CURRENT, Config, from_sources, switch_value
 from istio_init.errors import ConfigError
 
 # Annotation names (istio/api annotation/annotations.yaml; facts, as Istio spells them).
@@ -278,11 +278,7 @@ def _status_init_containers(text: str) -> list[str]:
 
 def go_bool(text: str) -> bool | None:
     """Go's strconv.ParseBool, which Istio uses for these values; None when it is not a boolean."""
-    if text in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if text in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    return None
+    return switch_value(text, GO_SWITCH_WORDS, exact=True)
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -2,8 +2,8 @@
 
 Every data type here (Config, FlagSpec, Rule, RulePlan, ...) is a typed
 NamedTuple. Importing `typing` pulls in `re`, `enum`, `functools` and
-`collections` and costs 5-10 ms of every pod start: about half of what
-istio-init adds to the interpreter's own start on a dry run (docs/performance.md).
+`collections`, a large part of what istio-init adds to the interpreter's own
+start on a dry run (docs/performance.md, "What start-up avoids").
 So modules take `NamedTuple` (and `TYPE_CHECKING`) from here: mypy sees
 typing's own (the `if TYPE_CHECKING` branch), and at run time `NamedTuple`
 builds the same kind of class: a tuple subclass with one C field accessor per

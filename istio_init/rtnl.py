@@ -2,10 +2,9 @@
 
 `from pyroute2 import IPRoute` runs pyroute2's package `__init__`, which
 imports all of pyroute2 (NDB, IPDB, the asyncio IPRoute, nftables, plan9,
-...): 150-300 ms, four times a REDIRECT pod's whole start, for two routes and
-one address. This module loads only pyroute2's netlink core and the three
-message classes those need (`fibmsg`, `rtmsg`, `ifaddrmsg`, about a tenth of
-that), and `IPRoute` offers the few IPRoute calls netns.py makes, with the
+...), several times a REDIRECT pod's whole start, for two routes and one
+address (docs/performance.md, "What start-up avoids"). This module loads only pyroute2's netlink core and the
+three message classes those need (`fibmsg`, `rtmsg`, `ifaddrmsg`), and `IPRoute` offers the few IPRoute calls netns.py makes, with the
 same arguments and the same messages (pyroute2's defaults included: a rule
 gets priority 32000 and `to_tbl`), over one netlink socket. pyroute2 still
 encodes and decodes every message; this module only sends them.

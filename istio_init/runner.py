@@ -19,6 +19,7 @@ from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
 from istio_init.render import render_plan
 from istio_init.rulesets import plan, resolvers_needed
+from istio_init.system import current
 
 if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 
     # log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
     Log = Callable[..., None]
-    # Lets a caller (a test) wrap the backend the run chose, e.g. to inject a fault.
-    WrapBackend = Callable[["Backend"], "Backend"]
 
 
 def summary(config: Config, ipv6: bool) -> str:
@@ -54,21 +53,18 @@ def _show(value: object) -> str:
 def enter_namespace(config: Config) -> None:
     """The one place a command moves into --network-namespace."""
     if config.network_namespace:
-        from istio_init import netns
-
-        netns.enter(config.network_namespace, flag_label("network_namespace", config.sources))
+        current().enter_namespace(config.network_namespace, flag_label("network_namespace", config.sources))
 
 
 def decide_ipv6(config: Config, log: Log) -> bool:
     if config.ipv6 is not None:
         return config.ipv6
-    from istio_init import netns
-
+    system = current()
     try:
         dual_stack = config.dual_stack or config.agent_dual_stack
         if config.rules_version != RULES_CURRENT and not dual_stack:
-            return netns.detect_ipv6()
-        addresses = netns.pod_addresses()
+            return system.detect_ipv6()
+        addresses = system.pod_addresses()
         if not addresses:
             # Current Istio exits 1 here; docs/rules-current.md keeps the 1.8 rule set's IPv4 rules, and says so.
             log("warning: the pod has no address but loopback and link-local ones; making IPv4 rules only",
@@ -110,24 +106,20 @@ def require_net_admin() -> None:
     deep in a table handle, the restore tool at line 1, the rollback after
     it); one line that says what is missing is what a pod's log needs.
     """
-    from istio_init import netns
-
-    if netns.has_net_admin() is False:
+    if current().has_net_admin() is False:
         raise ApplyError("needs CAP_NET_ADMIN (run as root with NET_ADMIN, as Istio's init container does; "
                          "-n prints the rules without privileges)")
 
 
 def warn_if_host_namespace(log: Log) -> None:
     """A bare `istio-init` in a node's root shell captures the node's own traffic: say so, once."""
-    from istio_init import netns
-
-    if netns.in_initial_namespace():
+    if current().in_initial_namespace():
         log("warning: applying to the host's own network namespace (the one pid 1 is in), not a pod's: "
             "its traffic will be redirected to the sidecar ports; use --network-namespace, run inside "
             "`unshare -n`, or -n to only print the rules", "warn")
 
 
-def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any = None) -> str:
+def run(config: Config, log: Log) -> str:
     """The whole run (dry run, apply, validation); returns what goes to stdout."""
     enter_namespace(config)
     rule_plan, ipv6 = build_plan(config, log)
@@ -154,7 +146,7 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
         if config.cni_mode and config.network_namespace:
             # Run from the host for one pod: lock that pod's tables only, as Istio's CNI mode does.
             os.environ["XTABLES_LOCKFILE"] = config.network_namespace
-        out = apply_plan(config, rule_plan, log, wrap, network)
+        out = apply_plan(config, rule_plan, log)
     if config.run_validation:
         from istio_init import validation
 
@@ -163,8 +155,7 @@ def run(config: Config, log: Log, wrap: WrapBackend | None = None, network: Any 
     return out
 
 
-def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend | None = None,
-               network: Any = None) -> str:
+def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
     from istio_init import apply, backends
 
     families = [family.family for family in rule_plan.families()]
@@ -182,11 +173,7 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
 
             backend.meanwhile = rtnl.messages  # loaded while the restore tool commits, not after it
     timing.mark("choose the backend")
-    if wrap is not None:
-        backend = wrap(backend)
-    applied = apply.run(rule_plan, backend,
-                        lambda: backends.others_holding_ours(name, [4, 6], config.rules_version), network,
-                        tproxy=(config.tproxy_mark, config.tproxy_route_table))
+    applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
     for note in applied.notes:
         log(note)
     if not applied.changed and not applied.notes:
@@ -195,7 +182,7 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log, wrap: WrapBackend 
     return applied.dump
 
 
-def clean(config: Config, log: Log, wrap: WrapBackend | None = None) -> str:
+def clean(config: Config, log: Log) -> str:
     """`clean` / `--cleanup-only`: remove istio-init's rules from every flavour that may hold them."""
     from istio_init import apply, backends
 
@@ -206,8 +193,6 @@ def clean(config: Config, log: Log, wrap: WrapBackend | None = None) -> str:
         chosen += [backends.get(name) for name in backends.candidates(config.iptables_backend, [4, 6])]
     if config.native_nftables or backends.native_nft_in_use():
         chosen.append(backends.native(config.rules_version))
-    if wrap is not None:
-        chosen = [wrap(b) for b in chosen]
     result = apply.clean(chosen, {config.tproxy_mark}, dry_run=config.dry_run,
                          tables=frozenset({config.tproxy_route_table}))
     if config.dry_run:

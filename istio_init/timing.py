@@ -1,4 +1,4 @@
-"""Per-phase wall times of one run, for `ISTIO_INIT_TIMING=1` (the README's "Start-up time" reads them).
+"""Per-phase wall times of one run, for `ISTIO_INIT_TIMING=1` (docs/performance.md reads them).
 
 An init container's start-up is spent in a handful of phases (imports, parsing,
 planning, reading the tables, committing, printing), and a change that makes

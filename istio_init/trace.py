@@ -179,13 +179,14 @@ def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, l
     Returns (ruleset, the save tool that shows them).
     """
     from istio_init import installed
+    from istio_init.backends.iptables.tools import command
     from istio_init.errors import ApplyError
 
     try:
         found = installed.read(backend)
     except ApplyError as exc:
         raise TraceError(str(exc)) from None
-    tool = f"{'ip6' if family == 6 else 'ip'}tables-{found.store}-save"
+    tool = command(family, f"-{found.store}-save")
     return ruleset_from_tables(found.of_store(family)), tool
 
 
@@ -453,13 +454,13 @@ def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool, re
     """
     import json
 
-    from istio_init import netns
     from istio_init.rulesets import plan
+    from istio_init.system import current
 
     local: list[IPAddress] = []
     if live:
         try:
-            local = list(netns.pod_addresses())
+            local = list(current().pod_addresses())
         except OSError:
             local = []
     conn = make_connection(local_addresses=local, **conn_args)

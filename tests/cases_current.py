@@ -37,11 +37,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cases import SEED_ARGS
+
 GOLDEN_DIR = Path(__file__).parent / "golden" / "current"
 ISTIO_GOLDEN_DIR = GOLDEN_DIR / "istio"
 ISTIO_SOURCE = "istio/istio tools/istio-iptables/pkg/capture/testdata"
 
 RULES = ("--rules-version", "current")
+# The arguments current Istio's injection gives the init container (the 1.8 seed's, and its log flag).
+INJECTED = [*SEED_ARGS, "--log_output_level=default:info"]
 GROUP_GIDS = {"java": 20001, "ftp": 20002}
 
 

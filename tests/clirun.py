@@ -1,4 +1,4 @@
-"""Running the istio-init CLI in-process, as a test sees it."""
+"""Running the istio-init CLI in-process, as a test sees it: its environment, its parser, its error line."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import io
 import os
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from typing import Sequence
 from unittest import mock
 
-from istio_init.cli import main
+from istio_init.cli import cli, main
 
 # Variables istio-init reads; cleared so the developer's shell cannot leak into a test.
 _ISTIO_ENV_PREFIXES = ("ISTIO_", "ENVOY_", "PROXY_", "INBOUND_", "KUBE_VIRT", "DRY_RUN", "SKIP_RULE",
@@ -28,6 +29,24 @@ def clean_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_ISTIO_ENV_PREFIXES)}
     env.update(extra or {})
     return env
+
+
+def given(args: Sequence[str]) -> dict[str, str | bool]:
+    """Istio's argument list (`istio-iptables` first or not) as the `run` command's own parser reads it:
+    the dict config.from_sources takes."""
+    ctx = cli.commands["run"].make_context("run", [a for a in args if a != "istio-iptables"])
+    return {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
+
+
+def assert_one_error_line(result: Result, expected: str) -> None:
+    """A user mistake: exit 2, nothing on stdout, one `invalid value for` line on stderr holding `expected`."""
+    assert result.code == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("istio-init: invalid value for ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
 
 
 def invoke(argv: list[str], env: dict[str, str] | None = None) -> Result:

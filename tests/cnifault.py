@@ -1,8 +1,8 @@
-"""Runs istio-init-cni with a fault injected through the CLI's backend wrapper (tests only).
+"""Runs istio-init-cni on a host that fails at a named step (tests only).
 
 `python tests/cnifault.py FAULT` is `istio-init-cni` (the CNI protocol on stdin,
-stdout and the environment) except that the backend a run chooses fails as
-tests/faultinject.py describes, so the plugin's error path meets the real
+stdout and the environment) except that the System below the backends fails
+as tests/faultinject.py describes, so the plugin's error path meets the real
 rollback.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from faultinject import wrapper
-from istio_init import cli
+from faultinject import FaultySystem
+from istio_init import cli, system
 
 if __name__ == "__main__":
-    cli.cni_main(wrap_backend=wrapper(sys.argv[1]))
+    with system.using(FaultySystem(sys.argv[1])):
+        cli.cni_main()

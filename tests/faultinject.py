@@ -1,79 +1,66 @@
-"""Runs the real istio-init CLI with a fault injected through a wrapper backend (tests only).
+"""Runs the real istio-init CLI on a host that fails at a named step (tests only).
 
-`python tests/faultinject.py FAULT ARGS...` is `istio-init ARGS...` except that
-the backend the run chooses (or the network steps) fail on purpose:
-`after-commit:TABLE` right after the IPv4 family holding TABLE was committed,
-`ipv6` after the IPv6 family was committed, `route` after the TPROXY route
-step changed something, `reject:TABLE` adds to the IPv4 changes of TABLE a
-jump to a chain that does not exist, which the kernel or the restore tool
-refuses (the real error path). Production code has no fault hooks: the CLI
-takes a backend wrapper and network steps as arguments, and this passes them.
+`python tests/faultinject.py FAULT ARGS...` is `istio-init ARGS...` on the real
+kernel, except that the System below the backends (istio_init/system.py)
+fails on purpose:
+`after-commit:TABLE` right after the IPv4 commit holding TABLE, `ipv6` right
+after an IPv6 commit, `route` at the TPROXY route step (after ::6 went on lo),
+`reject:TABLE` adds to the IPv4 changes of TABLE a jump to a chain that does
+not exist, which the kernel or the restore tool refuses (the real error path);
+`reject:nft` ends the nft transaction with such a jump, and `after-commit:nft`
+fails the read-back right after the transaction was committed. The CLI takes
+no test hooks: the faulty System is installed as the process's one System.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping
 
-from istio_init import cli, netns
+from istio_init import cli, system
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.errors import ApplyError
 from istio_init.model import APPEND, Rule, Step
+from istio_init.netns import Routing
+
+if TYPE_CHECKING:
+    from istio_init.backends.iptables.backend import Tables
 
 
-def wrapper(fault: str) -> Any:
-    def wrap(backend: Any) -> Any:
-        if backend.name == "nftables":
-            return _nft_wrapper(fault, backend)
-        base = type(backend)
+class FaultyTables:
+    """A backend's real tables, failing after (or refusing a bogus rule in) the named commit."""
 
-        class Faulty(base):  # type: ignore[misc, valid-type]
-            def decide(self, live, plan, families):  # type: ignore[no-untyped-def]
-                changes = super().decide(live, plan, families)
-                if fault.startswith("reject:"):
-                    table = fault.split(":", 1)[1]
-                    changes[4] = [_with_bogus_rule(c) if c.table == table and c.steps else c for c in changes[4]]
-                return changes
+    def __init__(self, real: Tables, fault: str) -> None:
+        self.real = real
+        self.fault = fault
+        self.name = real.name
 
-            def commit_family(self, family: int, changes: list[TableChange]) -> None:
-                super().commit_family(family, changes)
-                tables = [c.table for c in changes]
-                if family == 4 and fault.startswith("after-commit:") and fault.split(":", 1)[1] in tables:
-                    raise ApplyError(f"table {fault.split(':', 1)[1]}: fault injected ({fault})")
-                if family == 6 and fault == "ipv6":
-                    raise ApplyError(f"table {tables[0]}: fault injected ({fault})")
+    def session(self) -> ContextManager[None]:
+        return self.real.session()
 
-        backend.__class__ = Faulty
-        return backend
-    return wrap
+    def save(self, family: int, counters: bool = True) -> str:
+        return self.real.save(family, counters)
 
+    def snapshot(self, family: int) -> str:
+        return self.real.snapshot(family)
 
-def _nft_wrapper(fault: str, backend: Any) -> Any:
-    """`reject:nft`: the transaction ends with a jump to no chain; `after-commit:nft`: reading back fails."""
-    from istio_init.render_nft import FAMILY, TransactionLine
+    def restore(self, family: int, saved_blocks: str) -> None:
+        self.real.restore(family, saved_blocks)
 
-    base = type(backend)
+    def restore_tool(self, family: int) -> str:
+        return self.real.restore_tool(family)
 
-    class Faulty(base):  # type: ignore[misc, valid-type]
-        reads = 0
-
-        def transaction(self, plan):  # type: ignore[no-untyped-def]
-            text, where = super().transaction(plan)
-            if fault == "reject:nft":
-                last = next(place for place in reversed(where) if place.rule)
-                rule = "counter jump istio-no-such-chain-fault"
-                text += f"add rule {FAMILY} {last.table} {last.chain} {rule}\n"
-                where = [*where, TransactionLine(last.table, last.chain, rule)]
-            return text, where
-
-        def ours(self):  # type: ignore[no-untyped-def]
-            self.reads += 1
-            if fault == "after-commit:nft" and self.reads == 2:  # the read-back right after the commit
-                raise ApplyError(f"fault injected ({fault})")
-            return super().ours()
-
-    backend.__class__ = Faulty
-    return backend
+    def commit(self, changes: Mapping[int, list[TableChange]], meanwhile: Callable[[], object] | None = None) -> None:
+        kind, _, table = self.fault.partition(":")
+        if kind == "reject" and 4 in changes:
+            changes = {**changes, 4: [_with_bogus_rule(c) if c.table == table and c.steps else c
+                                      for c in changes[4]]}
+        self.real.commit(changes, meanwhile)
+        if kind == "after-commit" and table in [c.table for c in changes.get(4, [])]:
+            raise ApplyError(f"table {table}: fault injected ({self.fault})")
+        if self.fault == "ipv6" and changes.get(6):
+            raise ApplyError(f"table {changes[6][0].table}: fault injected ({self.fault})")
 
 
 def _with_bogus_rule(change: TableChange) -> TableChange:
@@ -81,19 +68,59 @@ def _with_bogus_rule(change: TableChange) -> TableChange:
     return change._replace(steps=(*change.steps, bogus))
 
 
-class FailingRoutes:
-    """The real network steps, refusing the TPROXY policy route (after ::6 went on lo)."""
+class FaultyNftables:
+    """A libnftables context whose transaction gains a jump to no chain (`reject:nft`), or whose first
+    read after a committed transaction fails (`after-commit:nft`)."""
+
+    def __init__(self, real: Any, fault: str) -> None:
+        self.real = real
+        self.fault = fault
+        self.committed = False
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(netns, name)
+        return getattr(self.real, name)
 
-    def add_policy_route(self, family: int, fwmark: int, table: int) -> list[netns.Routing]:
-        raise ApplyError("fault injected (route)")
+    def cmd_from_file(self, path: str) -> Any:
+        with open(path) as loaded:
+            text = loaded.read()
+        if self.fault == "reject:nft":
+            last = [line for line in text.splitlines() if line.startswith("add rule ")][-1]
+            family, table, chain = last.split()[2:5]
+            text += f"add rule {family} {table} {chain} counter jump istio-no-such-chain-fault\n"
+        fd = os.memfd_create("faulty-nft")
+        try:
+            os.write(fd, text.encode())
+            done = self.real.cmd_from_file(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        self.committed = done[0] == 0
+        return done
+
+    def cmd(self, command: str) -> Any:
+        if self.fault == "after-commit:nft" and self.committed and command == "list ruleset":
+            self.committed = False
+            raise ApplyError(f"fault injected ({self.fault})")
+        return self.real.cmd(command)
+
+
+class FaultySystem(system.System):
+    """The real host, failing at the step `fault` names."""
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+
+    def iptables(self, name: str) -> Tables:
+        return FaultyTables(super().iptables(name), self.fault)
+
+    def nftables(self) -> Any:
+        return FaultyNftables(super().nftables(), self.fault)
+
+    def add_policy_route(self, family: int, fwmark: int, table: int) -> list[Routing]:
+        if self.fault == "route":
+            raise ApplyError("fault injected (route)")
+        return super().add_policy_route(family, fwmark, table)
 
 
 if __name__ == "__main__":
-    fault, argv = sys.argv[1], sys.argv[2:]
-    if fault == "route":
-        cli.main(argv, network=FailingRoutes())
-    else:
-        cli.main(argv, wrap_backend=wrapper(fault))
+    with system.using(FaultySystem(sys.argv[1])):
+        cli.main(sys.argv[2:])

@@ -13,8 +13,27 @@ import subprocess
 import sys
 import tempfile
 
+from typing import TYPE_CHECKING
+
 from clirun import clean_environ
+from nft_cases import TEST_GROUPS
 from nsutil import Namespace
+
+if TYPE_CHECKING:
+    from cases import Case
+    from nft_cases import NftCase
+
+# Someone else's table, which every apply, converge and clean must leave as it is.
+FOREIGN = """table inet filter {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		tcp dport 9999 counter accept
+	}
+}
+"""
+# A TPROXY run with its own mark and route table: it leaves policy routing and ::6 behind it.
+TPROXY_FLAGS = ["-m", "TPROXY", "-b", "*", "-i", "*", "-t", "1338", "-r", "134", "--ipv6", "true",
+                "--native-nftables"]
 
 
 def run_in(ns: Namespace, argv: list[str], stdin: str | None = None, files: dict[str, str] | None = None,
@@ -73,3 +92,13 @@ def group_file(extra: dict[str, int]) -> str:
 
 def resolv_conf(resolvers: tuple[str, ...]) -> str:
     return "".join(f"nameserver {address}\n" for address in resolvers) or "# no resolvers\n"
+
+
+def case_files(case: NftCase) -> dict[str, str]:
+    """The /etc/group and /etc/resolv.conf an Istio nft golden case was made with."""
+    return {"/etc/group": group_file(TEST_GROUPS), "/etc/resolv.conf": resolv_conf(case.resolvers)}
+
+
+def args_18(case: Case) -> list[str]:
+    return [a for a in case.args if a != "istio-iptables"] + ["--ipv6", "true" if case.ipv6 else "false",
+                                                                "--native-nftables"]

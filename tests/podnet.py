@@ -232,14 +232,14 @@ class Server:
             self.process.stdout.close()
 
 
-def _nsenter(namespace: str) -> list[str]:
+def nsenter(namespace: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{namespace}"]
 
 
 def start_server(namespace: str, tag: str, tcp: Sequence[int] = (), udp: Sequence[int] = (),
                  uid: int | None = None, gid: int | None = None, transparent: bool = False) -> Server:
     """Start one listener process inside `namespace`; returns once it listens."""
-    argv = [*_nsenter(namespace), PYTHON, str(HERE), "serve", "--tag", tag,
+    argv = [*nsenter(namespace), PYTHON, str(HERE), "serve", "--tag", tag,
             "--tcp", ",".join(map(str, tcp)), "--udp", ",".join(map(str, udp))]
     if uid is not None:
         argv += ["--uid", str(uid)]
@@ -262,7 +262,7 @@ def start_server(namespace: str, tag: str, tcp: Sequence[int] = (), udp: Sequenc
 def run_client(namespace: str, dst: str, port: int, uid: int | None = None, gid: int | None = None,
                src: str | None = None, proto: str = "tcp", timeout: float = 2.0) -> Answer:
     """One connection from inside `namespace` as uid/gid; what answered it."""
-    argv = [*_nsenter(namespace), PYTHON, str(HERE), "connect", "--dst", dst, "--port", str(port),
+    argv = [*nsenter(namespace), PYTHON, str(HERE), "connect", "--dst", dst, "--port", str(port),
             "--proto", proto, "--timeout", str(timeout)]
     for flag, value in (("--uid", uid), ("--gid", gid), ("--src", src)):
         if value is not None:
@@ -282,7 +282,7 @@ def _create_namespace(name: str) -> None:
 
 
 def _write_sysctl(namespace: str, key: str, value: str) -> None:
-    subprocess.run([*_nsenter(namespace), "sysctl", "-q", "-w", f"{key}={value}"], check=True,
+    subprocess.run([*nsenter(namespace), "sysctl", "-q", "-w", f"{key}={value}"], check=True,
                    capture_output=True, timeout=10)
 
 
@@ -388,11 +388,11 @@ class Pod:
 
     def iptables(self, *argv: str, family: int = 4) -> None:
         tool = "iptables-legacy" if family == 4 else "ip6tables-legacy"
-        subprocess.run([*_nsenter(self.name), tool, "-w", *argv], check=True, capture_output=True, timeout=30)
+        subprocess.run([*nsenter(self.name), tool, "-w", *argv], check=True, capture_output=True, timeout=30)
 
     def save(self, family: int = 4) -> str:
         tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
-        return subprocess.run([*_nsenter(self.name), tool], check=True, capture_output=True, text=True,
+        return subprocess.run([*nsenter(self.name), tool], check=True, capture_output=True, text=True,
                               timeout=30).stdout
 
 

@@ -1,28 +1,27 @@
 """Reconcile and the apply orchestration, without a kernel (no root).
 
 reconcile.py decides every change from parsed iptables-save text, so re-runs,
-flag changes and clean are checked here on text; a recording backend checks
-that a failed commit rolls back exactly the touched tables.
+flag changes and clean are checked here on text; the in-memory host
+(tests/fakehost.py) checks that a failed commit rolls back exactly the
+touched tables.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Mapping
 from unittest import mock
 
 import pytest
 
 from cases import CASES, Case
 from cases import UNRELATED_V4 as UNRELATED
-from istio_init import apply
+from fakehost import FakeHost
+from istio_init import apply, backends, system
 from istio_init.config import from_sources
 from istio_init.errors import ApplyError
 from istio_init.rulesets import plan
 from istio_init.backends.iptables.reconcile import TableChange, is_ours, reconcile, restore_text, simulate
 from istio_init.render import render_family, split_families
-from istio_init.backends.iptables.backend import IptablesBackend
 from istio_init.backends.iptables.savefile import SavedTable, normalize, parse_save, table_blocks
 
 
@@ -165,104 +164,80 @@ def test_table_blocks_keeps_counters_and_fills_absent_tables() -> None:
         "*nat\n:PREROUTING ACCEPT [1:2]\n[3:4] -A PREROUTING -j RETURN\nCOMMIT\n*mangle\nCOMMIT\n")
 
 
-class RecordingBackend(IptablesBackend):
-    """An iptables backend passed in by the test: it records calls, keeps state as text, fails on request.
-
-    A commit appends a rule to the table's text, so the rollback sees which
-    tables really changed; `fail_on` refuses one (family, table) and
-    `fail_after` raises right after committing one (a fault after a commit).
-    """
-
-    name = "recording"
-
-    def __init__(self, snapshots: Mapping[int, str], fail_on: tuple[int, str] | None,
-                 fail_after: tuple[int, str] | None = None) -> None:
-        self.live = dict(snapshots)
-        self.fail_on = fail_on
-        self.fail_after = fail_after
-        self.calls: list[tuple] = []
-
-    def session(self) -> contextlib.AbstractContextManager[None]:
-        self.calls.append(("session",))
-        return contextlib.nullcontext()
-
-    def save(self, family: int, counters: bool = True) -> str:
-        self.calls.append(("read", family))
-        return self.live[family]
-
-    def commit_family(self, family: int, changes: list[TableChange]) -> None:
-        for change in changes:
-            if (family, change.table) == self.fail_on:
-                raise ApplyError(f"table {change.table}: refused")
-            self.calls.append(("commit", family, change.table))
-            self.live[family] += f"*{change.table}\n-A OUTPUT -j RECORDED_COMMIT\nCOMMIT\n"
-            if (family, change.table) == self.fail_after:
-                raise ApplyError(f"table {change.table}: fault injected after its commit")
-
-    def restore(self, family: int, saved_blocks: str) -> None:
-        self.calls.append(("restore", family, saved_blocks))
-        tables = parse_save(saved_blocks)
-        kept = [b for b in self.live[family].split("COMMIT\n") if b.strip() and
-                b.strip().splitlines()[0][1:] not in tables and not b.startswith("#")]
-        self.live[family] = "".join(b + "COMMIT\n" for b in kept) + saved_blocks
-
-
-def _run_with(backend: RecordingBackend, args: dict[str, str], ipv6: bool) -> None:
+def _run_with(host: FakeHost, args: dict[str, str], ipv6: bool) -> None:
     config = from_sources({**args, "iptables_backend": "legacy"}, environ={})
-    apply.run(plan(config, ipv6), backend, lock=contextlib.nullcontext)
+    with system.using(host):
+        apply.run(plan(config, ipv6), backends.get("legacy"))
+
+
+def _restores(host: FakeHost) -> list[tuple]:
+    return [c for c in host.calls if c[0] == "restore"]
 
 
 def test_failed_ipv6_commit_restores_both_families() -> None:
-    backend = RecordingBackend({4: UNRELATED, 6: UNRELATED}, fail_on=(6, "nat"))
-    with pytest.raises(ApplyError, match="table nat: refused.*put back"):
-        _run_with(backend, {"service_cidr": "*"}, ipv6=True)
-    restores = [c for c in backend.calls if c[0] == "restore"]
+    host = FakeHost({("legacy", 4): UNRELATED, ("legacy", 6): UNRELATED}, fail_at="legacy IPv6 nat")
+    with pytest.raises(ApplyError, match="IPv6 nat: refused.*put back"):
+        _run_with(host, {"service_cidr": "*"}, ipv6=True)
+    restores = _restores(host)
     # IPv4's committed nat is put back; IPv6's refused nat never changed, so it needs no restore.
-    assert [(c[1], c[2].splitlines()[0]) for c in restores] == [(4, "*nat")]
-    assert "-A MY_CHAIN -p udp -m udp --dport 5353 -j RETURN" in restores[0][2]
-    assert "*filter" not in restores[0][2]
-    assert normalize(backend.live[4]) == normalize(UNRELATED) and normalize(backend.live[6]) == normalize(UNRELATED)
+    assert [(c[2], c[3].splitlines()[0]) for c in restores] == [(4, "*nat")]
+    assert "-A MY_CHAIN -p udp -m udp --dport 5353 -j RETURN" in restores[0][3]
+    assert "*filter" not in restores[0][3]
+    assert normalize(host.text[("legacy", 4)]) == normalize(UNRELATED)
+    assert normalize(host.text[("legacy", 6)]) == normalize(UNRELATED)
 
 
 def test_injected_fault_after_nat_commit_rolls_back() -> None:
-    backend = RecordingBackend({4: UNRELATED}, fail_on=None, fail_after=(4, "nat"))
+    host = FakeHost({("legacy", 4): UNRELATED}, fail_at="legacy IPv4 nat", after=True)
     args = {"service_cidr": "*", "inbound_ports": "*", "inbound_interception_mode": "TPROXY"}
     with pytest.raises(ApplyError, match="after its commit"):
-        _run_with(backend, args, ipv6=False)
-    assert ("commit", 4, "nat") in backend.calls and ("commit", 4, "mangle") not in backend.calls
-    restores = [c for c in backend.calls if c[0] == "restore"]
-    assert len(restores) == 1 and restores[0][2] == table_blocks(UNRELATED, ["nat"])
-    assert normalize(backend.live[4]) == normalize(UNRELATED)
+        _run_with(host, args, ipv6=False)
+    assert ("commit", "legacy", 4, "nat") in host.calls and ("commit", "legacy", 4, "mangle") not in host.calls
+    restores = _restores(host)
+    assert len(restores) == 1 and restores[0][3] == table_blocks(UNRELATED, ["nat"])
+    assert normalize(host.text[("legacy", 4)]) == normalize(UNRELATED)
 
 
 def test_unexpected_exception_after_a_commit_rolls_back_too() -> None:
     """Issue 12, finding 2: not only ApplyError: an encoding error, a bug, anything."""
-
-    class Broken(RecordingBackend):
-        def commit_family(self, family: int, changes: list[TableChange]) -> None:
-            super().commit_family(family, changes[:1])
-            raise UnicodeDecodeError("utf-8", b"\xc3", 0, 1, "invalid continuation byte")
-
-    backend = Broken({4: UNRELATED}, fail_on=None)
+    error = UnicodeDecodeError("utf-8", b"\xc3", 0, 1, "invalid continuation byte")
+    host = FakeHost({("legacy", 4): UNRELATED}, fail_at="legacy IPv4 nat", after=True, error=error)
     with pytest.raises(ApplyError, match="UnicodeDecodeError.*put back"):
-        _run_with(backend, {"service_cidr": "*", "inbound_ports": "*", "kube_virt_interfaces": "eth1"}, ipv6=False)
-    assert normalize(backend.live[4]) == normalize(UNRELATED)
+        _run_with(host, {"service_cidr": "*", "inbound_ports": "*", "kube_virt_interfaces": "eth1"}, ipv6=False)
+    assert normalize(host.text[("legacy", 4)]) == normalize(UNRELATED)
 
 
 def test_refusal_before_any_change_says_nothing_was_changed() -> None:
     """Issue 12, finding 6: a failure that changed nothing is not reported as an incomplete rollback."""
-    backend = RecordingBackend({4: UNRELATED}, fail_on=(4, "nat"))
+    host = FakeHost({("legacy", 4): UNRELATED}, fail_at="legacy IPv4 nat")
     with pytest.raises(ApplyError, match=r"refused \(nothing had been changed\)"):
-        _run_with(backend, {"service_cidr": "*"}, ipv6=False)
-    assert not [c for c in backend.calls if c[0] == "restore"]
+        _run_with(host, {"service_cidr": "*"}, ipv6=False)
+    assert not _restores(host)
+
+
+def test_a_failed_rollback_says_what_may_be_left() -> None:
+    """The rollback's own failure is reported with what to run, not as a success."""
+    host = FakeHost({("legacy", 4): UNRELATED}, fail_at="legacy IPv4 nat", after=True)
+    original = host.iptables
+
+    def no_restore(name: str):  # type: ignore[no-untyped-def]
+        tables = original(name)
+        tables.restore = lambda family, blocks: (_ for _ in ()).throw(ApplyError("restore refused"))
+        return tables
+
+    host.iptables = no_restore  # type: ignore[method-assign]
+    with pytest.raises(ApplyError, match="rollback incomplete: IPv4 tables nat may still hold this run's rules "
+                                         r"\(restore refused\); `istio-init clean --iptables-backend legacy`"):
+        _run_with(host, {"service_cidr": "*"}, ipv6=False)
 
 
 def test_skip_rule_apply_touches_nothing() -> None:
     from istio_init import runner
 
-    backend = RecordingBackend({4: ""}, fail_on=None)
+    host = FakeHost({("legacy", 4): ""})
     config = from_sources({"skip_rule_apply": "true", "iptables_backend": "legacy", "ipv6": "false"}, environ={})
     logged: list[str] = []
-    runner.run(config, logged.append, wrap=lambda chosen: backend)
-    assert backend.calls == []
+    with system.using(host):
+        runner.run(config, logged.append)
+    assert host.calls == [] and host.steps == []
     assert any("--skip-rule-apply" in line for line in logged)

@@ -27,7 +27,7 @@ from cases import SEED_ARGS
 from clirun import clean_environ
 from istio_init.backends.iptables.savefile import normalize
 from nsutil import Namespace
-from test_apply import expected, istio_init, save, snapshot
+from appliedns import expected, istio_init, save, snapshot
 
 pytestmark = pytest.mark.root
 

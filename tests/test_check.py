@@ -17,9 +17,9 @@ import pytest
 
 from cases import CASES, SEED_ARGS, UNRELATED_V4, UNRELATED_V6, Case
 from cases_current import CURRENT_CASES, RULES, CurrentCase
-from clirun import clean_environ
+from clirun import clean_environ, given
 from istio_init.config import from_sources
-from istio_init.drift import Difference, chains_from_plan
+from istio_init.check import Difference, chains_from_plan
 from istio_init.rulesets import plan
 from nsutil import Namespace
 
@@ -70,9 +70,8 @@ def differences(ns: Namespace, args: list[str], env: dict[str, str] | None = Non
 
 
 def planned_chains(args: tuple[str, ...], ipv6: bool = False, family: int = 4) -> dict:
-    from test_drift import _given
 
-    rule_plan = plan(from_sources(_given(args), environ={}), ipv6)
+    rule_plan = plan(from_sources(given(args), environ={}), ipv6)
     return chains_from_plan(rule_plan.ipv6 if family == 6 else rule_plan.ipv4)
 
 

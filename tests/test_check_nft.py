@@ -13,9 +13,8 @@ import pytest
 
 from cases import CASES, Case
 from nft_cases import NFT_CASES, NftCase
-from nftsandbox import istio_init, load, run_in
+from nftsandbox import FOREIGN, TPROXY_FLAGS, args_18, case_files, istio_init, load, run_in
 from nsutil import Namespace
-from test_nft_apply import FOREIGN, TPROXY_FLAGS, _files, args_18
 
 pytestmark = pytest.mark.root
 
@@ -38,7 +37,7 @@ def test_in_sync_after_apply_18(netns: Namespace, case: Case) -> None:
 
 @pytest.mark.parametrize("case", NFT_CASES, ids=lambda c: c.name)
 def test_in_sync_after_apply_current(netns: Namespace, case: NftCase) -> None:
-    files = _files(case)
+    files = case_files(case)
     istio_init(netns, *case.argv, env=case.env, files=files)
     code, out, _ = _check(netns, case.argv, case.env, files)
     assert code == 0 and "in sync" in out, out

@@ -135,9 +135,9 @@ def _nft_dry_runs() -> list[str]:
 
 @pytest.mark.root
 def test_nft_syntax_of_every_planned_rule_loads_back_to_the_same_rule(netns: Namespace) -> None:
-    """Each rule of both rule sets' nft forms, written in nft syntax by drift.nft_rule_text and
+    """Each rule of both rule sets' nft forms, written in nft syntax by check.nft_rule_text and
     loaded again, reads back as the same expressions: the syntax is nft's, exactly."""
-    from istio_init.drift import chains_from_objects, nft_rule_text
+    from istio_init.check import chains_from_objects, nft_rule_text
 
     compared = 0
     for transaction in _nft_dry_runs():

@@ -27,7 +27,7 @@ from istio_init.render import split_families
 from istio_init.backends.iptables.savefile import normalize
 from nsutil import Namespace
 from podnet import APP_UID, PROXY_UID, run_client, start_server
-from test_apply import exact, routing
+from appliedns import exact, routing
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(reference_plugins_missing() is not None,

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from clirun import Result, clean_environ, invoke
+from clirun import assert_one_error_line, clean_environ, invoke
 
 BAD_INPUT = [
     # (argv, environment, text the message must contain)
@@ -44,17 +44,6 @@ BAD_INPUT = [
     ([], {"ENVOY_PORT": "fifteen"}, "-p/--envoy-port (from ENVOY_PORT): 'fifteen'"),
     ([], {"ISTIO_SERVICE_EXCLUDE_CIDR": "*"}, "-x/--istio-service-exclude-cidr (from ISTIO_SERVICE_EXCLUDE_CIDR): '*'"),
 ]
-
-
-def assert_one_error_line(result: Result, expected: str) -> None:
-    """A user mistake: exit 2, nothing on stdout, one `invalid value for` line on stderr holding `expected`."""
-    assert result.code == 2
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("istio-init: invalid value for ")
-    assert expected in lines[0]
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("argv,env,expected", BAD_INPUT, ids=lambda v: str(v) if isinstance(v, list) else None)

@@ -17,16 +17,15 @@ from pathlib import Path
 import pytest
 
 from cases import SEED_ARGS, UNRELATED_V4, UNRELATED_V6
-from cases_current import CURRENT_CASES
+from cases_current import CURRENT_CASES, INJECTED
 from clirun import clean_environ
 from istio_init.render import split_families
 from istio_init.backends.iptables.savefile import normalize
 from nsutil import Namespace
-from test_apply import routing
+from appliedns import routing
 
 pytestmark = pytest.mark.root
 
-INJECTED = [*SEED_ARGS, "--log_output_level=default:info"]
 IMAGE_ENV = {"ISTIO_INIT_RULES_VERSION": "current"}
 RESOLVER = "198.51.100.53"
 

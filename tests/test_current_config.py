@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from cases import SEED_ARGS
-from clirun import clean_environ, invoke
-from test_config_errors import assert_one_error_line
+from clirun import assert_one_error_line, clean_environ, invoke
 from istio_init.config import from_sources
 
 CURRENT = ("--rules-version", "current")

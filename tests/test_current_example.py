@@ -37,7 +37,7 @@ def _args(text: str) -> list[str]:
 
 
 def test_example_init_container_is_current_istios_injection() -> None:
-    from test_current_apply import INJECTED
+    from cases_current import INJECTED
 
     text = EXAMPLE.read_text()
     assert _args(text) == INJECTED

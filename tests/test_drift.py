@@ -12,8 +12,9 @@ import json
 import pytest
 
 from cases import CASES, SEED_ARGS, UNRELATED_V4, Case
+from clirun import given
 from istio_init.config import from_sources
-from istio_init.drift import (Difference, Live, chains_from_plan, chains_from_save, compare, compare_chain,
+from istio_init.check import (Difference, Live, chains_from_plan, chains_from_save, compare, compare_chain,
                               format_text, planned_state, to_json)
 from istio_init.backends.iptables.savefile import parse_save
 from istio_init.installed import holding_store, stores_holding_ours
@@ -22,15 +23,8 @@ from istio_init.render import render_family, render_plan, split_families
 from istio_init.rulesets import plan
 
 
-def _given(args: tuple[str, ...]) -> dict:
-    from istio_init.cli import cli
-
-    ctx = cli.commands["run"].make_context("run", [a for a in args if a != "istio-iptables"])
-    return {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
-
-
 def _plan(args: tuple[str, ...], ipv6: bool = False, env: dict | None = None):
-    return plan(from_sources(_given(args), environ=env or {}), ipv6)
+    return plan(from_sources(given(args), environ=env or {}), ipv6)
 
 
 def _live_as_installed(rule_plan, flavour: str = "legacy", extra_v4: str = "") -> Live:

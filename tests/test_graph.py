@@ -23,7 +23,7 @@ import pytest
 
 from cases import CASES, SEED_ARGS
 from cases_current import CURRENT_CASES, RULES
-from clirun import clean_environ, invoke
+from clirun import clean_environ, given, invoke
 from istio_init.config import from_sources
 from istio_init.model import is_builtin
 from istio_init.render import rule_spec
@@ -116,9 +116,8 @@ def parse_mermaid(text: str) -> tuple[dict[str, Node], Counter[Edge]]:
 
 def expected_chains_and_jumps(case: Case) -> tuple[dict[str, Node], set[tuple[str, str, str]], dict]:
     """From the plan itself: chain node name -> (cluster, label lines), the jumps, and the rules per node."""
-    from test_drift import _given
 
-    rule_plan = plan(from_sources(_given(case.args), environ=case.env), case.ipv6, case.resolvers)
+    rule_plan = plan(from_sources(given(case.args), environ=case.env), case.ipv6, case.resolvers)
     chains: dict[str, Node] = {}
     jumps: set[tuple[str, str, str]] = set()
     rules: dict[str, list] = {}

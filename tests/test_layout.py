@@ -1,4 +1,5 @@
-"""The package's shape (issue 9): only the CLI prints, and no module imports back into a cycle."""
+"""The package's shape: only the front doors print, no import cycle, no module imports a layer above its
+own, and what is installed is read for the commands by one module."""
 
 from __future__ import annotations
 
@@ -99,3 +100,106 @@ def test_no_import_cycle() -> None:
         if start not in seen:
             visit(start, [start])
     assert cycles == []
+
+
+# The layers, lowest first; a module may import its own layer and those below it (CONTRIBUTING.md, "Layout").
+# A module's layer is the longest name here that it is or lies under.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Pure: flags -> Config -> plan -> text, and text -> model -> decided changes. No kernel, no printing.
+    ("core", ("istio_init", "istio_init.errors", "istio_init.timing", "istio_init.records", "istio_init.model",
+              "istio_init.config",
+              "istio_init.ifnames", "istio_init.resolvconf", "istio_init.render", "istio_init.render_nft",
+              "istio_init.podcapture",
+              "istio_init.rulesets", "istio_init.backends.iptables.savefile",
+              "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.printed")),
+    # What speaks to the kernel: tools, python-iptables, libnftables, netlink, routes, lock files.
+    ("kernel", ("istio_init.netns", "istio_init.rtnl", "istio_init.locks", "istio_init.libnftables",
+                "istio_init.backends.iptables.spawn", "istio_init.backends.iptables.tools",
+                "istio_init.backends.iptables.restore", "istio_init.backends.iptables.libiptc")),
+    # The one seam over all of it, which tests replace (tests/fakehost.py).
+    ("system", ("istio_init.system",)),
+    # Deciding and undoing changes, and choosing a backend.
+    ("backends", ("istio_init.backends", "istio_init.backends.base", "istio_init.backends.iptables",
+                  "istio_init.backends.iptables.backend", "istio_init.backends.nftables")),
+    # All-or-nothing apply and clean, the one reader of installed rules, validation, live nft rules read
+    # back, the CNI plugin's installation.
+    ("operations", ("istio_init.apply", "istio_init.installed", "istio_init.validation", "istio_init.nft_live",
+                    "istio_init.cni_install", "istio_init.kubeapi")),
+    # One command each: a run, trace, check, graph, the CNI plugin's logic and its node agent.
+    ("commands", ("istio_init.runner", "istio_init.trace", "istio_init.check", "istio_init.graph",
+                  "istio_init.cni", "istio_init.cni_agent")),
+    # The front doors and the output layer they share.
+    ("front doors", ("istio_init.output", "istio_init.logs", "istio_init.cli", "istio_init.entry",
+                     "istio_init.__main__")),
+)
+
+
+def _layer(module: str) -> int | None:
+    found = [(len(name), rank) for rank, (_, names) in enumerate(LAYERS) for name in names
+             if module == name or (name != "istio_init" and module.startswith(name + "."))]
+    return max(found)[1] if found else None
+
+
+def _upward(modules: dict[str, ast.Module]) -> list[str]:
+    found = []
+    for name, tree in modules.items():
+        rank = _layer(name)
+        for imported in sorted(_imports(name, tree)):
+            other = _layer(imported) if imported in modules else None
+            if rank is not None and other is not None and other > rank:
+                found.append(f"{name} ({LAYERS[rank][0]}) imports {imported} ({LAYERS[other][0]})")
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [name for name in _modules() if _layer(name) is None] == []
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    assert _upward(_modules()) == []
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    """The check above can fail: a backend calling back into the runner, even inside a function."""
+    modules = {"istio_init.backends.iptables.backend": ast.parse("def f():\n    from istio_init import runner\n"),
+               "istio_init.runner": ast.parse("from istio_init.backends.iptables import backend\n")}
+    assert _upward(modules) == ["istio_init.backends.iptables.backend (backends) imports istio_init.runner "
+                                "(commands)"]
+
+
+# The commands that show or judge what is installed (check, trace, graph, the CNI's CHECK, validation)
+# read it through installed.py, never through their own calls to the System, the backends or the kernel:
+# two readers would disagree (issue: trace walked legacy while check judged nft).
+REPORTING = ("istio_init.trace", "istio_init.check", "istio_init.graph", "istio_init.nft_live", "istio_init.cni",
+             "istio_init.cni_agent", "istio_init.validation")
+READS_INSTALLED = frozenset({"ours", "read_ruleset", "save_text", "candidates", "iptables_nft_tables",
+                             "native_nft_tables", "legacy_tables", "owned_routing", "routing_present",
+                             "loopback_ipv6_addresses", "has_loopback_address"})
+
+
+def _reads_installed(tree: ast.Module) -> list[str]:
+    """Calls that read installed rules, routing or addresses, and /proc/net paths, as 'line N: what'."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in READS_INSTALLED:
+                found.append(f"line {node.lineno}: {name}()")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "/proc/net/" in node.value:
+            found.append(f"line {node.lineno}: {node.value}")
+    return found
+
+
+def test_one_reader_of_installed_state() -> None:
+    modules = _modules()
+    assert _reads_installed(modules["istio_init.installed"])  # the one reader is seen reading
+    offenders = {name: hits for name in REPORTING if (hits := _reads_installed(modules[name]))}
+    assert offenders == {}, "read installed state through istio_init/installed.py"
+
+
+def test_the_reader_check_finds_a_second_reader() -> None:
+    """The check above can fail: a command asking a backend, the System or /proc itself."""
+    sample = ("def f(b, s):\n    b.ours()\n    s.owned_routing(4, set(), set())\n"
+              "    open('/proc/net/if_inet6')\n    backends.candidates('auto', [4])\n")
+    assert sorted(hit.split(":")[0] for hit in _reads_installed(ast.parse(sample))) == ["line 2", "line 3",
+                                                                                         "line 4", "line 5"]

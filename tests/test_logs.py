@@ -11,7 +11,7 @@ from cases import SEED_ARGS
 from clirun import clean_environ, invoke
 
 RULE_SETS = ([], ["--rules-version", "current"])
-INJECTED_LATER = ("--log_output_level", "--log_as_json")  # written by Istio 1.15 on (logs.INJECTED_BY)
+INJECTED_LATER = ("--log_output_level", "--log_as_json")  # written by Istio 1.15 on (config.INJECTED_BY)
 WARNING_1_8 = ("istio-init: warning: --log_output_level is in the init container args of Istio 1.15-1.32 (their "
                "rules: --rules-version 1.13 to current); this run installs Istio 1.8's rules (--rules-version 1.8)")
 DRY = ["-n", "--ipv6", "false"]

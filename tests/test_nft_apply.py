@@ -18,20 +18,13 @@ from typing import Iterator
 import pytest
 
 from cases import CASES, Case
-from nft_cases import NFT_CASES, TEST_GROUPS, NftCase
-from nftsandbox import group_file, istio_init, listing, load, resolv_conf, run_in
+from nft_cases import NFT_CASES, NftCase
+from nftsandbox import FOREIGN, TPROXY_FLAGS, args_18, case_files, istio_init, listing, load, run_in
 from nsutil import Namespace
-from test_apply import routing
+from appliedns import routing
 
 pytestmark = pytest.mark.root
 
-FOREIGN = """table inet filter {
-	chain input {
-		type filter hook input priority filter; policy accept;
-		tcp dport 9999 counter accept
-	}
-}
-"""
 NO_ISTIO_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save")
 
 
@@ -42,11 +35,6 @@ def other_netns() -> Iterator[Namespace]:
         yield ns
     finally:
         ns.remove()
-
-
-def args_18(case: Case) -> list[str]:
-    return [a for a in case.args if a != "istio-iptables"] + ["--ipv6", "true" if case.ipv6 else "false",
-                                                                "--native-nftables"]
 
 
 def dry_run_listing(ns: Namespace, args: list[str], env: dict[str, str], files: dict[str, str] | None = None,
@@ -100,8 +88,6 @@ def test_18_apply_rerun_converge_clean(netns: Namespace, other_netns: Namespace,
     assert_no_iptables_rules(netns)
 
 
-TPROXY_FLAGS = ["-m", "TPROXY", "-b", "*", "-i", "*", "-t", "1338", "-r", "134", "--ipv6", "true",
-                "--native-nftables"]
 OTHER_FLAGS = ["-b", "8080", "-i", "10.0.0.0/8,2001:db8::/32", "--ipv6", "false", "--native-nftables"]
 
 
@@ -164,14 +150,10 @@ def _current_available() -> bool:
     return "current" in RULE_SETS
 
 
-def _files(case: NftCase) -> dict[str, str]:
-    return {"/etc/group": group_file(TEST_GROUPS), "/etc/resolv.conf": resolv_conf(case.resolvers)}
-
-
 def golden_listing(ns: Namespace, case: NftCase) -> str:
     load(ns, FOREIGN)
-    load(ns, case.golden.read_text(), files=_files(case))
-    result = listing(ns, files=_files(case))
+    load(ns, case.golden.read_text(), files=case_files(case))
+    result = listing(ns, files=case_files(case))
     run_in(ns, ["nft", "flush", "ruleset"])
     return result
 
@@ -180,7 +162,7 @@ def golden_listing(ns: Namespace, case: NftCase) -> str:
                     "not in this build")
 @pytest.mark.parametrize("case", NFT_CASES, ids=lambda c: c.name)
 def test_istio_golden(netns: Namespace, other_netns: Namespace, case: NftCase) -> None:
-    files = _files(case)
+    files = case_files(case)
     fresh_routing = routing(netns)
     want = golden_listing(other_netns, case)
     assert dry_run_listing(other_netns, case.argv, case.env, files) == want
@@ -193,8 +175,8 @@ def test_istio_golden(netns: Namespace, other_netns: Namespace, case: NftCase) -
     assert listing(netns, files=files) == want
 
     other = NFT_CASES[(NFT_CASES.index(case) + 1) % len(NFT_CASES)]
-    istio_init(netns, *other.argv, env=other.env, files=_files(other))
-    assert listing(netns, files=_files(other)) == golden_listing(other_netns, other)
+    istio_init(netns, *other.argv, env=other.env, files=case_files(other))
+    assert listing(netns, files=case_files(other)) == golden_listing(other_netns, other)
 
     istio_init(netns, "clean", "--native-nftables")
     assert listing(netns) == FOREIGN

@@ -14,9 +14,8 @@ import sys
 import pytest
 
 from cases import CASES, Case
-from clirun import clean_environ, invoke
+from clirun import clean_environ, given, invoke
 from istio_init.backends.nftables import _describe
-from istio_init.cli import cli
 from istio_init.config import from_sources
 from istio_init.model import Match, Option, Rule
 from istio_init.render_nft import (NftRenderError, TransactionLine, clean_transaction, render_transaction,
@@ -26,10 +25,7 @@ from istio_init.rulesets import plan
 
 def case_plan(case: Case):
     """The 1.8 plan of a case, through the CLI's own flag parsing."""
-    args = [a for a in case.argv if a != "istio-iptables"]
-    ctx = cli.commands["run"].make_context("run", args)
-    given = {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
-    return plan(from_sources(given, case.env), case.ipv6)
+    return plan(from_sources(given(case.argv), case.env), case.ipv6)
 
 
 def commands(text: str) -> list[list[str]]:

@@ -14,7 +14,7 @@ import pytest
 
 from istio_init.backends.iptables.savefile import normalize
 from nsutil import Namespace
-from test_apply import BACKENDS, SAVE_TOOL, expected, istio_init, restore, save
+from appliedns import BACKENDS, SAVE_TOOL, expected, istio_init, restore, save
 
 pytestmark = pytest.mark.root
 

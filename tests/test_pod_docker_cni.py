@@ -22,14 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from test_pod_docker import (APP_PORT, IMAGE, POD_IP, SEED_ARGS, Pod, check_traffic, connect, docker,
-                             nat_appends)
-from test_pod_docker import pod  # noqa: F401  (the fixture: a pause container on its own network)
+from dockerpod import APP_PORT, IMAGE, POD_IP, SEED_ARGS, Pod, check_traffic, connect, docker, nat_appends
+from dockerpod import pod  # noqa: F401  (the fixture: a pause container on its own network)
 
 
 @pytest.fixture
 def variant() -> str:
-    """The CNI form is tested with the seed's image (test_pod_docker's `pod` fixture asks for one)."""
+    """The CNI form is tested with the seed's image (dockerpod's `pod` fixture asks for one)."""
     return "1.8"
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
@@ -41,7 +40,7 @@ VALIDATION_SECURITY = ["--user", "1337:1337", "--cap-drop", "ALL", "--read-only"
 
 @pytest.fixture
 def variant() -> str:
-    """test_pod_docker's pod fixture, for the 1.8 image: the seed's args, as the plugin's conflist has."""
+    """dockerpod's pod fixture, for the 1.8 image: the seed's args, as the plugin's conflist has."""
     return "1.8"
 
 

@@ -34,7 +34,7 @@ from istio_golden import canonical
 from istio_init.cni_install import PLUGIN_TYPE
 from nsutil import Namespace
 from ociimage import Layer, image_tar
-from test_pod_docker import IMAGE, docker
+from dockerpod import IMAGE, docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 MANIFEST = Path(__file__).resolve().parent.parent / "container" / "kubernetes" / "cni" / "daemonset.yaml"

@@ -12,7 +12,6 @@ undone like every other change.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 from typing import Iterator, NamedTuple
 
@@ -20,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fakehost import FakeHost
 from hostile import istio_init, pod_namespace
-from istio_init import apply
+from istio_init import apply, system
 from istio_init.errors import ApplyError
-from istio_init.netns import Removed, Routing
+from istio_init.netns import Routing
 from nsutil import Namespace
 
 TPROXY = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "TPROXY", "-i", "*", "-b", "*")
@@ -171,58 +171,30 @@ def test_clean_removes_exactly_the_planned_shape(routing_ns: Namespace, rules: l
 
 # ---- route removals are undone like every other change (no kernel needed) --------------------------
 
-class _Network:
-    """Policy routing in memory; fails at a named step."""
-
-    def __init__(self, fail: str) -> None:
-        self.fail = fail
-        self.rules = {Routing("rule", 4, 1337, 133): 32000, Routing("route", 4, 0, 133): None}
-        self.address = True
-
-    def owned_routing(self, family: int, marks: set[int], tables: set[int]) -> list[Routing]:
-        return [r for r in self.rules if r.family == family and r.table in tables
-                and (r.kind == "route" or r.fwmark in marks)]
-
-    def remove_routing(self, items: list[Routing], removed: list[Removed] | None = None) -> list[Removed]:
-        removed = [] if removed is None else removed
-        for item in items:
-            if self.fail == "second removal" and removed:
-                raise OSError("fault injected (second removal)")
-            removed.append(Removed(item, self.rules.pop(item)))
-        return removed
-
-    def restore_routing(self, removed: list[Removed]) -> None:
-        for entry in removed:
-            self.rules[entry.item] = entry.priority
-
-    def has_loopback_address(self, address: str) -> bool:
-        return self.address
-
-    def remove_loopback_address(self, address: str) -> bool:
-        if self.fail == "address":
-            raise OSError("fault injected (address)")
-        self.address = False
-        return True
-
-    def add_loopback_address(self, address: str) -> bool:
-        self.address = True
-        return True
+def _host(fail_at: str | None = None) -> FakeHost:
+    """The in-memory host (tests/fakehost.py) with istio-init's TPROXY routing and ::6 on lo."""
+    host = FakeHost(fail_at=fail_at)
+    host.routing = [Routing("rule", 4, 1337, 133), Routing("route", 4, 0, 133)]
+    host.lo_addresses = ["::6/128"]
+    return host
 
 
-@pytest.mark.parametrize("fail", ["address", "second removal"])
-def test_a_failed_clean_puts_the_removed_routing_back(fail: str) -> None:
-    network = _Network(fail)
-    before = dict(network.rules)
-    with pytest.raises(ApplyError) as raised:
-        apply.clean([], {1337}, network=network, lock=contextlib.nullcontext, tables=frozenset({133}))
+@pytest.mark.parametrize("fail_at", ["remove address ::6/128 on lo", "remove ip route local default dev lo table 133"],
+                         ids=["address", "second removal"])
+def test_a_failed_clean_puts_the_removed_routing_back(fail_at: str) -> None:
+    host = _host(fail_at)
+    before = host.state()
+    with system.using(host), pytest.raises(ApplyError) as raised:
+        apply.clean([], {1337}, tables=frozenset({133}))
     assert "everything changed in this run was put back" in str(raised.value)
-    assert network.rules == before and network.address
+    assert host.state() == before
 
 
 def test_a_clean_without_failure_removes_the_routing_and_the_address() -> None:
-    network = _Network("")
-    result = apply.clean([], {1337}, network=network, lock=contextlib.nullcontext, tables=frozenset({133}))
-    assert network.rules == {} and not network.address
+    host = _host()
+    with system.using(host):
+        result = apply.clean([], {1337}, tables=frozenset({133}))
+    assert host.routing == [] and host.lo_addresses == []
     assert result.changed == ["ip rule fwmark 0x539 lookup 133", "ip route local default dev lo table 133",
                               "address ::6/128 on lo"]
 

@@ -138,7 +138,7 @@ def test_check_in_sync_imports_no_click_and_nothing_slow(netns) -> None:
     args = [arg for arg in SEED_ARGS if arg != "istio-iptables"]
     imported_modules([*args, "--iptables-backend", "auto"], netns)
     names = imported_modules(["check", *args, "--iptables-backend", "auto"], netns)
-    assert "istio_init.drift" in names
+    assert "istio_init.check" in names
     unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes"}
     assert not names & unneeded, sorted(names & unneeded)
 
@@ -170,16 +170,16 @@ def test_iptc_import_leaves_ctypes_util_as_it_was() -> None:
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_auto_sends_plans_to_the_legacy_restore_tool(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Starting iptables-legacy-restore is cheaper than importing python-iptables (README, "Start-up time")."""
-    from istio_init import backends
+def test_auto_sends_plans_to_the_legacy_restore_tool() -> None:
+    """Starting iptables-legacy-restore is cheaper than importing python-iptables (docs/performance.md)."""
+    from fakehost import FakeHost
+    from istio_init import backends, system
 
-    monkeypatch.setattr(backends, "nft_in_use", lambda families: False)
-    monkeypatch.setattr(backends, "legacy_available", lambda families: True)
-    assert backends.choose("auto", [4]).name == "legacy"
-    assert backends.choose("libiptc", [4]).name == "libiptc"
-    monkeypatch.setattr(backends, "nft_in_use", lambda families: True)
-    assert backends.choose("auto", [4]).name == "nft"
+    with system.using(FakeHost()):
+        assert backends.choose("auto", [4]).name == "legacy"
+        assert backends.choose("libiptc", [4]).name == "libiptc"
+    with system.using(FakeHost({("nft", 4): "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"})):
+        assert backends.choose("auto", [4]).name == "nft"
 
 
 def test_address_filter_agrees_with_ipaddress() -> None:

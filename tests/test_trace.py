@@ -12,7 +12,7 @@ import json
 import pytest
 
 from cases import CASES, SEED_ARGS, Case
-from clirun import invoke
+from clirun import given, invoke
 from istio_init.config import from_sources
 from istio_init.model import Rule
 from istio_init.rulesets import plan
@@ -22,18 +22,10 @@ from istio_init.trace import (TraceError, Verdict, make_connection, parse_rule, 
 
 
 def _plan_rules(case: Case) -> list[Rule]:
-    config = from_sources(dict(_given(case.args)), environ=case.env)
+    config = from_sources(dict(given(case.args)), environ=case.env)
     rule_plan = plan(config, case.ipv6)
     return [rule for family in rule_plan.families() for table in family.tables()
             for rules in family.final_rules(table).values() for rule in rules]
-
-
-def _given(args: tuple[str, ...]) -> dict[str, str | bool]:
-    """The run command's own parser turns an argument list into the dict from_sources takes."""
-    from istio_init.cli import cli
-
-    ctx = cli.commands["run"].make_context("run", [a for a in args if a != "istio-iptables"])
-    return {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -44,7 +36,7 @@ def test_rule_text_parses_back_to_the_planned_rule(case: Case) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_golden_text_and_plan_give_the_same_ruleset(case: Case) -> None:
-    config = from_sources(_given(case.args), environ=case.env)
+    config = from_sources(given(case.args), environ=case.env)
     rule_plan = plan(config, case.ipv6)
     texts = split_families(case.golden.read_text())
     for family, text in zip(rule_plan.families(), texts):
@@ -53,7 +45,7 @@ def test_golden_text_and_plan_give_the_same_ruleset(case: Case) -> None:
 
 
 def _seed_verdict(direction: str, dst: str, dport: int, **kw) -> Verdict:
-    config = from_sources(_given(SEED_ARGS), environ={})
+    config = from_sources(given(SEED_ARGS), environ={})
     family = plan(config, ":" in dst)
     rules = ruleset_from_plan(family.ipv6 if ":" in dst else family.ipv4)
     return trace(rules, make_connection(direction, dst, dport, **kw))
@@ -90,7 +82,7 @@ def test_captured_verdict_names_port_address_and_path() -> None:
 
 
 def _verdict(args: tuple[str, ...], direction: str, dst: str, dport: int, **kw) -> Verdict:
-    config = from_sources(_given(args), environ={})
+    config = from_sources(given(args), environ={})
     rules = ruleset_from_plan(plan(config, False).ipv4)
     return trace(rules, make_connection(direction, dst, dport, **kw))
 

@@ -2,12 +2,12 @@
 
 The rules are Istio's own: the IPv4 tables of three capture goldens of
 istio/istio, `tools/istio-iptables/pkg/capture/testdata/{dns-uid-gid,tproxy,
-outbound-owner-groups}.golden`, in the canonical iptables-save form the
-kernel gives them back in (loaded with iptables-legacy-restore, read with
-iptables-legacy-save). No planner is involved: these pin the evaluator on
-the rule shapes of the current rule set (raw-table CT zones for DNS,
-`-m multiport ! --dports`, `--sport`, `-m mark`/`-m connmark` after MARK and
-CONNMARK, several owner matches in one rule), whichever planner wrote them.
+outbound-owner-groups}.golden`, read from tests/golden/current/, where they
+are in the canonical iptables-save form the kernel gives them back in. No
+planner is involved: these pin the evaluator on the rule shapes of the
+current rule set (raw-table CT zones for DNS, `-m multiport ! --dports`,
+`--sport`, `-m mark`/`-m connmark` after MARK and CONNMARK, several owner
+matches in one rule), whichever planner wrote them.
 """
 
 from __future__ import annotations
@@ -16,138 +16,19 @@ from typing import Any
 
 import pytest
 
+from cases_current import GOLDEN_DIR
+from istio_init.render import split_families
 from istio_init.trace import make_connection, ruleset_from_save, trace
 
-DNS_UID_GID = """
-*nat
-:ISTIO_INBOUND - [0:0]
-:ISTIO_IN_REDIRECT - [0:0]
-:ISTIO_OUTPUT - [0:0]
-:ISTIO_OUTPUT_DNS - [0:0]
-:ISTIO_REDIRECT - [0:0]
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
--A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 3 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --uid-owner 3 -j RETURN
--A ISTIO_OUTPUT -m owner --uid-owner 3 -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 4 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --uid-owner 4 -j RETURN
--A ISTIO_OUTPUT -m owner --uid-owner 4 -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --gid-owner 1 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --gid-owner 1 -j RETURN
--A ISTIO_OUTPUT -m owner --gid-owner 1 -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --gid-owner 2 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --gid-owner 2 -j RETURN
--A ISTIO_OUTPUT -m owner --gid-owner 2 -j RETURN
--A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS
--A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
--A ISTIO_OUTPUT_DNS -d 127.0.0.53/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053
--A ISTIO_OUTPUT_DNS -d 127.0.0.53/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053
--A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
-COMMIT
-*raw
-:ISTIO_INBOUND - [0:0]
-:ISTIO_OUTPUT_DNS - [0:0]
--A PREROUTING -j ISTIO_INBOUND
--A OUTPUT -j ISTIO_OUTPUT_DNS
--A ISTIO_INBOUND -s 127.0.0.53/32 -p udp -m udp --sport 53 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 3 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --uid-owner 3 -j CT --zone 2
--A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 4 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --uid-owner 4 -j CT --zone 2
--A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --gid-owner 1 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --gid-owner 1 -j CT --zone 2
--A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --gid-owner 2 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --gid-owner 2 -j CT --zone 2
--A ISTIO_OUTPUT_DNS -d 127.0.0.53/32 -p udp -m udp --dport 53 -j CT --zone 2
-COMMIT
-"""
 
-TPROXY = """
-*mangle
-:ISTIO_DIVERT - [0:0]
-:ISTIO_INBOUND - [0:0]
-:ISTIO_TPROXY - [0:0]
--A PREROUTING -i not-istio-nic -j RETURN
--A PREROUTING -p tcp -j ISTIO_INBOUND
--A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff
--A OUTPUT -o not-istio-nic -j RETURN
--A OUTPUT -o lo -p tcp -m mark --mark 0x539 -j RETURN
--A OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m owner --uid-owner 1337 -j MARK --set-xmark 0x53a/0xffffffff
--A OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m owner --gid-owner 1337 -j MARK --set-xmark 0x53a/0xffffffff
--A OUTPUT -p tcp -m connmark --mark 0x539 -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
--A ISTIO_DIVERT -j MARK --set-xmark 0x539/0xffffffff
--A ISTIO_DIVERT -j ACCEPT
--A ISTIO_INBOUND -p tcp -m mark --mark 0x539 -j RETURN
--A ISTIO_INBOUND -s 127.0.0.6/32 -i lo -p tcp -j RETURN
--A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN
--A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
--A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
--A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff
-COMMIT
-*nat
-:ISTIO_INBOUND - [0:0]
-:ISTIO_IN_REDIRECT - [0:0]
-:ISTIO_OUTPUT - [0:0]
-:ISTIO_OUTPUT_DNS - [0:0]
-:ISTIO_REDIRECT - [0:0]
--A PREROUTING -i not-istio-nic -j RETURN
--A OUTPUT -o not-istio-nic -j RETURN
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
--A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -p tcp -m tcp ! --dport 53 -m owner ! --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS
--A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
--A ISTIO_OUTPUT -d 1.1.0.0/16 -j RETURN
--A ISTIO_OUTPUT -d 9.9.0.0/16 -j ISTIO_REDIRECT
--A ISTIO_OUTPUT_DNS -d 127.0.0.53/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053
--A ISTIO_OUTPUT_DNS -d 127.0.0.53/32 -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053
--A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
-COMMIT
-*raw
-:ISTIO_INBOUND - [0:0]
-:ISTIO_OUTPUT_DNS - [0:0]
--A PREROUTING -j ISTIO_INBOUND
--A OUTPUT -j ISTIO_OUTPUT_DNS
--A ISTIO_INBOUND -s 127.0.0.53/32 -p udp -m udp --sport 53 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --uid-owner 1337 -j CT --zone 2
--A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -m owner --gid-owner 1337 -j CT --zone 1
--A ISTIO_OUTPUT_DNS -p udp -m udp --sport 15053 -m owner --gid-owner 1337 -j CT --zone 2
--A ISTIO_OUTPUT_DNS -d 127.0.0.53/32 -p udp -m udp --dport 53 -j CT --zone 2
-COMMIT
-"""
+def _ipv4_tables(name: str) -> str:
+    """The IPv4 tables of the capture golden `name`, as tests/golden/current/ holds them (iptables-save form)."""
+    return split_families((GOLDEN_DIR / f"{name}.txt").read_text())[0]
 
-OWNER_GROUPS = """
-*nat
-:ISTIO_INBOUND - [0:0]
-:ISTIO_IN_REDIRECT - [0:0]
-:ISTIO_OUTPUT - [0:0]
-:ISTIO_REDIRECT - [0:0]
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
--A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner ! --gid-owner 20001 -m owner ! --gid-owner 202 -j RETURN
--A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
--A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
-COMMIT
-"""
+
+DNS_UID_GID = _ipv4_tables("dns-uid-gid")
+TPROXY = _ipv4_tables("tproxy")
+OWNER_GROUPS = _ipv4_tables("outbound-owner-groups")
 
 
 def _outcome(text: str, direction: str, dst: str, dport: int, **kw: Any) -> tuple[str, list[str]]:

@@ -14,8 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from clirun import clean_environ
-from istio_init.cli import cli
+from clirun import clean_environ, given
 from istio_init.config import from_sources
 from istio_init.model import RulePlan
 from istio_init.backends.nftables import guard_single_family
@@ -24,8 +23,8 @@ from istio_init.render_nft import render_transaction
 from istio_init.rulesets import plan
 from istio_init.trace import parse_rule
 from podnet import Pod
-from test_traffic_current import (CONFIGS, PATHS, RESOLVER, Breakage, Path_, _outcome, connect, every_pod,
-                                  write_resolv_conf)
+from trafficpaths_current import (CONFIGS, PATHS, RESOLVER, Breakage, Path_, connect, every_pod, outcome,
+                                    write_resolv_conf)
 
 pytestmark = pytest.mark.root
 
@@ -39,9 +38,7 @@ def nft_pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod
 
 def pod_plan(name: str) -> tuple[RulePlan, bool]:
     args, env = CONFIGS[name]
-    ctx = cli.commands["run"].make_context("run", [*NATIVE, *args, "--ipv6", "false"])
-    given = {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
-    config = from_sources(given, clean_environ(env))
+    config = from_sources(given([*NATIVE, *args, "--ipv6", "false"]), clean_environ(env))
     return plan(config, False, [RESOLVER]), guard_single_family(config.rules_version)
 
 
@@ -72,11 +69,11 @@ def load(pod: Pod, text: str) -> None:
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name)
 def test_current_path_with_native_nftables(nft_pods: dict[str, Pod], path: Path_) -> None:
     pod = nft_pods[path.config]
-    assert _outcome(connect(pod, path)) == path.expect
+    assert outcome(connect(pod, path)) == path.expect
     rule_plan, guard = pod_plan(path.config)
     try:
         load(pod, render_transaction(broken_plan(rule_plan, path.breakage), guard))
-        assert _outcome(connect(pod, path)) == path.broken
+        assert outcome(connect(pod, path)) == path.broken
     finally:
         load(pod, render_transaction(rule_plan, guard))
-    assert _outcome(connect(pod, path)) == path.expect
+    assert outcome(connect(pod, path)) == path.expect

@@ -20,8 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from clirun import clean_environ
-from istio_init.cli import cli
+from clirun import clean_environ, given
 from istio_init.config import from_sources
 from istio_init.model import APPEND, RulePlan, Step
 from istio_init.backends.nftables import guard_single_family
@@ -29,8 +28,8 @@ from istio_init.render import rule_spec
 from istio_init.render_nft import render_transaction
 from istio_init.rulesets import plan
 from podnet import Pod
-from test_traffic import (CONFIGS, PATHS, Breakage, Path, _outcome, _trace_args, assert_lands, assert_trace_agrees,
-                          connect)
+from trafficpaths import (CONFIGS, PATHS, Breakage, Path, assert_lands, assert_trace_agrees, connect, outcome,
+                          trace_args)
 
 pytestmark = pytest.mark.root
 
@@ -50,9 +49,7 @@ def pod_args(config: str, rule_set: str) -> tuple[tuple[str, ...], bool]:
 
 def pod_plan(args: tuple[str, ...], ipv6: bool) -> tuple[RulePlan, bool]:
     """The plan the pod got (same flag parsing as the CLI) and whether its nft form is guarded."""
-    ctx = cli.commands["run"].make_context("run", [*args, "--ipv6", "true" if ipv6 else "false"])
-    given = {k: v for k, v in ctx.params.items() if k != "cleanup_only"}
-    config = from_sources(given, clean_environ())
+    config = from_sources(given([*args, "--ipv6", "true" if ipv6 else "false"]), clean_environ())
     return plan(config, ipv6), guard_single_family(config.rules_version)
 
 
@@ -94,7 +91,7 @@ def without(rule_plan: RulePlan, breakage: Breakage) -> RulePlan:
 def trace_live(pod: Pod, rule_set: str, path: Path) -> dict:
     """`istio-init trace --live --native-nftables` in the pod: the live nft rules, walked."""
     done = subprocess.run([sys.executable, "-m", "istio_init", "trace", "--live", *RULE_SETS[rule_set],
-                           "--network-namespace", f"/run/netns/{pod.name}", *_trace_args(path)],
+                           "--network-namespace", f"/run/netns/{pod.name}", *trace_args(path)],
                           capture_output=True, text=True, timeout=60, check=False, env=clean_environ())
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -118,9 +115,9 @@ def test_path_with_native_nftables(nft_pods: tuple[str, dict[str, Pod]], path: P
     try:
         load(pod, render_transaction(without(rule_plan, breakage), guard))
         broken = connect(pod, path)
-        assert _outcome(broken) == path.broken, broken
+        assert outcome(broken) == path.broken, broken
         if traceable:
             assert_trace_agrees(trace_live(pod, rule_set, path), broken)
     finally:
         load(pod, render_transaction(rule_plan, guard))
-    assert _outcome(connect(pod, path)) == path.expect
+    assert outcome(connect(pod, path)) == path.expect

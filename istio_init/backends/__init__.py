@@ -1,16 +1,17 @@
 """Ways of getting a rule plan into the kernel, and the one place that picks one.
 
-`base.py` is the seam (what apply.py calls); `iptables/` holds the libiptc and
-`iptables-restore` backends with what they share (reading iptables-save text
-into the model, reconcile). The choice of backend for `--iptables-backend`
+`base.py` is the seam above the backends (what apply.py calls); `iptables/`
+holds the libiptc and `iptables-restore` backends with what they share
+(reading iptables-save text into the model, reconcile); below them all is
+the System (system.py), which does what they decide. The choice of backend for `--iptables-backend`
 (resolving `auto`), and which backends hold istio-init's rules today, are
 decided here and nowhere else.
 """
 
 from __future__ import annotations
 
-import os
 from istio_init.records import TYPE_CHECKING, NamedTuple
+from istio_init.system import current
 
 if TYPE_CHECKING:
     from typing import Callable, Sequence
@@ -18,23 +19,16 @@ if TYPE_CHECKING:
     from istio_init.backends.base import Backend
     from istio_init.backends.iptables.backend import IptablesBackend
 
-# `auto` never picks libiptc: importing python-iptables (about 12 ms of ctypes
-# structures and libxtables) costs more than starting iptables-legacy-restore
-# (about 4 ms), and python-iptables builds rules far slower than the tool loads
-# them, so the restore tool is faster for every plan size, the seed's included
-# (README, "Start-up time"; scripts/bench shows both). libiptc stays for --iptables-backend libiptc.
-_LEGACY_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+# `auto` never picks libiptc: importing python-iptables costs more than starting
+# iptables-legacy-restore, and python-iptables builds rules far slower than the tool loads them
+# (docs/performance.md). libiptc stays for --iptables-backend libiptc.
 
 
 def get(name: str) -> IptablesBackend:
     """The backend for a resolved --iptables-backend value (libiptc, legacy or nft)."""
-    if name == "libiptc":
-        from istio_init.backends.iptables.libiptc import LibiptcBackend
+    from istio_init.backends.iptables.backend import IptablesBackend
 
-        return LibiptcBackend()
-    from istio_init.backends.iptables.restore import RestoreBackend
-
-    return RestoreBackend(name)
+    return IptablesBackend(current().iptables(name))
 
 
 def flavour(name: str) -> str:
@@ -49,22 +43,18 @@ class Choice(NamedTuple):
 
 def nft_in_use(families: Sequence[int]) -> bool:
     """Whether iptables-nft has made any of its tables in this namespace (asked over netlink)."""
-    from istio_init import netns
-
-    return any(netns.iptables_nft_tables(family) for family in families)
+    system = current()
+    return any(system.iptables_nft_tables(family) for family in families)
 
 
 def legacy_available(families: Sequence[int]) -> bool:
-    return all(os.path.exists(_LEGACY_NAMES[f]) for f in families)
+    system = current()
+    return all(system.legacy_tables(family) is not None for family in families)
 
 
 def _legacy_tables(family: int) -> set[str]:
     """The legacy tables instantiated in this namespace (the kernel lists them per namespace)."""
-    try:
-        with open(_LEGACY_NAMES[family]) as names:
-            return set(names.read().split())
-    except OSError:
-        return set()
+    return current().legacy_tables(family) or set()
 
 
 def choose(requested: str, families: Sequence[int]) -> Choice:
@@ -90,22 +80,20 @@ def candidates(requested: str, families: Sequence[int]) -> list[str]:
 
 def native_nft_in_use() -> bool:
     """Whether istio-init's native nftables tables exist here (asked over netlink, no libnftables)."""
-    from istio_init import netns
-
-    return bool(netns.native_nft_tables())
+    return bool(current().native_nft_tables())
 
 
-def native(rules_version: str) -> Backend:
+def native(rules_version: str = "") -> Backend:
+    """The native nftables backend (`rules_version` decides its IPv4-only guard; removing needs none)."""
     from istio_init.backends.nftables import NftablesBackend, guard_single_family
 
     return NftablesBackend(guard_single_family(rules_version))
 
 
-def others_holding_ours(chosen: str, families: Sequence[int], rules_version: str = "1.8",
-                        make: Callable[[str], Backend] = get) -> list[Backend]:
-    """Backends other than `chosen`'s that hold istio-init's rules (left by an earlier run).
+def others_holding_ours(chosen: str, families: Sequence[int]) -> list[Backend]:
+    """Backends other than `chosen`'s that hold istio-init's rules (left by an earlier run), to remove them.
 
-    `chosen` is an --iptables-backend name or "nftables" (--native-nftables).
+    `chosen` is a backend's name: an --iptables-backend value or "nftables" (--native-nftables).
 
     A run that switches backend (auto now sees iptables-nft tables, or the
     flag changed) must remove those, or two rule sets would capture at once.
@@ -114,7 +102,7 @@ def others_holding_ours(chosen: str, families: Sequence[int], rules_version: str
     """
     found = []
     if chosen != "nftables" and native_nft_in_use():
-        found.append(native(rules_version))
+        found.append(native())
     for other in ("legacy", "nft"):
         if other == flavour(chosen):
             continue
@@ -122,7 +110,7 @@ def others_holding_ours(chosen: str, families: Sequence[int], rules_version: str
             continue
         if other == "legacy" and not any(_legacy_tables(f) for f in families):
             continue
-        backend = make(other)
+        backend = get(other)
         if backend.holds_ours(families):
             found.append(backend)
     return found

@@ -5,7 +5,8 @@ in as few transactions as its kernel interface allows, and hands back an
 `Undo` that puts everything it changed back. apply.py only sequences that
 with the routes and addresses and undoes on failure; nothing above the
 backends knows whether python-iptables, an `iptables-restore` binary or nft
-did the work, and a test can pass in any object with these methods.
+did the work. Below the backends is the System (system.py), which tests
+replace with an in-memory host.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ libnftables is driven in-process through Debian's python3-nftables (a ctypes
 binding), not by running `nft`: a pod start reads the live ruleset and loads
 the transaction (a re-run also reads the result back), and an `nft` process
 per call costs more than one library context (benchmarks/nft_startup.py;
-README, "Native nftables").
+docs/nftables.md).
 The transaction is handed over as a file (a memfd), the way `nft -f` reads it,
 because only then does libnftables report the line of a failing command,
 which is how an error names the table, chain and rule.
@@ -15,52 +15,21 @@ output); the text listing is only ever printed, never parsed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
-from types import ModuleType
 from typing import Any, Sequence
 
-from istio_init.errors import ApplyError
+from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
 from istio_init.render_nft import FAMILY, TABLES, TransactionLine, clean_transaction, table_name, transaction
+from istio_init.system import current
 
-DEBIAN_MODULE = "/usr/lib/python3/dist-packages/nftables/__init__.py"
 OUR_TABLES = tuple(table_name(t) for t in TABLES)
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 _TABLE_LINE = re.compile(r"^(add|delete) table (\S+) (\S+)$", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^\S+?:(\d+):[\d-]+: Error: (.*)$", re.MULTILINE)
-
-
-def _module() -> ModuleType:
-    """python3-nftables: the interpreter's own if it has one, else Debian's by path.
-
-    istio-init usually runs in a virtualenv that does not see Debian's
-    dist-packages; the binding is one pure-Python package, so loading that one
-    file is safer than putting all of dist-packages on sys.path.
-    """
-    if "nftables" in sys.modules:
-        return sys.modules["nftables"]
-    try:
-        import nftables  # type: ignore[import-not-found]
-
-        module: ModuleType = nftables
-        return module
-    except ImportError:
-        pass
-    if not os.path.exists(DEBIAN_MODULE):
-        raise ApplyError("--native-nftables needs libnftables and its Python binding: install Debian's "
-                         "nftables and python3-nftables (scripts/setup does)")
-    spec = importlib.util.spec_from_file_location("nftables", DEBIAN_MODULE,
-                                                  submodule_search_locations=[os.path.dirname(DEBIAN_MODULE)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nftables"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class NftUndo:
@@ -140,10 +109,7 @@ class NftablesBackend:
     name = "nftables"
 
     def __init__(self, guard_single_family: bool = False) -> None:
-        try:
-            self._nft = _module().Nftables()
-        except OSError as exc:  # libnftables.so.1 missing
-            raise ApplyError(f"--native-nftables: cannot load libnftables: {exc}") from None
+        self._nft = current().nftables()
         self.guard_single_family = guard_single_family
         self.loaded = ""  # the last transaction the kernel accepted (printed, as Istio's nft mode logs it)
 
@@ -262,7 +228,7 @@ class NftablesBackend:
         try:
             self.load(text, where)
         except ApplyError as exc:  # the kernel applies a transaction whole or not at all
-            raise ApplyError(f"{exc} (nothing had been changed)") from None
+            raise rollback_outcome(exc, [], changed=False) from None
         if not before:
             # None of our tables existed, so the accepted transaction left exactly the tables it
             # creates: nothing to read back. (Reading 8,000 rules back as JSON took longer than
@@ -272,13 +238,12 @@ class NftablesBackend:
         try:
             after = self.ours()  # what the commit left, read back
         except BaseException as exc:  # anything after the commit puts the previous tables back
-            problem = ""
+            problems = []
             try:
                 self.restore(before)
             except ApplyError as again:
-                problem = f"; rollback incomplete: {again}"
-            message = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
-            raise ApplyError(f"{message}{problem or ' (everything changed in this run was put back)'}") from None
+                problems.append(str(again))
+            raise rollback_outcome(exc, problems) from None
         self.loaded = text
         changed = tuple(sorted({obj["table"]["name"] for obj in before + after if "table" in obj}))
         return NftUndo(self, before, changed if _strip(before) != _strip(after) else ())
@@ -318,15 +283,28 @@ def _strip(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _place(line: str) -> TransactionLine | None:
+    """What an `add table|chain|rule FAMILY TABLE [CHAIN [RULE]]` line adds, read from the line itself."""
+    words = line.split(" ", 5)
+    if len(words) < 4 or words[0] != "add" or words[1] not in ("table", "chain", "rule"):
+        return None
+    chain = words[4] if words[1] != "table" and len(words) > 4 else ""
+    return TransactionLine(words[3], chain, words[5] if words[1] == "rule" and len(words) > 5 else "")
+
+
 def _describe(err: str, text: str, where: list[TransactionLine]) -> str:
-    """nft's error, with what the failing line was adding."""
+    """nft's error, with what the failing line was adding.
+
+    A line past the text's end (the kernel was handed more than this module
+    wrote) is named by the copy nft prints under its error.
+    """
     found = _ERROR_LINE.search(err)
     if not found:
         return f"nft transaction refused: {err.strip()}"
     number, message = int(found.group(1)), found.group(2).strip()
     lines = text.splitlines()
-    line = lines[number - 1] if 0 < number <= len(lines) else ""
-    place = where[number - 1] if 0 < number <= len(where) else None
+    line = lines[number - 1] if 0 < number <= len(lines) else err[found.end():].lstrip("\n").split("\n", 1)[0]
+    place = where[number - 1] if 0 < number <= len(where) else _place(line)
     if place and place.rule:
         what = f"table {FAMILY} {place.table}, chain {place.chain}, rule '{place.rule}'"
     elif place and place.chain:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import Sequence
 
 # ipaddress and the C socket module's inet_ntop are imported where used (parts.py): every run imports this
-# module (rulesets/__init__.py), and `socket` plus `ipaddress` are about 3 ms of start-up.
+# module (rulesets/__init__.py), and both are start-up time (docs/performance.md, "What start-up avoids").
 
 TABLE_ORDER = (MANGLE, NAT, RAW)
 

@@ -1,11 +1,12 @@
 """What the iptables backends share: one read -> decide -> commit -> undo-on-failure path.
 
 The snapshot taken before anything changes (`iptables-save -c`) is both the
-live state reconcile.py decides from and what a failure restores. A subclass
-only says how one family's decided changes reach the kernel (`commit_family`:
-libiptc in-process, or one `iptables-restore --noflush`) and how the lock
-around read and commit is taken. Any exception after the first commit, not
-only the expected ones, puts every table that differs from its snapshot back.
+live state reconcile.py decides from and what a failure restores. The
+kernel side is a `Tables` the System hands out (system.py): how the tables
+are saved, restored and how one family's decided changes reach the kernel
+(libiptc in-process, or one `iptables-restore --noflush`), and the lock held
+around read and commit. Any exception after the first commit, not only the
+expected ones, puts every table that differs from its snapshot back.
 """
 
 from __future__ import annotations
@@ -14,24 +15,49 @@ from istio_init.backends.iptables.printed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
 from istio_init.backends.iptables.savefile import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
                                                    table_blocks)
-from istio_init.backends.iptables.tools import Tools, restore_saved, save_text
 from istio_init import timing
-from istio_init.errors import ApplyError
+from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
 from istio_init.rulesets import owned_chains
 
 if TYPE_CHECKING:
-    from typing import Callable, ContextManager, Mapping, Sequence
+    from typing import Callable, ContextManager, Mapping, Protocol, Sequence
+
+    class Tables(Protocol):
+        """One flavour's iptables tables in the kernel: what the backend reads, commits and puts back."""
+
+        name: str  # the backend's name: "libiptc", "legacy" or "nft"
+
+        def session(self) -> ContextManager[None]:
+            """Held around read and commit (libiptc: the xtables lock)."""
+
+        def save(self, family: int, counters: bool = True) -> str:
+            """The family's tables as `iptables-save` text."""
+
+        def snapshot(self, family: int) -> str:
+            """The family's tables with counters, read before anything changes."""
+
+        def restore(self, family: int, saved_blocks: str) -> None:
+            """Replace the tables of `saved_blocks` (save -c text) with exactly that content."""
+
+        def commit(self, changes: Mapping[int, list[TableChange]],
+                   meanwhile: Callable[[], object] | None = None) -> None:
+            """Commit each family's changes, table by table (ApplyError names what was refused);
+            `meanwhile` runs while a tool commits, where there is one."""
+
+        def restore_tool(self, family: int) -> str:
+            """The restore tool's name, as `clean -n` shows its input."""
+
 
 class IptablesUndo:
     """Snapshots of every family read, and the tables a commit may have changed.
 
-    A plain class: importing dataclasses costs about 6 ms of every apply (see apply.py).
+    A plain class: importing dataclasses is start-up time (docs/performance.md).
     """
 
-    def __init__(self, backend: "IptablesBackend") -> None:
-        self.backend = backend
+    def __init__(self, tables: Tables) -> None:
+        self.tables = tables
         self.snapshots: dict[int, str] = {}
         self.touched: dict[int, list[str]] = {}
         # The decision, kept for `clean -n`, the printed tables and tests.
@@ -56,15 +82,15 @@ class IptablesUndo:
         problems = []
         for family, tables in self.touched.items():
             try:
-                now = normalize(self.backend.save(family, counters=False))
+                now = normalize(self.tables.save(family, counters=False))
                 before = normalize(self.snapshots[family])
                 differ = [t for t in tables if now.get(t, []) != before.get(t, [])]
                 if differ:
-                    self.backend.restore(family, table_blocks(self.snapshots[family], differ))
+                    self.tables.restore(family, table_blocks(self.snapshots[family], differ))
                     self.restored += [f"IPv{family} {table}" for table in differ]
             except ApplyError as exc:
                 problems.append(f"IPv{family} tables {', '.join(tables)} may still hold this run's rules "
-                                f"({exc}); `istio-init clean --iptables-backend {self.backend.name}` removes them")
+                                f"({exc}); `istio-init clean --iptables-backend {self.tables.name}` removes them")
         return problems
 
 
@@ -79,28 +105,19 @@ def tables_hold_ours(tables: Mapping[str, SavedTable]) -> bool:
 
 
 class IptablesBackend:
-    """Base of the libiptc and iptables-restore backends; subclasses provide commit_family()."""
+    """An iptables backend: libiptc or a flavour's restore tool, as the `Tables` it is given."""
 
-    name = "iptables"
-    tools = Tools("legacy")
     # The last successful converge: the printed tables are derived from its snapshot and decision.
     converged: IptablesUndo | None = None
     # Work for the next commit's tool run to overlap (TPROXY and ::6 load pyroute2's messages then).
     meanwhile: Callable[[], object] | None = None
 
-    def session(self) -> ContextManager[None]:
-        """Held around read and commit (libiptc: the xtables lock)."""
-        return _NO_SESSION
+    def __init__(self, tables: Tables) -> None:
+        self.tables = tables
+        self.name = tables.name
 
     def save(self, family: int, counters: bool = True) -> str:
-        return save_text(self.tools, family, counters=counters)
-
-    def snapshot(self, family: int) -> str:
-        """The family's tables with counters, read before anything changes."""
-        return self.save(family)
-
-    def restore(self, family: int, saved_blocks: str) -> None:
-        restore_saved(self.tools, family, saved_blocks)
+        return self.tables.save(family, counters)
 
     def read(self, family: int) -> dict[str, SavedTable]:
         return parse_save(self.save(family, counters=False))
@@ -126,22 +143,21 @@ class IptablesBackend:
         return {family: reconcile(live[family], plans.get(family)) for family in families}
 
     def commit(self, changes: Mapping[int, list[TableChange]], undo: IptablesUndo) -> None:
-        """Commit every family's changes; each table is recorded as touched before its commit."""
-        for family, family_changes in changes.items():
-            if family_changes:
-                undo.touched[family] = [c.table for c in family_changes]
-                self.commit_family(family, family_changes)
-
-    def commit_family(self, family: int, changes: list[TableChange]) -> None:
-        raise NotImplementedError
+        """Commit every family's changes; every table is recorded as touched before the first commit."""
+        todo = {family: family_changes for family, family_changes in changes.items() if family_changes}
+        for family, family_changes in todo.items():
+            undo.touched[family] = [c.table for c in family_changes]
+        if todo:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            self.tables.commit(todo, meanwhile)
 
     def converge(self, plan: RulePlan | None, families: Sequence[int]) -> IptablesUndo:
-        undo = IptablesUndo(self)
-        with self.session():
+        undo = IptablesUndo(self.tables)
+        with self.tables.session():
             timing.mark("backend session (libiptc: the xtables lock)")
             live = {}
             for family in families:
-                undo.snapshots[family] = self.snapshot(family)
+                undo.snapshots[family] = self.tables.snapshot(family)
                 timing.mark(f"snapshot IPv{family} (iptables-save -c)")
                 live[family] = parse_save(undo.snapshots[family])
                 timing.mark(f"parse the IPv{family} snapshot")
@@ -156,7 +172,7 @@ class IptablesBackend:
         if error is not None:
             # After the session: the restore tool takes the xtables lock libiptc's session holds.
             problems = undo.undo()
-            raise _failed(error, problems, bool(undo.restored)) from None
+            raise rollback_outcome(error, problems, bool(undo.restored)) from None
         self.converged = undo
         return undo
 
@@ -174,27 +190,6 @@ class IptablesBackend:
         for family, changes in self.plan_removal(families).items():
             text = restore_text(changes)
             if text:
-                out.append(f"# {self.tools.restore(family)} --noflush\n{text}")
+                out.append(f"# {self.tables.restore_tool(family)} --noflush\n{text}")
         return "".join(out)
 
-
-def _failed(exc: BaseException, problems: list[str], restored: bool) -> ApplyError:
-    message = str(exc) if isinstance(exc, ApplyError) else f"{type(exc).__name__}: {exc}"
-    if problems:
-        return ApplyError(f"{message}; rollback incomplete: {'; '.join(problems)}")
-    if restored:
-        return ApplyError(f"{message} (everything changed in this run was put back)")
-    return ApplyError(f"{message} (nothing had been changed)")
-
-
-class _NoSession:
-    """Nothing held around read and commit (contextlib.nullcontext without importing contextlib)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_SESSION = _NoSession()

@@ -22,12 +22,11 @@ import functools
 import os
 import sys
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from istio_init import locks, timing
-from istio_init.backends.iptables.backend import IptablesBackend, IptablesUndo
 from istio_init.backends.iptables.reconcile import TableChange
-from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, save_text
+from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, command, save_text
 from istio_init.errors import ApplyError
 from istio_init.model import INSERT, Rule, Step
 from istio_init.render import rule_spec
@@ -57,7 +56,7 @@ def _find_shared_library(name: str) -> str | None:
     """`ctypes.util.find_library` without its subprocesses.
 
     The stock version runs `ldconfig -p` (and gcc and ld when that fails) for
-    each library python-iptables looks up: about 100 ms of every pod start.
+    each library python-iptables looks up, on every pod start (docs/performance.md, "What start-up avoids").
     Here a known soname is confirmed with a stat, anything else is looked for
     as lib<name>.so.N in the usual directories, and None lets python-iptables
     go on to its own fallbacks (its bundled libxtwrapper is found that way).
@@ -90,7 +89,7 @@ def _listing(directory: str) -> tuple[str, ...]:
 def _import_iptc() -> ModuleType:
     """Import python-iptables without its slow start-up paths.
 
-    A plain `import iptc` costs 230-400 ms here: without XTABLES_LIBDIR it runs
+    A plain `import iptc` is slow (docs/performance.md, "What start-up avoids"): without XTABLES_LIBDIR it runs
     `ldconfig -N -v` to find the extension directory; `ctypes.util` itself
     imports tempfile, shutil and random, and its `find_library` spawns
     ldconfig, gcc and ld; and python-iptables' `distutils.sysconfig` import goes
@@ -270,8 +269,7 @@ class _Family:
             if table is not None:
                 with contextlib.suppress(Exception):
                     table.refresh()  # drop the uncommitted copy
-            family = "ip6tables" if self.family == 6 else "iptables"
-            raise ApplyError(f"libiptc {family}: table {change.table}, chain {chain}, rule `{spec}`: "
+            raise ApplyError(f"libiptc {command(self.family)}: table {change.table}, chain {chain}, rule `{spec}`: "
                              f"{exc or type(exc).__name__}") from None
 
 
@@ -301,13 +299,12 @@ def _set_nflog(target: Any, options: Mapping[str, str]) -> None:
     object.__setattr__(target, "final_check", lambda: None)
 
 
-class LibiptcBackend(IptablesBackend):
-    """python-iptables on the legacy (x_tables) kernel tables."""
-
-    name = "libiptc"
+class LibiptcTables(ToolTables):
+    """The legacy (x_tables) kernel tables, changed through python-iptables (read and put back with the
+    legacy tools)."""
 
     def __init__(self) -> None:
-        self.tools = Tools("legacy")
+        super().__init__("libiptc", "legacy")
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         return xtables_lock()
@@ -320,10 +317,10 @@ class LibiptcBackend(IptablesBackend):
         for change in changes:
             fam.apply_table(change)
 
-    def commit(self, changes: Mapping[int, list[TableChange]], undo: IptablesUndo) -> None:
-        todo = {family: c for family, c in changes.items() if c}
-        for family, family_changes in todo.items():
-            undo.touched[family] = [c.table for c in family_changes]
+    def commit(self, changes: Mapping[int, list[TableChange]],
+               meanwhile: Callable[[], object] | None = None) -> None:
+        """Both families' changes (IPv6 in a forked child); no tool runs here, so `meanwhile` does not run."""
+        todo = dict(changes)
         # Both families to change: IPv6 in a child forked before any target is built.
         child = self._fork_family(6, todo.pop(6)) if 4 in todo and 6 in todo else None
         error: BaseException | None = None

@@ -1,4 +1,4 @@
-"""The `iptables-restore` backend, with the legacy or the nft binaries.
+"""The `iptables-restore` backend's commit, with the legacy or the nft binaries.
 
 One `iptables-restore --noflush` call per family, fed the reconcile decision
 as text on stdin: each table is one `*table ... COMMIT` block, so each table
@@ -9,9 +9,13 @@ python-iptables is unavailable.
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.backend import IptablesBackend
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable, Mapping
+
 from istio_init.backends.iptables.reconcile import TableChange, restore_text
-from istio_init.backends.iptables.tools import WAIT_SECONDS, Tools, run_tool
+from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, run_tool
 from istio_init.errors import ApplyError
 
 # The tool's error text is read with these only when it failed: `re` is no import of every start.
@@ -51,19 +55,25 @@ def _reason(error: str) -> str:
     return re.sub(r"^\S*tables\S*restore v[\d.]+ \(\w+\): ", "", first)
 
 
-class RestoreBackend(IptablesBackend):
-    """Applies through `ip(6)tables-{legacy,nft}-restore --noflush`."""
+class RestoreTables(ToolTables):
+    """A flavour's tables, changed through `ip(6)tables-{legacy,nft}-restore --noflush`."""
 
     def __init__(self, flavour: str) -> None:
-        self.tools = Tools(flavour)
-        self.name = flavour
+        super().__init__(flavour, flavour)
 
-    def commit_family(self, family: int, changes: list[TableChange]) -> None:
+    def commit(self, changes: Mapping[int, list[TableChange]],
+               meanwhile: Callable[[], object] | None = None) -> None:
+        """One restore call per family; `meanwhile` runs while the first one works."""
+        for family, family_changes in changes.items():
+            self.commit_family(family, family_changes, meanwhile)
+            meanwhile = None
+
+    def commit_family(self, family: int, changes: list[TableChange],
+                      meanwhile: Callable[[], object] | None = None) -> None:
         text = restore_text(changes)
         if not text:
             return
         argv = [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
-        meanwhile, self.meanwhile = self.meanwhile, None
         done = run_tool(argv, text, meanwhile)
         if done.returncode != 0:
             import re

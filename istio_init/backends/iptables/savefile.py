@@ -42,7 +42,7 @@ class SavedRule(NamedTuple):
 class SavedTable:
     """One `*table` block: chain policies (built-ins) or '-' (user chains), and rules.
 
-    A plain class: importing dataclasses costs about 6 ms of every apply (see apply.py).
+    A plain class: importing dataclasses is start-up time (docs/performance.md).
     """
 
     def __init__(self, name: str, chains: dict[str, str] | None = None, rules: list[SavedRule] | None = None,

@@ -1,7 +1,7 @@
 """Running one iptables tool: spawn, feed stdin, collect stdout and stderr, with a deadline.
 
 Every apply runs `iptables-save` (and the restore backends `iptables-restore`),
-and the `subprocess` module costs about 3.5 ms to import (it brings locale,
+and the `subprocess` module is slow to import (docs/performance.md, "What start-up avoids") (it brings locale,
 threading, selectors and signal). What the tools need is small: posix_spawn
 with stdout and stderr on pipes, stdin from an in-memory file (so a large
 restore text never blocks against an unread pipe), both pipes drained with

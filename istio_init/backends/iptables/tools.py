@@ -7,9 +7,16 @@ from istio_init.errors import ApplyError
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from typing import Callable
+    from typing import Callable, ContextManager, Mapping
+
+    from istio_init.backends.iptables.reconcile import TableChange
 
 WAIT_SECONDS = 30  # how long to wait for the xtables lock, as `iptables -w 30`
+
+
+def command(family: int, suffix: str = "") -> str:
+    """The iptables command of a family: `iptables`/`ip6tables`, then `suffix` ("-legacy-save", ...)."""
+    return f"{'ip6' if family == 6 else 'ip'}tables{suffix}"
 
 
 class Tools(NamedTuple):
@@ -18,10 +25,10 @@ class Tools(NamedTuple):
     flavour: str  # "legacy" or "nft"
 
     def save(self, family: int) -> str:
-        return f"{'ip6' if family == 6 else 'ip'}tables-{self.flavour}-save"
+        return command(family, f"-{self.flavour}-save")
 
     def restore(self, family: int) -> str:
-        return f"{'ip6' if family == 6 else 'ip'}tables-{self.flavour}-restore"
+        return command(family, f"-{self.flavour}-restore")
 
 
 def _start(argv: list[str], stdin: str | None = None) -> Running:
@@ -73,13 +80,14 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     return done.stdout
 
 
-_LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
+# Where the kernel lists the legacy (x_tables) tables loaded in this namespace, per family.
+LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 
 def _no_legacy_tables(family: int) -> bool:
     """Whether the kernel lists no legacy table of `family` in this namespace (False: cannot tell)."""
     try:
-        with open(_LEGACY_TABLE_NAMES[family], "rb") as names:
+        with open(LEGACY_TABLE_NAMES[family], "rb") as names:
             return not names.read().strip()
     except OSError:
         return False
@@ -93,3 +101,40 @@ def restore_saved(tools: Tools, family: int, saved_blocks: str) -> None:
     done = run_tool(argv, saved_blocks)
     if done.returncode != 0:
         raise ApplyError(f"rollback with {argv[0]} failed: {done.stderr.strip()}")
+
+
+class ToolTables:
+    """A flavour's tables as its save and restore tools read and put them back (the `Tables` both
+    iptables backends share; each adds its own commit)."""
+
+    def __init__(self, name: str, flavour: str) -> None:
+        self.name = name
+        self.tools = Tools(flavour)
+
+    def session(self) -> ContextManager[None]:
+        return _NO_SESSION
+
+    def save(self, family: int, counters: bool = True) -> str:
+        return save_text(self.tools, family, counters=counters)
+
+    def snapshot(self, family: int) -> str:
+        return self.save(family)
+
+    def restore(self, family: int, saved_blocks: str) -> None:
+        restore_saved(self.tools, family, saved_blocks)
+
+    def restore_tool(self, family: int) -> str:
+        return self.tools.restore(family)
+
+
+class _NoSession:
+    """Nothing held around read and commit (contextlib.nullcontext without importing contextlib)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SESSION = _NoSession()

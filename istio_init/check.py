@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from istio_init.backends.iptables.reconcile import is_ours
 from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
+from istio_init.backends.iptables.tools import command
 from istio_init.errors import IstioInitError
 from istio_init.installed import FLAVOURS
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
@@ -83,7 +84,7 @@ class Difference(NamedTuple):
         """`missing    iptables-legacy nat ISTIO_OUTPUT rule 4: -m owner ...`, and the like."""
         if self.what in ("routing", "address"):
             return f"{self.kind:<11}{self.what} {self.text}"
-        tool = "nft inet" if self.flavour == "nftables" else f"{'ip6' if self.family == 6 else 'ip'}tables-{self.flavour}"
+        tool = "nft inet" if self.flavour == "nftables" else command(self.family or 4, f"-{self.flavour}")
         if self.what == "chain":
             return f"{self.kind:<11}{tool} {self.table} chain {self.chain}"
         planned = f" (planned {self.planned_position})" if self.kind == "misordered" else ""
@@ -370,7 +371,7 @@ def _summary(report: Report) -> str:
     for family, chains in sorted(report.planned.rules.items() if report.flavour != "nftables" else ()):
         rules = sum(len(specs) for by_chain in chains.values() for specs in by_chain.values())
         count = sum(1 for table, by_chain in chains.items() for c in by_chain if is_own_chain(table, c))
-        tool = f"{'ip6' if family == 6 else 'ip'}tables-{report.flavour}"
+        tool = command(family, f"-{report.flavour}")
         parts.append(f"{tool}: {rules} rules in {count} chains")
     if report.planned.routing:
         parts.append("TPROXY policy rule and route")
@@ -423,27 +424,6 @@ def read_rules(backend: str) -> tuple[str, dict[str, dict[int, Chains]]]:
                          for name, families in found.tables.items()}
 
 
-def _loopback_ipv6() -> set[str]:
-    """The IPv6 addresses on lo, as "::6/128", from /proc/net/if_inet6 (no pyroute2 or ipaddress on every probe)."""
-    from _socket import AF_INET6, inet_ntop
-
-    found = set()
-    try:
-        with open("/proc/net/if_inet6") as table:
-            for line in table:
-                address, _, prefix, _, _, name = line.split()
-                if name == "lo":
-                    text = inet_ntop(AF_INET6, bytes.fromhex(address))
-                    if "." in text:  # the C library writes ::a.b.c.d where ipaddress (and the plan) writes hex
-                        import ipaddress
-
-                        text = str(ipaddress.IPv6Address(int(address, 16)))
-                    found.add(f"{text}/{int(prefix, 16)}")
-    except FileNotFoundError:  # IPv6 disabled: no address at all
-        pass
-    return found
-
-
 def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 133)) -> Live:
     """The rules (read_rules), istio-init's policy routing and `::6` on lo.
 
@@ -453,7 +433,7 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     plans (netns.py), so a stale TPROXY route is extra and a user's rule is
     never looked at.
     """
-    from istio_init import netns
+    from istio_init import installed
     from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
     store, rules = read_rules(backend)
@@ -461,11 +441,9 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     marks |= {m for families in rules.values() for chains in families.values()
               for m in divert_marks(chains.get("mangle", {}).get(DIVERT_CHAIN, []))}
     tables = {r.table for r in planned.routing} | {tproxy[1]}
-    routing: set[Routing] = set()
     try:
-        if planned.routing or netns.routing_present(marks, tables):
-            routing = {item for family in (4, 6) for item in netns.owned_routing(family, marks, tables)}
-        on_lo = _loopback_ipv6()
+        routing = installed.policy_routing(marks, tables, bool(planned.routing))
+        on_lo = installed.loopback_ipv6()
     except Exception as exc:  # NetlinkError, OSError from pyroute2
         raise CheckError(f"cannot read the policy routing or the addresses on lo: {exc}") from None
     addresses = {a for a in {IPV6_PASSTHROUGH_ADDRESS, *planned.addresses} if a in on_lo}
@@ -484,7 +462,7 @@ def _apply_lock() -> ContextManager[None]:
     from istio_init import locks
 
     if not os.path.exists(locks.namespace_lock_path()):
-        import contextlib  # only here: contextlib and what it imports cost every probe about 2 ms
+        import contextlib  # only here: contextlib is start-up time of every probe (docs/performance.md)
 
         return contextlib.nullcontext()
     return locks.namespace_lock(LOCK_WAIT_SECONDS)
@@ -531,6 +509,7 @@ def _native_tables_here() -> bool:
 
 def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report:
     """--native-nftables: our nft tables against the plan's; istio-init's iptables rules, if any, are extra."""
+    from istio_init import installed
     from istio_init.backends.nftables import NftablesBackend, guard_single_family
     from istio_init.render_nft import render_transaction
 
@@ -538,7 +517,7 @@ def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report
         backend = NftablesBackend(guard_single_family(config.rules_version))
         want = chains_from_objects(backend.as_loaded(render_transaction(rule_plan, backend.guard_single_family)))
         with _apply_lock():
-            have = chains_from_objects(backend.ours())
+            have = chains_from_objects(installed.native_objects())
             live = read_state("auto", planned, (config.tproxy_mark, config.tproxy_route_table))
     except CheckError:
         raise
