@@ -282,7 +282,7 @@ def bench_run_pod_sandbox(name: str, runs: int, spaces: Namespaces) -> Row:
     return Row(name, "the same containerd node without istio-init-cni", Stats.of(chained), Stats.of(plain), 1.3,
                agent_rss)
 
-# name -> the row (title, runs, namespaces), with issue 25's target ratios. The default is every row, in order.
+# name -> the row (title, runs, namespaces), with its target ratio (docs/performance.md). The default is every row, in order.
 ROWS: dict[str, Callable[[str, int, Namespaces], Row]] = {
     "seed": lambda n, r, s: bench_apply(n, SEED, r, s, 1.5),
     "1000": lambda n, r, s: bench_apply(n, cidr_args(1000), r, s, 1.5),
