@@ -188,9 +188,13 @@ def test_check_probe_follows_the_rules(kube_node: Node, kube_images: dict[str, s
     in_pod_netns(node, pod, f"iptables-{backend}", "-t", "nat", "-D", "ISTIO_REDIRECT", "-p", "tcp",
                  "-j", "REDIRECT", "--to-ports", "15001")
     wait_for("the pod to turn NotReady", lambda: ready_status(node, name) == "False", timeout=60)
-    events = node.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o",
-                          "jsonpath={.items[*].message}").stdout
-    assert "Readiness probe failed" in events and "ISTIO_REDIRECT" in events, events
+
+    def probe_failure_event() -> str:  # the kubelet posts its events a little after the status
+        events = node.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o",
+                              "jsonpath={.items[*].message}").stdout
+        return events if "Readiness probe failed" in events and "ISTIO_REDIRECT" in events else ""
+
+    wait_for("the probe's failure, naming the chain, among the pod's events", probe_failure_event, timeout=30)
 
     # The rules applied again (istio-init with the same flags, in the pod's namespace): Ready again.
     in_pod_netns(node, pod, str(ROOT / ".venv" / "bin" / "istio-init"), *SEED_FLAGS)
