@@ -8,7 +8,9 @@ a cheap cross-check of rule order that needs no canonical spelling.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -24,6 +26,21 @@ class CaseWithResolvers(Protocol):
     def env(self) -> dict[str, str]: ...
 
     def resolv_conf(self) -> str: ...
+
+
+class GoldenCase(CaseWithResolvers, Protocol):
+    """A case with Istio's golden, its kernel-converted text and the args that make it."""
+
+    @property
+    def istio_golden(self) -> Path: ...
+
+    @property
+    def golden(self) -> Path: ...
+
+    @property
+    def ipv6(self) -> bool: ...
+
+    def argv(self, dry_run: bool = True) -> list[str]: ...
 
 _SAVE_COMMANDS = ("iptables-save", "ip6tables-save")
 # Per flavour, per family: the restore and save tools that load a golden and read it back.
@@ -160,3 +177,27 @@ def assert_holds_golden(ns: Namespace, backend: str, golden_text: str) -> None:
         assert used == set(tables_in_order(want[family]))
         if want[family]:
             assert canonical(saved, tables_in_order(want[family])) == want[family]
+
+
+def assert_kernel_reads_back_as_stored(ns: Namespace, case: GoldenCase, inputs: tuple[str, str], flavour: str) -> None:
+    """Istio's golden (as restore `inputs`) loaded with `flavour`'s tools reads back as the case's stored text.
+
+    UPDATE_GOLDEN=1 rewrites the stored text from the legacy tools' reading.
+    """
+    parts = kernel_converted(ns, inputs, flavour)
+    assert len(parts) == (2 if case.ipv6 else 1)
+    converted = "# IPv6\n".join(parts)
+    if os.environ.get("UPDATE_GOLDEN") == "1" and flavour == "legacy":
+        case.golden.parent.mkdir(parents=True, exist_ok=True)
+        case.golden.write_text(converted)
+    assert converted == case.golden.read_text()
+
+
+def assert_real_apply_holds_golden(ns: Namespace, case: GoldenCase, backend: str, directory: Path) -> None:
+    """istio-init, applied for real in `ns` with `backend`, leaves exactly the case's stored text."""
+    from clirun import clean_environ
+
+    done = ns.run(sys.executable, "-m", "istio_init", *case.argv(dry_run=False), "--iptables-backend", backend,
+                  env=clean_environ(resolv_env(case, directory)), check=False)
+    assert done.returncode == 0, done.stderr
+    assert_holds_golden(ns, backend, case.golden.read_text())

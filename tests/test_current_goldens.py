@@ -10,16 +10,14 @@ each backend, leaves exactly that text.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from cases_current import CURRENT_CASES, GROUP_GIDS, CurrentCase
-from clirun import clean_environ, invoke
-from istio_golden import (BACKEND_TOOLS, TOOLS, assert_holds_golden, final_targets, kernel_converted, resolv_env,
-                          restore_inputs, tables_in_order)
+from clirun import invoke
+from istio_golden import (BACKEND_TOOLS, TOOLS, assert_kernel_reads_back_as_stored, assert_real_apply_holds_golden,
+                          final_targets, resolv_env, restore_inputs, tables_in_order)
 from istio_init.render import split_families
 from istio_init.backends.iptables.savefile import parse_save
 from nsutil import Namespace
@@ -58,12 +56,8 @@ def test_chain_order_matches_istio_golden_without_a_kernel(case: CurrentCase, tm
 @pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
 def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: CurrentCase, flavour: str,
                                                                       netns: Namespace) -> None:
-    parts = kernel_converted(netns, restore_inputs(case.istio_golden.read_text(), GROUP_GIDS), flavour)
-    assert len(parts) == (2 if case.ipv6 else 1)
-    converted = "# IPv6\n".join(parts)
-    if os.environ.get("UPDATE_GOLDEN") == "1" and flavour == "legacy":
-        case.golden.write_text(converted)
-    assert converted == case.golden.read_text()
+    inputs = restore_inputs(case.istio_golden.read_text(), GROUP_GIDS)
+    assert_kernel_reads_back_as_stored(netns, case, inputs, flavour)
 
 
 @pytest.mark.root
@@ -71,10 +65,7 @@ def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: Curre
 @pytest.mark.parametrize("case", CURRENT_CASES, ids=lambda c: c.name)
 def test_real_apply_reads_back_as_istio_golden(case: CurrentCase, backend: str, netns: Namespace,
                                                tmp_path: Path) -> None:
-    done = netns.run(sys.executable, "-m", "istio_init", *case.argv(dry_run=False), "--iptables-backend", backend,
-                     env=clean_environ(resolv_env(case, tmp_path)), check=False)
-    assert done.returncode == 0, done.stderr
-    assert_holds_golden(netns, backend, case.golden.read_text())
+    assert_real_apply_holds_golden(netns, case, backend, tmp_path)
 
 
 def _target(spec: str) -> str:

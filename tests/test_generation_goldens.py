@@ -9,16 +9,14 @@ backend, leaves exactly that text.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from cases_generations import GENERATION_CASES, GROUP_GIDS, GenerationCase
-from clirun import clean_environ, invoke
-from istio_golden import (BACKEND_TOOLS, TOOLS, any_restore_inputs, assert_holds_golden, kernel_converted,
-                          resolv_env)
+from clirun import invoke
+from istio_golden import (BACKEND_TOOLS, TOOLS, any_restore_inputs, assert_kernel_reads_back_as_stored,
+                          assert_real_apply_holds_golden, resolv_env)
 from istio_init.render import split_families
 from nsutil import Namespace
 
@@ -56,13 +54,8 @@ def test_dry_run_matches_converted_istio_golden(case: GenerationCase, tmp_path: 
 @pytest.mark.parametrize("case", GENERATION_CASES, ids=lambda c: c.id)
 def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: GenerationCase, flavour: str,
                                                                       netns: Namespace) -> None:
-    parts = kernel_converted(netns, any_restore_inputs(case.istio_golden.read_text(), GROUP_GIDS), flavour)
-    assert len(parts) == (2 if case.ipv6 else 1)
-    converted = "# IPv6\n".join(parts)
-    if os.environ.get("UPDATE_GOLDEN") == "1" and flavour == "legacy":
-        case.golden.parent.mkdir(parents=True, exist_ok=True)
-        case.golden.write_text(converted)
-    assert converted == case.golden.read_text()
+    inputs = any_restore_inputs(case.istio_golden.read_text(), GROUP_GIDS)
+    assert_kernel_reads_back_as_stored(netns, case, inputs, flavour)
 
 
 @pytest.mark.root
@@ -70,7 +63,4 @@ def test_istio_golden_loaded_by_the_kernel_reads_back_as_stored_text(case: Gener
 @pytest.mark.parametrize("case", GENERATION_CASES, ids=lambda c: c.id)
 def test_real_apply_reads_back_as_istio_golden(case: GenerationCase, backend: str, netns: Namespace,
                                                tmp_path: Path) -> None:
-    done = netns.run(sys.executable, "-m", "istio_init", *case.argv(dry_run=False), "--iptables-backend", backend,
-                     env=clean_environ(resolv_env(case, tmp_path)), check=False)
-    assert done.returncode == 0, done.stderr
-    assert_holds_golden(netns, backend, case.golden.read_text())
+    assert_real_apply_holds_golden(netns, case, backend, tmp_path)
