@@ -42,13 +42,9 @@ def netns() -> Iterator[Namespace]:
 @pytest.fixture
 def pod() -> Iterator[Namespace]:
     """A fresh pod namespace (pod0 at 192.0.2.10/24, hostile.py), removed afterwards."""
-    from hostile import pod_namespace
+    from hostile import pod_namespaces
 
-    ns = pod_namespace("pod")
-    try:
-        yield ns
-    finally:
-        ns.remove()
+    yield from pod_namespaces("pod")
 
 
 # What the kube tests measured, printed at the end of the run (docs/kubernetes-node.md's figures).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from typing import Iterator
 
 from clirun import clean_environ
 from nsutil import Namespace
@@ -20,6 +21,15 @@ SEED = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*",
         "-d", "15090,15021,15020")
 POD_ADDRESS = "192.0.2.10/24"
 SAVE_TOOLS = ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save")
+
+
+def pod_namespaces(prefix: str) -> Iterator[Namespace]:
+    """A fixture's body: one pod_namespace(prefix), removed when the fixture ends."""
+    ns = pod_namespace(prefix)
+    try:
+        yield ns
+    finally:
+        ns.remove()
 
 
 def pod_namespace(prefix: str = "hos") -> Namespace:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakehost import FakeHost
-from hostile import istio_init, pod_namespace
+from hostile import istio_init, pod_namespaces
 from istio_init import apply, system
 from istio_init.errors import ApplyError
 from istio_init.netns import Routing
@@ -126,11 +126,7 @@ _RULES = st.builds(Rule, st.sampled_from([1337, 1338, 0x539 | 0x10000]), st.samp
 
 @pytest.fixture(scope="module")
 def routing_ns() -> Iterator[Namespace]:
-    ns = pod_namespace("prp")
-    try:
-        yield ns
-    finally:
-        ns.remove()
+    yield from pod_namespaces("prp")
 
 
 @pytest.mark.root
