@@ -20,14 +20,14 @@ onto the backends' `read()`.
 from __future__ import annotations
 
 from istio_init.backends.iptables.reconcile import is_ours
-from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
+from istio_init.iptables_save.read import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.backends.iptables.tools import command
 from istio_init.errors import IstioInitError
 from istio_init.installed import FLAVOURS
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.netns import Routing
 from istio_init.records import TYPE_CHECKING, NamedTuple
-from istio_init.render import chain_order, rule_spec
+from istio_init.iptables_save.write import chain_order, rule_spec
 from istio_init.rulesets import owned_chains
 
 if TYPE_CHECKING:
@@ -511,7 +511,7 @@ def _run_native(config: Config, rule_plan: RulePlan, planned: Planned) -> Report
     """--native-nftables: our nft tables against the plan's; istio-init's iptables rules, if any, are extra."""
     from istio_init import installed
     from istio_init.backends.nftables import NftablesBackend, guard_single_family
-    from istio_init.render_nft import render_transaction
+    from istio_init.nft.write import render_transaction
 
     try:
         backend = NftablesBackend(guard_single_family(config.rules_version))

@@ -4,7 +4,7 @@
 of the seed's `args:` is accepted and ignored, and anything that is not a
 subcommand name runs the default `run` command, so Istio's argument lists work
 unchanged. Every user mistake becomes one line on stderr and exit code 2.
-entry.py runs the plain flag list without click; both write through output.py,
+entry.py runs the plain flag list without click; both write through frontdoor.py,
 and the rest of the package returns what to print and logs through `log`.
 """
 
@@ -16,11 +16,11 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from istio_init import logs, output, timing
+from istio_init import frontdoor, logs, timing
 from istio_init.config import (CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, Config, FlagSpec, switch_value,
                                take_switch_values)
 from istio_init.errors import ConfigError, IstioInitError
-from istio_init.output import PROG, log
+from istio_init.frontdoor import PROG, log
 
 DEFAULT_COMMAND = "run"
 # Switches of the click commands that are not flag rows; `=true/false` works on them too.
@@ -82,17 +82,17 @@ _flag_options = _options_for()
 
 
 def load_config(given: dict[str, Any]) -> Config:
-    """Config from the parsed flags (None: not given) and the environment (output.load_config)."""
+    """Config from the parsed flags (None: not given) and the environment (frontdoor.load_config)."""
     timing.mark("click: parse the command line")
     ctx = click.get_current_context(silent=True)
     switch_values = ((ctx.find_root().obj or {}) if ctx else {}).get("switch_values", {})
     # As in entry.parse_run: a bare switch wins over its `=VALUE` spelling.
-    config = output.load_config({**given, **{dest: value for dest, value in switch_values.items() if not given.get(dest)}})
+    config = frontdoor.load_config({**given, **{dest: value for dest, value in switch_values.items() if not given.get(dest)}})
     timing.mark("config: validate flags and environment")
     return config
 
 
-_out = output.out
+_out = frontdoor.out
 
 
 @click.group(cls=_IstioGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -311,13 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     stderr for the whole run, whatever the command and rule set.
     """
     timing.mark("imports: click, config, the CLI's commands")
-    output.prepare_stdout()
+    frontdoor.prepare_stdout()
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         args, log_options = logs.split_args(args)
         args, switch_values = take_switch_values(args, _CLICK_SWITCHES)
     except IstioInitError as exc:
-        print(f"{PROG}: {output.one_line(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: {frontdoor.one_line(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     with logs.configured(log_options):
         code = _run(args, {"switch_values": switch_values})
@@ -345,7 +345,7 @@ def _run(args: list[str], obj: dict[str, Any]) -> int:
             logs.emit("error", f"{PROG}: {exc.format_message()}")
             exit_code = exc.exit_code
 
-    return output.guarded(command) or exit_code
+    return frontdoor.guarded(command) or exit_code
 
 
 # ---- istio-init-cni: the CNI plugin's process side (its logic is istio_init/cni.py) ----------

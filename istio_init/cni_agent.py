@@ -49,9 +49,9 @@ WATCH_INTERVAL = 1.0
 CHILD_WAIT_SECONDS = 30.0
 # Modules a call needs, loaded once in the agent so that each forked child starts warm.
 _WARM_MODULES = ("istio_init.runner", "istio_init.apply", "istio_init.backends", "istio_init.netns",
-                 "istio_init.check", "istio_init.locks", "istio_init.render", "istio_init.rulesets.current",
+                 "istio_init.check", "istio_init.locks", "istio_init.iptables_save.write", "istio_init.rulesets.current",
                  "istio_init.backends.iptables.restore", "istio_init.backends.iptables.backend",
-                 "istio_init.backends.iptables.tools", "istio_init.backends.iptables.savefile", "yaml")
+                 "istio_init.backends.iptables.tools", "istio_init.iptables_save.read", "yaml")
 
 Log = Callable[..., None]
 # Where a pod's facts come from: (CNI_ARGS, the configuration's runtimeConfig) -> PodFacts. The
@@ -397,7 +397,7 @@ def warm() -> None:
     import importlib
 
     from istio_init.podcapture import PodFacts
-    from istio_init.render import render_plan
+    from istio_init.iptables_save.write import render_plan
     from istio_init.rulesets import plan
 
     for name in _WARM_MODULES:

@@ -9,7 +9,7 @@ table: `-f VALUE`, `--flag VALUE`, `--flag=VALUE` and switches. Anything else
 value starting with `-`, an unknown or incomplete flag) goes to the click CLI
 (cli.py), which then does exactly what it always did, its errors included.
 pilot-agent's logging flags are taken out first, as cli.py does. Both front
-doors write through output.py (tests/test_layout.py allows only those), and
+doors write through frontdoor.py (tests/test_layout.py allows only those), and
 tests/test_entry.py checks that both give the same output, errors and exit codes.
 """
 
@@ -19,7 +19,7 @@ import gc
 import os
 import sys
 
-from istio_init import logs, output, timing
+from istio_init import frontdoor, logs, timing
 from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, take_switch_values
 from istio_init.errors import IstioInitError
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args)
         return
     timing.mark("imports: config (no click)")
-    output.prepare_stdout()
+    frontdoor.prepare_stdout()
     # One run builds up to 8,000 rules' tuples and creates no reference cycle worth collecting:
     # the cycle collector would only walk them, again and again (docs/performance.md, "What start-up avoids").
     gc.disable()
@@ -103,25 +103,25 @@ def main(argv: list[str] | None = None) -> None:
         from istio_init import runner
 
         timing.mark("parse the command line")
-        config = output.load_config(flags or {})
+        config = frontdoor.load_config(flags or {})
         timing.mark("config: validate flags and environment")
         if check is None:
-            output.out(runner.run(config, output.log))
+            frontdoor.out(runner.run(config, frontdoor.log))
             return
         nonlocal exit_code
         from istio_init import check as checking  # as cli.py's check command
 
         runner.enter_namespace(config)
-        report = checking.run(config, output.log)
-        output.out((checking.to_json(report) if check[1] else checking.format_text(report)) + "\n")
+        report = checking.run(config, frontdoor.log)
+        frontdoor.out((checking.to_json(report) if check[1] else checking.format_text(report)) + "\n")
         exit_code = report.exit_code
 
     try:
         with logs.configured(log_options):
-            code = output.guarded(command) or exit_code
+            code = frontdoor.guarded(command) or exit_code
             if timing.ENABLED:
                 for line in timing.report():
-                    output.log(line)
+                    frontdoor.log(line)
     finally:
         gc.enable()  # for a caller in the same interpreter (the tests)
     sys.exit(code)

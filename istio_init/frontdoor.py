@@ -1,11 +1,11 @@
-"""What istio-init writes, and how a failure becomes one line: shared by both front doors.
+"""What both front doors share: what they write, the Config they load, and how a failure becomes one line.
 
 istio-init has two entry points into one CLI: `entry.py`, which runs Istio's
 plain flag list without importing click (every pod start), and `cli.py`, the
 click commands (everything else). Both must write the same things the same
 way, so stdout (the rules' text), the log lines on stderr (through logs.py's
-levels and JSON form) and the mapping from an exception to its one line and
-exit code live here, once. Together with logs.py these three modules are the
+levels and JSON form), loading the Config with its warnings, and the mapping
+from an exception to its one line and exit code live here, once. Together with logs.py these three modules are the
 only ones that write (tests/test_layout.py).
 """
 

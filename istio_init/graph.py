@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from istio_init.check import Chains, chains_from_plan
 from istio_init.errors import IstioInitError
 from istio_init.model import is_builtin
-from istio_init.render import chain_order
+from istio_init.iptables_save.write import chain_order
 
 if TYPE_CHECKING:
     from istio_init.config import Config
@@ -371,12 +371,12 @@ def live_nft_rules() -> dict[int, Chains]:
     The tables are `inet`, so each rule is drawn in every family it acts on;
     a family whose packets no built-in chain sends into our chains is left out.
     """
-    from istio_init import nft_live
-    from istio_init.render import rule_spec
+    from istio_init.trace import read_live_native
+    from istio_init.iptables_save.write import rule_spec
 
     drawn: dict[int, Chains] = {}
     for family in (4, 6):
-        ruleset, _ = nft_live.read_live(family)
+        ruleset, _ = read_live_native(family)
         chains = {table: {chain: [rule_spec(rule) for rule in rules] for chain, rules in by_chain.items()}
                   for table, by_chain in ruleset.items()}
         if family == 4 or any(specs for table, by_chain in chains.items()

@@ -24,7 +24,7 @@ of the tests answers as the kernel does.
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.savefile import SavedTable
+from istio_init.iptables_save.read import SavedTable
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:

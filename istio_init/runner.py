@@ -17,7 +17,7 @@ from istio_init.config import RULES_CURRENT, Cidr, Config, fields_not_in, flag_l
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
-from istio_init.render import render_plan
+from istio_init.iptables_save.write import render_plan
 from istio_init.rulesets import plan, resolvers_needed
 from istio_init.system import current
 
@@ -133,7 +133,7 @@ def run(config: Config, log: Log) -> str:
     if config.dry_run:
         if config.native_nftables:
             from istio_init.backends.nftables import guard_single_family
-            from istio_init.render_nft import render_transaction
+            from istio_init.nft.write import render_transaction
 
             return render_transaction(rule_plan, guard_single_family(config.rules_version))
         text = render_plan(rule_plan)

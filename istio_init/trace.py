@@ -18,12 +18,12 @@ DNS) does not end the walk. REDIRECT, DNAT and TPROXY are "captured"; anything e
 ends the walk is "not captured", blamed on the last rule that matched (the
 RETURN that let the connection go), so the answer names the rule to look at.
 
-Everything here is pure except `read_live`, which runs iptables-save in the
-current namespace for `--live`. The rules come either from the planner (what
-these flags would install) or from iptables-save text parsed back into
-`model.Rule`; `parse_rule` is the inverse of `render.rule_spec` for the rules
-istio-init writes, and refuses rule text it cannot evaluate rather than
-guessing.
+Everything here is pure except `read_live` and `read_live_native`, which read
+what is installed in the current namespace (through installed.py) for
+`--live`. The rules come either from the planner (what these flags would
+install) or from installed rules parsed back into `model.Rule` by the dialect
+readers (`iptables_save.read`, `nft.read`), which refuse rule text they cannot
+evaluate rather than guess.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
-from istio_init.backends.iptables import savefile
 from istio_init.errors import TraceError
 from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Rule, is_builtin
-from istio_init.render import rule_spec
+from istio_init.iptables_save.read import SavedTable, UnmodelledRule, parse_save
+from istio_init.iptables_save.read import parse_rule as parse_saved_rule
+from istio_init.iptables_save.write import rule_spec
 
 if TYPE_CHECKING:
     from istio_init.config import Config
@@ -145,12 +146,12 @@ class Verdict:
 def parse_rule(table: str, chain: str, spec: str) -> Rule:
     """Canonical iptables-save rule text as a model.Rule, or TraceError naming the rule."""
     try:
-        return savefile.parse_rule(table, chain, spec)
-    except savefile.UnmodelledRule as exc:
+        return parse_saved_rule(table, chain, spec)
+    except UnmodelledRule as exc:
         raise TraceError(f"cannot evaluate {table} {chain} rule '{spec}': {exc}") from None
 
 
-def ruleset_from_tables(tables: Mapping[str, savefile.SavedTable]) -> dict[str, dict[str, list[Rule]]]:
+def ruleset_from_tables(tables: Mapping[str, SavedTable]) -> dict[str, dict[str, list[Rule]]]:
     """The rules of parsed live tables, per table and chain, in kernel order."""
     ruleset: dict[str, dict[str, list[Rule]]] = {}
     for name, table in tables.items():
@@ -166,7 +167,7 @@ def ruleset_from_tables(tables: Mapping[str, savefile.SavedTable]) -> dict[str, 
 
 def ruleset_from_save(text: str) -> dict[str, dict[str, list[Rule]]]:
     """The rules of iptables-save text, per table and chain, in kernel order."""
-    return ruleset_from_tables(savefile.parse_save(text))
+    return ruleset_from_tables(parse_save(text))
 
 
 def ruleset_from_plan(family: FamilyPlan) -> dict[str, dict[str, list[Rule]]]:
@@ -188,6 +189,19 @@ def read_live(family: int, backend: str = "auto") -> tuple[dict[str, dict[str, l
         raise TraceError(str(exc)) from None
     tool = command(family, f"-{found.store}-save")
     return ruleset_from_tables(found.of_store(family)), tool
+
+
+def read_live_native(family: int) -> tuple[dict[str, dict[str, list[Rule]]], str]:
+    """`family`'s rules of istio-init's native nftables tables (installed.py reads them) and where they came from."""
+    from istio_init import installed
+    from istio_init.errors import ApplyError
+    from istio_init.nft.read import ruleset_from_json
+
+    try:
+        objects = installed.native_objects()
+    except ApplyError as exc:
+        raise TraceError(str(exc)) from None
+    return ruleset_from_json(objects, family), "nft -j list ruleset"
 
 
 # --------------------------------------------------------------------------- matching
@@ -465,9 +479,7 @@ def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool, re
             local = []
     conn = make_connection(local_addresses=local, **conn_args)
     if live and config.native_nftables:
-        from istio_init.nft_live import read_live as read_live_nft
-
-        ruleset, source = read_live_nft(conn.family)
+        ruleset, source = read_live_native(conn.family)
         source = f"live ({source})"
     elif live:
         ruleset, source = read_live(conn.family, config.iptables_backend)

@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 from clirun import clean_environ
-from istio_init.backends.iptables.savefile import normalize
-from istio_init.render import split_families
+from istio_init.iptables_save.read import normalize
+from istio_init.iptables_save.write import split_families
 from nsutil import Namespace
 
 BACKENDS = ("libiptc", "legacy", "nft")

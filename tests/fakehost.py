@@ -29,9 +29,9 @@ import json
 import re
 from typing import Any, Callable, Iterator, Mapping
 
-from istio_init.backends.iptables.printed import after_commit
+from istio_init.backends.iptables.committed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange
-from istio_init.backends.iptables.savefile import normalize, parse_save
+from istio_init.iptables_save.read import normalize, parse_save
 from istio_init.backends.iptables.tools import command
 from istio_init.errors import ApplyError
 from istio_init.model import NATIVE_TABLE_PREFIX

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from istio_init.render import chain_order, split_families
-from istio_init.backends.iptables.savefile import parse_save
+from istio_init.iptables_save.write import chain_order, split_families
+from istio_init.iptables_save.read import parse_save
 
 if TYPE_CHECKING:
     from nsutil import Namespace

@@ -20,8 +20,8 @@ from appliedns import (BACKENDS, SAVE_TOOL, check_state, exact, expected, istio_
                        snapshot)
 from cases import CASES, UNRELATED_V4, UNRELATED_V6, Case
 from clirun import clean_environ
-from istio_init.render import split_families
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.write import split_families
+from istio_init.iptables_save.read import normalize
 from nsutil import Namespace
 
 pytestmark = pytest.mark.root

@@ -14,10 +14,10 @@ import pytest
 from cases import UNRELATED_V4, UNRELATED_V6
 from fakehost import FakeHost
 from istio_init import runner, system
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.read import normalize
 from istio_init.config import from_sources
 from istio_init.errors import ApplyError
-from istio_init.render import render_plan, split_families
+from istio_init.iptables_save.write import render_plan, split_families
 from istio_init.rulesets import plan
 
 BACKENDS = ("legacy", "nft", "libiptc", "nftables")  # nftables: --native-nftables

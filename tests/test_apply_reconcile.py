@@ -21,8 +21,8 @@ from istio_init.config import from_sources
 from istio_init.errors import ApplyError
 from istio_init.rulesets import plan
 from istio_init.backends.iptables.reconcile import TableChange, is_ours, reconcile, restore_text, simulate
-from istio_init.render import render_family, split_families
-from istio_init.backends.iptables.savefile import SavedTable, normalize, parse_save, table_blocks
+from istio_init.iptables_save.write import render_family, split_families
+from istio_init.iptables_save.read import SavedTable, normalize, parse_save, table_blocks
 
 
 def _family(args: dict[str, str], ipv6: bool = False, family: int = 4):

@@ -25,7 +25,7 @@ import pytest
 
 from cases import SEED_ARGS
 from clirun import clean_environ
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.read import normalize
 from nsutil import Namespace
 from appliedns import expected, istio_init, save, snapshot
 

@@ -23,8 +23,8 @@ import pytest
 
 from cases import CASES, SEED_ARGS
 from cninode import GATEWAY_V4, PLUGIN, CniPod, Node, reference_plugins_missing, wait
-from istio_init.render import split_families
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.write import split_families
+from istio_init.iptables_save.read import normalize
 from nsutil import Namespace
 from podnet import APP_UID, PROXY_UID, run_client, start_server
 from appliedns import exact, routing

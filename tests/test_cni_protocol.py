@@ -19,7 +19,7 @@ from cases import CASES, SEED_ARGS
 from cninode import PLUGIN
 from istio_init.cli import cni_flags
 from istio_init.cni import NetConf, flags_config, pod_namespace
-from istio_init.render import render_plan
+from istio_init.iptables_save.write import render_plan
 from istio_init.rulesets import plan
 
 ROOT = Path(__file__).resolve().parent.parent

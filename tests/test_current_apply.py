@@ -19,8 +19,8 @@ import pytest
 from cases import SEED_ARGS, UNRELATED_V4, UNRELATED_V6
 from cases_current import CURRENT_CASES, INJECTED
 from clirun import clean_environ
-from istio_init.render import split_families
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.write import split_families
+from istio_init.iptables_save.read import normalize
 from nsutil import Namespace
 from appliedns import routing
 

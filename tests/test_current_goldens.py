@@ -18,8 +18,8 @@ from cases_current import CURRENT_CASES, GROUP_GIDS, CurrentCase
 from clirun import invoke
 from istio_golden import (BACKEND_TOOLS, TOOLS, assert_kernel_reads_back_as_stored, assert_real_apply_holds_golden,
                           final_targets, resolv_env, restore_inputs, tables_in_order)
-from istio_init.render import split_families
-from istio_init.backends.iptables.savefile import parse_save
+from istio_init.iptables_save.write import split_families
+from istio_init.iptables_save.read import parse_save
 from nsutil import Namespace
 
 

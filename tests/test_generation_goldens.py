@@ -17,7 +17,7 @@ from cases_generations import GENERATION_CASES, GROUP_GIDS, GenerationCase
 from clirun import invoke
 from istio_golden import (BACKEND_TOOLS, TOOLS, any_restore_inputs, assert_kernel_reads_back_as_stored,
                           assert_real_apply_holds_golden, resolv_env)
-from istio_init.render import split_families
+from istio_init.iptables_save.write import split_families
 from nsutil import Namespace
 
 

@@ -16,9 +16,9 @@ import pytest
 
 from clirun import clean_environ
 from istio_golden import canonical, tables_in_order
-from istio_init.backends.iptables.savefile import parse_save
+from istio_init.iptables_save.read import parse_save
 from istio_init.config import FLAGS_BY_DEST, RULE_SET_RELEASES
-from istio_init.render import split_families
+from istio_init.iptables_save.write import split_families
 from nsutil import Namespace
 
 pytestmark = pytest.mark.root

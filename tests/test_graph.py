@@ -26,7 +26,7 @@ from cases_current import CURRENT_CASES, RULES
 from clirun import clean_environ, given, invoke
 from istio_init.config import from_sources
 from istio_init.model import is_builtin
-from istio_init.render import rule_spec
+from istio_init.iptables_save.write import rule_spec
 from istio_init.rulesets import plan
 from nsutil import Namespace
 

@@ -22,7 +22,7 @@ import pytest
 
 from clirun import clean_environ
 from hostile import istio_init, pod_namespace
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.read import normalize
 from nsutil import Namespace
 
 pytestmark = pytest.mark.root

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "istio_init"
 THE_CLI = PACKAGE / "cli.py"
 # The front doors (click and click-free) and the output layer they share.
-PRINTERS = ("istio_init.cli", "istio_init.entry", "istio_init.output")
+PRINTERS = ("istio_init.cli", "istio_init.entry", "istio_init.frontdoor")
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -108,10 +108,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Pure: flags -> Config -> plan -> text, and text -> model -> decided changes. No kernel, no printing.
     ("core", ("istio_init", "istio_init.errors", "istio_init.timing", "istio_init.records", "istio_init.model",
               "istio_init.config",
-              "istio_init.ifnames", "istio_init.resolvconf", "istio_init.render", "istio_init.render_nft",
-              "istio_init.podcapture",
-              "istio_init.rulesets", "istio_init.backends.iptables.savefile",
-              "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.printed")),
+              "istio_init.ifnames", "istio_init.resolvconf", "istio_init.iptables_save", "istio_init.nft",
+              "istio_init.podcapture", "istio_init.rulesets",
+              "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.committed")),
     # What speaks to the kernel: tools, python-iptables, libnftables, netlink, routes, lock files.
     ("kernel", ("istio_init.netns", "istio_init.rtnl", "istio_init.locks", "istio_init.libnftables",
                 "istio_init.backends.iptables.spawn", "istio_init.backends.iptables.tools",
@@ -121,15 +120,15 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Deciding and undoing changes, and choosing a backend.
     ("backends", ("istio_init.backends", "istio_init.backends.base", "istio_init.backends.iptables",
                   "istio_init.backends.iptables.backend", "istio_init.backends.nftables")),
-    # All-or-nothing apply and clean, the one reader of installed rules, validation, live nft rules read
-    # back, the CNI plugin's installation.
-    ("operations", ("istio_init.apply", "istio_init.installed", "istio_init.validation", "istio_init.nft_live",
+    # All-or-nothing apply and clean, the one reader of installed rules, validation, the CNI plugin's
+    # installation.
+    ("operations", ("istio_init.apply", "istio_init.installed", "istio_init.validation",
                     "istio_init.cni_install", "istio_init.kubeapi")),
     # One command each: a run, trace, check, graph, the CNI plugin's logic and its node agent.
     ("commands", ("istio_init.runner", "istio_init.trace", "istio_init.check", "istio_init.graph",
                   "istio_init.cni", "istio_init.cni_agent")),
     # The front doors and the output layer they share.
-    ("front doors", ("istio_init.output", "istio_init.logs", "istio_init.cli", "istio_init.entry",
+    ("front doors", ("istio_init.frontdoor", "istio_init.logs", "istio_init.cli", "istio_init.entry",
                      "istio_init.__main__")),
 )
 
@@ -170,7 +169,7 @@ def test_the_layer_check_finds_an_upward_import() -> None:
 # The commands that show or judge what is installed (check, trace, graph, the CNI's CHECK, validation)
 # read it through installed.py, never through their own calls to the System, the backends or the kernel:
 # two readers would disagree (issue: trace walked legacy while check judged nft).
-REPORTING = ("istio_init.trace", "istio_init.check", "istio_init.graph", "istio_init.nft_live", "istio_init.cni",
+REPORTING = ("istio_init.trace", "istio_init.check", "istio_init.graph", "istio_init.cni",
              "istio_init.cni_agent", "istio_init.validation")
 READS_INSTALLED = frozenset({"ours", "read_ruleset", "save_text", "candidates", "iptables_nft_tables",
                              "native_nft_tables", "legacy_tables", "owned_routing", "routing_present",

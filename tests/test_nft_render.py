@@ -18,7 +18,7 @@ from clirun import clean_environ, given, invoke
 from istio_init.backends.nftables import _describe
 from istio_init.config import from_sources
 from istio_init.model import Match, Option, Rule
-from istio_init.render_nft import (NftRenderError, TransactionLine, clean_transaction, render_transaction,
+from istio_init.nft.write import (NftRenderError, TransactionLine, clean_transaction, render_transaction,
                                    transaction, write_rule)
 from istio_init.rulesets import plan
 
@@ -157,7 +157,7 @@ def test_dry_run_needs_no_privileges() -> None:
 
 def test_live_json_reads_back_as_the_planned_rules_per_family() -> None:
     """nft_live undoes render_nft: each family's rules come back as that family's plan (JSON as nft gives it)."""
-    from istio_init.nft_live import ruleset_from_json
+    from istio_init.nft.read import ruleset_from_json
 
     objects = [
         {"chain": {"family": "inet", "table": "istio-proxy-nat", "name": "output", "hook": "output",
@@ -178,7 +178,7 @@ def test_live_json_reads_back_as_the_planned_rules_per_family() -> None:
                        "right": {"prefix": {"addr": "10.0.0.0", "len": 8}}}},
             {"counter": {"packets": 0, "bytes": 0}}, {"redirect": {"port": 15001}}]}},
     ]
-    from istio_init.render import rule_spec
+    from istio_init.iptables_save.write import rule_spec
 
     v4 = {chain: [rule_spec(r) for r in rules] for chain, rules in ruleset_from_json(objects, 4)["nat"].items()}
     v6 = {chain: [rule_spec(r) for r in rules] for chain, rules in ruleset_from_json(objects, 6)["nat"].items()}

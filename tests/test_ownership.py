@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.read import normalize
 from nsutil import Namespace
 from appliedns import BACKENDS, SAVE_TOOL, expected, istio_init, restore, save
 

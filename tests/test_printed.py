@@ -16,8 +16,8 @@ import pytest
 
 from cases import SEED_ARGS, UNRELATED_V4, UNRELATED_V6
 from clirun import clean_environ
-from istio_init.backends.iptables.savefile import table_blocks
-from istio_init.render import split_families
+from istio_init.iptables_save.read import table_blocks
+from istio_init.iptables_save.write import split_families
 from nsutil import Namespace
 
 pytestmark = pytest.mark.root

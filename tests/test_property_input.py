@@ -30,7 +30,7 @@ from hostile import SEED, istio_init, pod_namespace, snapshot
 from istio_init import ifnames
 from istio_init.config import FLAGS, FLAGS_BY_DEST, from_sources
 from istio_init.errors import ConfigError
-from istio_init.render import split_families
+from istio_init.iptables_save.write import split_families
 from nsutil import Namespace
 
 EXTRA_VARIABLES = ("ENVOY_USER", "ISTIO_META_DNS_CAPTURE")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from cases import CASES, Case
-from istio_init.render import split_families
-from istio_init.backends.iptables.savefile import normalize
+from istio_init.iptables_save.write import split_families
+from istio_init.iptables_save.read import normalize
 
 pytestmark = pytest.mark.root
 

@@ -49,10 +49,10 @@ def test_the_largest_x_list_one_argument_holds_is_planned_in_full() -> None:
 
 def _pipeline_seconds(count: int) -> float:
     """Best of 5 (garbage collection off while timed): config, plan, dry-run text, reconcile, restore text and printed tables for `count` CIDRs."""
-    from istio_init.backends.iptables.printed import after_commit
+    from istio_init.backends.iptables.committed import after_commit
     from istio_init.backends.iptables.reconcile import reconcile, restore_text
     from istio_init.config import from_sources
-    from istio_init.render import render_plan
+    from istio_init.iptables_save.write import render_plan
     from istio_init.rulesets import plan
 
     given = {"proxy_uid": "1337", "inbound_ports": "*", "service_cidr": "*", "service_exclude_cidr": host_cidrs(count)}

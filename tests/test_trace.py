@@ -16,7 +16,7 @@ from clirun import given, invoke
 from istio_init.config import from_sources
 from istio_init.model import Rule
 from istio_init.rulesets import plan
-from istio_init.render import rule_spec, split_families
+from istio_init.iptables_save.write import rule_spec, split_families
 from istio_init.trace import (TraceError, Verdict, make_connection, parse_rule, ruleset_from_plan,
                               ruleset_from_save, trace)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cases_current import GOLDEN_DIR
-from istio_init.render import split_families
+from istio_init.iptables_save.write import split_families
 from istio_init.trace import make_connection, ruleset_from_save, trace
 
 

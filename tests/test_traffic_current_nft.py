@@ -18,8 +18,8 @@ from clirun import clean_environ, given
 from istio_init.config import from_sources
 from istio_init.model import RulePlan
 from istio_init.backends.nftables import guard_single_family
-from istio_init.render import rule_spec
-from istio_init.render_nft import render_transaction
+from istio_init.iptables_save.write import rule_spec
+from istio_init.nft.write import render_transaction
 from istio_init.rulesets import plan
 from istio_init.trace import parse_rule
 from podnet import Pod

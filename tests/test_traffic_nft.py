@@ -24,8 +24,8 @@ from clirun import clean_environ, given
 from istio_init.config import from_sources
 from istio_init.model import APPEND, RulePlan, Step
 from istio_init.backends.nftables import guard_single_family
-from istio_init.render import rule_spec
-from istio_init.render_nft import render_transaction
+from istio_init.iptables_save.write import rule_spec
+from istio_init.nft.write import render_transaction
 from istio_init.rulesets import plan
 from podnet import Pod
 from trafficpaths import (CONFIGS, PATHS, Breakage, Path, assert_lands, assert_trace_agrees, connect, outcome,

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
-from istio_init.render_nft import FAMILY, TABLES, TransactionLine, clean_transaction, table_name, transaction
+from istio_init.nft.write import FAMILY, TABLES, TransactionLine, clean_transaction, table_name, transaction
 from istio_init.system import current
 
 OUR_TABLES = tuple(table_name(t) for t in TABLES)

@@ -71,7 +71,7 @@ class UnmodelledRule(ValueError):
 
 
 def parse_rule(table: str, chain: str, spec: str) -> Rule:
-    """Canonical iptables-save rule text (after `-A CHAIN`) as a model.Rule; the inverse of render.rule_spec."""
+    """Canonical iptables-save rule text (after `-A CHAIN`) as a model.Rule; the inverse of write.rule_spec."""
     try:
         words = _quoted_words(spec) if '"' in spec or "'" in spec else spec.split()
     except ValueError as exc:

@@ -4,7 +4,8 @@ Canonical form matters because the test suite's round trip compares this text
 with what `iptables-save` shows after an apply: user chains are listed sorted,
 rules are grouped by chain (built-in chains first, in the kernel's order), and
 each rule spells its parts in iptables-save's order. Built-in chain headers
-are left out so the text can be fed to `iptables-restore --noflush`.
+are left out so the text can be fed to `iptables-restore --noflush`. read.py
+is the inverse.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""`trace --live --native-nftables`: our live nft tables, read as JSON, as one family's plan rules.
+"""Our nft tables as the kernel lists them in JSON, read back as one IP family's plan rules.
 
-trace.py walks model.Rules (iptables' vocabulary: tables, built-in chains,
-matches, targets). This maps the JSON of our `inet istio-proxy-*` tables back
-onto that vocabulary for one IP family, undoing what render_nft wrote: a rule
-guarded for, or addressing, the other family is not part of this family's
-ruleset. Only the expressions istio-init writes are understood; anything else
+`trace` and `graph` walk model.Rules (iptables' vocabulary: tables, built-in
+chains, matches, targets). This maps the JSON of our `inet istio-proxy-*`
+tables (`nft -j list ruleset`, read by installed.py) back onto that vocabulary
+for one IP family, undoing what write.py wrote: a rule guarded for, or
+addressing, the other family is not part of this family's ruleset. Only the expressions istio-init writes are understood; anything else
 is a TraceError that names the rule, so a trace never guesses.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from istio_init.model import Match, Option, Rule
-from istio_init.render_nft import TABLE_PREFIX
+from istio_init.nft.write import TABLE_PREFIX
 from istio_init.errors import TraceError
 
 Ruleset = dict[str, dict[str, list[Rule]]]
@@ -192,14 +192,3 @@ def ruleset_from_json(objects: list[dict[str, Any]], family: int) -> Ruleset:
         ruleset[table][chain].append(builder.rule())
     return ruleset
 
-
-def read_live(family: int) -> tuple[Ruleset, str]:
-    """The current namespace's nft rules of `family` (our tables only) and where they came from."""
-    from istio_init import installed
-    from istio_init.errors import ApplyError
-
-    try:
-        objects = installed.native_objects()
-    except ApplyError as exc:
-        raise TraceError(str(exc)) from None
-    return ruleset_from_json(objects, family), "nft -j list ruleset"

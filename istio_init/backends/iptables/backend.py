@@ -11,9 +11,9 @@ expected ones, puts every table that differs from its snapshot back.
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.printed import after_commit
+from istio_init.backends.iptables.committed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
-from istio_init.backends.iptables.savefile import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
+from istio_init.iptables_save.read import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
                                                    table_blocks)
 from istio_init import timing
 from istio_init.errors import ApplyError, rollback_outcome
@@ -125,7 +125,7 @@ class IptablesBackend:
     def dump(self, family: int, tables: Sequence[str]) -> str:
         """`tables`, and any other table the last converge changed (stale rules removed), as iptables-save text.
 
-        After a converge it is derived from the snapshot and the changes (printed.py); else read.
+        After a converge it is derived from the snapshot and the changes (committed.py); else read.
         """
         last = self.converged
         if last is not None and family in last.snapshots:

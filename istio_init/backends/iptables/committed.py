@@ -16,7 +16,7 @@ iptables-save after applies through every backend.
 from __future__ import annotations
 
 from istio_init.backends.iptables.reconcile import TableChange, simulate
-from istio_init.backends.iptables.savefile import SavedTable, parse_save
+from istio_init.iptables_save.read import SavedTable, parse_save
 from istio_init.model import BUILTIN_CHAINS
 from istio_init.records import TYPE_CHECKING
 

@@ -29,7 +29,7 @@ from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, command, save_text
 from istio_init.errors import ApplyError
 from istio_init.model import INSERT, Rule, Step
-from istio_init.render import rule_spec
+from istio_init.iptables_save.write import rule_spec
 
 XTABLES_LOCK = "/run/xtables.lock"
 _XTABLES_LIBDIRS = ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables",

@@ -17,9 +17,9 @@ import _operator as operator  # operator.py only re-exports the C module's
 
 from istio_init.model import INSERT, FamilyPlan, Step, is_builtin
 from istio_init.records import TYPE_CHECKING, NamedTuple
-from istio_init.render import rule_spec
+from istio_init.iptables_save.write import rule_spec
 from istio_init.rulesets import owned_chains
-from istio_init.backends.iptables.savefile import SavedRule, SavedTable
+from istio_init.iptables_save.read import SavedRule, SavedTable
 
 if TYPE_CHECKING:
     import re
