@@ -10,6 +10,7 @@ idempotency is decided by pure functions, without the kernel.
 
 from __future__ import annotations
 
+from istio_init.iptables_save.write import QUOTED_OPTIONS
 from istio_init.model import Match, Option, Rule, is_builtin
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
@@ -72,10 +73,7 @@ class UnmodelledRule(ValueError):
 
 def parse_rule(table: str, chain: str, spec: str) -> Rule:
     """Canonical iptables-save rule text (after `-A CHAIN`) as a model.Rule; the inverse of write.rule_spec."""
-    try:
-        words = _quoted_words(spec) if '"' in spec or "'" in spec else spec.split()
-    except ValueError as exc:
-        raise UnmodelledRule(str(exc)) from None
+    words = _quoted_words(spec) if '"' in spec else spec.split()
     parts: dict[str, str | bool] = {}
     matches: list[Match] = []
     target: str | None = None
@@ -90,7 +88,9 @@ def parse_rule(table: str, chain: str, spec: str) -> Rule:
             if not words[name_at].startswith("--"):
                 break
             value = ""
-            if name_at + 1 < len(words) and not words[name_at + 1].startswith("-") and words[name_at + 1] != "!":
+            free_text = words[name_at][2:] in QUOTED_OPTIONS  # its value may read like an option ("-x", "!")
+            if name_at + 1 < len(words) and (free_text or not words[name_at + 1].startswith("-")
+                                             and words[name_at + 1] != "!"):
                 value = words[name_at + 1]
                 j = name_at + 2
             else:
@@ -217,10 +217,35 @@ def table_blocks(text: str, tables: list[str]) -> str:
 
 
 def _quoted_words(spec: str) -> list[str]:
-    """A rule with quoted parts (a comment), split as iptables-save quotes them; shlex loads only then."""
-    import shlex
+    """Rule text with quoted free text (a comment) split into words, each quoted one unquoted.
 
-    return shlex.split(spec)
+    The inverse of write.quoted: only a word that starts with `"` is quoted
+    (an interface name may hold a `'` or `\\` and is printed as it is),
+    and inside it a backslash escapes the next character.
+    """
+    words: list[str] = []
+    i, end = 0, len(spec)
+    while i < end:
+        if spec[i] == " ":
+            i += 1
+        elif spec[i] == '"':
+            i += 1
+            chars = []
+            while i < end and spec[i] != '"':
+                if spec[i] == "\\" and i + 1 < end:
+                    i += 1
+                chars.append(spec[i])
+                i += 1
+            if i >= end:
+                raise UnmodelledRule("a quote that is not closed")
+            words.append("".join(chars))
+            i += 1
+        else:
+            stop = spec.find(" ", i)
+            stop = end if stop < 0 else stop
+            words.append(spec[i:stop])
+            i = stop
+    return words
 
 
 DIVERT_CHAIN = "ISTIO_DIVERT"  # where every rule set sets its TPROXY mark

@@ -11,8 +11,24 @@ is the inverse.
 from __future__ import annotations
 
 from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Option, Rule, RulePlan, is_builtin
+from istio_init.records import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Iterable, Mapping, Sequence
+
+    from istio_init.iptables_save.read import SavedTable
 
 IPV6_MARKER = "# IPv6"
+# Options whose free text iptables-save prints quoted unless it is all [A-Za-z0-9_-] (xtables_save_string).
+QUOTED_OPTIONS = frozenset({"comment", "nflog-prefix", "log-prefix"})
+_BARE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def quoted(value: str) -> str:
+    """Free text as iptables-save prints it: bare when plain, else in double quotes, `"`, `'` and `\\` escaped."""
+    if value and _BARE.issuperset(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'") + '"'
 
 
 def _options(options: tuple[Option, ...]) -> list[str]:
@@ -22,7 +38,7 @@ def _options(options: tuple[Option, ...]) -> list[str]:
             words.append("!")
         words.append(f"--{opt.name}")
         if opt.value:
-            words.append(opt.value)
+            words.append(quoted(opt.value) if opt.name in QUOTED_OPTIONS else opt.value)
     return words
 
 
@@ -73,6 +89,39 @@ def render_table(family: FamilyPlan, table: str) -> str:
             lines.append(prefix + f"\n{prefix}".join(map(rule_spec, final[chain])))
     lines.append("COMMIT\n")  # the last newline, without copying the whole text to add it
     return "\n".join(lines)
+
+
+def table_text(name: str, builtins: Iterable[tuple[str, str, str]], user_chains: Iterable[str],
+               rules: Mapping[str, Sequence[str]]) -> str:
+    """One `*table ... COMMIT` block as iptables-save prints it.
+
+    `builtins` are (chain, policy, `[packets:bytes]`) in the kernel's order,
+    `user_chains` sorted, `rules` each chain's rule texts (after `-A CHAIN`).
+    """
+    builtins = list(builtins)
+    user = list(user_chains)
+    lines = [f"*{name}"]
+    lines += [f":{chain} {policy} {counters}" for chain, policy, counters in builtins]
+    lines += [f":{chain} - [0:0]" for chain in user]
+    for chain in (*(chain for chain, _, _ in builtins), *user):
+        if rules.get(chain):  # one join per chain: an -x list puts 8,000 rules in ISTIO_OUTPUT
+            prefix = f"-A {chain} "
+            lines.append(prefix + f"\n{prefix}".join(rules[chain]))
+    lines.append("COMMIT\n")  # the text's last newline, without copying the whole text to add it
+    return "\n".join(lines)
+
+
+def saved_text(tables: Mapping[str, SavedTable]) -> str:
+    """Parsed tables (read.parse_save) printed again: iptables-save's text for them, comments aside."""
+    blocks = []
+    for name, table in tables.items():
+        builtins = [(chain, table.chains[chain], table.counters.get(chain, "[0:0]"))
+                    for chain in BUILTIN_CHAINS.get(name, ()) if chain in table.chains]
+        rules: dict[str, list[str]] = {}
+        for rule in table.rules:
+            rules.setdefault(rule.chain, []).append(rule.spec)
+        blocks.append(table_text(name, builtins, sorted(table.user_chains()), rules))
+    return "".join(blocks)
 
 
 def render_family(family: FamilyPlan) -> str:

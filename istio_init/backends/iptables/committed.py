@@ -5,9 +5,9 @@ more `iptables-save` process per family on every pod start, yet the backend
 already holds everything that text is made of: the snapshot it read just
 before committing (under the lock, so nothing else changed them) and the
 changes it committed. `reconcile.simulate` applies those changes to the
-snapshot; this module spells the result the way iptables-save does: built-in
-chains in the kernel's order with their policy and counters, user chains
-sorted, then each chain's rules. Planned rules are already in canonical form
+snapshot, and the iptables-save dialect's writer spells the result
+(`iptables_save.write.table_text`: built-in chains in the kernel's order with
+their policy and counters, user chains sorted, then each chain's rules). Planned rules are already in canonical form
 (the goldens' round trip through both restore tools checks that), so the
 text is what the kernel holds; tests/test_printed.py compares it with a real
 iptables-save after applies through every backend.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from istio_init.backends.iptables.reconcile import TableChange, simulate
 from istio_init.iptables_save.read import SavedTable, parse_save
+from istio_init.iptables_save.write import table_text
 from istio_init.model import BUILTIN_CHAINS
 from istio_init.records import TYPE_CHECKING
 
@@ -30,18 +31,9 @@ def _table(name: str, live: SavedTable | None, change: TableChange | None) -> st
     chains, rules = change.after if change is not None and change.after is not None else simulate(live, change)
     present = live.chains if live is not None else {}
     # A table the kernel makes (legacy or nft) comes with all its built-in chains.
-    builtins = [c for c in BUILTIN_CHAINS.get(name, ()) if live is None or c in present or c in rules]
-    lines = [f"*{name}"]
-    lines += [f":{c} {present.get(c, 'ACCEPT')} {live.counters.get(c, '[0:0]') if live else '[0:0]'}"
-              for c in builtins]
-    user = sorted(chains)
-    lines += [f":{c} - [0:0]" for c in user]
-    for chain in (*builtins, *user):
-        if rules.get(chain):  # one join per chain: an -x list puts 8,000 rules in ISTIO_OUTPUT
-            prefix = f"-A {chain} "
-            lines.append(prefix + f"\n{prefix}".join(rules[chain]))
-    lines.append("COMMIT\n")  # the text's last newline, without copying the whole text to add it
-    return "\n".join(lines)
+    builtins = [(c, present.get(c, "ACCEPT"), live.counters.get(c, "[0:0]") if live else "[0:0]")
+                for c in BUILTIN_CHAINS.get(name, ()) if live is None or c in present or c in rules]
+    return table_text(name, builtins, sorted(chains), rules)
 
 
 def after_commit(snapshot: str, changes: Sequence[TableChange], tables: Sequence[str]) -> str:
