@@ -90,7 +90,7 @@ class Step(NamedTuple):
     position: int = 1  # where an INSERT goes, 1-based, as `-I CHAIN N`; unused by APPEND
 
 
-def destination_appends(table: str, chain: str, target: str, destinations: Iterable[str]) -> list[Step]:
+def destination_appends(table: str, chain: str, target: str, destinations: Iterable[str | None]) -> list[Step]:
     """`Step(APPEND, Rule(table, chain, target, destination=d))` for each destination, in order.
 
     An -x list holds up to 8,000 CIDRs, one rule each, and the generated

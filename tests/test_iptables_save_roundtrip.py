@@ -137,3 +137,60 @@ def test_the_kernel_prints_written_tables_back_as_written(kernel_netns: Namespac
     """Rules in user chains nothing jumps to: the kernel checks no hook there, so every shape loads anywhere."""
     family, tables = generated
     _kernel_round_trip(kernel_netns, flavour, family, tables)
+
+
+# ---- what the rule sets plan ---------------------------------------------------------------------------------------
+
+def _as_given(family: int, bits: int, prefix: int) -> str:
+    """A CIDR as a user may write it in -i/-x: host bits set, Python's IPv6 spelling (no dotted quad)."""
+    import ipaddress
+
+    address = ipaddress.IPv4Address(bits % 2**32) if family == 4 else ipaddress.IPv6Address(bits)
+    return f"{address}/{prefix}"
+
+
+_GIVEN_CIDRS = st.one_of(
+    st.builds(_as_given, st.just(4), st.integers(0, 2**32 - 1), st.integers(0, 32)),
+    st.builds(_as_given, st.just(6), st.one_of(st.integers(0, 2**128 - 1),
+                                               st.integers(0, 2**32 - 1).map(lambda low: 0xFFFF << 32 | low),
+                                               st.integers(2, 2**32 - 1)), st.integers(0, 128)))
+
+
+def _kernel_spelling(cidr: str) -> str | None:
+    """How iptables-save prints a -d of `cidr`: inet_ntop's address (IPv4-mapped as a dotted quad), none for /0."""
+    import ipaddress
+    import socket
+
+    network = ipaddress.ip_network(cidr, strict=False)
+    if network.prefixlen == 0:
+        return None
+    family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, network.network_address.packed)}/{network.prefixlen}"
+
+
+@bounded(150)
+@given(st.sampled_from(["1.8", "1.20", "current"]), st.lists(_GIVEN_CIDRS, min_size=1, max_size=3),
+       st.lists(_GIVEN_CIDRS, min_size=1, max_size=3))
+def test_rule_sets_spell_addresses_as_the_kernel_prints_them(version: str, include: list[str],
+                                                            exclude: list[str]) -> None:
+    """-i and -x networks reach the rules in the kernel's spelling, so a re-run or `check` finds them unchanged.
+
+    A /0 is stored by the kernel as no address at all (iptables-save prints no
+    `-d`), and an IPv4-mapped IPv6 address is printed as a dotted quad.
+    """
+    from clirun import given as flags
+    from istio_init.config import from_sources
+    from istio_init.rulesets import plan
+
+    args = ["-p", "15001", "-u", "1337", "-m", "REDIRECT", "-i", ",".join(include), "-x", ",".join(exclude),
+            "--rules-version", version]
+    planned = plan(from_sources(flags(args), {}), True)
+    wanted = {4: set(), 6: set()}
+    for cidr in include + exclude:
+        spelled = _kernel_spelling(cidr)
+        wanted[4 if ":" not in cidr else 6].add(spelled)
+    for family in planned.families():
+        found = {step.rule.destination for step in family.steps
+                 if step.rule.chain == "ISTIO_OUTPUT" and step.rule.target in ("ISTIO_REDIRECT", "RETURN")}
+        found -= {None} - wanted[family.family]  # the plain `-j RETURN` of ISTIO_OUTPUT has no address either
+        assert found - {"127.0.0.1/32", "::1/128"} == wanted[family.family] - {"127.0.0.1/32", "::1/128"}

@@ -12,7 +12,7 @@ from istio_init.model import (APPEND, INSERT, IPV4_PASSTHROUGH_ADDRESS, IPV6_PAS
                               Option, PolicyRoute, Rule, RulePlan, Step, destination_appends)
 from istio_init.rulesets.parts import (DNS_CAPTURE_PORT, DNS_PORT, ISTIO_DIVERT, ISTIO_IN_REDIRECT, ISTIO_INBOUND,
                                        ISTIO_OUTPUT, ISTIO_REDIRECT, ISTIO_TPROXY, MANGLE, NAT, OUTPUT, POSTROUTING,
-                                       PREROUTING, REDIRECT, RETURN, SSH_PORT, TCP, owner)
+                                       PREROUTING, REDIRECT, RETURN, SSH_PORT, TCP, cidr_texts, owner)
 from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -92,8 +92,8 @@ class _Family:
     def insert(self, table: str, chain: str, target: str, **parts: Any) -> None:
         self.steps.append(Step(INSERT, Rule(table, chain, target, **parts)))
 
-    def cidrs(self, networks: Iterable[Cidr]) -> list[str]:
-        return [net.text for net in networks if net.version == self.family]
+    def cidrs(self, networks: Iterable[Cidr]) -> Sequence[str | None]:
+        return cidr_texts(networks, self.family)
 
     def ports(self, ports: Sequence[int]) -> list[Match]:
         return _port_groups(ports, self.config.multiport)

@@ -68,8 +68,14 @@ def host(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     return f"{_socket.inet_ntop(_socket.AF_INET6, address.packed)}/128"
 
 
-def cidr_text(cidr: Cidr) -> str:
-    """A CIDR of -i/-x as iptables-save prints it (IPv6 through inet_ntop, as host)."""
+def cidr_text(cidr: Cidr) -> str | None:
+    """A CIDR of -i/-x as iptables-save prints it (IPv6 through inet_ntop, as the tools do); None for a /0.
+
+    The kernel stores a /0 as no address match at all and iptables-save prints
+    none, so a rule planned with one would never read back as planned.
+    """
+    if cidr.text.endswith("/0"):
+        return None
     if cidr.version == 4:
         return cidr.text
     import _socket
@@ -77,6 +83,20 @@ def cidr_text(cidr: Cidr) -> str:
 
     network = ipaddress.ip_network(cidr.text)
     return f"{_socket.inet_ntop(_socket.AF_INET6, network.network_address.packed)}/{network.prefixlen}"
+
+
+def cidr_texts(networks: Iterable[Cidr], family: int) -> Sequence[str | None]:
+    """`cidr_text` of each network of `family`: the -i/-x addresses as the rules spell them.
+
+    An -x list holds up to 8,000 IPv4 networks, which are already spelled as
+    the kernel prints them: one test over the joined list finds a /0, instead
+    of a call per item.
+    """
+    if family == 4:
+        texts = [net.text for net in networks if net.version == 4]
+        if "/0," not in ",".join(texts) + ",":
+            return texts
+    return [cidr_text(net) for net in networks if net.version == family]
 
 
 def port(protocol: str, name: str, number: int | str, negated: bool = False) -> Match:
@@ -126,8 +146,8 @@ class FamilyBuilder:
     def insert(self, position: int, table: str, chain: str, target: str, **parts: Any) -> None:
         self.steps.append(Step(INSERT, Rule(table, chain, target, **parts), position))
 
-    def cidrs(self, networks: Iterable[Cidr]) -> list[str]:
-        return [cidr_text(net) for net in networks if net.version == self.family]
+    def cidrs(self, networks: Iterable[Cidr]) -> Sequence[str | None]:
+        return cidr_texts(networks, self.family)
 
     def owners(self) -> list[tuple[str, int]]:
         """The proxy's uids, then its gids, as (owner kind, id)."""
