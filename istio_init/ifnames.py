@@ -31,7 +31,8 @@ rules on the next run. Checked in a namespace (tests/test_hostile_input.py):
   in PREROUTING) would return every packet. It is refused. Any other name
   ending in '+' (`++`, `a+`) keeps at least one byte and is stored and printed
   back exactly; a '+' or '*' inside a name is a plain character to iptables,
-  and the nftables renderer escapes '*' so nft reads it as one too.
+  and the nftables writer escapes a trailing '*' so nft reads it as one too
+  (nft counts that escape in the 15 bytes, so such a name may hold 14).
 """
 
 from __future__ import annotations

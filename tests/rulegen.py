@@ -72,11 +72,16 @@ def cidrs(family: int) -> st.SearchStrategy[str]:
     return st.builds(lambda b, p: _network(family, b, p), bits, st.integers(1, width))
 
 
-def interface_names() -> st.SearchStrategy[str]:
-    """Names a -k/-c flag accepts: the kernel's limits and ifnames' refusals, with or without a '+' wildcard."""
+def interface_names(nft: bool = False) -> st.SearchStrategy[str]:
+    """Names a -k/-c flag accepts: the kernel's limits and ifnames' refusals, with or without a '+' wildcard.
+
+    `nft`: without the one name nft cannot hold, 15 bytes ending in a literal
+    '*' (the escape that keeps it from being a wildcard is counted in them).
+    """
     name = st.text(alphabet=_NAME_CHARS, min_size=1, max_size=15)
     name = st.one_of(name, name.map(lambda n: n[:14] + "+"))
-    return name.filter(lambda n: ifnames.kernel_refusal(n) is None and ifnames.common_refusal(n) is None)
+    return name.filter(lambda n: ifnames.kernel_refusal(n) is None and ifnames.common_refusal(n) is None
+                       and not (nft and n.endswith("*") and len(n.encode()) >= ifnames.IFNAMSIZ - 1))
 
 
 _PORT = st.integers(1, 65535).map(str)
@@ -139,16 +144,21 @@ def targets(table: str, chain: str, family: int, protocol: str | None) -> st.Sea
 
 @st.composite
 def rules(draw: st.DrawFn, family: int, table: str | None = None, chain: str | None = None,
-          comments: bool = False) -> Rule:
-    """One rule of `family` as a rule set plans it (`comments`: with a comment match, as other programs write)."""
+          comments: bool = False, nft: bool = False, returns_only: bool = False) -> Rule:
+    """One rule of `family` as a rule set plans it.
+
+    `comments`: sometimes with a comment match, as other programs write them;
+    `nft`: only interface names nft can hold (see interface_names);
+    `returns_only`: RETURN or ACCEPT, which the kernel takes in every hook.
+    """
     table = table or draw(st.sampled_from(sorted(CHAINS)))
     chain = chain or draw(st.sampled_from(CHAINS[table]))
     protocol = draw(st.sampled_from([None, "tcp", "udp"]))
     source = draw(st.none() | cidrs(family))
     destination = draw(st.none() | cidrs(family))
     negated = destination is not None and draw(st.booleans())
-    in_interface = draw(st.none() | interface_names())
-    out_interface = draw(st.none() | interface_names())
+    in_interface = draw(st.none() | interface_names(nft))
+    out_interface = draw(st.none() | interface_names(nft))
     matches: list[Match] = []
     if protocol is not None:
         matches += draw(st.lists(_port_match(protocol), max_size=1))
@@ -156,6 +166,9 @@ def rules(draw: st.DrawFn, family: int, table: str | None = None, chain: str | N
     if comments and draw(st.booleans()):
         comment = draw(st.text(alphabet=string.printable.strip() + " é", min_size=1, max_size=30))
         matches.insert(draw(st.integers(0, len(matches))), Match("comment", (Option("comment", comment),)))
-    target, options = draw(targets(table, chain, family, protocol))
+    if returns_only:
+        target, options = draw(st.sampled_from(["RETURN", "ACCEPT"])), ()
+    else:
+        target, options = draw(targets(table, chain, family, protocol))
     return Rule(table, chain, target, source, destination, negated, in_interface, out_interface, protocol,
                 tuple(matches), options)

@@ -20,6 +20,10 @@ Ruleset = dict[str, dict[str, list[Rule]]]
 _VERDICTS = {"return": "RETURN", "accept": "ACCEPT", "drop": "DROP"}
 _NFPROTO = {4: "ipv4", 6: "ipv6"}
 _IP = {4: "ip", 6: "ip6"}
+# CONNMARK copies the whole mark (iptables-save prints the masks of --save-mark and --restore-mark).
+_WHOLE_MARKS = (Option("nfmask", "0xffffffff"), Option("ctmask", "0xffffffff"))
+# iptables-save's order of conntrack states (libxt_conntrack), whatever order nft lists them in.
+_CTSTATES = ("INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT")
 
 
 class _OtherFamily(Exception):
@@ -74,8 +78,8 @@ class _Builder:
                 self.parts["protocol"] = right
             elif key in ("skuid", "skgid"):
                 self.matches.append(Match("owner", (Option(f"{key[2]}id-owner", str(right), negated),)))
-            elif key == "mark":
-                self.matches.append(Match("mark", (Option("mark", str(right), negated),)))
+            elif key == "mark" and isinstance(right, int):
+                self.matches.append(Match("mark", (Option("mark", f"{right:#x}", negated),)))
             else:
                 raise self.fail(expr)
         elif "payload" in left:
@@ -96,11 +100,15 @@ class _Builder:
             else:
                 raise self.fail(expr)
         elif left == {"ct": {"key": "state"}}:
-            states = right if isinstance(right, list) else [right]
-            self.matches.append(Match("conntrack", (Option("ctstate", ",".join(s.upper() for s in states),
+            if isinstance(right, dict) and "|" in right:  # a negated list of states: `ct state != a | b`
+                right = right["|"]
+            states = {str(state).upper() for state in (right if isinstance(right, list) else [right])}
+            if not states <= set(_CTSTATES):
+                raise self.fail(expr)
+            self.matches.append(Match("conntrack", (Option("ctstate", ",".join(s for s in _CTSTATES if s in states),
                                                            negated),)))
-        elif left == {"ct": {"key": "mark"}}:
-            self.matches.append(Match("connmark", (Option("mark", str(right), negated),)))
+        elif left == {"ct": {"key": "mark"}} and isinstance(right, int):
+            self.matches.append(Match("connmark", (Option("mark", f"{right:#x}", negated),)))
         else:
             raise self.fail(expr)
 
@@ -134,8 +142,8 @@ class _Builder:
                 raise _OtherFamily
             self.target = "TPROXY"
             self.target_options.append(Option("on-port", str(body["port"])))
-            if "addr" in body:
-                self.target_options.append(Option("on-ip", body["addr"]))
+            # No address is the socket's own (iptables-save prints --on-ip 0.0.0.0 or ::).
+            self.target_options.append(Option("on-ip", body.get("addr", "0.0.0.0" if self.family == 4 else "::")))
         elif kind == "mangle":
             key, value = body["key"], body["value"]
             if key == {"meta": {"key": "mark"}} and isinstance(value, int):
@@ -145,9 +153,9 @@ class _Builder:
                     self.target = "MARK"
                     self.target_options.append(Option("set-xmark", f"{value:#x}/0xffffffff"))
             elif key == {"ct": {"key": "mark"}} and value == {"meta": {"key": "mark"}}:
-                self.target, self.target_options = "CONNMARK", [Option("save-mark")]
+                self.target, self.target_options = "CONNMARK", [Option("save-mark"), *_WHOLE_MARKS]
             elif key == {"meta": {"key": "mark"}} and value == {"ct": {"key": "mark"}}:
-                self.target, self.target_options = "CONNMARK", [Option("restore-mark")]
+                self.target, self.target_options = "CONNMARK", [Option("restore-mark"), *_WHOLE_MARKS]
             elif key == {"ct": {"key": "zone"}}:
                 self.target, self.target_options = "CT", [Option("zone", str(value))]
             else:

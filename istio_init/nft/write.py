@@ -112,17 +112,25 @@ def _address(direction: str, address: str, negated: bool) -> _Expr:
 
 
 def _interface(word: str, name: str) -> _Expr:
-    """iptables' `eth+` (a prefix) is nft's `"eth*"`; a literal `*` is escaped."""
-    text = name.replace("*", "\\*")
-    if text.endswith("+"):
+    """iptables' `eth+` (a prefix) is nft's `"eth*"`; a literal `*` at the end is escaped.
+
+    Only a trailing `*` is a wildcard to nft (`a*b` is listed back as it is),
+    and nft counts an escape in the name's 15 bytes: so nothing else is escaped.
+    """
+    text = name
+    if text.endswith("*"):
+        text = text[:-1] + "\\*"
+    elif text.endswith("+"):
         text = text[:-1] + "*"
     return _Expr(f'{word} "{text}"', f'{word} "{text}"')
 
 
 def _ports(value: str) -> str:
-    """`a,b:c` -> `{ a, b-c }`; a single port or range stays bare."""
+    """`a,b:c` -> `{ a, b-c }`, in order (as the kernel lists a set); a single port or range stays bare."""
     items = [item.replace(":", "-") for item in value.split(",")]
-    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+    if len(items) == 1:
+        return items[0]
+    return "{ " + ", ".join(sorted(items, key=lambda item: int(item.split("-")[0]))) + " }"
 
 
 def _mark_match(left: str, option: Option) -> str:
