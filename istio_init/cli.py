@@ -167,7 +167,7 @@ def trace_command(live: bool, as_json: bool, direction: str, dst: str, dport: in
     conn = {"direction": direction, "dst": dst, "dport": dport, "src": src, "uid": uid, "gid": gid,
             "protocol": protocol, "in_interface": in_interface, "out_interface": out_interface}
     resolvers = [] if live else runner.pod_resolvers(config, log)
-    _out(trace.run(config, conn, live, as_json, resolvers) + "\n")
+    _out(trace.trace_connection(config, conn, live, as_json, resolvers) + "\n")
 
 
 @cli.command("check", context_settings={"help_option_names": ["-h", "--help"]},
@@ -211,7 +211,7 @@ def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
 
     config = load_config(given)
     runner.enter_namespace(config)
-    _out(graph.run(config, live, fmt, table, log))
+    _out(graph.draw(config, live, fmt, table, log))
 
 
 _CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "tproxy_route_table",
@@ -301,7 +301,7 @@ def cni_agent_command(plugin: str, cni_bin_dir: str, cni_conf_dir: str, run_dir:
 
         source = kubeapi.api_facts_source(kubeapi.load_kubeconfig(kubeconfig), mesh.exclude_namespaces)
         options = replace(options, pod_facts=source)
-    sys.exit(cni_agent.Agent(options, _agent_log).run())
+    sys.exit(cni_agent.Agent(options, _agent_log).serve())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -459,7 +459,7 @@ def cni_main() -> None:
     sys.stdout = sys.stderr = open(1, "w", errors="replace", closefd=False)  # stray prints go to the log, never to the answer
     call = cni.Call(os.environ, _cni_log, cni_flags)
     code, answer = cni.answer(os.environ.get("CNI_COMMAND", ""), _cni_stdin(), call.log,
-                              lambda data: cni.run(call, data, _cni_log_to))
+                              lambda data: cni.decide(call, data, _cni_log_to))
     if answer and not _write_all(answer_fd, answer):
         code = code or 1  # the runtime cannot have the result: it must not take the ADD as done
     for stream in (sys.stdout, sys.stderr):

@@ -348,7 +348,7 @@ def cmd_version(data: Any) -> dict[str, Any]:
 
 # ---- one invocation ------------------------------------------------------------------------------
 
-def run(call: Call, data: Any, log_to: Callable[[str], None]) -> dict[str, Any] | None:
+def decide(call: Call, data: Any, log_to: Callable[[str], None]) -> dict[str, Any] | None:
     """The answer for stdout, or None (DEL, CHECK, STATUS and GC succeed silently).
 
     `data` is the decoded stdin; `log_to(path)` is called with the

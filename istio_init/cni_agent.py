@@ -354,7 +354,7 @@ class Agent:
                     continue
             self.children.discard(pid)
 
-    def run(self) -> int:
+    def serve(self) -> int:
         """Serve until SIGTERM or SIGINT; then uninstall and wait for calls in flight."""
         def stop(signum: int, _: Any) -> None:
             self.stopping = True

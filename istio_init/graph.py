@@ -385,7 +385,7 @@ def live_nft_rules() -> dict[int, Chains]:
     return drawn
 
 
-def run(config: Config, live: bool, fmt: str, table: str, log: Log) -> str:
+def draw(config: Config, live: bool, fmt: str, table: str, log: Log) -> str:
     """`istio-init graph` in the current namespace: the plan for `config`, or the live rules, drawn."""
     if fmt not in FORMATS:
         raise GraphError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")

@@ -150,7 +150,7 @@ def run(config: Config, log: Log) -> str:
     if config.run_validation:
         from istio_init import validation
 
-        for message in validation.run(config, ipv6):
+        for message in validation.probe_families(config, ipv6):
             log(f"validation passed: {message}")
     return out
 

@@ -461,7 +461,7 @@ def format_verdict(conn: Connection, verdict: Verdict, source: str) -> str:
 # --------------------------------------------------------------------------- the command
 
 
-def run(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool, resolvers: Sequence[str] = ()) -> str:
+def trace_connection(config: Config, conn_args: dict[str, Any], live: bool, as_json: bool, resolvers: Sequence[str] = ()) -> str:
     """`istio-init trace`: the rules for `config` (or the live ones) applied to one connection.
 
     `resolvers` are the pod's nameservers, which the current rule set's plan captures DNS to.

@@ -209,7 +209,7 @@ def probe_family(config: Config, probe: Probe, deadline: float) -> str:
                           f"attempt(s): {last}")
 
 
-def run(config: Config, ipv6: bool) -> list[str]:
+def probe_families(config: Config, ipv6: bool) -> list[str]:
     """Check IPv4 (and IPv6 when the pod has IPv6 rules) in the current namespace; raise on failure.
 
     Returns one success line per family, for the CLI to log.
