@@ -21,6 +21,9 @@ and IPv6 at once:
   the address; a conntrack state before a port), because `nft list` keeps the
   order it was given and the goldens are compared listing to listing.
 
+read.py maps the kernel's JSON listing of these tables back onto the plan's
+rules, so the two change together (tests/test_nft_roundtrip.py).
+
 The transaction first does `add table` + `delete table` for each of our
 tables (idempotent whether or not the table exists), then adds the new
 content: one kernel transaction, no moment without capture rules, nothing
