@@ -16,7 +16,6 @@ the renderers turn that into text. Only SVG runs a program (Graphviz's dot).
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import subprocess
 from typing import TYPE_CHECKING, NamedTuple
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from istio_init.check import Chains, chains_from_plan
 from istio_init.errors import IstioInitError
 from istio_init.model import is_builtin
+from istio_init.iptables_save.read import rule_words
 from istio_init.iptables_save.write import chain_order
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class Graph(NamedTuple):
 
 def _split(spec: str) -> tuple[list[str], str, list[str]]:
     """(condition words, target, target option words) of one rule spec."""
-    words = shlex.split(spec)
+    words = rule_words(spec)  # as iptables-save quotes: an interface may hold a ' or a \
     for i, word in enumerate(words):
         if word in ("-j", "-g") and i + 1 < len(words):
             return words[:i], words[i + 1], words[i + 2:]

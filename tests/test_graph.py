@@ -176,6 +176,15 @@ def test_jump_labels_name_the_match() -> None:
     assert {"REDIRECT :15001", "REDIRECT :15006", "RETURN", "nat/ISTIO_IN_REDIRECT"} <= targets
 
 
+def test_labels_read_rule_text_as_iptables_save_quotes_it() -> None:
+    """A live rule's interface may hold a ' or a \\ (printed bare), a comment is quoted: neither breaks a label."""
+    from istio_init.graph import match_label
+
+    assert match_label("-i a'b -j RETURN") == "in a'b"
+    assert match_label("-o a\\b -j RETURN") == "out a\\b"
+    assert match_label('-p tcp -m comment --comment "x \\"y\\"" -j RETURN').endswith('--comment x "y"')
+
+
 def test_table_filter_and_tproxy_outcomes() -> None:
     args = ["-m", "TPROXY", "-b", "*", "-i", "*", "--redirect-dns", "--ipv6", "false"]
     nodes, _ = parse_mermaid(graph_text([*args, "--table", "mangle"], "mermaid"))

@@ -73,7 +73,7 @@ class UnmodelledRule(ValueError):
 
 def parse_rule(table: str, chain: str, spec: str) -> Rule:
     """Canonical iptables-save rule text (after `-A CHAIN`) as a model.Rule; the inverse of write.rule_spec."""
-    words = _quoted_words(spec) if '"' in spec else spec.split()
+    words = rule_words(spec)
     parts: dict[str, str | bool] = {}
     matches: list[Match] = []
     target: str | None = None
@@ -214,6 +214,11 @@ def table_blocks(text: str, tables: list[str]) -> str:
         if line.strip() == "COMMIT":
             current = None
     return "".join("\n".join(blocks.get(t) or [f"*{t}", "COMMIT"]) + "\n" for t in tables)
+
+
+def rule_words(spec: str) -> list[str]:
+    """Rule text split into its words as iptables-save wrote them, quoted free text (a comment) unquoted."""
+    return _quoted_words(spec) if '"' in spec else spec.split()
 
 
 def _quoted_words(spec: str) -> list[str]:
