@@ -162,7 +162,11 @@ def rules(draw: st.DrawFn, family: int, table: str | None = None, chain: str | N
     matches: list[Match] = []
     if protocol is not None:
         matches += draw(st.lists(_port_match(protocol), max_size=1))
-    matches += draw(st.lists(st.one_of(_OWNER, _MARK_MATCH, _CTSTATE), max_size=3))
+    # Owner matches repeat (the owner-groups rules), a mark, connmark or state match comes once at most
+    # (iptables refuses a second `--mark` after a second `-m mark`), in any order.
+    matches += draw(st.lists(st.one_of(_OWNER, _MARK_MATCH, _CTSTATE), max_size=3).filter(
+        lambda found: len({m.module for m in found if m.module != "owner"}) == len([m for m in found
+                                                                                    if m.module != "owner"])))
     if comments and draw(st.booleans()):
         comment = draw(st.text(alphabet=string.printable.strip() + " é", min_size=1, max_size=30))
         matches.insert(draw(st.integers(0, len(matches))), Match("comment", (Option("comment", comment),)))

@@ -114,12 +114,12 @@ def _kernel_round_trip(ns: Namespace, flavour: str, family: int, tables: dict[st
     flush = "".join(f"*{name}\n" + "".join(f":{c} ACCEPT [0:0]\n" for c in BUILTIN_CHAINS[name]) + "COMMIT\n"
                     for name in tables)
     try:
-        ns.run(f"{tool}-restore", input=text)
+        ns.run(f"{tool}-restore", "-w", "30", input=text)  # the xtables lock is the machine's, not the namespace's
         saved = "".join(ns.run(f"{tool}-save", "-t", name).stdout for name in tables)
     except subprocess.CalledProcessError as exc:
         raise AssertionError(f"{tool}-restore or -save refused:\n{text}\n{exc.stderr}") from None
     finally:
-        ns.run(f"{tool}-restore", input=flush, check=False)  # the tables' content as a fresh namespace has it
+        ns.run(f"{tool}-restore", "-w", "30", input=flush, check=False)  # the tables' content as a fresh namespace has it
     kernel = "".join(line + "\n" for line in saved.splitlines() if not line.startswith("#"))
     assert kernel == text  # the kernel prints exactly what the writer wrote
     parsed = parse_save(kernel)
