@@ -85,7 +85,7 @@ def tables_in_order(restore_text: str) -> list[str]:
 
 def canonical(saved: str, tables: list[str]) -> str:
     """iptables-save text in our dry run's layout: `tables` in that order, user chains
-    sorted, each chain's rules together with built-in chains first (as render.py)."""
+    sorted, each chain's rules together with built-in chains first (as iptables_save/write.py)."""
     parsed = parse_save(saved)
     out = []
     for name in tables:

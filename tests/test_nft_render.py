@@ -156,7 +156,7 @@ def test_dry_run_needs_no_privileges() -> None:
 
 
 def test_live_json_reads_back_as_the_planned_rules_per_family() -> None:
-    """nft_live undoes render_nft: each family's rules come back as that family's plan (JSON as nft gives it)."""
+    """nft.read undoes nft.write: each family's rules come back as that family's plan (JSON as nft gives it)."""
     from istio_init.nft.read import ruleset_from_json
 
     objects = [

@@ -1,7 +1,7 @@
 """What istio-init prints after an apply is what iptables-save then shows (root only).
 
 The printed tables are derived from the snapshot and the committed changes
-(backends/iptables/printed.py) instead of a second iptables-save, so they are
+(backends/iptables/committed.py) instead of a second iptables-save, so they are
 compared here, byte for byte with counters zeroed, with a real iptables-save
 after applies through every backend: into fresh namespaces, on top of other
 people's rules (user chains, a DROP policy), re-runs, and changed flags.
