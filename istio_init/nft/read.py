@@ -4,8 +4,12 @@
 chains, matches, targets). This maps the JSON of our `inet istio-proxy-*`
 tables (`nft -j list ruleset`, read by installed.py) back onto that vocabulary
 for one IP family, undoing what write.py wrote: a rule guarded for, or
-addressing, the other family is not part of this family's ruleset. Only the expressions istio-init writes are understood; anything else
-is a TraceError that names the rule, so a trace never guesses.
+addressing, the other family is not part of this family's ruleset. Values come
+back as the rule sets spell them (marks in hex, conntrack states in
+iptables' order, CONNMARK's masks, TPROXY's address), so a rule read back
+equals the rule planned (tests/test_nft_roundtrip.py). Only the expressions
+istio-init writes are understood; anything else is a TraceError that names the
+rule, so a trace never guesses.
 """
 
 from __future__ import annotations
