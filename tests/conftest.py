@@ -39,6 +39,17 @@ def netns() -> Iterator[Namespace]:
         ns.remove()
 
 
+@pytest.fixture(scope="module")
+def module_netns() -> Iterator[Namespace]:
+    """One namespace for all of a module's examples (property tests that load rules into the kernel), removed
+    at the end; each example leaves it as it found it. For tests marked root."""
+    ns = Namespace.create()
+    try:
+        yield ns
+    finally:
+        ns.remove()
+
+
 @pytest.fixture
 def pod() -> Iterator[Namespace]:
     """A fresh pod namespace (pod0 at 192.0.2.10/24, hostile.py), removed afterwards."""

@@ -94,20 +94,6 @@ SAVE = {("legacy", 4): "iptables-legacy", ("legacy", 6): "ip6tables-legacy", ("n
         ("nft", 6): "ip6tables-nft"}
 
 
-@pytest.fixture(scope="module")
-def kernel_netns():
-    """One namespace for the module's examples: each example flushes what it loads (tests need root)."""
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: loads rules into a network namespace")
-    ns = Namespace.create("iit-dialect")
-    try:
-        yield ns
-    finally:
-        ns.remove()
-
-
 def _kernel_round_trip(ns: Namespace, flavour: str, family: int, tables: dict[str, list[Rule]]) -> None:
     tool = SAVE[(flavour, family)]
     text = "".join(_table_of(name, found, {}) for name, found in tables.items())
@@ -132,11 +118,14 @@ def _kernel_round_trip(ns: Namespace, flavour: str, family: int, tables: dict[st
 @pytest.mark.parametrize("flavour", ["legacy", "nft"])
 @bounded(100)
 @given(generated=_tables(user_chains_only=True))
-def test_the_kernel_prints_written_tables_back_as_written(kernel_netns: Namespace, flavour: str,
+def test_the_kernel_prints_written_tables_back_as_written(module_netns: Namespace, flavour: str,
                                                           generated: tuple[int, dict[str, list[Rule]]]) -> None:
-    """Rules in user chains nothing jumps to: the kernel checks no hook there, so every shape loads anywhere."""
+    """Rules in user chains nothing jumps to: the kernel checks no hook there, so every shape loads anywhere.
+
+    Each example restores the tables it used to what a fresh namespace holds.
+    """
     family, tables = generated
-    _kernel_round_trip(kernel_netns, flavour, family, tables)
+    _kernel_round_trip(module_netns, flavour, family, tables)
 
 
 # ---- what the rule sets plan ---------------------------------------------------------------------------------------

@@ -238,18 +238,6 @@ def test_every_value_is_a_config_or_one_config_error(case: tuple[list[str], dict
 # ---- the CLI's dry run: exit 0 with text that loads, or exit 2 with one line --------------------
 
 
-@pytest.fixture(scope="module")
-def loader() -> Iterator[Namespace]:
-    """A namespace where dry-run text is test-loaded (`iptables-restore --test`), removed at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces (run as root, or scripts/test-in-docker)")
-    ns = Namespace.create("hyp")
-    try:
-        yield ns
-    finally:
-        ns.remove()
-
-
 def _loads(ns: Namespace, text: str) -> None:
     """The dry run's text loads: iptables-save text with the restore tools, a native nft transaction with nft."""
     if text.startswith("add table inet "):
@@ -278,7 +266,7 @@ def _resolved_namespace(given_flags: dict, env: dict[str, str]) -> str | None:
 @_bounded(max_examples=150, deadline_ms=5000)
 @given(invocations())
 def test_dry_run_exits_0_with_loadable_rules_or_2_with_one_line(
-        loader: Namespace, case: tuple[list[str], dict[str, str], dict]) -> None:
+        module_netns: Namespace, case: tuple[list[str], dict[str, str], dict]) -> None:
     argv, env, given_flags = case
     path = _resolved_namespace(given_flags, env)
     # In-process, so a namespace that exists would be entered by this test process;
@@ -295,7 +283,7 @@ def test_dry_run_exits_0_with_loadable_rules_or_2_with_one_line(
         assert result.stdout == ""
     else:
         assert path is None
-        _loads(loader, result.stdout)
+        _loads(module_netns, result.stdout)
 
 
 # ---- real applies into a seeded namespace --------------------------------------------------
@@ -345,12 +333,12 @@ def test_real_apply_exits_0_or_2_and_a_refusal_changes_nothing(
 @pytest.mark.root
 @_bounded(max_examples=50, deadline_ms=2000)
 @given(st.one_of(_IFNAME, st.text(min_size=1, max_size=16)).filter(_passable))
-def test_kernel_refusal_is_the_kernels_rule(loader: Namespace, name: str) -> None:
+def test_kernel_refusal_is_the_kernels_rule(module_netns: Namespace, name: str) -> None:
     from pyroute2 import NetNS
     from pyroute2.netlink.exceptions import NetlinkError
 
     assume("\x00" not in name and "\udcff" not in name and name not in ("lo", "hypeer"))
-    with NetNS(loader.name) as ipr:
+    with NetNS(module_netns.name) as ipr:
         try:
             ipr.link("add", ifname=name, kind="veth", peer="hypeer")
             taken = True
