@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from istio_init.check import Chains, chains_from_plan
 from istio_init.errors import IstioInitError
-from istio_init.model import is_builtin
 from istio_init.iptables_save.read import rule_words
 from istio_init.iptables_save.write import chain_order
+from istio_init.model import is_builtin
 
 if TYPE_CHECKING:
     from istio_init.config import Config

@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
 from istio_init.errors import TraceError
-from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Rule, is_builtin
 from istio_init.iptables_save.read import SavedTable, UnmodelledRule, parse_save
 from istio_init.iptables_save.read import parse_rule as parse_saved_rule
 from istio_init.iptables_save.write import rule_spec
+from istio_init.model import BUILTIN_CHAINS, FamilyPlan, Match, Rule, is_builtin
 
 if TYPE_CHECKING:
     from istio_init.config import Config
