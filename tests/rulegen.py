@@ -117,10 +117,11 @@ def targets(table: str, chain: str, family: int, protocol: str | None) -> st.Sea
     if later:
         plain.append(st.sampled_from(later).map(lambda c: (c, ())))
     loopback = "127.0.0.1" if family == 4 else "::1"
+    # The rule sets' NFLOG group is never 0 (iptables-nft-save leaves a group 0 out, the legacy one prints it).
     nflog = st.builds(lambda prefix, group, size: ("NFLOG", (Option("nflog-prefix", prefix),
                                                              Option("nflog-group", group),
                                                              Option("nflog-size", size))),
-                      st.text(alphabet=string.ascii_letters, min_size=1, max_size=20), st.integers(0, 65535).map(str),
+                      st.text(alphabet=string.ascii_letters, min_size=1, max_size=20), st.integers(1, 65535).map(str),
                       st.integers(1, 65535).map(str))
     if table == "nat":
         choices = [*plain, nflog, st.just(("SNAT", (Option("to-source", loopback),)))]
