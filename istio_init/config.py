@@ -14,13 +14,13 @@ from itertools import repeat
 
 from istio_init import ifnames
 from istio_init.errors import ConfigError
-from istio_init.records import TYPE_CHECKING, NamedTuple
+from istio_init.records import TYPE_CHECKING, Generic, NamedTuple, TypeVar
 
 # No `re`, `functools` or `typing` at import or on a run with the usual values: with what they import
 # they are start-up time (docs/performance.md, "What start-up avoids"). Rarely used forms compile a pattern then.
 if TYPE_CHECKING:
     from types import MappingProxyType
-    from typing import Any, Mapping, Sequence
+    from typing import Any, Mapping, Never, Sequence
 else:
     MappingProxyType = type(type.__dict__)  # what types.MappingProxyType is
 
@@ -35,6 +35,31 @@ class Cidr(NamedTuple):
 
     def __str__(self) -> str:
         return self.text
+
+
+Item = TypeVar("Item", covariant=True)
+
+
+class AllOrList(NamedTuple, Generic[Item]):
+    """A value that is either `*` (everything) or a list: -b's ports, -i's CIDRs, the owner groups to include.
+
+    One type, so no rule set, renderer or summary can read a list while
+    forgetting the wildcard beside it. True when it selects anything at all.
+    """
+
+    all: bool = False
+    items: tuple[Item, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.all or bool(self.items)
+
+    def __str__(self) -> str:
+        return WILDCARD if self.all else ",".join(map(str, self.items))
+
+
+# `*`, and the empty list; of any item type (Never: no item at all).
+EVERYTHING: AllOrList[Never] = AllOrList(True)
+NOTHING: AllOrList[Never] = AllOrList()
 
 
 # An IPv4 octet and prefix length as rules spell them: decimal, no leading zeros.
@@ -332,14 +357,14 @@ FLAGS: tuple[FlagSpec, ...] = (
              parser='mode', builtin=True),
     FlagSpec("inbound_ports", "b", "istio-inbound-ports", "ISTIO_INBOUND_PORTS", "",
              "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture.",
-             parser='ports_or_all', fields=('capture_all_inbound', 'inbound_ports')),
+             parser='ports_or_all'),
     FlagSpec("local_exclude_ports", "d", "istio-local-exclude-ports", "ISTIO_LOCAL_EXCLUDE_PORTS", "",
              "Comma list of inbound ports left alone when -b is '*'. Port 22 always is, up to Istio 1.12.",
              parser='ports'),
     FlagSpec("service_cidr", "i", "istio-service-cidr", "ISTIO_SERVICE_CIDR", "",
              "Outbound destinations to capture: '*' for all, or a comma list of CIDRs (IPv4 and "
              "IPv6 may be mixed). Empty: no outbound capture.",
-             parser='cidrs_or_all', fields=('capture_all_outbound', 'outbound_cidrs')),
+             parser='cidrs_or_all', fields=('outbound_cidrs',)),
     FlagSpec("service_exclude_cidr", "x", "istio-service-exclude-cidr", "ISTIO_SERVICE_EXCLUDE_CIDR", "",
              "Comma list of CIDRs never captured outbound. '*' is not allowed.",
              parser='cidrs', fields=('exclude_cidrs',)),
@@ -514,11 +539,9 @@ class Config(NamedTuple):
     proxy_uids: tuple[int, ...] = (1337,)
     proxy_gids: tuple[int, ...] = (1337,)
     inbound_interception_mode: str = REDIRECT
-    capture_all_inbound: bool = False
-    inbound_ports: tuple[int, ...] = ()
+    inbound_ports: AllOrList[int] = NOTHING
     local_exclude_ports: tuple[int, ...] = ()
-    capture_all_outbound: bool = False
-    outbound_cidrs: tuple[Cidr, ...] = ()
+    outbound_cidrs: AllOrList[Cidr] = NOTHING
     exclude_cidrs: tuple[Cidr, ...] = ()
     outbound_ports: tuple[int, ...] = ()
     outbound_ports_exclude: tuple[int, ...] = ()
@@ -545,7 +568,7 @@ class Config(NamedTuple):
     cni_mode: bool = False
     reconcile: bool = False
     force_apply: bool = False
-    owner_groups_include: tuple[int, ...] | None = None  # None: '*', every group
+    owner_groups_include: AllOrList[int] = EVERYTHING
     owner_groups_exclude: tuple[int, ...] = ()
     ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK_CIDR
     native_nftables: bool = False
@@ -561,7 +584,7 @@ class Config(NamedTuple):
 
     @property
     def inbound_enabled(self) -> bool:
-        return self.capture_all_inbound or bool(self.inbound_ports)
+        return bool(self.inbound_ports)
 
 
 def default_proxy_uid(environ: Mapping[str, str]) -> str:
@@ -615,11 +638,8 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
     for spec in FLAGS:
         if spec.exists_in(version):
             value = getattr(parse, spec.parser)(spec.dest)
-            names = spec.config_fields
-            if len(names) == 1:
-                fields[names[0]] = value
-            elif names:
-                fields.update(zip(names, value))
+            for name in spec.config_fields:
+                fields[name] = value
     return Config(sources=sources, **fields)
 
 
@@ -762,24 +782,24 @@ class _Parser:
     def port(self, dest: str) -> int:
         return self._port_value(dest, self.raw[dest].strip())
 
-    def port_list(self, dest: str, wildcard: bool) -> tuple[bool, tuple[int, ...]]:
+    def port_list(self, dest: str, wildcard: bool) -> AllOrList[int]:
         if self.raw[dest].strip() == WILDCARD:
             if not wildcard:
                 raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of ports")
-            return True, ()
-        return False, tuple(self._port_value(dest, item) for item in self.items(dest))
+            return EVERYTHING
+        return AllOrList(False, tuple(self._port_value(dest, item) for item in self.items(dest)))
 
-    def cidr_list(self, dest: str, wildcard: bool, need_prefix: bool = False) -> tuple[bool, tuple[Cidr, ...]]:
+    def cidr_list(self, dest: str, wildcard: bool, need_prefix: bool = False) -> AllOrList[Cidr]:
         if self.raw[dest].strip() == WILDCARD:
             if not wildcard:
                 raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of CIDRs")
-            return True, ()
+            return EVERYTHING
         items = self.items(dest)
         for item in items if need_prefix else ():
             if "/" not in item:
                 raise self.fail(dest, item, "a CIDR needs a prefix length, such as /32")
         try:
-            return False, tuple(parse_cidrs(items))
+            return AllOrList(False, tuple(parse_cidrs(items)))
         except ValueError:
             pass
         for item in items:  # name the first bad item
@@ -799,12 +819,12 @@ class _Parser:
             raise self.fail(dest, self.raw[dest], "at least one numeric id is needed")
         return tuple(ids)
 
-    def group_list(self, dest: str, wildcard: bool) -> tuple[bool, tuple[int, ...]]:
+    def group_list(self, dest: str, wildcard: bool) -> AllOrList[int]:
         """Group names or gids as gids (iptables-save prints gids); `*` is every group."""
         if self.raw[dest].strip() == WILDCARD:
             if not wildcard:
                 raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of groups")
-            return True, ()
+            return EVERYTHING
         gids = []
         for item in self.items(dest):
             if item.isascii() and item.isdigit():
@@ -819,8 +839,8 @@ class _Parser:
             except KeyError:
                 raise self.fail(dest, item, "no such group") from None
         if wildcard and not gids:
-            return True, ()  # an empty include list is Istio's default '*'
-        return False, tuple(gids)
+            return EVERYTHING  # an empty include list is Istio's default '*'
+        return AllOrList(False, tuple(gids))
 
     def loopback_cidr(self, dest: str) -> str:
         text = self.raw[dest].strip()
@@ -924,15 +944,15 @@ class _RowParser(_Parser):
         return self.version
 
     def ports(self, dest: str) -> tuple[int, ...]:
-        return self.port_list(dest, wildcard=False)[1]
+        return self.port_list(dest, wildcard=False).items
 
-    def ports_or_all(self, dest: str) -> tuple[bool, tuple[int, ...]]:
+    def ports_or_all(self, dest: str) -> AllOrList[int]:
         return self.port_list(dest, wildcard=True)
 
     def cidrs(self, dest: str) -> tuple[Cidr, ...]:
-        return self.cidr_list(dest, wildcard=False, need_prefix=self.version == RULES_CURRENT)[1]
+        return self.cidr_list(dest, wildcard=False, need_prefix=self.version == RULES_CURRENT).items
 
-    def cidrs_or_all(self, dest: str) -> tuple[bool, tuple[Cidr, ...]]:
+    def cidrs_or_all(self, dest: str) -> AllOrList[Cidr]:
         # Current Istio: CIDRs need a prefix length.
         return self.cidr_list(dest, wildcard=True, need_prefix=self.version == RULES_CURRENT)
 
@@ -960,14 +980,15 @@ class _RowParser(_Parser):
         """Its value is checked (and used) by `backend`."""
 
     def groups(self, dest: str) -> tuple[int, ...]:
-        return self.group_list(dest, wildcard=False)[1]
+        return self.group_list(dest, wildcard=False).items
 
-    def groups_or_all(self, dest: str) -> tuple[int, ...] | None:
-        """Group names or gids, None for '*' (Istio's limit: at most 64, one rule of N owner matches)."""
-        include_all, include = self.group_list(dest, wildcard=True)
-        if len(include) > MAX_OWNER_GROUPS_INCLUDE:
-            raise self.fail(dest, self.raw[dest], f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
-        return None if include_all else include
+    def groups_or_all(self, dest: str) -> AllOrList[int]:
+        """Group names or gids, or '*' (Istio's limit: at most 64, one rule of N owner matches)."""
+        include = self.group_list(dest, wildcard=True)
+        if len(include.items) > MAX_OWNER_GROUPS_INCLUDE:
+            raise self.fail(dest, self.raw[dest], f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, "
+                                                  f"got {len(include.items)}")
+        return include
 
     def text(self, dest: str) -> str:
         return self.raw[dest]

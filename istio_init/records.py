@@ -4,7 +4,8 @@ Every data type here (Config, FlagSpec, Rule, RulePlan, ...) is a typed
 NamedTuple. Importing `typing` pulls in `re`, `enum`, `functools` and
 `collections`, a large part of what istio-init adds to the interpreter's own
 start on a dry run (docs/performance.md, "What start-up avoids").
-So modules take `NamedTuple` (and `TYPE_CHECKING`) from here: mypy sees
+So modules take `NamedTuple` (and `TYPE_CHECKING`, and for a generic record
+`Generic` and `TypeVar`) from here: mypy sees
 typing's own (the `if TYPE_CHECKING` branch), and at run time `NamedTuple`
 builds the same kind of class: a tuple subclass with one C field accessor per
 field, defaults, `_fields`, `_field_defaults`, `_replace`, `_asdict`, `_make`,
@@ -17,7 +18,9 @@ from __future__ import annotations
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
+    from typing import Generic as Generic
     from typing import NamedTuple as NamedTuple
+    from typing import TypeVar as TypeVar
 else:
     from _collections import _tuplegetter  # the C accessor collections.namedtuple uses too
 
@@ -99,3 +102,22 @@ else:
         raise TypeError("istio_init.records.NamedTuple supports the class syntax only")
 
     NamedTuple.__mro_entries__ = lambda bases: (_Root,)
+
+    class _Generic:
+        """`Generic[T]` among a record's bases: mypy's generic record; at run time no base at all.
+
+        Annotations are strings here (`from __future__ import annotations`), so
+        `Record[int]` is never evaluated: the record class needs no typing machinery.
+        """
+
+        def __getitem__(self, parameters):
+            return self
+
+        def __mro_entries__(self, bases):
+            return ()
+
+    Generic = _Generic()
+
+    def TypeVar(name, *constraints, **options):  # noqa: N802 (typing's name)
+        """A type variable's name: only mypy reads type variables."""
+        return name
