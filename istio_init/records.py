@@ -17,7 +17,30 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 
+
+class Declared:
+    """A field's default with the rest of its declaration: `describe(field name)` (a flag row, in config.py).
+
+    A record class keeps `default` as the field's default and what `describe`
+    returns for it, for `declarations(cls)`: so the field and what else is
+    said about it are one statement in the class body.
+    """
+
+    __slots__ = ("default", "describe")
+
+    def __init__(self, default: object, describe: Callable[[str], object]) -> None:
+        self.default = default
+        self.describe = describe
+
+
+def declarations(record: type) -> dict[str, object]:
+    """Field name -> what its `Declared` default described, in field order ({} for a record without any)."""
+    found: dict[str, object] = record.__dict__.get("_declarations", {})
+    return found
+
+
 if TYPE_CHECKING:
+    from typing import Callable
     from typing import Generic as Generic
     from typing import NamedTuple as NamedTuple
     from typing import TypeVar as TypeVar
@@ -25,7 +48,7 @@ else:
     from _collections import _tuplegetter  # the C accessor collections.namedtuple uses too
 
     _RESERVED = frozenset({"__new__", "__init__", "__slots__", "__getnewargs__", "_fields", "_field_defaults",
-                           "_make", "_replace", "_asdict"})
+                           "_make", "_replace", "_asdict", "_declarations"})
 
     def _repr(self):
         return f"{type(self).__name__}({', '.join(f'{n}={v!r}' for n, v in zip(self._fields, self))})"
@@ -72,7 +95,16 @@ else:
         for field in fields:
             if field.startswith("_"):
                 raise ValueError(f"{name}: field names cannot start with an underscore: {field!r}")
-        defaults = tuple(namespace[f] for f in fields if f in namespace)
+        defaults = []
+        declared = {}
+        for field in fields:
+            if field in namespace:
+                default = namespace[field]
+                if type(default) is Declared:
+                    declared[field] = default.describe(field)
+                    default = default.default
+                defaults.append(default)
+        defaults = tuple(defaults)
         if defaults and any(f not in namespace for f in fields[len(fields) - len(defaults):]):
             raise TypeError(f"{name}: a field without a default follows one with a default")
         new = FunctionType(_constructor(len(fields)).replace(co_varnames=("_cls", *fields)),
@@ -82,7 +114,7 @@ else:
         body = {"__slots__": (), "__new__": new, "_fields": fields, "__match_args__": fields,
                 "_field_defaults": dict(zip(fields[len(fields) - len(defaults):], defaults)),
                 "__repr__": _repr, "_replace": _replace, "_asdict": _asdict, "__getnewargs__": _getnewargs,
-                "_make": classmethod(_make_from)}
+                "_make": classmethod(_make_from), "_declarations": declared}
         for key, value in namespace.items():
             if key in _RESERVED:
                 raise AttributeError(f"{name}: cannot overwrite NamedTuple attribute {key}")

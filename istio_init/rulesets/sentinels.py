@@ -36,6 +36,6 @@ def shape_config(rule_set: str) -> Config:
 
     by_parser: dict[str, Any] = {"id_list": (SENTINEL_ID,), "interfaces": (SENTINEL_IFACE,), "uint32": SENTINEL_MARK,
                  "mode": "TPROXY", "switch": True, "dns": True, "loopback_cidr": SENTINEL_LOOPBACK_CIDR}
-    values: dict[str, Any] = {field: by_parser[spec.parser] for spec in FLAGS if spec.builtin and spec.exists_in(rule_set)
-              for field in spec.config_fields}
+    values: dict[str, Any] = {spec.field: by_parser[spec.parser] for spec in FLAGS
+                              if spec.builtin and spec.exists_in(rule_set)}
     return Config(rules_version=rule_set, inbound_ports=EVERYTHING, outbound_cidrs=EVERYTHING, **values)
