@@ -10,6 +10,8 @@ typing's own (the `if TYPE_CHECKING` branch), and at run time `NamedTuple`
 builds the same kind of class: a tuple subclass with one C field accessor per
 field, defaults, `_fields`, `_field_defaults`, `_replace`, `_asdict`, `_make`,
 a `Name(field=value, ...)` repr, and the class body's methods and docstring.
+A field's default may be a `Declared`: the default plus what else the field's
+one statement says (config.py declares each Config field with its flag row).
 tests/test_records.py holds it to collections.namedtuple's behaviour.
 """
 

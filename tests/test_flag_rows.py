@@ -78,3 +78,15 @@ def test_every_rows_default_passes_the_character_checks() -> None:
     parser = _RowParser({spec.dest: spec.default for spec in FLAGS}, {})
     for spec in FLAGS:
         parser.check_characters(spec)
+
+
+def test_each_rows_parser_returns_its_fields_type() -> None:
+    """The row names its parser as text: its return annotation must be the field's own (both are strings here)."""
+    from istio_init.config import _RowParser
+
+    for spec in FLAGS:
+        returns = getattr(_RowParser, spec.parser).__annotations__["return"]
+        if spec.field:
+            assert returns == Config.__annotations__[spec.field], spec.dest
+        else:
+            assert spec.no_effect or returns == "None", spec.dest
