@@ -75,7 +75,35 @@ else:
         return result
 
     FunctionType = type(_repr)
-    _CONSTRUCTORS = {}
+
+    # The constructors of small records, written out: compiling one (below) costs 40-70 us of every
+    # start, and most records have few fields. Only their code is used, with `_tuple_new` bound by _build.
+    def _new1(_cls, _0):
+        return _tuple_new(_cls, (_0,))  # noqa: F821
+
+    def _new2(_cls, _0, _1):
+        return _tuple_new(_cls, (_0, _1))  # noqa: F821
+
+    def _new3(_cls, _0, _1, _2):
+        return _tuple_new(_cls, (_0, _1, _2))  # noqa: F821
+
+    def _new4(_cls, _0, _1, _2, _3):
+        return _tuple_new(_cls, (_0, _1, _2, _3))  # noqa: F821
+
+    def _new5(_cls, _0, _1, _2, _3, _4):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4))  # noqa: F821
+
+    def _new6(_cls, _0, _1, _2, _3, _4, _5):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5))  # noqa: F821
+
+    def _new7(_cls, _0, _1, _2, _3, _4, _5, _6):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5, _6))  # noqa: F821
+
+    def _new8(_cls, _0, _1, _2, _3, _4, _5, _6, _7):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5, _6, _7))  # noqa: F821
+
+    _CONSTRUCTORS = {arity: written.__code__.replace(co_name="__new__", co_qualname="__new__")
+                     for arity, written in enumerate((_new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8), 1)}
 
     def _constructor(arity):
         """The code of `__new__(_cls, a, b, ...)` for `arity` fields, compiled once per arity.
