@@ -544,8 +544,9 @@ class Config(NamedTuple):
         releases=(17, 18), env_only=True)
     trace_logging: bool = flag(
         False, None, "iptables-trace-logging", "IPTABLES_TRACE_LOGGING",
-        "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24).",
-        is_switch=True, releases=(12, 24), builtin=True)
+        "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24). "
+        "Istio 1.25 takes it and writes no NFLOG rule.",
+        is_switch=True, releases=(12, 25), builtin=True)
     dns_conntrack_zone: bool = flag(
         False, None, "", "ISTIO_META_DNS_CONNTRACK_ZONE",
         "With DNS capture, keep DNS in conntrack zones of its own (Istio 1.10; always from 1.11).",

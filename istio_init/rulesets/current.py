@@ -55,7 +55,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
 
     `resolvers` are the pod's nameserver addresses (either family, in
     resolv.conf order); they matter only with DNS capture and without
-    --capture-all-dns.
+    --capture-all-dns. --iptables-trace-logging (Istio 1.25 takes it) writes no rule here.
     """
     servers = resolvers_by_family(resolvers)
     # As in Istio, a resolver of either family keeps DNS capture on (the runner
