@@ -112,8 +112,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "istio_init.podcapture",
               "istio_init.rulesets", "istio_init.backends.iptables.savefile",
               "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.printed")),
-    # What speaks to the kernel: tools, python-iptables, libnftables, netlink, routes, lock files.
-    ("kernel", ("istio_init.netns", "istio_init.rtnl", "istio_init.locks", "istio_init.libnftables",
+    # What speaks to the kernel: host/ (netlink, addresses, routes, nf_tables' tables, the namespace, lock
+    # files), libnftables, the tools and python-iptables.
+    ("kernel", ("istio_init.host", "istio_init.libnftables",
                 "istio_init.backends.iptables.spawn", "istio_init.backends.iptables.tools",
                 "istio_init.backends.iptables.restore", "istio_init.backends.iptables.libiptc")),
     # The one seam over all of it, which tests replace (tests/fakehost.py).

@@ -23,7 +23,7 @@ from fakehost import FakeHost
 from hostile import istio_init, pod_namespaces
 from istio_init import apply, system
 from istio_init.errors import ApplyError
-from istio_init.netns import Routing
+from istio_init.host.routing import Routing
 from nsutil import Namespace
 
 TPROXY = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "TPROXY", "-i", "*", "-b", "*")

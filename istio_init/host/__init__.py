@@ -1,0 +1,9 @@
+"""The host layer: what istio-init asks of and changes in a network namespace besides the rule stores.
+
+`netlink.py` is the one netlink stack, spoken by `addresses.py` (the pod's
+addresses and `::6` on lo), `routing.py` (TPROXY's policy rule and route) and
+`nft_tables.py` (which nf_tables tables exist); `namespace.py` enters a
+namespace and says whose it is; `locks.py` holds the lock files. Only
+istio_init/system.py calls into this package (and the CNI paths that take or
+retire a namespace's lock); the rule stores themselves are the backends'.
+"""
