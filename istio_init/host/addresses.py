@@ -57,7 +57,7 @@ def detect_ipv6() -> bool:
 
 # ---- ::6 on lo ------------------------------------------------------------------------------------
 
-def _loopback_message(address: str) -> netlink.AddressMessage:
+def loopback_message(address: str) -> netlink.AddressMessage:
     """`ADDRESS[/PREFIX] dev lo` (IPv6; no prefix is /128) as the kernel lists it and is asked to change it."""
     ip, _, prefix = address.partition("/")
     raw = _socket.inet_pton(_socket.AF_INET6, ip)
@@ -66,7 +66,7 @@ def _loopback_message(address: str) -> netlink.AddressMessage:
 
 
 def has_loopback_address(address: str) -> bool:
-    wanted = _loopback_message(address)
+    wanted = loopback_message(address)
     listed = netlink.dump(netlink.RTM_GETADDR, netlink.AddressMessage(_socket.AF_INET6), netlink.RTM_NEWADDR)
     return any(m.ifindex == LOOPBACK_IFINDEX and m.prefixlen == wanted.prefixlen
                and netlink.attribute(m.attrs, netlink.IFA_ADDRESS) == wanted.attrs[0][1] for m in listed)
@@ -77,7 +77,7 @@ def add_loopback_address(address: str) -> bool:
     if has_loopback_address(address):
         return False
     with netlink.Socket() as sock:
-        sock.change(netlink.RTM_NEWADDR, netlink.ADD, _loopback_message(address))
+        sock.change(netlink.RTM_NEWADDR, netlink.ADD, loopback_message(address))
     return True
 
 
@@ -86,7 +86,7 @@ def remove_loopback_address(address: str) -> bool:
     if not has_loopback_address(address):
         return False
     with netlink.Socket() as sock:
-        sock.change(netlink.RTM_DELADDR, netlink.DELETE, _loopback_message(address))
+        sock.change(netlink.RTM_DELADDR, netlink.DELETE, loopback_message(address))
     return True
 
 

@@ -99,7 +99,7 @@ def _route_table(route: RouteMessage) -> int:
     return netlink.u32_attribute(route.attrs, netlink.RTA_TABLE) or route.table
 
 
-def _has_planned_shape(rule: RuleMessage) -> bool:
+def has_planned_shape(rule: RuleMessage) -> bool:
     """`fwmark MARK lookup TABLE`: full mask, no other selector, not inverted (see the module's docstring)."""
     mask = netlink.u32_attribute(rule.attrs, netlink.FRA_FWMASK)
     return (rule.action == netlink.FR_ACT_TO_TBL and rule.flags == 0 and rule.src_len == 0 and rule.dst_len == 0
@@ -118,7 +118,7 @@ def _is_local_default(route: RouteMessage) -> bool:
 
 
 def _rules_for(sock: netlink.Socket, family: int, fwmark: int, table: int) -> list[RuleMessage]:
-    return [r for r in _rules(sock, family) if _has_planned_shape(r)
+    return [r for r in _rules(sock, family) if has_planned_shape(r)
             and netlink.u32_attribute(r.attrs, netlink.FRA_FWMARK) == fwmark and _rule_table(r) == table]
 
 
@@ -139,7 +139,7 @@ def owned_routing(family: int, marks: set[int], tables: set[int]) -> list[Routin
             raise
         for rule in rules:
             mark = netlink.u32_attribute(rule.attrs, netlink.FRA_FWMARK)
-            if mark is not None and _has_planned_shape(rule) and (
+            if mark is not None and has_planned_shape(rule) and (
                     (mark in marks and _rule_table(rule) in tables)
                     or netlink.u8_attribute(rule.attrs, netlink.FRA_PROTOCOL) == ROUTING_PROTOCOL):
                 found.append(Routing("rule", family, mark, _rule_table(rule)))
@@ -165,7 +165,7 @@ def routing_present(marks: set[int], tables: set[int]) -> bool:
 
 # ---- changing ---------------------------------------------------------------------------------------
 
-def _route(family: int, table: int, protocol: int, metric: int | None) -> RouteMessage:
+def route_message(family: int, table: int, protocol: int, metric: int | None) -> RouteMessage:
     """`local default dev lo table TABLE [metric METRIC]`, as istio-init adds and deletes it."""
     attrs: Attributes = ((netlink.RTA_TABLE, netlink.u32(table)), (netlink.RTA_OIF, netlink.u32(LOOPBACK_IFINDEX)))
     if metric is not None:
@@ -174,7 +174,7 @@ def _route(family: int, table: int, protocol: int, metric: int | None) -> RouteM
                                 scope=netlink.RT_SCOPE_HOST, type=netlink.RTN_LOCAL, attrs=attrs)
 
 
-def _rule(family: int, fwmark: int, table: int, priority: int, protocol: int | None = None,
+def rule_message(family: int, fwmark: int, table: int, priority: int, protocol: int | None = None,
           fwmask: int | None = None) -> RuleMessage:
     """`fwmark MARK[/MASK] lookup TABLE priority PRIORITY [protocol PROTOCOL]`."""
     attrs: Attributes = ((netlink.FRA_TABLE, netlink.u32(table)), (netlink.FRA_PRIORITY, netlink.u32(priority)),
@@ -195,11 +195,11 @@ def add_policy_route(family: int, fwmark: int, table: int) -> list[Routing]:
     try:
         with netlink.Socket() as sock:
             if not _local_default_routes(sock, family, table):
-                sock.change(netlink.RTM_NEWROUTE, netlink.ADD, _route(family, table, ROUTING_PROTOCOL, None))
+                sock.change(netlink.RTM_NEWROUTE, netlink.ADD, route_message(family, table, ROUTING_PROTOCOL, None))
                 added.append(Routing("route", family, 0, table))
             if not _rules_for(sock, family, fwmark, table):
                 sock.change(netlink.RTM_NEWRULE, netlink.ADD,
-                            _rule(family, fwmark, table, DEFAULT_RULE_PRIORITY, ROUTING_PROTOCOL))
+                            rule_message(family, fwmark, table, DEFAULT_RULE_PRIORITY, ROUTING_PROTOCOL))
                 added.append(Routing("rule", family, fwmark, table))
     except Exception:
         if added:  # the route went in but the rule did not: leave nothing half made
@@ -223,13 +223,13 @@ def remove_routing(items: list[Routing], removed: list[Removed] | None = None) -
                 for rule in _rules_for(sock, item.family, item.fwmark, item.table):
                     priority = netlink.u32_attribute(rule.attrs, netlink.FRA_PRIORITY)
                     sock.change(netlink.RTM_DELRULE, netlink.DELETE,
-                                _rule(item.family, item.fwmark, item.table, priority or 0, fwmask=_FULL_MASK))
+                                rule_message(item.family, item.fwmark, item.table, priority or 0, fwmask=_FULL_MASK))
                     removed.append(Removed(item, priority, netlink.u8_attribute(rule.attrs, netlink.FRA_PROTOCOL) or 0))
             else:
                 for route in _local_default_routes(sock, item.family, item.table):
                     metric = netlink.u32_attribute(route.attrs, netlink.RTA_PRIORITY)
                     sock.change(netlink.RTM_DELROUTE, netlink.DELETE,
-                                _route(item.family, item.table, 0, metric or None))
+                                route_message(item.family, item.table, 0, metric or None))
                     removed.append(Removed(item, metric, route.protocol))
     return removed
 
@@ -241,8 +241,8 @@ def restore_routing(removed: list[Removed]) -> None:
             item = entry.item
             if item.kind == "route":
                 sock.change(netlink.RTM_NEWROUTE, netlink.ADD,
-                            _route(item.family, item.table, entry.protocol, entry.priority or None))
+                            route_message(item.family, item.table, entry.protocol, entry.priority or None))
             else:
                 priority = entry.priority if entry.priority is not None else DEFAULT_RULE_PRIORITY
                 sock.change(netlink.RTM_NEWRULE, netlink.ADD,
-                            _rule(item.family, item.fwmark, item.table, priority, entry.protocol))
+                            rule_message(item.family, item.fwmark, item.table, priority, entry.protocol))
