@@ -129,24 +129,28 @@ def _local_default_routes(sock: netlink.Socket, family: int, table: int) -> list
 
 def owned_routing(family: int, marks: set[int], tables: set[int]) -> list[Routing]:
     """istio-init's policy rules and local default routes in this namespace, for these marks and tables."""
-    found: list[Routing] = []
     with netlink.Socket() as sock:
-        try:
-            rules = _rules(sock, family)
-        except OSError as exc:
-            if exc.errno == errno.EAFNOSUPPORT:
-                return []  # the family is disabled in the kernel: it can hold nothing of ours
-            raise
-        for rule in rules:
-            mark = netlink.u32_attribute(rule.attrs, netlink.FRA_FWMARK)
-            if mark is not None and has_planned_shape(rule) and (
-                    (mark in marks and _rule_table(rule) in tables)
-                    or netlink.u8_attribute(rule.attrs, netlink.FRA_PROTOCOL) == ROUTING_PROTOCOL):
-                found.append(Routing("rule", family, mark, _rule_table(rule)))
-        for route in _routes(sock, family):
-            table = _route_table(route)
-            if _is_local_default(route) and (table in tables or route.protocol == ROUTING_PROTOCOL):
-                found.append(Routing("route", family, 0, table))
+        return _owned(sock, family, marks, tables)
+
+
+def _owned(sock: netlink.Socket, family: int, marks: set[int], tables: set[int]) -> list[Routing]:
+    found: list[Routing] = []
+    try:
+        rules = _rules(sock, family)
+    except OSError as exc:
+        if exc.errno == errno.EAFNOSUPPORT:
+            return []  # the family is disabled in the kernel: it can hold nothing of ours
+        raise
+    for rule in rules:
+        mark = netlink.u32_attribute(rule.attrs, netlink.FRA_FWMARK)
+        if mark is not None and has_planned_shape(rule) and (
+                (mark in marks and _rule_table(rule) in tables)
+                or netlink.u8_attribute(rule.attrs, netlink.FRA_PROTOCOL) == ROUTING_PROTOCOL):
+            found.append(Routing("rule", family, mark, _rule_table(rule)))
+    for route in _routes(sock, family):
+        table = _route_table(route)
+        if _is_local_default(route) and (table in tables or route.protocol == ROUTING_PROTOCOL):
+            found.append(Routing("route", family, 0, table))
     return list(dict.fromkeys(found))
 
 
@@ -155,10 +159,11 @@ def routing_present(marks: set[int], tables: set[int]) -> bool:
 
     Asked on every apply whose plan has no TPROXY routing, so that istio-init's
     routing left by an earlier TPROXY run is removed: a rule and a route dump
-    per family, the same reading as owned_routing().
+    per family over one socket, the same reading as owned_routing().
     """
     try:
-        return any(owned_routing(family, marks, tables) for family in (4, 6))
+        with netlink.Socket() as sock:
+            return any(_owned(sock, family, marks, tables) for family in (4, 6))
     except OSError:
         return True  # cannot tell: let the exact reading that follows decide (and report)
 
