@@ -49,6 +49,7 @@ WATCH_INTERVAL = 1.0
 CHILD_WAIT_SECONDS = 30.0
 # Modules a call needs, loaded once in the agent so that each forked child starts warm.
 _WARM_MODULES = ("istio_init.runner", "istio_init.apply", "istio_init.backends", "istio_init.host.addresses",
+                 "istio_init.host.routing", "istio_init.host.nft_tables", "istio_init.host.namespace",
                  "istio_init.check", "istio_init.host.locks", "istio_init.render", "istio_init.rulesets.current",
                  "istio_init.backends.iptables.restore", "istio_init.backends.iptables.backend",
                  "istio_init.backends.iptables.tools", "istio_init.backends.iptables.savefile", "yaml")
