@@ -170,10 +170,6 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
         choice = backends.choose(config.iptables_backend, families)
         log(f"iptables backend {choice.name} ({choice.reason})")
         name, backend = choice.name, backends.get(choice.name)
-        if rule_plan.routes or rule_plan.loopback_addresses:
-            from istio_init import rtnl
-
-            backend.meanwhile = rtnl.messages  # loaded while the restore tool commits, not after it
     timing.mark("choose the backend")
     applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
     for note in applied.notes:
