@@ -908,6 +908,8 @@ class _Parser:
     def interfaces(self, dest: str) -> tuple[str, ...]:
         names = self.items(dest)
         backend = self.raw["iptables_backend"].strip().lower()
+        if switch_value(self.raw.get("native_nftables", "")):
+            backend = ifnames.NATIVE_NFTABLES  # nft writes the names, whichever iptables backend is named
         for name in names:
             refusal = (ifnames.kernel_refusal(name) or ifnames.common_refusal(name)
                        or ifnames.backend_refusal(name, backend))

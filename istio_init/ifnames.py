@@ -41,6 +41,7 @@ IFNAMSIZ = 16
 # Bytes the kernel's isspace() (lib/ctype.c) calls spaces: \t \n \v \f \r, ' ' and 0xA0.
 _KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
 LIBIPTC = "libiptc"
+NATIVE_NFTABLES = "native-nftables"  # not an --iptables-backend: what writes the names under --native-nftables
 
 
 def kernel_refusal(name: str) -> str | None:
@@ -70,9 +71,12 @@ def common_refusal(name: str) -> str | None:
 
 
 def backend_refusal(name: str, backend: str) -> str | None:
-    """Why `backend` cannot write `name` exactly, or None (auto never picks libiptc)."""
+    """Why `backend` (or NATIVE_NFTABLES) cannot write `name` exactly, or None (auto never picks libiptc)."""
     if backend == LIBIPTC and not name.isascii():
         return ("--iptables-backend libiptc (python-iptables) cannot write a non-ASCII name "
                 "exactly (it would cut it into a wildcard); use --iptables-backend legacy or nft")
+    if backend == NATIVE_NFTABLES and name.endswith("*") and len(name.encode("utf-8")) >= IFNAMSIZ - 1:
+        return ("with --native-nftables a name ending in '*' may have at most 14 bytes: nft counts the "
+                "escape that keeps the '*' from being a wildcard")
     return None
 

@@ -29,8 +29,6 @@ from istio_init.nft.write import TABLE_PREFIX, transaction
 from nsutil import Namespace
 from rulegen import CHAINS, USER_CHAINS, bounded, rules
 
-pytestmark = pytest.mark.root
-
 Ruleset = dict[str, dict[str, list[Rule]]]
 
 
@@ -122,6 +120,7 @@ def _plans(draw: st.DrawFn) -> tuple[RulePlan, list[int]]:
     return RulePlan(plans[0], plans[1] if len(plans) > 1 else None), families
 
 
+@pytest.mark.root
 @bounded(150)
 @given(planned=_plans(), guard=st.booleans())
 def test_the_kernel_lists_the_transaction_back_as_the_plan(module_netns: Namespace,
@@ -165,6 +164,7 @@ def _same_decisions(read: list[Rule], planned: list[Rule]) -> bool:
                for i, a in enumerate(read) for b in read[i + 1:] if where[id(a)] > where[id(b)])
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("case", _all_cases(), ids=lambda case: getattr(case, "id", case.name))
 def test_every_cases_transaction_reads_back_as_its_plan(module_netns: Namespace, case) -> None:
     """What each rule set plans for each golden case, loaded as nft tables, reads back as the plan per family."""
@@ -197,3 +197,38 @@ def test_the_order_check_refuses_a_swap_that_decides_differently() -> None:
     assert not _same_decisions([redirect, give_back], [give_back, redirect])
     assert _same_decisions([other, give_back], [give_back, other])
     assert not _same_decisions([give_back], [give_back, other])
+
+
+# ---- what nft cannot hold ------------------------------------------------------------------------------------------
+
+def _interface_plan(name: str) -> RulePlan:
+    rule = Rule("nat", "PREROUTING", "ISTIO_REDIRECT", in_interface=name)
+    redirect = Rule("nat", "ISTIO_REDIRECT", "REDIRECT", protocol="tcp", target_options=(Option("to-ports", "15001"),))
+    return RulePlan(FamilyPlan(4, (Step(APPEND, rule), Step(APPEND, redirect))))
+
+
+@pytest.mark.root
+def test_a_name_ending_in_a_literal_star_holds_14_bytes_in_nft(module_netns: Namespace) -> None:
+    """The kernel fact behind ifnames' refusal: nft counts the escape of a final '*' in the 15 bytes."""
+    fits = _listed(module_netns, transaction(_interface_plan("abcdefghijklm*"), guard_single_family=True)[0])
+    assert ruleset_from_json(fits, 4)["nat"]["PREROUTING"][0].in_interface == "abcdefghijklm*"
+    refused = module_netns.run("nft", "-f", "-", input=transaction(_interface_plan("abcdefghijklmn*"))[0],
+                               check=False)
+    assert refused.returncode != 0 and "exceeds maximum length" in refused.stderr
+
+
+@pytest.mark.parametrize("name, native, refused", [("abcdefghijklmn*", True, True), ("abcdefghijklm*", True, False),
+                                                   ("abcdefghijklmn*", False, False), ("abcdefghijklmn+", True, False),
+                                                   ("abcdefg*hijklmn", True, False)])
+def test_the_flags_refuse_what_nft_cannot_hold(name: str, native: bool, refused: bool) -> None:
+    from clirun import given as flags
+    from istio_init.config import from_sources
+    from istio_init.errors import ConfigError
+
+    argv = ["-p", "15001", "-u", "1337", "-i", "*", "-k", name, *(["--native-nftables"] if native else [])]
+    try:
+        config = from_sources(flags(argv), {})
+    except ConfigError as exc:
+        assert refused and exc.flag.startswith("-k") and "14 bytes" in exc.reason
+    else:
+        assert not refused and config.kube_virt_interfaces == (name,)
