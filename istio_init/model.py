@@ -20,7 +20,7 @@ from _operator import attrgetter  # operator.py only re-exports the C module's
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from typing import Iterable
+    from typing import Iterable, Sequence
 
 # The source address of the proxy's inbound passthrough connections (Istio's "SIX"); the
 # IPv6 one is added to `lo` by the run (RulePlan.loopback_addresses).
@@ -99,8 +99,49 @@ def destination_appends(table: str, chain: str, target: str, destinations: Itera
     tests/test_model.py compares the result with the constructors'.
     """
     new = tuple.__new__
-    return [new(Step, (APPEND, new(Rule, (table, chain, target, None, destination, False, None, None, None, (), ())), 1))
-            for destination in destinations]
+    destinations = list(destinations)
+    steps = [new(Step, (APPEND, new(Rule, (table, chain, target, None, destination, False, None, None, None, (), ())), 1))
+             for destination in destinations]
+    if len(steps) >= DESTINATION_RUN_MIN:
+        del _DESTINATION_RUNS[:-_RUNS_KEPT]
+        _DESTINATION_RUNS.append(DestinationRun(tuple(steps), destinations))
+    return steps
+
+
+class DestinationRun(NamedTuple):
+    """Steps destination_appends made: appends to one chain with one target, each rule only a destination."""
+
+    steps: tuple[Step, ...]
+    destinations: list[str]
+
+
+# The runs destination_appends made lately (a CNI agent plans pod after pod: a few are kept). An -x
+# list of 8,000 CIDRs is such a run; knowing where one lies lets the steps be spelled and written to
+# the restore tool as one run, not rule by rule in Python (docs/performance.md, "What start-up avoids").
+_DESTINATION_RUNS: list[DestinationRun] = []
+_RUNS_KEPT = 8
+DESTINATION_RUN_MIN = 32  # shorter runs cost nothing worth remembering
+
+
+def destination_runs(steps: Sequence[Step]) -> dict[int, DestinationRun]:
+    """Where runs made by destination_appends lie in `steps`: start index -> run (a sub-run is not found).
+
+    Found by comparing steps, without Python code per step: `steps[i:i + n]`
+    equal to a run's steps means those rules are exactly its destinations'.
+    """
+    found: dict[int, DestinationRun] = {}
+    if len(steps) < DESTINATION_RUN_MIN:
+        return found
+    for run in _DESTINATION_RUNS:
+        try:
+            start = steps.index(run.steps[0])
+        except ValueError:
+            continue
+        end = start + len(run.steps)
+        if tuple(steps[start:end]) == run.steps and not any(start < s + len(r.steps) and s < end
+                                                              for s, r in found.items()):
+            found[start] = run
+    return found
 
 
 def is_builtin(table: str, chain: str) -> bool:
