@@ -144,6 +144,32 @@ def destination_runs(steps: Sequence[Step]) -> dict[int, DestinationRun]:
     return found
 
 
+def step_segments(steps: Sequence[Step]) -> list[tuple[int, int, DestinationRun | None]]:
+    """`steps` cut into (start, end, run): the runs destination_appends made, and what lies between (None)."""
+    runs = destination_runs(steps)
+    cuts: list[tuple[int, int, DestinationRun | None]] = []
+    done = 0
+    for start in sorted(runs):
+        if start > done:
+            cuts.append((done, start, None))
+        done = start + len(runs[start].steps)
+        cuts.append((start, done, runs[start]))
+    if done < len(steps) or not steps:
+        cuts.append((done, len(steps), None))
+    return cuts
+
+
+def _representatives(steps: Sequence[Step]) -> Sequence[Step]:
+    """`steps` with each destination run down to its first step: what a question about tables,
+    chains and targets needs to look at."""
+    if len(steps) < DESTINATION_RUN_MIN:
+        return steps
+    kept: list[Step] = []
+    for start, end, run in step_segments(steps):
+        kept += steps[start:end] if run is None else steps[start:start + 1]
+    return kept
+
+
 def is_builtin(table: str, chain: str) -> bool:
     return chain in BUILTIN_CHAINS.get(table, ())
 
@@ -162,13 +188,13 @@ class FamilyPlan(NamedTuple):
 
     def tables(self) -> list[str]:
         """Tables in the order they are first used."""
-        return list(dict.fromkeys(map(_TABLE, self.steps)))  # map/attrgetter: no Python code per step
+        return list(dict.fromkeys(map(_TABLE, _representatives(self.steps))))  # map/attrgetter: no Python code per step
 
     def chains(self, table: str) -> list[str]:
         """New (non built-in) chains of `table`, in the order they are first used."""
         seen: dict[str, None] = {}
         # Thousands of rules share a few (table, chain, target) triples: look at each one once.
-        for step_table, *pair in dict.fromkeys(map(_TABLE_CHAIN_TARGET, self.steps)):
+        for step_table, *pair in dict.fromkeys(map(_TABLE_CHAIN_TARGET, _representatives(self.steps))):
             if step_table != table:
                 continue
             for chain in pair:

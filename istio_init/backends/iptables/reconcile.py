@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import _operator as operator  # operator.py only re-exports the C module's
 
-from istio_init.model import APPEND, INSERT, DestinationRun, FamilyPlan, Step, destination_runs, is_builtin
+from istio_init.model import APPEND, INSERT, DestinationRun, FamilyPlan, Step, is_builtin, step_segments
 from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.render import rule_spec
 from istio_init.rulesets import owned_chains
@@ -168,7 +168,7 @@ def reconcile(live: dict[str, SavedTable], family: FamilyPlan | None) -> list[Ta
         wanted = family.chains(name) if family and name in planned else []
         ours_existing = [c for c in (table.user_chains() if table else []) if c in owned_chains(name)]
         if family and name in planned:
-            steps = family.steps if len(planned) == 1 else tuple(s for s in family.steps if s.rule.table == name)
+            steps = family.steps if len(planned) == 1 else _table_steps(family.steps, name)
         else:
             steps = ()
         change = TableChange(
@@ -184,6 +184,17 @@ def reconcile(live: dict[str, SavedTable], family: FamilyPlan | None) -> list[Ta
         if after != simulate(table):
             changes.append(change._replace(after=after))
     return changes
+
+
+def _table_steps(steps: Sequence[Step], table: str) -> tuple[Step, ...]:
+    """The steps on `table`, in order; a destination run is kept or left out whole."""
+    kept: list[Step] = []
+    for start, end, run in step_segments(steps):
+        if run is None:
+            kept += [step for step in steps[start:end] if step.rule.table == table]
+        elif run.steps[0].rule.table == table:
+            kept += steps[start:end]
+    return tuple(kept)
 
 
 def restore_text(changes: list[TableChange]) -> str:
@@ -213,7 +224,7 @@ def _runs(steps: Sequence[Step]) -> list[tuple[tuple[str, str], list[Step]]]:
     A run destination_appends made (an -x list) comes as one group without being walked.
     """
     groups: list[tuple[tuple[str, str], list[Step]]] = []
-    for start, end, run in _segments(steps):
+    for start, end, run in step_segments(steps):
         if run is not None:
             groups.append(((APPEND, run.steps[0].rule.chain), list(steps[start:end])))
         else:
@@ -221,25 +232,10 @@ def _runs(steps: Sequence[Step]) -> list[tuple[tuple[str, str], list[Step]]]:
     return groups
 
 
-def _segments(steps: Sequence[Step]) -> list[tuple[int, int, DestinationRun | None]]:
-    """`steps` cut into (start, end, run): the runs destination_appends made, and what lies between them (None)."""
-    runs = destination_runs(steps)
-    cuts: list[tuple[int, int, DestinationRun | None]] = []
-    done = 0
-    for start in sorted(runs):
-        if start > done:
-            cuts.append((done, start, None))
-        done = start + len(runs[start].steps)
-        cuts.append((start, done, runs[start]))
-    if done < len(steps) or not steps:
-        cuts.append((done, len(steps), None))
-    return cuts
-
-
 def spell(steps: Sequence[Step]) -> tuple[str, ...]:
     """Each step's rule_spec, in order; a destination run's all at once, by one join and one split."""
     specs: list[str] = []
-    for start, end, run in _segments(steps):
+    for start, end, run in step_segments(steps):
         if run is None:
             specs += map(rule_spec, map(_RULE, steps[start:end]))
         else:
@@ -263,7 +259,7 @@ def _step_lines(change: TableChange) -> list[str]:
     """
     lines: list[str] = []
     specs = change.spelled()
-    for start, end, run in _segments(change.steps):
+    for start, end, run in step_segments(change.steps):
         if run is not None:
             lines += _destination_lines(run)
             continue
