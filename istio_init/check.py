@@ -475,20 +475,24 @@ def run(config: Config, log: Log) -> Report:
     seconds, so a half-finished apply (in the same container) is not reported
     as drift and a probe never holds up an apply.
     """
-    from istio_init import runner
+    from istio_init import runner, timing
 
     rule_plan, _ = runner.build_plan(config, log)
     planned = planned_state(rule_plan)
+    timing.mark("the planned state")
     if config.native_nftables:
         return _run_native(config, rule_plan, planned)
     try:
         with _apply_lock():
+            timing.mark("istio-init's namespace lock")
             live = read_state(config.iptables_backend, planned, (config.tproxy_mark, config.tproxy_route_table))
+            timing.mark("read the live state")
     except CheckError:
         raise
     except IstioInitError as exc:
         raise CheckError(str(exc)) from None
     report = compare(planned, live, live.store)
+    timing.mark("compare")
     if not report.in_sync and _native_tables_here():
         report = report._replace(hint=NATIVE_HINT)
     return report

@@ -59,7 +59,7 @@ def holding_store(requested: str, holding: Sequence[str], apply_would_use: str) 
 
 def stores_holding_ours(tables: Mapping[str, Mapping[int, Mapping[str, SavedTable]]]) -> list[str]:
     """The flavours whose tables (any family) hold istio-init's rules, in FLAVOURS order."""
-    from istio_init.backends.iptables.backend import tables_hold_ours
+    from istio_init.backends.iptables.reconcile import tables_hold_ours
 
     return [name for name in FLAVOURS
             if any(tables_hold_ours(family) for family in tables.get(name, {}).values())]
@@ -73,16 +73,18 @@ def read(requested: str) -> Installed:
     other than auto only its flavour is read. ApplyError when a tool fails.
     """
     from istio_init import backends
+    from istio_init.backends.iptables.savefile import parse_save
+    from istio_init.system import current
 
     tables: dict[str, dict[int, dict[str, SavedTable]]] = {}
     for name in backends.candidates(requested, list(FAMILIES)):
-        reader = backends.get(name)
+        reader = current().iptables(name)  # the tables alone: no backend around them for reading
         for family in FAMILIES:
             if name == "legacy" and not backends.legacy_available([family]):
                 continue
             if name == "nft" and not backends.nft_in_use([family]):
                 continue
-            tables.setdefault(name, {})[family] = reader.read(family)
+            tables.setdefault(name, {})[family] = parse_save(reader.save(family, counters=False))
     if requested != "auto":
         return Installed(holding_store(requested, [], ""), tables)
     would_use = backends.choose("auto", [4]).name  # every plan has IPv4 rules

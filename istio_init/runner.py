@@ -19,12 +19,12 @@ from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
 from istio_init.render import render_plan
 from istio_init.rulesets import plan, resolvers_needed
-from istio_init.system import current
 
 if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
     from istio_init.backends.base import Backend
+    from istio_init.system import System
 
     # log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
     Log = Callable[..., None]
@@ -48,6 +48,13 @@ def _show(value: object) -> str:
             return ",".join(map(attrgetter("text"), value))
         return ",".join(map(str, value)) or "(empty)"
     return "(auto)" if value is None else str(value)
+
+
+def current() -> System:
+    """The System (system.py), imported when a step needs the kernel: a dry run never does."""
+    from istio_init.system import current as system
+
+    return system()
 
 
 def enter_namespace(config: Config) -> None:

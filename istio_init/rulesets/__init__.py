@@ -10,10 +10,10 @@ All but 1.8's also take the pod's DNS resolvers, which the caller reads
 
 from __future__ import annotations
 
-from istio_init.config import RULE_SET_RELEASES, Config
+from istio_init.config import RULE_SET_RELEASES, RULES_CURRENT, Config
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
-from istio_init.rulesets import current, istio_1_8
+from istio_init.rulesets import istio_1_8
 
 if TYPE_CHECKING:
     from typing import Any, Iterator, Sequence
@@ -23,14 +23,17 @@ class _RuleSets:
     """Each rule set by its --rules-version name (a read-only mapping): a module, or one
     generation of Istio 1.9-1.24.
 
-    The generations' module is imported when one of them is asked for: a run of
-    the 1.8 or the current rule set that needs no other does not load it.
+    The generations' module (and the current rule set's) is imported when one of
+    them is asked for: a run of the 1.8 or the current rule set that needs no other
+    does not load it.
     """
 
     def __getitem__(self, name: str) -> Any:
         if name == istio_1_8.NAME:
             return istio_1_8
-        if name == current.NAME:
+        if name == RULES_CURRENT:  # imported when asked for, as the generations below
+            from istio_init.rulesets import current
+
             return current
         if name not in RULE_SET_RELEASES:
             raise KeyError(name)

@@ -12,14 +12,13 @@ expected ones, puts every table that differs from its snapshot back.
 from __future__ import annotations
 
 from istio_init.backends.iptables.printed import after_commit
-from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
+from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text, tables_hold_ours
 from istio_init.backends.iptables.savefile import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
                                                    table_blocks)
 from istio_init import timing
 from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
-from istio_init.rulesets import owned_chains
 
 if TYPE_CHECKING:
     from typing import Callable, ContextManager, Mapping, Protocol, Sequence
@@ -92,16 +91,6 @@ class IptablesUndo:
                 problems.append(f"IPv{family} tables {', '.join(tables)} may still hold this run's rules "
                                 f"({exc}); `istio-init clean --iptables-backend {self.tables.name}` removes them")
         return problems
-
-
-def tables_hold_ours(tables: Mapping[str, SavedTable]) -> bool:
-    """Whether parsed tables hold a chain istio-init owns or any rule of istio-init's."""
-    for name, table in tables.items():
-        if any(chain in owned_chains(name) for chain in table.user_chains()):
-            return True
-        if reconcile({name: table}, None):
-            return True
-    return False
 
 
 class IptablesBackend:

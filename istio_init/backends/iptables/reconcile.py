@@ -23,7 +23,7 @@ from istio_init.backends.iptables.savefile import SavedRule, SavedTable
 
 if TYPE_CHECKING:
     import re
-    from typing import Sequence
+    from typing import Mapping, Sequence
 
 # Built once per key, when a run first needs them (None: every rule set's).
 _SHAPES: dict[tuple[str, ...] | None, dict[tuple[str, str], tuple[re.Pattern[str], ...]]] = {}
@@ -195,6 +195,16 @@ def _table_steps(steps: Sequence[Step], table: str) -> tuple[Step, ...]:
         elif run.steps[0].rule.table == table:
             kept += steps[start:end]
     return tuple(kept)
+
+
+def tables_hold_ours(tables: Mapping[str, SavedTable]) -> bool:
+    """Whether parsed tables hold a chain istio-init owns or any rule of istio-init's."""
+    for name, table in tables.items():
+        if any(chain in owned_chains(name) for chain in table.user_chains()):
+            return True
+        if reconcile({name: table}, None):
+            return True
+    return False
 
 
 def restore_text(changes: list[TableChange]) -> str:
