@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
     from istio_init.backends.base import Backend
+    from istio_init.backends.iptables.backend import IptablesBackend
     from istio_init.system import System
 
     # log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
@@ -163,24 +164,34 @@ def run(config: Config, log: Log) -> str:
 
 
 def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
-    from istio_init import apply, backends
+    from istio_init import backends
 
     families = [family.family for family in rule_plan.families()]
     backend: Backend
+    tools: IptablesBackend | None = None
     if config.native_nftables:
         name = "nftables"
         backend = backends.native(config.rules_version)
         log("native nftables: our tables are replaced in one transaction (--native-nftables)")
     else:
         choice = backends.choose(config.iptables_backend, families)
-        log(f"iptables backend {choice.name} ({choice.reason})")
         name, backend = choice.name, backends.get(choice.name)
+        tools = backend
+        # The restore tools start loading now: meanwhile the lock is taken and the change decided.
+        backend.prepare(families)
+        log(f"iptables backend {choice.name} ({choice.reason})")
         if rule_plan.routes or rule_plan.loopback_addresses:
             from istio_init import rtnl
 
             backend.meanwhile = rtnl.messages  # loaded while the restore tool commits, not after it
+    from istio_init import apply
+
     timing.mark("choose the backend")
-    applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
+    try:
+        applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
+    finally:
+        if tools is not None:
+            tools.release()  # what a failure before the commit left started
     for note in applied.notes:
         log(note)
     if not applied.changed and not applied.notes:

@@ -105,6 +105,18 @@ class IptablesBackend:
         self.tables = tables
         self.name = tables.name
 
+    def prepare(self, families: Sequence[int]) -> None:
+        """Start what the commit will use (the restore tools, where the tables have them: `start`),
+        so it loads while the lock is taken and the change decided; release() ends what went unused."""
+        start = getattr(self.tables, "start", None)
+        if start is not None:
+            start(families)
+
+    def release(self) -> None:
+        stop = getattr(self.tables, "stop", None)
+        if stop is not None:
+            stop()
+
     def save(self, family: int, counters: bool = True) -> str:
         return self.tables.save(family, counters)
 
@@ -158,6 +170,8 @@ class IptablesBackend:
                 timing.mark("commit")
             except BaseException as exc:  # an encoding error, a bug, a signal: all roll back the same
                 error = exc
+            finally:
+                self.release()  # before a rollback: its restore tool takes the xtables lock too
         if error is not None:
             # After the session: the restore tool takes the xtables lock libiptc's session holds.
             problems = undo.undo()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.spawn import Finished, Running, ToolTimeout
+from istio_init.backends.iptables.spawn import LATER, Finished, Running, ToolTimeout
 from istio_init.errors import ApplyError
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
@@ -45,9 +45,25 @@ def _finish(argv: list[str], running: Running) -> Finished:
         raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
 
 
-def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None) -> Finished:
-    """Run a tool to its end; `meanwhile` runs while the tool works (the tool is killed if it raises)."""
-    running = _start(argv, stdin)
+def start_tool(argv: list[str]) -> Running:
+    """Start a tool whose input is given later (run_tool's `started`): it loads meanwhile."""
+    return _start(argv, LATER)
+
+
+def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None,
+             started: Running | None = None) -> Finished:
+    """Run a tool to its end; `meanwhile` runs while the tool works (the tool is killed if it raises).
+
+    `started`: the same tool, started with start_tool, is fed `stdin` instead of starting one now.
+    """
+    if started is not None:
+        running = started
+        try:
+            running.feed(stdin or "", WAIT_SECONDS + 30)
+        except ToolTimeout:
+            raise ApplyError(f"{argv[0]} did not read its input in {WAIT_SECONDS + 30}s") from None
+    else:
+        running = _start(argv, stdin)
     if meanwhile is not None:
         try:
             meanwhile()
