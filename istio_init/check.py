@@ -33,6 +33,7 @@ from istio_init.rulesets import owned_chains
 if TYPE_CHECKING:
     from typing import Any, ContextManager, Mapping
 
+    from istio_init import installed
     from istio_init.config import Config
     from istio_init.runner import Log
 
@@ -407,24 +408,35 @@ def to_json(report: Report) -> str:
 # --------------------------------------------------------------------------- the kernel
 
 
-def read_rules(backend: str) -> tuple[str, dict[str, dict[int, Chains]]]:
-    """(the store holding istio-init's rules, the rules of every flavour in use: flavour -> family -> chains).
-
-    Read through installed.py, the one reader `trace --live` and `graph
-    --live` use too, so all three judge the same store.
-    """
+def start_reading(backend: str) -> installed.Reading:
+    """installed.Reading started: the save tools run while the caller plans (CheckError when one cannot start)."""
     from istio_init import installed
     from istio_init.errors import ApplyError
 
     try:
-        found = installed.read(backend)
+        return installed.Reading(backend)
+    except ApplyError as exc:
+        raise CheckError(f"cannot read the rules: {exc}") from None
+
+
+def read_rules(backend: str, reading: installed.Reading | None = None) -> tuple[str, dict[str, dict[int, Chains]]]:
+    """(the store holding istio-init's rules, the rules of every flavour in use: flavour -> family -> chains).
+
+    Read through installed.py, the one reader `trace --live` and `graph
+    --live` use too, so all three judge the same store; `reading`: one started already.
+    """
+    from istio_init.errors import ApplyError
+
+    try:
+        found = (reading or start_reading(backend)).finish()
     except ApplyError as exc:
         raise CheckError(f"cannot read the rules: {exc}") from None
     return found.store, {name: {family: chains_from_tables(tables) for family, tables in families.items()}
                          for name, families in found.tables.items()}
 
 
-def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 133)) -> Live:
+def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 133),
+               reading: installed.Reading | None = None) -> Live:
     """The rules (read_rules), istio-init's policy routing and `::6` on lo.
 
     istio-init's policy routing is that of the planned marks and tables, of
@@ -436,7 +448,7 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     from istio_init import installed
     from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
-    store, rules = read_rules(backend)
+    store, rules = read_rules(backend, reading)
     marks = {r.fwmark for r in planned.routing if r.kind == "rule"} | {tproxy[0]}
     marks |= {m for families in rules.values() for chains in families.values()
               for m in divert_marks(chains.get("mangle", {}).get(DIVERT_CHAIN, []))}
@@ -477,19 +489,32 @@ def run(config: Config, log: Log) -> Report:
     """
     from istio_init import runner, timing
 
-    rule_plan, _ = runner.build_plan(config, log)
-    planned = planned_state(rule_plan)
-    timing.mark("the planned state")
     if config.native_nftables:
-        return _run_native(config, rule_plan, planned)
+        rule_plan, _ = runner.build_plan(config, log)
+        return _run_native(config, rule_plan, planned_state(rule_plan))
+    planned: Planned | None = None
+    planning = False
     try:
         with _apply_lock():
             timing.mark("istio-init's namespace lock")
-            live = read_state(config.iptables_backend, planned, (config.tproxy_mark, config.tproxy_route_table))
+            # The save tools run while the plan is made: their start is most of what a check waits for.
+            reading = start_reading(config.iptables_backend)
+            planning = True
+            try:
+                rule_plan, _ = runner.build_plan(config, log)
+                planned = planned_state(rule_plan)
+                timing.mark("the planned state")
+            finally:
+                if planned is None:
+                    reading.abandon()
+            live = read_state(config.iptables_backend, planned, (config.tproxy_mark, config.tproxy_route_table),
+                              reading)
             timing.mark("read the live state")
     except CheckError:
         raise
     except IstioInitError as exc:
+        if planning and planned is None:
+            raise  # planning failed: that is not a read
         raise CheckError(str(exc)) from None
     report = compare(planned, live, live.store)
     timing.mark("compare")

@@ -96,6 +96,24 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     return done.stdout
 
 
+class PendingSave:
+    """A save tool started now and read later: its run overlaps the caller's work (`check` plans meanwhile)."""
+
+    def __init__(self, tools: Tools, family: int, counters: bool = True) -> None:
+        self.argv = [tools.save(family)] + (["-c"] if counters else [])
+        # No legacy table of the family here: nothing to run (as save_text).
+        self.running = None if tools.flavour == "legacy" and _no_legacy_tables(family) else _start(self.argv)
+
+    def result(self) -> str:
+        """The tool's text, as save_text gives it (ApplyError when it failed)."""
+        if self.running is None:
+            return ""
+        done, self.running = _finish(self.argv, self.running), None
+        if done.returncode != 0:
+            raise ApplyError(f"{self.argv[0]} failed: {done.stderr.strip() or done.returncode}")
+        return done.stdout
+
+
 # Where the kernel lists the legacy (x_tables) tables loaded in this namespace, per family.
 LEGACY_TABLE_NAMES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
@@ -135,6 +153,10 @@ class ToolTables:
 
     def snapshot(self, family: int) -> str:
         return self.save(family)
+
+    def start_save(self, family: int, counters: bool = True) -> PendingSave:
+        """`save`, started now and read with the result's `result()`."""
+        return PendingSave(self.tools, family, counters)
 
     def restore(self, family: int, saved_blocks: str) -> None:
         restore_saved(self.tools, family, saved_blocks)
