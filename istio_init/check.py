@@ -19,13 +19,10 @@ onto the backends' `read()`.
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.reconcile import is_ours
-from istio_init.backends.iptables.savefile import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.backends.iptables.tools import command
 from istio_init.errors import IstioInitError
 from istio_init.installed import FLAVOURS
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
-from istio_init.netns import Routing
 from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.render import chain_order, rule_spec
 from istio_init.rulesets import owned_chains
@@ -34,7 +31,9 @@ if TYPE_CHECKING:
     from typing import Any, ContextManager, Mapping
 
     from istio_init import installed
+    from istio_init.backends.iptables.savefile import SavedTable
     from istio_init.config import Config
+    from istio_init.netns import Routing
     from istio_init.runner import Log
 
 # table -> chain -> rule specs (the text after `-A CHAIN`) in kernel order; chains listed even when empty.
@@ -134,6 +133,8 @@ def chains_from_tables(tables: Mapping[str, SavedTable]) -> Chains:
 
 def chains_from_save(text: str) -> Chains:
     """iptables-save text as rule text per table and chain."""
+    from istio_init.backends.iptables.savefile import parse_save
+
     return chains_from_tables(parse_save(text))
 
 
@@ -159,6 +160,8 @@ def _ours(table: str, chain: str, live: list[str], planned: list[str]) -> list[t
     """(1-based live position, spec) of istio-init's rules in one live chain."""
     if is_own_chain(table, chain):
         return list(enumerate(live, 1))
+    from istio_init.backends.iptables.reconcile import is_ours  # after the save tools started (run)
+
     wanted = set(planned)
     return [(n, spec) for n, spec in enumerate(live, 1) if spec in wanted or is_ours(table, chain, spec)]
 
@@ -446,6 +449,7 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     never looked at.
     """
     from istio_init import installed
+    from istio_init.backends.iptables.savefile import DIVERT_CHAIN, divert_marks
     from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
     store, rules = read_rules(backend, reading)

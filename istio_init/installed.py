@@ -24,11 +24,12 @@ of the tests answers as the kernel does.
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.savefile import SavedTable
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from typing import Any, Mapping, Sequence
+
+    from istio_init.backends.iptables.savefile import SavedTable
 
     from istio_init.netns import Routing
 

@@ -14,9 +14,9 @@ from istio_init.records import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Callable, Mapping, Sequence
 
+    from istio_init.backends.iptables.reconcile import TableChange
     from istio_init.backends.iptables.spawn import Running
 
-from istio_init.backends.iptables.reconcile import TableChange, restore_text
 from istio_init.backends.iptables.spawn import ToolTimeout
 from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, run_tool, start_tool
 from istio_init.errors import ApplyError
@@ -98,6 +98,8 @@ class RestoreTables(ToolTables):
 
     def commit_family(self, family: int, changes: list[TableChange],
                       meanwhile: Callable[[], object] | None = None) -> None:
+        from istio_init.backends.iptables.reconcile import restore_text  # not for a check, which only reads
+
         text = restore_text(changes)
         if not text:
             return
