@@ -175,10 +175,10 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
         log("native nftables: our tables are replaced in one transaction (--native-nftables)")
     else:
         choice = backends.choose(config.iptables_backend, families)
-        name, backend = choice.name, backends.get(choice.name)
+        # The restore tools start loading now: meanwhile the backend is imported, the lock taken and
+        # the change decided.
+        name, backend = choice.name, backends.get(choice.name, start=families)
         tools = backend
-        # The restore tools start loading now: meanwhile the lock is taken and the change decided.
-        backend.prepare(families)
         log(f"iptables backend {choice.name} ({choice.reason})")
         if rule_plan.routes or rule_plan.loopback_addresses:
             from istio_init import rtnl

@@ -24,11 +24,19 @@ if TYPE_CHECKING:
 # (docs/performance.md). libiptc stays for --iptables-backend libiptc.
 
 
-def get(name: str) -> IptablesBackend:
-    """The backend for a resolved --iptables-backend value (libiptc, legacy or nft)."""
+def get(name: str, start: Sequence[int] = ()) -> IptablesBackend:
+    """The backend for a resolved --iptables-backend value (libiptc, legacy or nft).
+
+    `start`: the families whose restore tools start now (IptablesBackend.prepare), before the
+    backend's own modules are imported, so those imports too overlap the tools' loading.
+    """
+    tables = current().iptables(name)
+    start_tools = getattr(tables, "start", None)
+    if start and start_tools is not None:
+        start_tools(start)
     from istio_init.backends.iptables.backend import IptablesBackend
 
-    return IptablesBackend(current().iptables(name))
+    return IptablesBackend(tables)
 
 
 def flavour(name: str) -> str:

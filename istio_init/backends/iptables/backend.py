@@ -105,14 +105,8 @@ class IptablesBackend:
         self.tables = tables
         self.name = tables.name
 
-    def prepare(self, families: Sequence[int]) -> None:
-        """Start what the commit will use (the restore tools, where the tables have them: `start`),
-        so it loads while the lock is taken and the change decided; release() ends what went unused."""
-        start = getattr(self.tables, "start", None)
-        if start is not None:
-            start(families)
-
     def release(self) -> None:
+        """End the restore tools started for the commit (backends.get's `start`) that it did not use."""
         stop = getattr(self.tables, "stop", None)
         if stop is not None:
             stop()
