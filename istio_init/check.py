@@ -503,6 +503,7 @@ def run(config: Config, log: Log) -> Report:
             timing.mark("istio-init's namespace lock")
             # The save tools run while the plan is made: their start is most of what a check waits for.
             reading = start_reading(config.iptables_backend)
+            timing.mark("start the save tools")
             planning = True
             try:
                 rule_plan, _ = runner.build_plan(config, log)
