@@ -91,14 +91,12 @@ class Reading:
                 self.pending.append((name, family, reader, start(family, False) if start else None))
 
     def finish(self) -> Installed:
-        # What reading the text needs is loaded first, while the tools still run: the parser,
-        # reconcile (stores_holding_ours) and the owned chains of every rule set (their modules).
+        # What reading the text needs is loaded first, while the tools still run: the parser and
+        # reconcile (stores_holding_ours).
         from istio_init import backends
         from istio_init.backends.iptables import reconcile  # noqa: F401 (stores_holding_ours)
         from istio_init.backends.iptables.savefile import parse_save
-        from istio_init.rulesets import owned_chains
 
-        owned_chains("nat")
         tables: dict[str, dict[int, dict[str, SavedTable]]] = {}
         pending, self.pending = self.pending, []
         for index, (name, family, reader, started) in enumerate(pending):
