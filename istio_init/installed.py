@@ -80,7 +80,8 @@ class Reading:
 
         self.requested = requested
         self.pending: list[tuple[str, int, Any, Any]] = []  # flavour, family, tables, started save or None
-        for name in backends.candidates(requested, list(FAMILIES)):
+        # The legacy tools start before nf_tables is asked (netlink, and the module that asks).
+        for name in backends.each_candidate(requested, list(FAMILIES)):
             reader = current().iptables(name)  # the tables alone: no backend around them for reading
             for family in FAMILIES:
                 if name == "legacy" and not backends.legacy_available([family]):

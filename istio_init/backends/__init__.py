@@ -14,7 +14,7 @@ from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.system import current
 
 if TYPE_CHECKING:
-    from typing import Callable, Sequence
+    from typing import Callable, Iterator, Sequence
 
     from istio_init.backends.base import Backend
     from istio_init.backends.iptables.backend import IptablesBackend
@@ -78,12 +78,19 @@ def choose(requested: str, families: Sequence[int]) -> Choice:
 
 def candidates(requested: str, families: Sequence[int]) -> list[str]:
     """The flavours that may hold istio-init's rules, for clean and for reading (`auto`: every one in use)."""
+    return list(each_candidate(requested, families))
+
+
+def each_candidate(requested: str, families: Sequence[int]) -> Iterator[str]:
+    """candidates(), one at a time: a reader starts the legacy tools before nf_tables is asked over netlink."""
     if requested != "auto":
-        return [flavour(requested)]
-    found = ["legacy"] if legacy_available(families) else []
-    if not found or nft_in_use(families):
-        found.append("nft")
-    return found
+        yield flavour(requested)
+        return
+    legacy = legacy_available(families)
+    if legacy:
+        yield "legacy"
+    if not legacy or nft_in_use(families):
+        yield "nft"
 
 
 def native_nft_in_use() -> bool:
