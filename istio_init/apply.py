@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from typing import Callable, Sequence
 
     from istio_init.backends.base import Backend, Undo
-    from istio_init.netns import Removed, Routing
+    from istio_init.host.routing import Removed, Routing
     from istio_init.system import System
 
 
@@ -110,13 +110,13 @@ def run(plan: RulePlan, backend: Backend, tproxy: tuple[int, int] = (1337, 133))
 def _apply_routing(plan: RulePlan, marks: set[int], tables: set[int], net: System,
                    undos: list[Undo | _NetworkUndo]) -> None:
     """Addresses and the planned policy routing in; istio-init's policy routing the plan does not want out."""
-    from istio_init.netns import planned_routing
+    from istio_init.host.routing import planned_routing
 
     wanted = planned_routing(plan.routes)
     marks = marks | {item.fwmark for item in wanted if item.kind == "rule"}
     tables = tables | {item.table for item in wanted}
     if not (plan.loopback_addresses or plan.routes) and not net.routing_present(marks, tables):
-        return  # the common case: nothing of ours, and no pyroute2 at all
+        return  # the common case: nothing of ours
     state = _NetworkUndo(net)
     undos.append(state)
     step = "loopback address"
@@ -132,7 +132,7 @@ def _apply_routing(plan: RulePlan, marks: set[int], tables: set[int], net: Syste
         stale = [item for family in (4, 6) for item in net.owned_routing(family, marks, tables) if item not in wanted]
         if stale:
             net.remove_routing(stale, state.removed_routing)
-    except Exception as exc:  # ApplyError, NetlinkError, OSError from pyroute2
+    except Exception as exc:  # ApplyError, or OSError: netlink's refusal
         raise ApplyError(f"route step, {step}: {exc}") from None
 
 
@@ -148,7 +148,7 @@ def clean(backends: Sequence[Backend], marks: set[int], dry_run: bool = False,
           tables: frozenset[int] = frozenset({133})) -> Cleaned:
     """Remove istio-init's rules from every backend given, its TPROXY routing and the ::6 address.
 
-    The routing removed is istio-init's shapes (netns.py) for `marks` (the
+    The routing removed is istio-init's shapes (host/routing.py) for `marks` (the
     flags' and those istio-init's removed rules set) and `tables`.
     """
     system = current()
@@ -187,6 +187,6 @@ def _clean_routing(marks: set[int], tables: set[int], dry_run: bool, net: System
         net.remove_routing(found, state.removed_routing)
         if has_address and net.remove_loopback_address(IPV6_PASSTHROUGH_ADDRESS):
             state.removed_addresses.append(IPV6_PASSTHROUGH_ADDRESS)
-    except Exception as exc:  # NetlinkError, OSError from pyroute2
+    except Exception as exc:  # OSError: netlink's refusal
         raise ApplyError(f"clean: removing routes or the ::6 address: {exc}") from None
     return gone

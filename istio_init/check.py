@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from istio_init import installed
     from istio_init.backends.iptables.savefile import SavedTable
     from istio_init.config import Config
-    from istio_init.netns import Routing
+    from istio_init.host.routing import Routing
     from istio_init.runner import Log
 
 # table -> chain -> rule specs (the text after `-A CHAIN`) in kernel order; chains listed even when empty.
@@ -139,7 +139,7 @@ def chains_from_save(text: str) -> Chains:
 
 
 def planned_state(rule_plan: RulePlan) -> Planned:
-    from istio_init.netns import planned_routing
+    from istio_init.host.routing import planned_routing
 
     return Planned({family.family: chains_from_plan(family) for family in rule_plan.families()},
                    planned_routing(rule_plan.routes), frozenset(rule_plan.loopback_addresses))
@@ -445,7 +445,7 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     istio-init's policy routing is that of the planned marks and tables, of
     the flags' TPROXY mark and route table (`tproxy`) and of marks set by live
     ISTIO_DIVERT rules (any flavour and family), in the shapes a rule set
-    plans (netns.py), so a stale TPROXY route is extra and a user's rule is
+    plans (host/routing.py), so a stale TPROXY route is extra and a user's rule is
     never looked at.
     """
     from istio_init import installed
@@ -458,9 +458,9 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
               for m in divert_marks(chains.get("mangle", {}).get(DIVERT_CHAIN, []))}
     tables = {r.table for r in planned.routing} | {tproxy[1]}
     try:
-        routing = installed.policy_routing(marks, tables, bool(planned.routing))
+        routing = installed.policy_routing(marks, tables)
         on_lo = installed.loopback_ipv6()
-    except Exception as exc:  # NetlinkError, OSError from pyroute2
+    except Exception as exc:  # OSError: netlink's refusal
         raise CheckError(f"cannot read the policy routing or the addresses on lo: {exc}") from None
     addresses = {a for a in {IPV6_PASSTHROUGH_ADDRESS, *planned.addresses} if a in on_lo}
     return Live(rules, frozenset(routing), frozenset(addresses), store)
@@ -475,7 +475,7 @@ def _apply_lock() -> ContextManager[None]:
     """
     import os
 
-    from istio_init import locks
+    from istio_init.host import locks
 
     if not os.path.exists(locks.namespace_lock_path()):
         import contextlib  # only here: contextlib is start-up time of every probe (docs/performance.md)

@@ -67,11 +67,15 @@ def _help(spec: FlagSpec) -> str:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _options_for(dests: tuple[str, ...] | None = None) -> Callable[[F], F]:
-    """A decorator adding one click option per entry of config.FLAGS (or the named ones)."""
+def _options_for(wanted: Callable[[FlagSpec], bool] = lambda spec: True) -> Callable[[F], F]:
+    """A decorator adding one click option per flag row (config.FLAGS) that is `wanted`.
+
+    Its names are the row's `option_names`, the words entry.py reads through
+    config.option_words: one grammar for both front doors.
+    """
     def decorate(command: F) -> F:
-        for spec in reversed([s for s in FLAGS if (dests is None or s.dest in dests) and not s.env_only]):
-            names = ([f"-{spec.short}"] if spec.short else []) + [f"--{spec.long}", spec.dest]
+        for spec in reversed([s for s in FLAGS if s.option_names and wanted(s)]):
+            names = [*spec.option_names, spec.dest]
             kind: dict[str, Any] = {"is_flag": True} if spec.is_switch else {"metavar": "VALUE"}
             command = click.option(*names, default=None, help=_help(spec), **kind)(command)
         return command
@@ -214,13 +218,9 @@ def graph_command(live: bool, fmt: str, table: str, **given: Any) -> None:
     _out(graph.run(config, live, fmt, table, log))
 
 
-_CLEAN_FLAGS = ("network_namespace", "iptables_backend", "dry_run", "tproxy_mark", "tproxy_route_table",
-                "native_nftables")
-
-
 @cli.command("clean", context_settings={"help_option_names": ["-h", "--help"]},
              short_help="Remove istio-init's rules, routes and ::6 address.")
-@_options_for(_CLEAN_FLAGS)
+@_options_for(lambda spec: spec.for_clean)
 def clean_command(**given: Any) -> None:
     """Remove istio-init's rules, TPROXY routes and the ::6 address, in both families.
 

@@ -242,7 +242,8 @@ def core(action: str, config: Config, call: Call) -> list[str]:
     pods do not wait for each other) and returns what the CLI would print,
     which goes to the log. Returns the drift found by CHECK (empty otherwise).
     """
-    from istio_init import locks, runner
+    from istio_init import runner
+    from istio_init.host import locks
 
     if action == "ADD":
         dump = runner.run(config, call.log)

@@ -48,8 +48,9 @@ REQUEST_TIMEOUT = 30.0
 WATCH_INTERVAL = 1.0
 CHILD_WAIT_SECONDS = 30.0
 # Modules a call needs, loaded once in the agent so that each forked child starts warm.
-_WARM_MODULES = ("istio_init.runner", "istio_init.apply", "istio_init.backends", "istio_init.netns",
-                 "istio_init.check", "istio_init.locks", "istio_init.render", "istio_init.rulesets.current",
+_WARM_MODULES = ("istio_init.runner", "istio_init.apply", "istio_init.backends", "istio_init.host.addresses",
+                 "istio_init.host.routing", "istio_init.host.nft_tables", "istio_init.host.namespace",
+                 "istio_init.check", "istio_init.host.locks", "istio_init.render", "istio_init.rulesets.current",
                  "istio_init.backends.iptables.restore", "istio_init.backends.iptables.backend",
                  "istio_init.backends.iptables.tools", "istio_init.backends.iptables.savefile", "yaml")
 
@@ -187,9 +188,9 @@ def respond(request: Request, data: Any, mesh: MeshSettings, log: Log,
 
 def forget_lock(netns: str) -> None:
     """Remove istio-init's lock file of the namespace at `netns` (entering it names the file)."""
-    from istio_init import locks, netns as namespaces
+    from istio_init.host import locks, namespace
 
-    namespaces.enter(netns)
+    namespace.enter(netns)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(locks.namespace_lock_path())
 

@@ -3,8 +3,10 @@
 Every value is checked here, before any kernel state is read or changed, so a
 typo in a pod spec fails the init container with one line naming the flag
 instead of half a rule set (Istio 1.8 printed a warning and dropped bad CIDRs).
-The flag table below is the single place a flag's names, environment variable,
-default and help text are spelled; the CLI builds its options from it.
+Each Config field is declared with its flag row (`flag`): the one place a
+flag's names, variable, default, help and per-flag facts are spelled. Both
+front doors read the rows' grammar (`option_words`; cli.py builds its click
+options from the same names), and from_sources turns the rows into a Config.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from itertools import repeat
 
 from istio_init import ifnames
 from istio_init.errors import ConfigError
-from istio_init.records import TYPE_CHECKING, NamedTuple
+from istio_init.records import TYPE_CHECKING, Declared, Generic, NamedTuple, TypeVar, declarations
 
 # No `re`, `functools` or `typing` at import or on a run with the usual values: with what they import
 # they are start-up time (docs/performance.md, "What start-up avoids"). Rarely used forms compile a pattern then.
 if TYPE_CHECKING:
     from types import MappingProxyType
-    from typing import Any, Mapping, Sequence
+    from typing import Any, Mapping, Never, Sequence
 else:
     MappingProxyType = type(type.__dict__)  # what types.MappingProxyType is
 
@@ -35,6 +37,31 @@ class Cidr(NamedTuple):
 
     def __str__(self) -> str:
         return self.text
+
+
+Item = TypeVar("Item", covariant=True)
+
+
+class AllOrList(NamedTuple, Generic[Item]):
+    """A value that is either `*` (everything) or a list: -b's ports, -i's CIDRs, the owner groups to include.
+
+    One type, so no rule set, renderer or summary can read a list while
+    forgetting the wildcard beside it. True when it selects anything at all.
+    """
+
+    all: bool = False
+    items: tuple[Item, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.all or bool(self.items)
+
+    def __str__(self) -> str:
+        return WILDCARD if self.all else ",".join(map(str, self.items))
+
+
+# `*`, and the empty list; of any item type (Never: no item at all).
+EVERYTHING: AllOrList[Never] = AllOrList(True)
+NOTHING: AllOrList[Never] = AllOrList()
 
 
 # An IPv4 octet and prefix length as rules spell them: decimal, no leading zeros.
@@ -192,8 +219,9 @@ class FlagSpec(NamedTuple):
     `releases` is the range of Istio minor releases whose istio-iptables had
     the flag (istio-init's own flags: every release a rule set covers); a flag
     is accepted under a rule set whose releases overlap it, and is an error
-    naming those releases under any other. Adding a flag is one row here plus
-    the rule-set code that reads its Config field.
+    naming those releases under any other. A row is declared with its Config
+    field (`flag`, in the Config class), so adding a flag is that one
+    statement plus the rule-set code that reads the field.
     """
 
     dest: str
@@ -212,10 +240,10 @@ class FlagSpec(NamedTuple):
     env_releases: tuple[int, int] | None = None
     # Accepted for compatibility and validated, but changes no rule (Istio's own switches for its tools).
     no_effect: bool = False
-    # The _Parser method that turns the raw text into the value of `fields` (one value, or one per field).
+    # The _Parser method that turns the raw text into the value of `field`.
     parser: str = "switch"
-    # The Config fields it fills (None: the one named `dest`; empty: validated only).
-    fields: tuple[str, ...] | None = None
+    # The Config field it fills, the one it is declared with ("": validated only).
+    field: str = ""
     # Its value can appear in rules it writes into built-in chains (PREROUTING, OUTPUT, ...): the rule
     # sets' ownership shapes are planned with a sentinel in its place (rulesets/sentinels.py).
     builtin: bool = False
@@ -223,6 +251,8 @@ class FlagSpec(NamedTuple):
     non_ascii: str = ""
     # Why the CNI plugin refuses it ("": the plugin's args may set it).
     cni_refusal: str = ""
+    # The `clean` command takes it too (where to clean, with what, and what is istio-init's).
+    for_clean: bool = False
 
     @property
     def label(self) -> str:
@@ -232,8 +262,11 @@ class FlagSpec(NamedTuple):
         return f"-{self.short}/--{self.long}" if self.short else f"--{self.long}"
 
     @property
-    def config_fields(self) -> tuple[str, ...]:
-        return (self.dest,) if self.fields is None else self.fields
+    def option_names(self) -> tuple[str, ...]:
+        """The words that give it on a command line, `-p` and `--envoy-port` (none: a variable only)."""
+        if self.env_only:
+            return ()
+        return (f"-{self.short}", f"--{self.long}") if self.short else (f"--{self.long}",)
 
     def exists_in(self, rule_set: str) -> bool:
         return _overlap(self.releases, RULE_SET_RELEASES[rule_set])
@@ -308,172 +341,273 @@ def switch_value(text: str, words: tuple[tuple[str, ...], tuple[str, ...]] = SWI
         return False
     return None
 
-FLAGS: tuple[FlagSpec, ...] = (
-    FlagSpec("rules_version", None, "rules-version", "ISTIO_INIT_RULES_VERSION", RULES_1_8,
-             "Which Istio release's rules to install: its version (1.8 to 1.32, such as 1.20 or 1.20.3), "
-             "or current (1.25 to 1.32). Default 1.8; docs/compatibility.md lists the rule sets.",
-             parser='rule_set'),
-    FlagSpec("envoy_port", "p", "envoy-port", "ENVOY_PORT", "15001",
-             "Port the sidecar listens on for captured outbound TCP (env read by the 1.8 rule set only).",
-             env_releases=(8, 8),
-             parser='port'),
-    FlagSpec("inbound_capture_port", "z", "inbound-capture-port", "INBOUND_CAPTURE_PORT", "15006",
-             "Port the sidecar listens on for captured inbound TCP.",
-             parser='port'),
-    FlagSpec("inbound_tunnel_port", "e", "inbound-tunnel-port", "INBOUND_TUNNEL_PORT", "15008",
-             "Inbound tunnel port; never captured.",
-             parser='port'),
-    FlagSpec("proxy_uid", "u", "proxy-uid", "PROXY_UID", "",
-             "Comma list of uids the proxy runs as; their traffic is never captured. "
-             "Default: uid of user $ENVOY_USER (istio-proxy), else 1337.",
-             parser='id_list', fields=('proxy_uids',), builtin=True),
-    FlagSpec("proxy_gid", "g", "proxy-gid", "PROXY_GID", "",
-             "Comma list of gids the proxy runs as. Default: the -u value.",
-             parser='id_list', fields=('proxy_gids',), builtin=True),
-    FlagSpec("inbound_interception_mode", "m", "istio-inbound-interception-mode",
-             "ISTIO_INBOUND_INTERCEPTION_MODE", REDIRECT,
-             "How inbound TCP reaches the proxy: REDIRECT (nat) or TPROXY (mangle, keeps the "
-             "original source address).",
-             parser='mode', builtin=True),
-    FlagSpec("inbound_ports", "b", "istio-inbound-ports", "ISTIO_INBOUND_PORTS", "",
-             "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture.",
-             parser='ports_or_all', fields=('capture_all_inbound', 'inbound_ports')),
-    FlagSpec("local_exclude_ports", "d", "istio-local-exclude-ports", "ISTIO_LOCAL_EXCLUDE_PORTS", "",
-             "Comma list of inbound ports left alone when -b is '*'. Port 22 always is, up to Istio 1.12.",
-             parser='ports'),
-    FlagSpec("service_cidr", "i", "istio-service-cidr", "ISTIO_SERVICE_CIDR", "",
-             "Outbound destinations to capture: '*' for all, or a comma list of CIDRs (IPv4 and "
-             "IPv6 may be mixed). Empty: no outbound capture.",
-             parser='cidrs_or_all', fields=('capture_all_outbound', 'outbound_cidrs')),
-    FlagSpec("service_exclude_cidr", "x", "istio-service-exclude-cidr", "ISTIO_SERVICE_EXCLUDE_CIDR", "",
-             "Comma list of CIDRs never captured outbound. '*' is not allowed.",
-             parser='cidrs', fields=('exclude_cidrs',)),
-    FlagSpec("outbound_ports", "q", "istio-outbound-ports", "ISTIO_OUTBOUND_PORTS", "",
-             "Comma list of outbound ports always captured, whatever -i says (IPv4 only in Istio 1.8).",
-             parser='ports'),
-    FlagSpec("outbound_ports_exclude", "o", "istio-local-outbound-ports-exclude",
-             "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "",
-             "Comma list of outbound ports never captured.",
-             parser='ports'),
-    FlagSpec("kube_virt_interfaces", "k", "kube-virt-interfaces", "KUBE_VIRT_INTERFACES", "",
-             "Comma list of interfaces (KubeVirt VMs) whose inbound traffic is treated as outbound.",
-             parser='interfaces', builtin=True, non_ascii='*'),
-    FlagSpec("tproxy_mark", "t", "istio-inbound-tproxy-mark", "ISTIO_INBOUND_TPROXY_MARK", "1337",
-             "Firewall mark set on TPROXY-captured packets (decimal or 0x hex).",
-             parser='uint32', builtin=True),
-    FlagSpec("tproxy_route_table", "r", "istio-inbound-tproxy-route-table",
-             "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", "133",
-             "Policy-routing table that delivers TPROXY-marked packets locally.",
-             parser='route_table'),
-    FlagSpec("iptables_probe_port", None, "iptables-probe-port", "IPTABLES_PROBE_PORT", "15002",
-             "Port of the local listener --run-validation connects through.",
-             parser='port'),
-    FlagSpec("probe_timeout", None, "probe-timeout", "PROBE_TIMEOUT", "5s",
-             "How long --run-validation waits, as a duration such as 5s or 500ms.",
-             parser='duration', non_ascii='µμ'),
-    FlagSpec("iptables_backend", None, "iptables-backend", "ISTIO_IPTABLES_BACKEND", "auto",
-             "How rules reach the kernel: libiptc, legacy or nft (iptables-restore), or auto.",
-             parser='backend'),
-    FlagSpec("network_namespace", None, "network-namespace", "NETWORK_NAMESPACE", "",
-             "Apply in this network namespace (a name under /run/netns or a path such as "
-             "/proc/PID/ns/net) instead of the current one.",
-             parser='namespace', non_ascii='*', cni_refusal='the runtime gives CNI_NETNS'),
-    FlagSpec("ipv6", None, "ipv6", "ISTIO_IPV6", "auto",
-             "Make IPv6 rules: auto (when the pod's first address is IPv6), true or false.",
-             parser='tristate'),
-    FlagSpec("dry_run", "n", "dry-run", "DRY_RUN", "false",
-             "Print the rules in iptables-save form and change nothing.", is_switch=True,
-             cni_refusal='the runtime wants the rules applied'),
-    FlagSpec("skip_rule_apply", None, "skip-rule-apply", "SKIP_RULE_APPLY", "false",
-             "Do not apply any rules (useful with --run-validation).", is_switch=True,
-             cni_refusal='the runtime wants the rules applied'),
-    FlagSpec("run_validation", None, "run-validation", "RUN_VALIDATION", "false",
-             "After applying, prove an outbound connection is redirected; exit 126 if not.",
-             is_switch=True,
-             cni_refusal="run it in the pod's validation init container"),
-    FlagSpec("redirect_dns", None, "redirect-dns", "REDIRECT_DNS", "false",
-             "Capture DNS (UDP and TCP port 53) to port 15053. Also on when "
-             "ISTIO_META_DNS_CAPTURE=true.", is_switch=True,
-             parser='dns', fields=('dns_capture',), builtin=True),
-    FlagSpec("multiport", None, "multiport", "ISTIO_MULTIPORT", "false",
-             "Group port lists into '-m multiport' rules of up to 15 ports (not Istio's rule "
-             "set; fewer rules for long lists; 1.8 rule set only).", is_switch=True, releases=(8, 8)),
+Value = TypeVar("Value")
+
+
+def flag(value: Value, short: str | None, long: str, env: str | None, help: str, *, dest: str = "",
+         text: str | None = None, **facts: Any) -> Value:
+    """A Config field declared as a flag: `value` is the field's default, the rest its row (FlagSpec).
+
+    The row's dest is the field's name unless `dest` names it otherwise; the
+    default's spelling on a command line is `value`'s own (true/false,
+    digits, a comma list, '*') unless `text` gives it. For mypy the call is
+    the default; at run time it is a records.Declared, whose row the class
+    keeps (records.declarations) and FLAGS lists.
+    """
+    def row(field: str) -> FlagSpec:
+        return FlagSpec(dest or field, short, long, env, _spelled(value) if text is None else text, help,
+                        field=field, **facts)
+
+    return Declared(value, row)  # type: ignore[return-value]  # records.py makes `value` the field's default
+
+
+def _spelled(value: object) -> str:
+    """A typed default as its flag spells it: `false`, `15001`, `1337,1338`, `*`, `` (empty)."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is tuple:
+        return ",".join(map(str, value))
+    return str(value)
+
+
+class Config(NamedTuple):
+    """Everything the planner and backends need, validated and normalised; each field with its flag row.
+
+    A NamedTuple, as the model's types are, for its start-up cost (see model.py).
+    Rows whose `releases` are narrower than istio-init's own (8, 32) are Istio's
+    later or earlier flags.
+    """
+
+    rules_version: str = flag(
+        RULES_1_8, None, "rules-version", "ISTIO_INIT_RULES_VERSION",
+        "Which Istio release's rules to install: its version (1.8 to 1.32, such as 1.20 or 1.20.3), "
+        "or current (1.25 to 1.32). Default 1.8; docs/compatibility.md lists the rule sets.",
+        parser='rule_set')
+    envoy_port: int = flag(
+        15001, "p", "envoy-port", "ENVOY_PORT",
+        "Port the sidecar listens on for captured outbound TCP (env read by the 1.8 rule set only).",
+        env_releases=(8, 8), parser='port')
+    inbound_capture_port: int = flag(
+        15006, "z", "inbound-capture-port", "INBOUND_CAPTURE_PORT",
+        "Port the sidecar listens on for captured inbound TCP.",
+        parser='port')
+    inbound_tunnel_port: int = flag(
+        15008, "e", "inbound-tunnel-port", "INBOUND_TUNNEL_PORT",
+        "Inbound tunnel port; never captured.",
+        parser='port')
+    proxy_uids: tuple[int, ...] = flag(
+        (1337,), "u", "proxy-uid", "PROXY_UID",
+        "Comma list of uids the proxy runs as; their traffic is never captured. "
+        "Default: uid of user $ENVOY_USER (istio-proxy), else 1337.",
+        dest='proxy_uid', text='', parser='id_list', builtin=True)
+    proxy_gids: tuple[int, ...] = flag(
+        (1337,), "g", "proxy-gid", "PROXY_GID",
+        "Comma list of gids the proxy runs as. Default: the -u value.",
+        dest='proxy_gid', text='', parser='id_list', builtin=True)
+    inbound_interception_mode: str = flag(
+        REDIRECT, "m", "istio-inbound-interception-mode", "ISTIO_INBOUND_INTERCEPTION_MODE",
+        "How inbound TCP reaches the proxy: REDIRECT (nat) or TPROXY (mangle, keeps the "
+        "original source address).",
+        parser='mode', builtin=True)
+    inbound_ports: AllOrList[int] = flag(
+        NOTHING, "b", "istio-inbound-ports", "ISTIO_INBOUND_PORTS",
+        "Inbound ports to capture: '*' for all, or a comma list. Empty: no inbound capture.",
+        parser='ports_or_all')
+    local_exclude_ports: tuple[int, ...] = flag(
+        (), "d", "istio-local-exclude-ports", "ISTIO_LOCAL_EXCLUDE_PORTS",
+        "Comma list of inbound ports left alone when -b is '*'. Port 22 always is, up to Istio 1.12.",
+        parser='ports')
+    outbound_cidrs: AllOrList[Cidr] = flag(
+        NOTHING, "i", "istio-service-cidr", "ISTIO_SERVICE_CIDR",
+        "Outbound destinations to capture: '*' for all, or a comma list of CIDRs (IPv4 and "
+        "IPv6 may be mixed). Empty: no outbound capture.",
+        dest='service_cidr', parser='cidrs_or_all')
+    exclude_cidrs: tuple[Cidr, ...] = flag(
+        (), "x", "istio-service-exclude-cidr", "ISTIO_SERVICE_EXCLUDE_CIDR",
+        "Comma list of CIDRs never captured outbound. '*' is not allowed.",
+        dest='service_exclude_cidr', parser='cidrs')
+    outbound_ports: tuple[int, ...] = flag(
+        (), "q", "istio-outbound-ports", "ISTIO_OUTBOUND_PORTS",
+        "Comma list of outbound ports always captured, whatever -i says (IPv4 only in Istio 1.8).",
+        parser='ports')
+    outbound_ports_exclude: tuple[int, ...] = flag(
+        (), "o", "istio-local-outbound-ports-exclude", "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        "Comma list of outbound ports never captured.",
+        parser='ports')
+    kube_virt_interfaces: tuple[str, ...] = flag(
+        (), "k", "kube-virt-interfaces", "KUBE_VIRT_INTERFACES",
+        "Comma list of interfaces (KubeVirt VMs) whose inbound traffic is treated as outbound.",
+        parser='interfaces', builtin=True, non_ascii='*')
+    tproxy_mark: int = flag(
+        1337, "t", "istio-inbound-tproxy-mark", "ISTIO_INBOUND_TPROXY_MARK",
+        "Firewall mark set on TPROXY-captured packets (decimal or 0x hex).",
+        parser='uint32', builtin=True, for_clean=True)
+    tproxy_route_table: int = flag(
+        133, "r", "istio-inbound-tproxy-route-table", "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        "Policy-routing table that delivers TPROXY-marked packets locally.",
+        parser='route_table', for_clean=True)
+    iptables_probe_port: int = flag(
+        15002, None, "iptables-probe-port", "IPTABLES_PROBE_PORT",
+        "Port of the local listener --run-validation connects through.",
+        parser='port')
+    probe_timeout: float = flag(
+        5.0, None, "probe-timeout", "PROBE_TIMEOUT",
+        "How long --run-validation waits, as a duration such as 5s or 500ms.",
+        text='5s', parser='duration', non_ascii='µμ')
+    iptables_backend: str = flag(
+        "auto", None, "iptables-backend", "ISTIO_IPTABLES_BACKEND",
+        "How rules reach the kernel: libiptc, legacy or nft (iptables-restore), or auto.",
+        parser='backend', for_clean=True)
+    network_namespace: str | None = flag(
+        None, None, "network-namespace", "NETWORK_NAMESPACE",
+        "Apply in this network namespace (a name under /run/netns or a path such as "
+        "/proc/PID/ns/net) instead of the current one.",
+        text='', parser='namespace', non_ascii='*', cni_refusal='the runtime gives CNI_NETNS', for_clean=True)
+    ipv6: bool | None = flag(  # None: decided from the pod's addresses
+        None, None, "ipv6", "ISTIO_IPV6",
+        "Make IPv6 rules: auto (when the pod's first address is IPv6), true or false.",
+        text='auto', parser='tristate')
+    dry_run: bool = flag(
+        False, "n", "dry-run", "DRY_RUN",
+        "Print the rules in iptables-save form and change nothing.",
+        is_switch=True, cni_refusal='the runtime wants the rules applied', for_clean=True)
+    skip_rule_apply: bool = flag(
+        False, None, "skip-rule-apply", "SKIP_RULE_APPLY",
+        "Do not apply any rules (useful with --run-validation).",
+        is_switch=True, cni_refusal='the runtime wants the rules applied')
+    run_validation: bool = flag(
+        False, None, "run-validation", "RUN_VALIDATION",
+        "After applying, prove an outbound connection is redirected; exit 126 if not.",
+        is_switch=True, cni_refusal="run it in the pod's validation init container")
+    dns_capture: bool = flag(
+        False, None, "redirect-dns", "REDIRECT_DNS",
+        "Capture DNS (UDP and TCP port 53) to port 15053. Also on when "
+        "ISTIO_META_DNS_CAPTURE=true.",
+        dest='redirect_dns', is_switch=True, parser='dns', builtin=True)
+    multiport: bool = flag(
+        False, None, "multiport", "ISTIO_MULTIPORT",
+        "Group port lists into '-m multiport' rules of up to 15 ports (not Istio's rule "
+        "set; fewer rules for long lists; 1.8 rule set only).",
+        is_switch=True, releases=(8, 8))
     # Istio's later flags: `releases` says since (and until) which release.
-    FlagSpec("exclude_interfaces", "c", "istio-exclude-interfaces", "ISTIO_EXCLUDE_INTERFACES", "",
-             "Comma list of interfaces whose traffic is never captured, in or out (Istio 1.11 on).",
-             releases=(11, 32),
-             parser='interfaces', builtin=True),
-    FlagSpec("capture_all_dns", None, "capture-all-dns", "CAPTURE_ALL_DNS", "false",
-             "With DNS capture, capture all port-53 traffic, not only to the resolvers of "
-             "/etc/resolv.conf (Istio 1.11 on).", is_switch=True, releases=(11, 32),
-             builtin=True),
-    FlagSpec("drop_invalid", None, "drop-invalid", "DROP_INVALID", "false",
-             "Drop packets conntrack finds INVALID (in mangle; Istio 1.12 on). "
-             "Also INVALID_DROP, which wins (current rule set).", is_switch=True, releases=(12, 32),
-             env_alias="INVALID_DROP",
-             builtin=True),
-    FlagSpec("dual_stack", None, "dual-stack", "DUAL_STACK", "false",
-             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.18 on). "
-             "Also ISTIO_DUAL_STACK, which wins (current rule set).", is_switch=True, releases=(18, 32),
-             env_alias="ISTIO_DUAL_STACK"),
-    FlagSpec("cni_mode", None, "cni-mode", "CNI_MODE", "false",
-             "Run from the host for a pod: the xtables lock is scoped to --network-namespace "
-             "(Istio 1.11 on).", is_switch=True, releases=(11, 32)),
-    FlagSpec("reconcile", None, "reconcile", "RECONCILE", "false",
-             "Accepted for Istio compatibility: istio-init always converges (Istio 1.24 on).",
-             is_switch=True, releases=(24, 32)),
-    FlagSpec("force_apply", None, "force-apply", "FORCE_APPLY", "false",
-             "Accepted for Istio compatibility: every run converges to the planned rules "
-             "(Istio 1.24 on).", is_switch=True, releases=(24, 32)),
+    exclude_interfaces: tuple[str, ...] = flag(
+        (), "c", "istio-exclude-interfaces", "ISTIO_EXCLUDE_INTERFACES",
+        "Comma list of interfaces whose traffic is never captured, in or out (Istio 1.11 on).",
+        releases=(11, 32), parser='interfaces', builtin=True)
+    capture_all_dns: bool = flag(
+        False, None, "capture-all-dns", "CAPTURE_ALL_DNS",
+        "With DNS capture, capture all port-53 traffic, not only to the resolvers of "
+        "/etc/resolv.conf (Istio 1.11 on).",
+        is_switch=True, releases=(11, 32), builtin=True)
+    drop_invalid: bool = flag(
+        False, None, "drop-invalid", "DROP_INVALID",
+        "Drop packets conntrack finds INVALID (in mangle; Istio 1.12 on). "
+        "Also INVALID_DROP, which wins (current rule set).",
+        is_switch=True, releases=(12, 32), env_alias="INVALID_DROP", builtin=True)
+    dual_stack: bool = flag(
+        False, None, "dual-stack", "DUAL_STACK",
+        "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.18 on). "
+        "Also ISTIO_DUAL_STACK, which wins (current rule set).",
+        is_switch=True, releases=(18, 32), env_alias="ISTIO_DUAL_STACK")
+    cni_mode: bool = flag(
+        False, None, "cni-mode", "CNI_MODE",
+        "Run from the host for a pod: the xtables lock is scoped to --network-namespace "
+        "(Istio 1.11 on).",
+        is_switch=True, releases=(11, 32))
+    reconcile: bool = flag(
+        False, None, "reconcile", "RECONCILE",
+        "Accepted for Istio compatibility: istio-init always converges (Istio 1.24 on).",
+        is_switch=True, releases=(24, 32))
+    force_apply: bool = flag(
+        False, None, "force-apply", "FORCE_APPLY",
+        "Accepted for Istio compatibility: every run converges to the planned rules "
+        "(Istio 1.24 on).",
+        is_switch=True, releases=(24, 32))
+    owner_groups_include: AllOrList[int] = flag(
+        EVERYTHING, None, "", "ISTIO_OUTBOUND_OWNER_GROUPS",
+        "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64 (Istio 1.14 on).",
+        releases=(14, 32), env_only=True, parser='groups_or_all')
+    owner_groups_exclude: tuple[int, ...] = flag(
+        (), None, "", "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+        "Groups (names or gids) whose outbound traffic is never captured (with the include list '*'; "
+        "Istio 1.14 on).",
+        releases=(14, 32), env_only=True, parser='groups')
+    ipv4_loopback_cidr: str = flag(
+        DEFAULT_IPV4_LOOPBACK_CIDR, None, "", "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+        "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32 "
+        "(Istio 1.21 on).",
+        releases=(21, 32), env_only=True, parser='loopback_cidr', builtin=True)
+    native_nftables: bool = flag(
+        False, None, "native-nftables", "NATIVE_NFTABLES",
+        "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
+        "transaction instead of iptables; with -n, print that transaction.",
+        is_switch=True, for_clean=True)
+    agent_dual_stack: bool = flag(
+        False, None, "", "ISTIO_AGENT_DUAL_STACK",
+        "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.17-1.18's "
+        "pilot-agent variable).",
+        releases=(17, 18), env_only=True)
+    trace_logging: bool = flag(
+        False, None, "iptables-trace-logging", "IPTABLES_TRACE_LOGGING",
+        "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24). "
+        "Istio 1.25 takes it and writes no NFLOG rule.",
+        is_switch=True, releases=(12, 25), builtin=True)
+    dns_conntrack_zone: bool = flag(
+        False, None, "", "ISTIO_META_DNS_CONNTRACK_ZONE",
+        "With DNS capture, keep DNS in conntrack zones of its own (Istio 1.10; always from 1.11).",
+        releases=(10, 10), env_only=True, builtin=True)
+    # Where each value came from, for the effective-configuration summary.
+    sources: Mapping[str, str] = MappingProxyType({})
+
+    @property
+    def tproxy(self) -> bool:
+        return self.inbound_interception_mode == TPROXY
+
+    @property
+    def inbound_enabled(self) -> bool:
+        return bool(self.inbound_ports)
+
+
+
+# Flags that are validated but fill no Config field.
+VALIDATED_ONLY = (
     FlagSpec("force_iptables_binary", None, "force-iptables-binary", "FORCE_IPTABLES_BINARY", "",
              "legacy or nft: skip backend detection, as --iptables-backend legacy|nft (current rule set).",
              releases=(25, 32),
-             parser='checked_by_backend', fields=()),
-    FlagSpec("owner_groups_include", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS", WILDCARD,
-             "Groups (names or gids) whose outbound traffic is captured; '*' for all; at most 64 (Istio 1.14 on).",
-             releases=(14, 32), env_only=True,
-             parser='groups_or_all'),
-    FlagSpec("owner_groups_exclude", None, "", "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "",
-             "Groups (names or gids) whose outbound traffic is never captured (with the include list '*'; "
-             "Istio 1.14 on).", releases=(14, 32), env_only=True,
-             parser='groups'),
-    FlagSpec("ipv4_loopback_cidr", None, "", "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", DEFAULT_IPV4_LOOPBACK_CIDR,
-             "The IPv4 loopback CIDR of the rules (instead of 127.0.0.1/32): IPv4 loopback, mask 8-32 "
-             "(Istio 1.21 on).", releases=(21, 32), env_only=True,
-             parser='loopback_cidr', builtin=True),
-    FlagSpec("native_nftables", None, "native-nftables", "NATIVE_NFTABLES", "false",
-             "Program the rules with native nftables (tables inet istio-proxy-nat, -mangle, -raw) in one "
-             "transaction instead of iptables; with -n, print that transaction.", is_switch=True),
-    FlagSpec("agent_dual_stack", None, "", "ISTIO_AGENT_DUAL_STACK", "false",
-             "With --ipv6 auto, make IPv6 rules when the pod has any IPv6 address (Istio 1.17-1.18's "
-             "pilot-agent variable).", releases=(17, 18), env_only=True),
-    FlagSpec("trace_logging", None, "iptables-trace-logging", "IPTABLES_TRACE_LOGGING", "false",
-             "Log the first packet of each captured connection with NFLOG (group 1337; Istio 1.12-1.24).",
-             is_switch=True, releases=(12, 24),
-             builtin=True),
-    FlagSpec("dns_conntrack_zone", None, "", "ISTIO_META_DNS_CONNTRACK_ZONE", "false",
-             "With DNS capture, keep DNS in conntrack zones of its own (Istio 1.10; always from 1.11).",
-             releases=(10, 10), env_only=True,
-             builtin=True),
+             parser='checked_by_backend'),
     FlagSpec("restore_format", "f", "restore-format", None, "true",
              "Accepted for Istio compatibility (Istio up to 1.23): istio-init picks its own way to apply.",
-             is_switch=True, releases=(8, 23), no_effect=True,
-             fields=()),
+             is_switch=True, releases=(8, 23), no_effect=True),
     FlagSpec("iptables_version", None, "iptables-version", None, "",
              "Accepted for Istio compatibility (Istio 1.18-1.21): see --iptables-backend.",
              releases=(18, 21), no_effect=True,
-             parser='text', fields=()),
+             parser='text'),
     FlagSpec("output_paths", None, "output-paths", None, "",
              "Accepted for Istio compatibility (Istio 1.11-1.16): istio-init logs to stderr.",
              releases=(11, 16), no_effect=True,
-             parser='text', fields=()),
+             parser='text'),
     FlagSpec("host_nsenter_exec", None, "host-nsenter-exec", None, "false",
              "Accepted for Istio compatibility (Istio 1.15-1.17): see --network-namespace.",
-             is_switch=True, releases=(15, 17), no_effect=True,
-             fields=()),
+             is_switch=True, releases=(15, 17), no_effect=True),
 )
 
+FLAGS: tuple[FlagSpec, ...] = (
+    *(spec for spec in declarations(Config).values() if isinstance(spec, FlagSpec)), *VALIDATED_ONLY)
 FLAGS_BY_DEST = {spec.dest: spec for spec in FLAGS}
+_OPTION_WORDS: dict[str, FlagSpec] = {}
+
+
+def option_words() -> dict[str, FlagSpec]:
+    """Each word that gives a flag on a command line (`-p`, `--envoy-port`) -> its row: the rows' grammar.
+
+    Both front doors read flags through it: cli.py makes each row's click
+    option from the same `option_names`, entry.py reads Istio's plain flag
+    list with this map, and `take_switch_values` finds the switches in it.
+    Built on first use (the CNI plugin's runs never need it).
+    """
+    if not _OPTION_WORDS:
+        _OPTION_WORDS.update((name, spec) for spec in FLAGS for name in spec.option_names)
+    return _OPTION_WORDS
 # Go's strconv.ParseBool, which Istio's (cobra/pflag) boolean flags use for `--flag=VALUE`.
 GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -488,85 +622,23 @@ def take_switch_values(args: Sequence[str], extra_switches: Sequence[str] = ()) 
     "false"; a `false` given this way is given (it beats the variable), as in
     Istio. A click-only switch set to true comes back as its bare `--name`.
     """
-    switches = {spec.long: spec for spec in FLAGS if spec.is_switch and not spec.env_only}
+    words = option_words()
     rest: list[str] = []
     values: dict[str, str] = {}
     for word in args:
         name, eq, value = word.partition("=")
-        long = name[2:] if name.startswith("--") else ""
-        if eq and (long in switches or long in extra_switches):
-            label = switches[long].label if long in switches else name
+        spec = words.get(name) if eq and name.startswith("--") else None
+        switch = spec if spec is not None and spec.is_switch else None
+        if switch is not None or (eq and name.startswith("--") and name[2:] in extra_switches):
             if value not in GO_TRUE and value not in GO_FALSE:
-                raise ConfigError(label, value, "must be true or false")
-            if long in switches:
-                values[switches[long].dest] = "true" if value in GO_TRUE else "false"
+                raise ConfigError(switch.label if switch else name, value, "must be true or false")
+            if switch is not None:
+                values[switch.dest] = "true" if value in GO_TRUE else "false"
             elif value in GO_TRUE:
                 rest.append(name)
             continue
         rest.append(word)
     return rest, values
-
-
-class Config(NamedTuple):
-    """Everything the planner and backends need, validated and normalised.
-
-    A NamedTuple, as the model's types are, for its start-up cost (see model.py).
-    """
-
-    envoy_port: int = 15001
-    inbound_capture_port: int = 15006
-    inbound_tunnel_port: int = 15008
-    proxy_uids: tuple[int, ...] = (1337,)
-    proxy_gids: tuple[int, ...] = (1337,)
-    inbound_interception_mode: str = REDIRECT
-    capture_all_inbound: bool = False
-    inbound_ports: tuple[int, ...] = ()
-    local_exclude_ports: tuple[int, ...] = ()
-    capture_all_outbound: bool = False
-    outbound_cidrs: tuple[Cidr, ...] = ()
-    exclude_cidrs: tuple[Cidr, ...] = ()
-    outbound_ports: tuple[int, ...] = ()
-    outbound_ports_exclude: tuple[int, ...] = ()
-    kube_virt_interfaces: tuple[str, ...] = ()
-    tproxy_mark: int = 1337
-    tproxy_route_table: int = 133
-    dns_capture: bool = False
-    multiport: bool = False
-    ipv6: bool | None = None  # None: decided from the pod's addresses
-    dry_run: bool = False
-    skip_rule_apply: bool = False
-    run_validation: bool = False
-    iptables_probe_port: int = 15002
-    probe_timeout: float = 5.0
-    iptables_backend: str = "auto"
-    network_namespace: str | None = None
-    rules_version: str = RULES_1_8
-    # Istio's later releases (FlagSpec.releases says which).
-    exclude_interfaces: tuple[str, ...] = ()
-    capture_all_dns: bool = False
-    drop_invalid: bool = False
-    dual_stack: bool = False
-    agent_dual_stack: bool = False  # Istio 1.17-1.18
-    cni_mode: bool = False
-    reconcile: bool = False
-    force_apply: bool = False
-    owner_groups_include: tuple[int, ...] | None = None  # None: '*', every group
-    owner_groups_exclude: tuple[int, ...] = ()
-    ipv4_loopback_cidr: str = DEFAULT_IPV4_LOOPBACK_CIDR
-    native_nftables: bool = False
-    # Istio 1.12-1.24 (--iptables-trace-logging) and 1.10 (ISTIO_META_DNS_CONNTRACK_ZONE).
-    trace_logging: bool = False
-    dns_conntrack_zone: bool = False
-    # Where each value came from, for the effective-configuration summary.
-    sources: Mapping[str, str] = MappingProxyType({})
-
-    @property
-    def tproxy(self) -> bool:
-        return self.inbound_interception_mode == TPROXY
-
-    @property
-    def inbound_enabled(self) -> bool:
-        return self.capture_all_inbound or bool(self.inbound_ports)
 
 
 def default_proxy_uid(environ: Mapping[str, str]) -> str:
@@ -614,17 +686,15 @@ def from_sources(given: Mapping[str, str | bool | None], environ: Mapping[str, s
 
     parse = _RowParser(raw, sources, version, environ)
     for spec in FLAGS:
-        parse.check_characters(spec)
-    # Each row's parser fills its Config fields; a flag this rule set does not have keeps the default.
+        if sources[spec.dest] != "default":  # a default is its row's own text (tests/test_flag_rows.py checks each)
+            parse.check_characters(spec)
+    # Each row's parser fills its Config field; a flag this rule set does not have keeps the default.
     fields: dict[str, Any] = {}
     for spec in FLAGS:
         if spec.exists_in(version):
             value = getattr(parse, spec.parser)(spec.dest)
-            names = spec.config_fields
-            if len(names) == 1:
-                fields[names[0]] = value
-            elif names:
-                fields.update(zip(names, value))
+            if spec.field:
+                fields[spec.field] = value
     return Config(sources=sources, **fields)
 
 
@@ -638,7 +708,7 @@ def cni_refusals() -> dict[str, str]:
 
 def fields_not_in(rule_set: str) -> frozenset[str]:
     """Config fields of flags the rule set does not have (left out of its summary)."""
-    return frozenset(field for spec in FLAGS if not spec.exists_in(rule_set) for field in spec.config_fields)
+    return frozenset(spec.field for spec in FLAGS if spec.field and not spec.exists_in(rule_set))
 
 
 def _rules_version(given: Mapping[str, str | bool | None], environ: Mapping[str, str]) -> str:
@@ -767,24 +837,24 @@ class _Parser:
     def port(self, dest: str) -> int:
         return self._port_value(dest, self.raw[dest].strip())
 
-    def port_list(self, dest: str, wildcard: bool) -> tuple[bool, tuple[int, ...]]:
+    def port_list(self, dest: str, wildcard: bool) -> AllOrList[int]:
         if self.raw[dest].strip() == WILDCARD:
             if not wildcard:
                 raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of ports")
-            return True, ()
-        return False, tuple(self._port_value(dest, item) for item in self.items(dest))
+            return EVERYTHING
+        return AllOrList(False, tuple(self._port_value(dest, item) for item in self.items(dest)))
 
-    def cidr_list(self, dest: str, wildcard: bool, need_prefix: bool = False) -> tuple[bool, tuple[Cidr, ...]]:
+    def cidr_list(self, dest: str, wildcard: bool, need_prefix: bool = False) -> AllOrList[Cidr]:
         if self.raw[dest].strip() == WILDCARD:
             if not wildcard:
                 raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of CIDRs")
-            return True, ()
+            return EVERYTHING
         items = self.items(dest)
         for item in items if need_prefix else ():
             if "/" not in item:
                 raise self.fail(dest, item, "a CIDR needs a prefix length, such as /32")
         try:
-            return False, tuple(parse_cidrs(items))
+            return AllOrList(False, tuple(parse_cidrs(items)))
         except ValueError:
             pass
         for item in items:  # name the first bad item
@@ -804,12 +874,12 @@ class _Parser:
             raise self.fail(dest, self.raw[dest], "at least one numeric id is needed")
         return tuple(ids)
 
-    def group_list(self, dest: str, wildcard: bool) -> tuple[bool, tuple[int, ...]]:
+    def group_list(self, dest: str, wildcard: bool) -> AllOrList[int]:
         """Group names or gids as gids (iptables-save prints gids); `*` is every group."""
         if self.raw[dest].strip() == WILDCARD:
             if not wildcard:
                 raise self.fail(dest, self.raw[dest], "'*' is not allowed here; give a list of groups")
-            return True, ()
+            return EVERYTHING
         gids = []
         for item in self.items(dest):
             if item.isascii() and item.isdigit():
@@ -824,8 +894,8 @@ class _Parser:
             except KeyError:
                 raise self.fail(dest, item, "no such group") from None
         if wildcard and not gids:
-            return True, ()  # an empty include list is Istio's default '*'
-        return False, tuple(gids)
+            return EVERYTHING  # an empty include list is Istio's default '*'
+        return AllOrList(False, tuple(gids))
 
     def loopback_cidr(self, dest: str) -> str:
         text = self.raw[dest].strip()
@@ -929,15 +999,15 @@ class _RowParser(_Parser):
         return self.version
 
     def ports(self, dest: str) -> tuple[int, ...]:
-        return self.port_list(dest, wildcard=False)[1]
+        return self.port_list(dest, wildcard=False).items
 
-    def ports_or_all(self, dest: str) -> tuple[bool, tuple[int, ...]]:
+    def ports_or_all(self, dest: str) -> AllOrList[int]:
         return self.port_list(dest, wildcard=True)
 
     def cidrs(self, dest: str) -> tuple[Cidr, ...]:
-        return self.cidr_list(dest, wildcard=False, need_prefix=self.version == RULES_CURRENT)[1]
+        return self.cidr_list(dest, wildcard=False, need_prefix=self.version == RULES_CURRENT).items
 
-    def cidrs_or_all(self, dest: str) -> tuple[bool, tuple[Cidr, ...]]:
+    def cidrs_or_all(self, dest: str) -> AllOrList[Cidr]:
         # Current Istio: CIDRs need a prefix length.
         return self.cidr_list(dest, wildcard=True, need_prefix=self.version == RULES_CURRENT)
 
@@ -965,14 +1035,15 @@ class _RowParser(_Parser):
         """Its value is checked (and used) by `backend`."""
 
     def groups(self, dest: str) -> tuple[int, ...]:
-        return self.group_list(dest, wildcard=False)[1]
+        return self.group_list(dest, wildcard=False).items
 
-    def groups_or_all(self, dest: str) -> tuple[int, ...] | None:
-        """Group names or gids, None for '*' (Istio's limit: at most 64, one rule of N owner matches)."""
-        include_all, include = self.group_list(dest, wildcard=True)
-        if len(include) > MAX_OWNER_GROUPS_INCLUDE:
-            raise self.fail(dest, self.raw[dest], f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, got {len(include)}")
-        return None if include_all else include
+    def groups_or_all(self, dest: str) -> AllOrList[int]:
+        """Group names or gids, or '*' (Istio's limit: at most 64, one rule of N owner matches)."""
+        include = self.group_list(dest, wildcard=True)
+        if len(include.items) > MAX_OWNER_GROUPS_INCLUDE:
+            raise self.fail(dest, self.raw[dest], f"at most {MAX_OWNER_GROUPS_INCLUDE} groups, "
+                                                  f"got {len(include.items)}")
+        return include
 
     def text(self, dest: str) -> str:
         return self.raw[dest]

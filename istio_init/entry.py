@@ -20,7 +20,7 @@ import os
 import sys
 
 from istio_init import logs, output, timing
-from istio_init.config import CLEANUP_ONLY_ENV, FLAGS, ISTIO_BINARY_NAME, take_switch_values
+from istio_init.config import CLEANUP_ONLY_ENV, ISTIO_BINARY_NAME, option_words, take_switch_values
 from istio_init.errors import IstioInitError
 
 CHECK_COMMAND = "check"
@@ -36,15 +36,14 @@ def parse_run(argv: list[str]) -> dict[str, str | bool] | None:
         args, switch_values = take_switch_values(args)
     except IstioInitError:
         return None  # the click CLI reports it
-    short = {f"-{spec.short}": spec for spec in FLAGS if spec.short and not spec.env_only}
-    long = {f"--{spec.long}": spec for spec in FLAGS if not spec.env_only}
+    words = option_words()  # the rows' grammar, as click's options (cli.py) have it
     given: dict[str, str | bool] = dict(switch_values)
     i = 0
     while i < len(args):
         word, value = args[i], None
         if word.startswith("--") and "=" in word:
             word, value = word.split("=", 1)
-        spec = short.get(word) if len(word) == 2 else long.get(word)
+        spec = words.get(word)
         if spec is None:
             return None
         if spec.is_switch:

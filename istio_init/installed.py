@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from typing import Any, Mapping, Sequence
 
     from istio_init.backends.iptables.savefile import SavedTable
-
-    from istio_init.netns import Routing
+    from istio_init.host.routing import Routing
 
 FLAVOURS = ("legacy", "nft")
 FAMILIES = (4, 6)
@@ -144,17 +143,11 @@ def native_objects() -> list[dict[str, Any]]:
     return NftablesBackend().ours()
 
 
-def policy_routing(marks: set[int], tables: set[int], planned: bool) -> frozenset[Routing]:
-    """istio-init's policy rules and routes for `marks` and `tables` in both families.
-
-    Unless the plan has routing (`planned`), pyroute2 is only loaded when a
-    netlink dump says some may be there.
-    """
+def policy_routing(marks: set[int], tables: set[int]) -> frozenset[Routing]:
+    """istio-init's policy rules and routes for `marks` and `tables` in both families."""
     from istio_init.system import current
 
     system = current()
-    if not planned and not system.routing_present(marks, tables):
-        return frozenset()
     return frozenset(item for family in FAMILIES for item in system.owned_routing(family, marks, tables))
 
 

@@ -21,7 +21,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from istio_init.config import FLAGS_BY_DEST, GO_SWITCH_WORDS, RULES_CURRENT, Config, from_sources, switch_value
+from istio_init.config import (FLAGS_BY_DEST, GO_SWITCH_WORDS, RULES_CURRENT, WILDCARD, Config, from_sources,
+                               switch_value)
 from istio_init.errors import ConfigError
 
 # Annotation names (istio/api annotation/annotations.yaml; facts, as Istio spells them).
@@ -196,9 +197,9 @@ def capture_flags(facts: PodFacts, mesh: MeshSettings) -> tuple[list[tuple[str, 
         ("proxy_uid", uid),
         ("proxy_gid", gid),
         ("inbound_interception_mode", mode),
-        ("service_cidr", annotation("service_cidr", INCLUDE_OUTBOUND_IP_RANGES, "*")),
+        ("service_cidr", annotation("service_cidr", INCLUDE_OUTBOUND_IP_RANGES, WILDCARD)),
         ("service_exclude_cidr", annotation("service_exclude_cidr", EXCLUDE_OUTBOUND_IP_RANGES, "")),
-        ("inbound_ports", annotation("inbound_ports", INCLUDE_INBOUND_PORTS, "*")),
+        ("inbound_ports", annotation("inbound_ports", INCLUDE_INBOUND_PORTS, WILDCARD)),
         ("local_exclude_ports", ",".join(dict.fromkeys(ports))),
         ("outbound_ports", annotation("outbound_ports", INCLUDE_OUTBOUND_PORTS, "")),
         ("outbound_ports_exclude", annotation("outbound_ports_exclude", EXCLUDE_OUTBOUND_PORTS, "15020")),

@@ -4,11 +4,14 @@ Every data type here (Config, FlagSpec, Rule, RulePlan, ...) is a typed
 NamedTuple. Importing `typing` pulls in `re`, `enum`, `functools` and
 `collections`, a large part of what istio-init adds to the interpreter's own
 start on a dry run (docs/performance.md, "What start-up avoids").
-So modules take `NamedTuple` (and `TYPE_CHECKING`) from here: mypy sees
+So modules take `NamedTuple` (and `TYPE_CHECKING`, and for a generic record
+`Generic` and `TypeVar`) from here: mypy sees
 typing's own (the `if TYPE_CHECKING` branch), and at run time `NamedTuple`
 builds the same kind of class: a tuple subclass with one C field accessor per
 field, defaults, `_fields`, `_field_defaults`, `_replace`, `_asdict`, `_make`,
 a `Name(field=value, ...)` repr, and the class body's methods and docstring.
+A field's default may be a `Declared`: the default plus what else the field's
+one statement says (config.py declares each Config field with its flag row).
 tests/test_records.py holds it to collections.namedtuple's behaviour.
 """
 
@@ -24,13 +27,38 @@ def constructor_source(arity: int) -> str:
     return (f"def new_{arity}(_cls{', ' if arity else ''}{arguments}):\n"
             f"    return _tuple_new(_cls, ({arguments}{',' if arity == 1 else ''}))\n")
 
+
+class Declared:
+    """A field's default with the rest of its declaration: `describe(field name)` (a flag row, in config.py).
+
+    A record class keeps `default` as the field's default and what `describe`
+    returns for it, for `declarations(cls)`: so the field and what else is
+    said about it are one statement in the class body.
+    """
+
+    __slots__ = ("default", "describe")
+
+    def __init__(self, default: object, describe: Callable[[str], object]) -> None:
+        self.default = default
+        self.describe = describe
+
+
+def declarations(record: type) -> dict[str, object]:
+    """Field name -> what its `Declared` default described, in field order ({} for a record without any)."""
+    found: dict[str, object] = record.__dict__.get("_declarations", {})
+    return found
+
+
 if TYPE_CHECKING:
+    from typing import Callable
+    from typing import Generic as Generic
     from typing import NamedTuple as NamedTuple
+    from typing import TypeVar as TypeVar
 else:
     from _collections import _tuplegetter  # the C accessor collections.namedtuple uses too
 
     _RESERVED = frozenset({"__new__", "__init__", "__slots__", "__getnewargs__", "_fields", "_field_defaults",
-                           "_make", "_replace", "_asdict"})
+                           "_make", "_replace", "_asdict", "_declarations"})
 
     def _repr(self):
         return f"{type(self).__name__}({', '.join(f'{n}={v!r}' for n, v in zip(self._fields, self))})"
@@ -55,7 +83,35 @@ else:
         return result
 
     FunctionType = type(_repr)
-    _CONSTRUCTORS = {}
+
+    # The constructors of small records, written out: compiling one (below) costs 40-70 us of every
+    # start, and most records have few fields. Only their code is used, with `_tuple_new` bound by _build.
+    def _new1(_cls, _0):
+        return _tuple_new(_cls, (_0,))  # noqa: F821
+
+    def _new2(_cls, _0, _1):
+        return _tuple_new(_cls, (_0, _1))  # noqa: F821
+
+    def _new3(_cls, _0, _1, _2):
+        return _tuple_new(_cls, (_0, _1, _2))  # noqa: F821
+
+    def _new4(_cls, _0, _1, _2, _3):
+        return _tuple_new(_cls, (_0, _1, _2, _3))  # noqa: F821
+
+    def _new5(_cls, _0, _1, _2, _3, _4):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4))  # noqa: F821
+
+    def _new6(_cls, _0, _1, _2, _3, _4, _5):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5))  # noqa: F821
+
+    def _new7(_cls, _0, _1, _2, _3, _4, _5, _6):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5, _6))  # noqa: F821
+
+    def _new8(_cls, _0, _1, _2, _3, _4, _5, _6, _7):
+        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5, _6, _7))  # noqa: F821
+
+    _CONSTRUCTORS = {arity: written.__code__.replace(co_name="__new__", co_qualname="__new__")
+                     for arity, written in enumerate((_new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8), 1)}
 
     def _constructor(arity):
         """The code of `__new__(_cls, a, b, ...)` for `arity` fields.
@@ -84,7 +140,16 @@ else:
         for field in fields:
             if field.startswith("_"):
                 raise ValueError(f"{name}: field names cannot start with an underscore: {field!r}")
-        defaults = tuple(namespace[f] for f in fields if f in namespace)
+        defaults = []
+        declared = {}
+        for field in fields:
+            if field in namespace:
+                default = namespace[field]
+                if type(default) is Declared:
+                    declared[field] = default.describe(field)
+                    default = default.default
+                defaults.append(default)
+        defaults = tuple(defaults)
         if defaults and any(f not in namespace for f in fields[len(fields) - len(defaults):]):
             raise TypeError(f"{name}: a field without a default follows one with a default")
         new = FunctionType(_constructor(len(fields)).replace(co_varnames=("_cls", *fields)),
@@ -94,7 +159,7 @@ else:
         body = {"__slots__": (), "__new__": new, "_fields": fields, "__match_args__": fields,
                 "_field_defaults": dict(zip(fields[len(fields) - len(defaults):], defaults)),
                 "__repr__": _repr, "_replace": _replace, "_asdict": _asdict, "__getnewargs__": _getnewargs,
-                "_make": classmethod(_make_from)}
+                "_make": classmethod(_make_from), "_declarations": declared}
         for key, value in namespace.items():
             if key in _RESERVED:
                 raise AttributeError(f"{name}: cannot overwrite NamedTuple attribute {key}")
@@ -114,3 +179,22 @@ else:
         raise TypeError("istio_init.records.NamedTuple supports the class syntax only")
 
     NamedTuple.__mro_entries__ = lambda bases: (_Root,)
+
+    class _Generic:
+        """`Generic[T]` among a record's bases: mypy's generic record; at run time no base at all.
+
+        Annotations are strings here (`from __future__ import annotations`), so
+        `Record[int]` is never evaluated: the record class needs no typing machinery.
+        """
+
+        def __getitem__(self, parameters):
+            return self
+
+        def __mro_entries__(self, bases):
+            return ()
+
+    Generic = _Generic()
+
+    def TypeVar(name, *constraints, **options):  # noqa: N802 (typing's name)
+        """A type variable's name: only mypy reads type variables."""
+        return name

@@ -13,7 +13,7 @@ import os
 from _operator import attrgetter  # operator.py only re-exports the C module's
 
 from istio_init import timing
-from istio_init.config import RULES_CURRENT, Cidr, Config, fields_not_in, flag_label
+from istio_init.config import RULES_CURRENT, AllOrList, Cidr, Config, fields_not_in, flag_label
 from istio_init.errors import ApplyError
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
@@ -38,12 +38,14 @@ def summary(config: Config, ipv6: bool) -> str:
     for name in config._fields:
         if name != "sources" and name not in other:
             value = getattr(config, name)
-            lines.append(f"  {name}: {'*' if name == 'owner_groups_include' and value is None else _show(value)}")
+            lines.append(f"  {name}: {_show(value)}")
     lines.append(f"  ip families: {'IPv4, IPv6' if ipv6 else 'IPv4'}")
     return "\n".join(lines)
 
 
 def _show(value: object) -> str:
+    if isinstance(value, AllOrList):  # '*' or the list
+        return str(value) if value.all else _show(value.items)
     if isinstance(value, tuple):
         if value and isinstance(value[0], Cidr):  # thousands of them: no Python-level __str__ call each
             return ",".join(map(attrgetter("text"), value))
@@ -180,10 +182,6 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
         name, backend = choice.name, backends.get(choice.name, start=families)
         tools = backend
         log(f"iptables backend {choice.name} ({choice.reason})")
-        if rule_plan.routes or rule_plan.loopback_addresses:
-            from istio_init import rtnl
-
-            backend.meanwhile = rtnl.messages  # loaded while the restore tool commits, not after it
     from istio_init import apply
 
     timing.mark("choose the backend")

@@ -18,7 +18,9 @@ and tests/faultinject.py wraps the real one to fail at a named step.
 runner takes a test double.
 
 Imports stay inside the methods: a dry run never builds a System, and an
-apply imports only what its steps use (pyroute2 only for routes and `::6`).
+apply imports only what its steps use. The kernel interfaces themselves are
+istio_init/host/ (netlink, addresses, routing, nf_tables' tables, the
+namespace, locks) and the backends' tool and library modules.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from istio_init.backends.iptables.backend import Tables
-    from istio_init.netns import Removed, Routing
+    from istio_init.host.routing import Removed, Routing
 
 
 class System:
@@ -60,9 +62,9 @@ class System:
 
     def iptables_nft_tables(self, family: int) -> set[str]:
         """The iptables tables iptables-nft has made here for `family`."""
-        from istio_init import netns
+        from istio_init.host import nft_tables
 
-        return netns.iptables_nft_tables(family)
+        return nft_tables.iptables_nft_tables(family)
 
     def legacy_tables(self, family: int) -> set[str] | None:
         """The legacy tables loaded here for `family`; None when the kernel offers no legacy ip_tables."""
@@ -78,93 +80,93 @@ class System:
 
     def native_nft_tables(self) -> set[str]:
         """istio-init's own `inet istio-proxy-*` tables here (--native-nftables)."""
-        from istio_init import netns
+        from istio_init.host import nft_tables
 
-        return netns.native_nft_tables()
+        return nft_tables.native_nft_tables()
 
-    # ---- TPROXY policy routing and the ::6 loopback address (pyroute2) ----------------------
+    # ---- TPROXY policy routing and the ::6 loopback address (netlink) -----------------------
 
     def add_policy_route(self, family: int, fwmark: int, table: int) -> list[Routing]:
-        from istio_init import netns
+        from istio_init.host import routing
 
-        return netns.add_policy_route(family, fwmark, table)
+        return routing.add_policy_route(family, fwmark, table)
 
     def remove_routing(self, items: list[Routing], removed: list[Removed] | None = None) -> list[Removed]:
         """Delete istio-init's rules and routes named; each deletion is appended to `removed` as it happens."""
-        from istio_init import netns
+        from istio_init.host import routing
 
-        return netns.remove_routing(items, removed)
+        return routing.remove_routing(items, removed)
 
     def restore_routing(self, removed: list[Removed]) -> None:
-        from istio_init import netns
+        from istio_init.host import routing
 
-        netns.restore_routing(removed)
+        routing.restore_routing(removed)
 
     def owned_routing(self, family: int, marks: set[int], tables: set[int]) -> list[Routing]:
-        """istio-init's policy rules and local default routes for these marks and tables (pyroute2)."""
-        from istio_init import netns
+        """istio-init's policy rules and local default routes for these marks and tables."""
+        from istio_init.host import routing
 
-        return netns.owned_routing(family, marks, tables)
+        return routing.owned_routing(family, marks, tables)
 
     def routing_present(self, marks: set[int], tables: set[int]) -> bool:
-        """Whether any of owned_routing() may exist, asked without pyroute2 (True: cannot tell)."""
-        from istio_init import netns
+        """Whether any of owned_routing() exists in either family (True: cannot tell)."""
+        from istio_init.host import routing
 
-        return netns.routing_present(marks, tables)
+        return routing.routing_present(marks, tables)
 
     def has_loopback_address(self, address: str) -> bool:
-        from istio_init import netns
+        from istio_init.host import addresses
 
-        return netns.has_loopback_address(address)
+        return addresses.has_loopback_address(address)
 
     def add_loopback_address(self, address: str) -> bool:
-        from istio_init import netns
+        from istio_init.host import addresses
 
-        return netns.add_loopback_address(address)
+        return addresses.add_loopback_address(address)
 
     def remove_loopback_address(self, address: str) -> bool:
-        from istio_init import netns
+        from istio_init.host import addresses
 
-        return netns.remove_loopback_address(address)
+        return addresses.remove_loopback_address(address)
 
     def loopback_ipv6_addresses(self) -> set[str]:
         """The IPv6 addresses on lo, as "::6/128"."""
-        from istio_init import netns
+        from istio_init.host import addresses
 
-        return netns.loopback_ipv6_addresses()
+        return addresses.loopback_ipv6_addresses()
 
     # ---- the namespace and the process -----------------------------------------------------
 
     def enter_namespace(self, path: str, label: str) -> None:
-        from istio_init import netns
+        from istio_init.host import namespace
 
-        netns.enter(path, label)
+        namespace.enter(path, label)
 
     def namespace_lock(self) -> contextlib.AbstractContextManager[None]:
         """istio-init's lock of this network namespace, held around read, decide and commit."""
-        from istio_init import locks
+        from istio_init.host import locks
 
         return locks.namespace_lock()
 
     def detect_ipv6(self) -> bool:
-        from istio_init import netns
+        from istio_init.host import addresses
 
-        return netns.detect_ipv6()
+        return addresses.detect_ipv6()
 
     def pod_addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-        from istio_init import netns
+        from istio_init.host import addresses
 
-        return netns.pod_addresses()
+        return addresses.pod_addresses()
 
     def has_net_admin(self) -> bool | None:
-        from istio_init import netns
+        from istio_init.host import namespace
 
-        return netns.has_net_admin()
+        return namespace.has_net_admin()
 
     def in_initial_namespace(self) -> bool:
-        from istio_init import netns
+        from istio_init.host import namespace
 
-        return netns.in_initial_namespace()
+        return namespace.in_initial_namespace()
 
 
 _current: System | None = None

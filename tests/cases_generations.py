@@ -9,6 +9,9 @@ below (https://github.com/istio/istio), each file copied verbatim to
   input from 1.24); the config of each is in that tag's
   `tools/istio-iptables/pkg/capture/run_test.go`, the same configs as the
   current rule set's cases (cases_current.py) plus `logging` (TraceLogging).
+- 1.25.5: `tools/istio-iptables/pkg/capture/testdata/logging.golden` only (the
+  release's other goldens are the current rule set's cases): the last release
+  whose istio-iptables takes --iptables-trace-logging, writing no NFLOG rule.
 - 1.9.9, 1.10.6 and 1.11.8: `tools/istio-iptables/pkg/cmd/run_test.go`, the
   `expected` string list of each test that runs the whole rule set
   (`iptConfigurator.run()`), one string per line in `<TestName>.golden`; the
@@ -31,7 +34,7 @@ from cases_current import CURRENT_CASES, GROUP_GIDS, CurrentCase
 
 ISTIO_DIR = Path(__file__).parent / "golden" / "istio"
 CONVERTED_DIR = Path(__file__).parent / "golden" / "generations"
-CAPTURE_TAGS = ("1.12.9", "1.17.8", "1.19.10", "1.21.6", "1.23.6", "1.24.6")
+CAPTURE_TAGS = ("1.12.9", "1.17.8", "1.19.10", "1.21.6", "1.23.6", "1.24.6", "1.25.5")
 RUN_TEST_TAGS = ("1.9.9", "1.10.6", "1.11.8")
 # 1.10.3 to 1.10.6 ran these tests with ISTIO_META_DNS_CONNTRACK_ZONE on (`useConntrackZoneDNS = true`).
 _RUN_TEST_ENV = {"1.10.6": {"ISTIO_META_DNS_CONNTRACK_ZONE": "true"}}

@@ -99,7 +99,7 @@ class CniPod:
 
     def lock_path(self) -> str:
         """istio-init's lock file for this pod's namespace, as istio-init names it from inside."""
-        return self.run(sys.executable, "-c", "from istio_init import locks; print(locks.namespace_lock_path())",
+        return self.run(sys.executable, "-c", "from istio_init.host import locks; print(locks.namespace_lock_path())",
                         ).stdout.strip()
 
 

@@ -35,7 +35,7 @@ from istio_init.backends.iptables.savefile import normalize, parse_save
 from istio_init.backends.iptables.tools import command
 from istio_init.errors import ApplyError
 from istio_init.model import NATIVE_TABLE_PREFIX
-from istio_init.netns import Removed, Routing
+from istio_init.host.routing import Removed, Routing
 from istio_init.system import System
 
 

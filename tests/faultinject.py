@@ -22,7 +22,7 @@ from istio_init import cli, system
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.errors import ApplyError
 from istio_init.model import APPEND, Rule, Step
-from istio_init.netns import Routing
+from istio_init.host.routing import Routing
 
 if TYPE_CHECKING:
     from istio_init.backends.iptables.backend import Tables

@@ -85,7 +85,7 @@ def test_failure_before_any_change_is_not_an_incomplete_rollback(netns: Namespac
 
 
 def _lock_path(ns: Namespace, env: dict[str, str]) -> str:
-    code = "from istio_init import locks; print(locks.namespace_lock_path())"
+    code = "from istio_init.host import locks; print(locks.namespace_lock_path())"
     return ns.run(sys.executable, "-c", code, env=clean_environ(env)).stdout.strip()
 
 
@@ -101,7 +101,7 @@ def test_one_lock_per_namespace_and_usable_without_root(netns: Namespace) -> Non
         istio_init(netns, "-i", "*", "--ipv6", "false", env=env)  # root makes the directory and the file
         assert os.stat(env["ISTIO_INIT_LOCK_DIR"]).st_mode & 0o7777 == 0o1777
         assert os.stat(path_a).st_mode & 0o777 == 0o644
-        take = ("import os; from istio_init import locks; os.setgroups([]); os.setgid(1337); os.setuid(1337)\n"
+        take = ("import os; from istio_init.host import locks; os.setgroups([]); os.setgid(1337); os.setuid(1337)\n"
                 "with locks.namespace_lock(5): print('locked')")
         for ns in (netns, other):  # the file exists (made by root) / does not exist yet
             done = ns.run(sys.executable, "-c", take, env=clean_environ(env), check=False)

@@ -178,7 +178,7 @@ def test_a_converged_rerun_says_no_change_in_one_line(netns: Namespace, extra: l
     assert "no change" not in other.stderr
 
 
-_PROBE = "from istio_init import netns; print(netns.in_initial_namespace())"
+_PROBE = "from istio_init.host import namespace; print(namespace.in_initial_namespace())"
 
 
 def test_the_hosts_namespace_is_recognised() -> None:
@@ -196,7 +196,7 @@ def test_the_hosts_namespace_is_recognised() -> None:
     assert (host.stdout, fresh.stdout) == ("True\n", "False\n"), (host.stderr, fresh.stderr)
 
 
-_AS_IF_HOST = ("import sys; from istio_init import netns; netns.in_initial_namespace = lambda: True; "
+_AS_IF_HOST = ("import sys; from istio_init.host import namespace; namespace.in_initial_namespace = lambda: True; "
                "from istio_init.entry import main; main(sys.argv[1:])")
 
 

@@ -210,8 +210,8 @@ def test_check_reports_a_missing_tproxy_route(node: Node) -> None:
     assert node.istio("ADD", pod, args).code == 0
     assert node.istio("CHECK", pod, args).code == 0
     subprocess.run(["nsenter", f"--net={pod.path}", sys.executable, "-c",
-                    "from istio_init import netns\n"
-                    "netns.remove_routing([netns.Routing('rule', 4, 1337, 133)])"], check=True, timeout=30)
+                    "from istio_init.host import routing\n"
+                    "routing.remove_routing([routing.Routing('rule', 4, 1337, 133)])"], check=True, timeout=30)
     drifted = node.istio("CHECK", pod, args)
     assert drifted.code != 0 and "fwmark 0x539 lookup 133" in only_one_answer(drifted.stdout)["details"]
 

@@ -16,7 +16,7 @@ import pytest
 
 from cases import SEED_ARGS
 from clirun import assert_one_error_line, clean_environ, invoke
-from istio_init.config import from_sources
+from istio_init.config import EVERYTHING, AllOrList, from_sources
 
 CURRENT = ("--rules-version", "current")
 
@@ -185,7 +185,7 @@ def test_bad_current_input_changes_nothing(netns) -> None:
 def test_sixty_four_owner_groups_are_allowed_and_exclude_has_no_limit() -> None:
     many = ",".join(str(g) for g in range(100, 164))
     assert config({"rules_version": "current"}, {"ISTIO_OUTBOUND_OWNER_GROUPS": many}).owner_groups_include \
-        == tuple(range(100, 164))
+        == AllOrList(False, tuple(range(100, 164)))
     more = ",".join(str(g) for g in range(100, 300))
     assert len(config({"rules_version": "current"},
                       {"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": more}).owner_groups_exclude) == 200
@@ -194,10 +194,10 @@ def test_sixty_four_owner_groups_are_allowed_and_exclude_has_no_limit() -> None:
 def test_owner_group_names_are_resolved_to_gids() -> None:
     name = grp.getgrgid(0).gr_name  # every system has gid 0
     cfg = config({"rules_version": "current"}, {"ISTIO_OUTBOUND_OWNER_GROUPS": f"{name},202"})
-    assert cfg.owner_groups_include == (0, 202)
+    assert cfg.owner_groups_include == AllOrList(False, (0, 202))
     out = invoke([*CURRENT, "-n", "--ipv6", "false"], {"ISTIO_OUTBOUND_OWNER_GROUPS": f"{name},202"}).stdout
     assert "-A ISTIO_OUTPUT -m owner ! --gid-owner 0 -m owner ! --gid-owner 202 -j RETURN" in out
-    assert config({"rules_version": "current"}, {"ISTIO_OUTBOUND_OWNER_GROUPS": "*"}).owner_groups_include is None
+    assert config({"rules_version": "current"}, {"ISTIO_OUTBOUND_OWNER_GROUPS": "*"}).owner_groups_include == EVERYTHING
 
 
 def test_loopback_cidr_is_written_in_network_form() -> None:

@@ -18,7 +18,7 @@ from istio_init.check import (Difference, Live, chains_from_plan, chains_from_sa
                               format_text, planned_state, to_json)
 from istio_init.backends.iptables.savefile import parse_save
 from istio_init.installed import holding_store, stores_holding_ours
-from istio_init.netns import Routing
+from istio_init.host.routing import Routing
 from istio_init.render import render_family, render_plan, split_families
 from istio_init.rulesets import plan
 

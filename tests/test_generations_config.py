@@ -16,8 +16,8 @@ DRY = ["-n", "--ipv6", "false"]
                                               "--rules-version 1.18 to 1.20 (Istio 1.18-1.21; this run uses 1.24)"),
     ("1.24.6", ["-f"], "invalid value for -f/--restore-format: 'true': exists only with --rules-version 1.8 to 1.23 "
                        "(Istio 1.8-1.23; this run uses 1.24)"),
-    ("1.25", ["--iptables-trace-logging"], "invalid value for --iptables-trace-logging: 'true': exists only with "
-                                           "--rules-version 1.12 to 1.24 (Istio 1.12-1.24; this run uses current)"),
+    ("1.11", ["--iptables-trace-logging"], "invalid value for --iptables-trace-logging: 'true': exists only with "
+                                           "--rules-version 1.12 to current (Istio 1.12-1.25; this run uses 1.11)"),
     ("1.18", ["--host-nsenter-exec"], "invalid value for --host-nsenter-exec: 'true': exists only with "
                                       "--rules-version 1.13 (Istio 1.15-1.17; this run uses 1.18, for Istio 1.18-1.19)"),
     ("1.11", ["--reconcile"], "invalid value for --reconcile: 'true': exists only with --rules-version 1.24 to current "

@@ -112,8 +112,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "istio_init.podcapture",
               "istio_init.rulesets", "istio_init.backends.iptables.savefile",
               "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.printed")),
-    # What speaks to the kernel: tools, python-iptables, libnftables, netlink, routes, lock files.
-    ("kernel", ("istio_init.netns", "istio_init.rtnl", "istio_init.locks", "istio_init.libnftables",
+    # What speaks to the kernel: host/ (netlink, addresses, routes, nf_tables' tables, the namespace, lock
+    # files), libnftables, the tools and python-iptables.
+    ("kernel", ("istio_init.host", "istio_init.libnftables",
                 "istio_init.backends.iptables.spawn", "istio_init.backends.iptables.tools",
                 "istio_init.backends.iptables.restore", "istio_init.backends.iptables.libiptc")),
     # The one seam over all of it, which tests replace (tests/fakehost.py).
@@ -203,3 +204,29 @@ def test_the_reader_check_finds_a_second_reader() -> None:
               "    open('/proc/net/if_inet6')\n    backends.candidates('auto', [4])\n")
     assert sorted(hit.split(":")[0] for hit in _reads_installed(ast.parse(sample))) == ["line 2", "line 3",
                                                                                          "line 4", "line 5"]
+
+
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    """Every module name a module imports anywhere (functions and TYPE_CHECKING blocks included)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_pyroute2_is_the_tests_oracle_only() -> None:
+    """istio_init speaks netlink through host/netlink.py; pyroute2 only checks it (tests/test_netlink.py)."""
+    offenders = {name: sorted(m for m in _top_level_imports(tree) if m.split(".")[0] == "pyroute2")
+                 for name, tree in _modules().items()}
+    assert {name: hits for name, hits in offenders.items() if hits} == {}
+    assert _top_level_imports(ast.parse("def f():\n    from pyroute2.netlink import nlmsg\n")) == {"pyroute2.netlink"}
+
+
+def test_only_the_host_package_speaks_netlink() -> None:
+    """One netlink stack, used by the host layer's modules; everything else asks the System."""
+    speakers = {name for name, tree in _modules().items() if "istio_init.host.netlink" in _imports(name, tree)
+                or "istio_init.host.netlink" in _top_level_imports(tree)}
+    assert speakers and all(name.startswith("istio_init.host.") for name in speakers), sorted(speakers)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from istio_init import locks
+from istio_init.host import locks
 from nsutil import Namespace
 
 # A run that takes the namespace's lock again and again and logs when it holds it (monotonic time).
 _LOCKER = """
 import os, sys, time
-from istio_init import locks
+from istio_init.host import locks
 log, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
 while time.monotonic() < until:
     with locks.namespace_lock(30):
@@ -72,7 +72,7 @@ def test_a_lock_taken_on_a_retired_file_moves_to_the_paths_new_file(tmp_path: Pa
     path = str(tmp_path / "ns.lock")
     with locks.held(path, 5, "test"):
         waiter = subprocess.Popen([sys.executable, "-c", (
-            "import os, sys, time\nfrom istio_init import locks\n"
+            "import os, sys, time\nfrom istio_init.host import locks\n"
             f"with locks.held({path!r}, 10, 'test'):\n"
             f"    print(os.path.exists({path!r}), flush=True); time.sleep(1)\n")],
             stdout=subprocess.PIPE, text=True)
@@ -91,7 +91,7 @@ def test_a_lock_taken_on_a_retired_file_moves_to_the_paths_new_file(tmp_path: Pa
 def test_retire_waits_for_the_holder_and_removes_the_file(tmp_path: Path) -> None:
     path = str(tmp_path / "ns.lock")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom istio_init import locks\n"
+        "import time\nfrom istio_init.host import locks\n"
         f"with locks.held({path!r}, 5, 'test'):\n    print('held', flush=True); time.sleep(0.6)\n")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline() == "held\n"

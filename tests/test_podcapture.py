@@ -80,7 +80,7 @@ def test_injected_for_cni_is_captured() -> None:
     decision = decide(PodFacts("default", "pod", {"sidecar.istio.io/status": status,
                                                   "sidecar.istio.io/inject": "yes"}), MESH)
     assert isinstance(decision, Capture)
-    assert decision.config.capture_all_inbound and decision.config.capture_all_outbound
+    assert decision.config.inbound_ports.all and decision.config.outbound_cidrs.all
 
 
 def test_flags_are_sidecar_redirects() -> None:

@@ -23,7 +23,7 @@ from fakehost import FakeHost
 from hostile import istio_init, pod_namespaces
 from istio_init import apply, system
 from istio_init.errors import ApplyError
-from istio_init.netns import Routing
+from istio_init.host.routing import Routing
 from nsutil import Namespace
 
 TPROXY = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "TPROXY", "-i", "*", "-b", "*")
@@ -107,6 +107,17 @@ def test_stale_tproxy_routing_is_reported_and_removed_by_a_re_run(pod: Namespace
     assert istio_init(pod, *REDIRECT).returncode == 0
     assert _rules(pod) == [] and _routes(pod, 133) == []
     assert istio_init(pod, "check", *REDIRECT).returncode == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("table", ["133", "1000"])
+def test_the_rule_and_route_as_the_kernel_holds_them(pod: Namespace, table: str) -> None:
+    """Priority 32000, istio-init's protocol 73 on both, a table id above 255 kept whole; clean takes both."""
+    assert istio_init(pod, *TPROXY, "-r", table).returncode == 0
+    assert _rules(pod) == [f"from all fwmark 0x539 lookup {table} proto 73 @32000"]
+    assert _routes(pod, int(table)) == ["local default dev lo proto 73 scope host "]
+    assert istio_init(pod, "clean", "-r", table).returncode == 0
+    assert _rules(pod) == [] and _routes(pod, int(table)) == []
 
 
 @pytest.mark.root

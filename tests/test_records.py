@@ -91,3 +91,28 @@ def test_records_of_any_arity_build_and_refuse_like_typing(arity: int) -> None:
     if arity:
         with pytest.raises(TypeError):
             cls(*values[1:])
+
+
+def test_a_generic_record_has_no_typing_base_at_run_time() -> None:
+    """`Generic[T]` among the bases is for mypy only: the class is a plain record, subscripts are not evaluated."""
+    from istio_init.records import Generic, TypeVar
+
+    item = TypeVar("item")
+
+    class Box(NamedTuple, Generic[item]):
+        first: bool = False
+        rest: tuple[item, ...] = ()
+
+    assert Box.__mro__ == (Box, tuple, object)
+    assert Box(True, (1,)) == (True, (1,)) and Box()._fields == ("first", "rest")
+
+
+def test_a_declared_default_is_the_default_and_its_description_is_kept() -> None:
+    from istio_init.records import Declared, declarations
+
+    class Port(NamedTuple):
+        number: int = Declared(15001, lambda field: f"{field} row")  # type: ignore[assignment]
+        name: str = "envoy"
+
+    assert Port() == (15001, "envoy") and Port._field_defaults == {"number": 15001, "name": "envoy"}
+    assert declarations(Port) == {"number": "number row"} and declarations(Ours) == {}

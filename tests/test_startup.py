@@ -31,12 +31,10 @@ STDLIB_NOT_NEEDED = {"typing", "re", "enum", "functools", "collections", "contex
                      "dataclasses", "subprocess", "shlex", "socket", "logging", "asyncio", "importlib.util", "inspect"}
 SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources", "click", "subprocess",
                     "dataclasses", "socket", "ipaddress", "shlex", *sorted(STDLIB_NOT_NEEDED))
-# What no apply needs unless its path does: click (entry.py parses Istio's flags), pyroute2 (TPROXY and
-# ::6 only), setuptools (python-iptables' distutils import is turned into its sysconfig fallback).
+# What no apply imports: click (entry.py parses Istio's flags), pyroute2 (istio_init's netlink is its own,
+# istio_init/host/netlink.py; pyroute2 is the tests' oracle), setuptools (python-iptables' distutils import is
+# turned into its sysconfig fallback).
 NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"} | STDLIB_NOT_NEEDED
-# All of pyroute2 (its package __init__): TPROXY and ::6 need its netlink messages only (istio_init/rtnl.py).
-ALL_OF_PYROUTE2 = {"asyncio", "pyroute2.iproute", "pyroute2.ndb", "pyroute2.ipdb", "pyroute2.nftables",
-                   "pyroute2.ipset", "pyroute2.iwutil"}
 
 
 def _without_site() -> tuple[list[str], dict[str, str]]:
@@ -77,7 +75,7 @@ def imported_modules(argv: list[str], netns=None) -> set[str]:
 # What a dry run of the default (1.8) rule set never uses: the System (it touches no kernel), the
 # other rule sets and the apply path's modules.
 NOT_ON_A_DRY_RUN = {"istio_init.system", "istio_init.rulesets.current", "istio_init.rulesets.istio_1_9_to_1_24",
-                    "istio_init.apply", "istio_init.backends", "istio_init.netns", "istio_init.locks"}
+                    "istio_init.apply", "istio_init.backends", "istio_init.host"}
 
 
 def test_dry_run_imports_nothing_slow() -> None:
@@ -135,20 +133,23 @@ def test_large_auto_apply_imports_no_python_iptables(netns) -> None:
 
 
 @pytest.mark.root
-def test_tproxy_apply_imports_pyroute2s_messages_only(netns) -> None:
-    """The guards above can fail: TPROXY's policy routing needs pyroute2, its rule and route messages only."""
+def test_tproxy_apply_imports_no_pyroute2_and_no_socket(netns) -> None:
+    """TPROXY's policy rule and route go over istio-init's own netlink (host/netlink.py on `_socket`)."""
     names = imported_modules([*SEED_ARGS, "-m", "TPROXY", "--iptables-backend", "auto"], netns)
-    assert {"pyroute2.netlink.rtnl.fibmsg", "pyroute2.netlink.rtnl.rtmsg"} <= names
-    assert not names & (ALL_OF_PYROUTE2 | {"click", "iptc"}), sorted(names & (ALL_OF_PYROUTE2 | {"click", "iptc"}))
+    assert {"istio_init.host.routing", "istio_init.host.netlink"} <= names  # the routing path really ran
+    unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes", "subprocess", "dataclasses", "shlex", "ipaddress"}
+    assert not names & unneeded, sorted(names & unneeded)
 
 
 @pytest.mark.root
-def test_ipv6_apply_imports_pyroute2s_messages_only(netns) -> None:
-    """An IPv6 pod: both families through the restore tools, and ::6 on lo through pyroute2's address message."""
+def test_ipv6_apply_imports_no_pyroute2_and_no_socket(netns) -> None:
+    """An IPv6 pod: both families through the restore tools, and ::6 on lo over istio-init's own netlink."""
     netns.add_address("2001:db8::10/64")
     names = imported_modules([*SEED_ARGS, "--iptables-backend", "auto"], netns)
-    assert "pyroute2.netlink.rtnl.ifaddrmsg" in names and "istio_init.backends.iptables.restore" in names
-    assert not names & (ALL_OF_PYROUTE2 | {"click", "iptc", "ctypes"}), sorted(names & ALL_OF_PYROUTE2)
+    assert "istio_init.host.addresses" in names and "istio_init.backends.iptables.restore" in names
+    assert "::6/128" in netns.run("ip", "-6", "addr", "show", "dev", "lo").stdout  # the address path really ran
+    unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes", "subprocess", "dataclasses", "shlex", "ipaddress"}
+    assert not names & unneeded, sorted(names & unneeded)
 
 
 @pytest.mark.root
@@ -171,7 +172,7 @@ def test_a_pod_with_an_address_imports_nothing_slow(netns) -> None:
     """The pod's IP families come from its addresses (IPv4 here): read without pyroute2 or ipaddress."""
     netns.add_address("192.0.2.10/24")
     names = imported_modules([*SEED_ARGS, "--iptables-backend", "auto"], netns)
-    assert "istio_init.netns" in names
+    assert "istio_init.host.addresses" in names
     assert not names & (NEVER_ON_AN_APPLY | {"iptc", "ctypes", "ipaddress"}), sorted(names & NEVER_ON_AN_APPLY)
 
 
@@ -206,11 +207,11 @@ def test_auto_sends_plans_to_the_legacy_restore_tool() -> None:
 
 
 def test_address_filter_agrees_with_ipaddress() -> None:
-    """netns reads the pod's address family without ipaddress; its loopback/link-local test must agree."""
+    """host/addresses.py reads the pod's address family without ipaddress; its loopback/link-local test must agree."""
     import ipaddress
     import random
 
-    from istio_init.netns import _is_loopback_or_link_local
+    from istio_init.host.addresses import _is_loopback_or_link_local
 
     rng = random.Random(3)
     samples = [bytes([127, 0, 0, 1]), bytes([169, 254, 1, 1]), bytes([169, 253, 1, 1]), bytes(15) + b"\x01",

@@ -55,7 +55,7 @@ def plan(config: Config, ipv6: bool, resolvers: Sequence[str] = ()) -> RulePlan:
 
     `resolvers` are the pod's nameserver addresses (either family, in
     resolv.conf order); they matter only with DNS capture and without
-    --capture-all-dns.
+    --capture-all-dns. --iptables-trace-logging (Istio 1.25 takes it) writes no rule here.
     """
     servers = resolvers_by_family(resolvers)
     # As in Istio, a resolver of either family keeps DNS capture on (the runner
@@ -128,7 +128,7 @@ class _Family(FamilyBuilder):
         # 10-11. The proxy's own traffic. On lo, the proxy calling a local service by a
         # non-local address goes back through inbound capture (not the tunnel port, and
         # with DNS capture not DNS, for uids); another process's lo traffic is left alone.
-        loopback_in_include = any(net.is_loopback for net in cfg.outbound_cidrs)
+        loopback_in_include = any(net.is_loopback for net in cfg.outbound_cidrs.items)
         for kind, ident in self.owners():
             if self.dns and kind == "uid":
                 not_local_port = Match("multiport", (Option("dports", f"{DNS_PORT},{tunnel}", True),))
@@ -147,12 +147,12 @@ class _Family(FamilyBuilder):
             self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(owner(kind, ident),))
 
         # 12. Owner groups: only the included groups' traffic is captured, or all but the excluded.
-        if cfg.owner_groups_include is None:
+        if cfg.owner_groups_include.all:
             for gid in cfg.owner_groups_exclude:
                 self.append(NAT, ISTIO_OUTPUT, RETURN, matches=(owner("gid", gid),))
         else:
             self.append(NAT, ISTIO_OUTPUT, RETURN,
-                        matches=tuple(owner("gid", gid, negated=True) for gid in cfg.owner_groups_include))
+                        matches=tuple(owner("gid", gid, negated=True) for gid in cfg.owner_groups_include.items))
 
         # 13. DNS to the agent on 15053, in conntrack zones of their own.
         if self.dns:
@@ -199,12 +199,12 @@ class _Family(FamilyBuilder):
             else:
                 self.append(NAT, ISTIO_INBOUND, ISTIO_IN_REDIRECT, protocol=TCP, matches=matches)
 
-        if cfg.capture_all_inbound:
+        if cfg.inbound_ports.all:
             for number in cfg.local_exclude_ports:
                 self.append(table, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(port(TCP, "dport", number),))
             capture(())
         else:
-            for number in cfg.inbound_ports:
+            for number in cfg.inbound_ports.items:
                 capture((port(TCP, "dport", number),))
 
     def dns_capture(self) -> None:
@@ -248,12 +248,12 @@ class _Family(FamilyBuilder):
 
     def outbound_include(self) -> None:
         cfg = self.config
-        if cfg.capture_all_outbound:
+        if cfg.outbound_cidrs.all:
             self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT)
             for iface in cfg.kube_virt_interfaces:
                 self.insert(1, NAT, PREROUTING, ISTIO_REDIRECT, in_interface=iface)
             return
-        for cidr in self.cidrs(cfg.outbound_cidrs):
+        for cidr in self.cidrs(cfg.outbound_cidrs.items):
             for iface in cfg.kube_virt_interfaces:
                 self.insert(1, NAT, PREROUTING, ISTIO_REDIRECT, destination=cidr, in_interface=iface)
             self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT, destination=cidr)

@@ -132,7 +132,7 @@ class _Family:
 
         # 11-12. The proxy's own traffic; on lo, the proxy calling a local service
         # by a non-local address goes back through inbound capture.
-        loopback_in_include = any(net.is_loopback for net in cfg.outbound_cidrs)
+        loopback_in_include = any(net.is_loopback for net in cfg.outbound_cidrs.items)
         for kind, ids in (("uid", cfg.proxy_uids), ("gid", cfg.proxy_gids)):
             for ident in ids:
                 self.append(NAT, ISTIO_OUTPUT, ISTIO_IN_REDIRECT, destination=self.localhost,
@@ -186,23 +186,23 @@ class _Family:
             else:
                 self.append(NAT, ISTIO_INBOUND, ISTIO_IN_REDIRECT, protocol=TCP, matches=matches)
 
-        if cfg.capture_all_inbound:
+        if cfg.inbound_ports.all:
             # SSH stays reachable even with everything captured.
             for match in self.ports([SSH_PORT, *cfg.local_exclude_ports]):
                 self.append(table, ISTIO_INBOUND, RETURN, protocol=TCP, matches=(match,))
             capture(())
         else:
-            for match in self.ports(cfg.inbound_ports):
+            for match in self.ports(cfg.inbound_ports.items):
                 capture((match,))
 
     def outbound_include(self) -> None:
         cfg = self.config
-        if cfg.capture_all_outbound:
+        if cfg.outbound_cidrs.all:
             self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT)
             for iface in cfg.kube_virt_interfaces:
                 self.insert(NAT, PREROUTING, ISTIO_REDIRECT, in_interface=iface)
             return
-        cidrs = self.cidrs(cfg.outbound_cidrs)
+        cidrs = self.cidrs(cfg.outbound_cidrs.items)
         for cidr in cidrs:
             for iface in cfg.kube_virt_interfaces:
                 self.insert(NAT, PREROUTING, ISTIO_REDIRECT, destination=cidr, in_interface=iface)

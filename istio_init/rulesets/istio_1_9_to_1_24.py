@@ -244,14 +244,14 @@ class _Family(FamilyBuilder):
                             Option("on-ip", "::" if self.v6 else "0.0.0.0"),
                             Option("tproxy-mark", f"{cfg.tproxy_mark:#x}/0xffffffff")))
         self.append(table, PREROUTING, ISTIO_INBOUND, JUMP_INBOUND, protocol=TCP)
-        if cfg.capture_all_inbound:
+        if cfg.inbound_ports.all:
             ssh = [SSH_PORT] if self.gen.ssh_kept else []
             for number in [*ssh, *cfg.local_exclude_ports]:
                 self.append(table, ISTIO_INBOUND, RETURN, EXCLUDE_INBOUND_PORT, protocol=TCP,
                             matches=(port(TCP, "dport", number),))
             self.capture(tproxy, (), "")
         else:
-            for number in cfg.inbound_ports:
+            for number in cfg.inbound_ports.items:
                 self.capture(tproxy, (port(TCP, "dport", number),), INCLUDE_INBOUND_PORT)
 
     def capture(self, tproxy: bool, matches: tuple[Match, ...], log: str) -> None:
@@ -266,7 +266,7 @@ class _Family(FamilyBuilder):
         """The proxy's own traffic: back through inbound capture on lo by a non-local address, else alone."""
         cfg, gen = self.config, self.gen
         tunnel = cfg.inbound_tunnel_port
-        loopback_in_include = any(net.is_loopback for net in cfg.outbound_cidrs)
+        loopback_in_include = any(net.is_loopback for net in cfg.outbound_cidrs.items)
         for kind, ident in self.owners():
             if gen.tunnel_port_on_loopback:  # 1.18
                 if dns and kind == "uid":
@@ -293,21 +293,22 @@ class _Family(FamilyBuilder):
     def owner_groups(self, table: str, chain: str, udp_dns: tuple[Match, ...]) -> None:
         cfg = self.config
         protocol = UDP if udp_dns else None
-        if cfg.owner_groups_include is None:
+        if cfg.owner_groups_include.all:
             for gid in cfg.owner_groups_exclude:
                 self.append(table, chain, RETURN, protocol=protocol, matches=udp_dns + (owner("gid", gid),))
         else:
             self.append(table, chain, RETURN, protocol=protocol,
-                        matches=udp_dns + tuple(owner("gid", gid, negated=True) for gid in cfg.owner_groups_include))
+                        matches=udp_dns + tuple(owner("gid", gid, negated=True)
+                                                for gid in cfg.owner_groups_include.items))
 
     def outbound_include(self, kube_virt_target: str) -> None:
         cfg = self.config
-        if cfg.capture_all_outbound:
+        if cfg.outbound_cidrs.all:
             self.append(NAT, ISTIO_OUTPUT, ISTIO_REDIRECT)
             for iface in cfg.kube_virt_interfaces:
                 self.insert(1, NAT, PREROUTING, kube_virt_target, KUBEVIRT, in_interface=iface)
             return
-        cidrs = self.cidrs(cfg.outbound_cidrs)
+        cidrs = self.cidrs(cfg.outbound_cidrs.items)
         for cidr in cidrs:
             for iface in cfg.kube_virt_interfaces:
                 self.insert(1, NAT, PREROUTING, ISTIO_REDIRECT, KUBEVIRT, destination=cidr, in_interface=iface)

@@ -32,10 +32,10 @@ def shape_config(rule_set: str) -> Config:
     outbound capture are on, so its whole shape is planned. A flag added with
     `builtin=True` is covered here without another edit.
     """
-    from istio_init.config import FLAGS, Config
+    from istio_init.config import EVERYTHING, FLAGS, Config
 
     by_parser: dict[str, Any] = {"id_list": (SENTINEL_ID,), "interfaces": (SENTINEL_IFACE,), "uint32": SENTINEL_MARK,
                  "mode": "TPROXY", "switch": True, "dns": True, "loopback_cidr": SENTINEL_LOOPBACK_CIDR}
-    values: dict[str, Any] = {field: by_parser[spec.parser] for spec in FLAGS if spec.builtin and spec.exists_in(rule_set)
-              for field in spec.config_fields}
-    return Config(rules_version=rule_set, capture_all_inbound=True, capture_all_outbound=True, **values)
+    values: dict[str, Any] = {spec.field: by_parser[spec.parser] for spec in FLAGS
+                              if spec.builtin and spec.exists_in(rule_set)}
+    return Config(rules_version=rule_set, inbound_ports=EVERYTHING, outbound_cidrs=EVERYTHING, **values)

@@ -24,10 +24,11 @@ import sys
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-from istio_init import locks, timing
+from istio_init import timing
 from istio_init.backends.iptables.reconcile import TableChange
 from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, command, save_text
 from istio_init.errors import ApplyError
+from istio_init.host import locks
 from istio_init.model import INSERT, Rule, Step
 from istio_init.render import rule_spec
 
