@@ -19,13 +19,10 @@ onto the backends' `read()`.
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.reconcile import is_ours
-from istio_init.iptables_save.read import DIVERT_CHAIN, SavedTable, divert_marks, parse_save
 from istio_init.backends.iptables.tools import command
 from istio_init.errors import IstioInitError
 from istio_init.installed import FLAVOURS
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
-from istio_init.host.routing import Routing
 from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.iptables_save.write import chain_order, rule_spec
 from istio_init.rulesets import owned_chains
@@ -33,7 +30,10 @@ from istio_init.rulesets import owned_chains
 if TYPE_CHECKING:
     from typing import Any, ContextManager, Mapping
 
+    from istio_init import installed
+    from istio_init.iptables_save.read import SavedTable
     from istio_init.config import Config
+    from istio_init.host.routing import Routing
     from istio_init.runner import Log
 
 # table -> chain -> rule specs (the text after `-A CHAIN`) in kernel order; chains listed even when empty.
@@ -133,6 +133,8 @@ def chains_from_tables(tables: Mapping[str, SavedTable]) -> Chains:
 
 def chains_from_save(text: str) -> Chains:
     """iptables-save text as rule text per table and chain."""
+    from istio_init.iptables_save.read import parse_save
+
     return chains_from_tables(parse_save(text))
 
 
@@ -158,6 +160,8 @@ def _ours(table: str, chain: str, live: list[str], planned: list[str]) -> list[t
     """(1-based live position, spec) of istio-init's rules in one live chain."""
     if is_own_chain(table, chain):
         return list(enumerate(live, 1))
+    from istio_init.backends.iptables.reconcile import is_ours  # after the save tools started (run)
+
     wanted = set(planned)
     return [(n, spec) for n, spec in enumerate(live, 1) if spec in wanted or is_ours(table, chain, spec)]
 
@@ -407,24 +411,35 @@ def to_json(report: Report) -> str:
 # --------------------------------------------------------------------------- the kernel
 
 
-def read_rules(backend: str) -> tuple[str, dict[str, dict[int, Chains]]]:
-    """(the store holding istio-init's rules, the rules of every flavour in use: flavour -> family -> chains).
-
-    Read through installed.py, the one reader `trace --live` and `graph
-    --live` use too, so all three judge the same store.
-    """
+def start_reading(backend: str) -> installed.Reading:
+    """installed.Reading started: the save tools run while the caller plans (CheckError when one cannot start)."""
     from istio_init import installed
     from istio_init.errors import ApplyError
 
     try:
-        found = installed.read(backend)
+        return installed.Reading(backend)
+    except ApplyError as exc:
+        raise CheckError(f"cannot read the rules: {exc}") from None
+
+
+def read_rules(backend: str, reading: installed.Reading | None = None) -> tuple[str, dict[str, dict[int, Chains]]]:
+    """(the store holding istio-init's rules, the rules of every flavour in use: flavour -> family -> chains).
+
+    Read through installed.py, the one reader `trace --live` and `graph
+    --live` use too, so all three judge the same store; `reading`: one started already.
+    """
+    from istio_init.errors import ApplyError
+
+    try:
+        found = (reading or start_reading(backend)).finish()
     except ApplyError as exc:
         raise CheckError(f"cannot read the rules: {exc}") from None
     return found.store, {name: {family: chains_from_tables(tables) for family, tables in families.items()}
                          for name, families in found.tables.items()}
 
 
-def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 133)) -> Live:
+def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 133),
+               reading: installed.Reading | None = None) -> Live:
     """The rules (read_rules), istio-init's policy routing and `::6` on lo.
 
     istio-init's policy routing is that of the planned marks and tables, of
@@ -434,9 +449,10 @@ def read_state(backend: str, planned: Planned, tproxy: tuple[int, int] = (1337, 
     never looked at.
     """
     from istio_init import installed
+    from istio_init.iptables_save.read import DIVERT_CHAIN, divert_marks
     from istio_init.model import IPV6_PASSTHROUGH_ADDRESS
 
-    store, rules = read_rules(backend)
+    store, rules = read_rules(backend, reading)
     marks = {r.fwmark for r in planned.routing if r.kind == "rule"} | {tproxy[0]}
     marks |= {m for families in rules.values() for chains in families.values()
               for m in divert_marks(chains.get("mangle", {}).get(DIVERT_CHAIN, []))}
@@ -475,20 +491,38 @@ def run(config: Config, log: Log) -> Report:
     seconds, so a half-finished apply (in the same container) is not reported
     as drift and a probe never holds up an apply.
     """
-    from istio_init import runner
+    from istio_init import runner, timing
 
-    rule_plan, _ = runner.build_plan(config, log)
-    planned = planned_state(rule_plan)
     if config.native_nftables:
-        return _run_native(config, rule_plan, planned)
+        rule_plan, _ = runner.build_plan(config, log)
+        return _run_native(config, rule_plan, planned_state(rule_plan))
+    planned: Planned | None = None
+    planning = False
     try:
         with _apply_lock():
-            live = read_state(config.iptables_backend, planned, (config.tproxy_mark, config.tproxy_route_table))
+            timing.mark("istio-init's namespace lock")
+            # The save tools run while the plan is made: their start is most of what a check waits for.
+            reading = start_reading(config.iptables_backend)
+            timing.mark("start the save tools")
+            planning = True
+            try:
+                rule_plan, _ = runner.build_plan(config, log)
+                planned = planned_state(rule_plan)
+                timing.mark("the planned state")
+            finally:
+                if planned is None:
+                    reading.abandon()
+            live = read_state(config.iptables_backend, planned, (config.tproxy_mark, config.tproxy_route_table),
+                              reading)
+            timing.mark("read the live state")
     except CheckError:
         raise
     except IstioInitError as exc:
+        if planning and planned is None:
+            raise  # planning failed: that is not a read
         raise CheckError(str(exc)) from None
     report = compare(planned, live, live.store)
+    timing.mark("compare")
     if not report.in_sync and _native_tables_here():
         report = report._replace(hint=NATIVE_HINT)
     return report

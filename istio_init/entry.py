@@ -110,9 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal exit_code
         from istio_init import check as checking  # as cli.py's check command
 
+        timing.mark("imports: check")
         runner.enter_namespace(config)
         report = checking.run(config, frontdoor.log)
         frontdoor.out((checking.to_json(report) if check[1] else checking.format_text(report)) + "\n")
+        timing.mark("the report")
         exit_code = report.exit_code
 
     try:

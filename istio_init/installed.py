@@ -24,12 +24,12 @@ of the tests answers as the kernel does.
 
 from __future__ import annotations
 
-from istio_init.iptables_save.read import SavedTable
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from typing import Any, Mapping, Sequence
 
+    from istio_init.iptables_save.read import SavedTable
     from istio_init.host.routing import Routing
 
 FLAVOURS = ("legacy", "nft")
@@ -59,10 +59,71 @@ def holding_store(requested: str, holding: Sequence[str], apply_would_use: str) 
 
 def stores_holding_ours(tables: Mapping[str, Mapping[int, Mapping[str, SavedTable]]]) -> list[str]:
     """The flavours whose tables (any family) hold istio-init's rules, in FLAVOURS order."""
-    from istio_init.backends.iptables.backend import tables_hold_ours
+    from istio_init.backends.iptables.reconcile import tables_hold_ours
 
     return [name for name in FLAVOURS
             if any(tables_hold_ours(family) for family in tables.get(name, {}).values())]
+
+
+class Reading:
+    """read(), started: the save tools of every flavour and family to read run from here on, and
+    `finish` parses what they printed and picks the store. `check` plans while they run.
+
+    Tables without `start_save` (the tests' in-memory host) are read at `finish`.
+    ApplyError when a tool cannot be started or fails.
+    """
+
+    def __init__(self, requested: str) -> None:
+        from istio_init import backends
+        from istio_init.system import current
+
+        self.requested = requested
+        self.pending: list[tuple[str, int, Any, Any]] = []  # flavour, family, tables, started save or None
+        # The legacy tools start before nf_tables is asked (netlink, and the module that asks).
+        for name in backends.each_candidate(requested, list(FAMILIES)):
+            reader = current().iptables(name)  # the tables alone: no backend around them for reading
+            for family in FAMILIES:
+                if name == "legacy" and not backends.legacy_available([family]):
+                    continue
+                if name == "nft" and not backends.nft_in_use([family]):
+                    continue
+                start = getattr(reader, "start_save", None)
+                self.pending.append((name, family, reader, start(family, False) if start else None))
+
+    def finish(self) -> Installed:
+        # What reading the text needs is loaded first, while the tools still run: the parser and
+        # reconcile (stores_holding_ours).
+        from istio_init import backends
+        from istio_init.backends.iptables import reconcile  # noqa: F401 (stores_holding_ours)
+        from istio_init.iptables_save.read import parse_save
+
+        tables: dict[str, dict[int, dict[str, SavedTable]]] = {}
+        pending, self.pending = self.pending, []
+        for index, (name, family, reader, started) in enumerate(pending):
+            try:
+                text = started.result() if started is not None else reader.save(family, counters=False)
+            except BaseException:
+                _abandon(pending[index + 1:])
+                raise
+            tables.setdefault(name, {})[family] = parse_save(text)
+        if self.requested != "auto":
+            return Installed(holding_store(self.requested, [], ""), tables)
+        would_use = backends.choose("auto", [4]).name  # every plan has IPv4 rules
+        return Installed(holding_store(self.requested, stores_holding_ours(tables), would_use), tables)
+
+    def abandon(self) -> None:
+        """Wait for the started tools without reading them (the caller failed meanwhile)."""
+        pending, self.pending = self.pending, []
+        _abandon(pending)
+
+
+def _abandon(pending: list[tuple[str, int, Any, Any]]) -> None:
+    for _, _, _, started in pending:
+        if started is not None:
+            try:
+                started.result()
+            except Exception:  # only reaping it matters here
+                pass
 
 
 def read(requested: str) -> Installed:
@@ -72,22 +133,7 @@ def read(requested: str) -> Installed:
     iptables-nft tables) is left out instead of being created. With a backend
     other than auto only its flavour is read. ApplyError when a tool fails.
     """
-    from istio_init import backends
-
-    tables: dict[str, dict[int, dict[str, SavedTable]]] = {}
-    for name in backends.candidates(requested, list(FAMILIES)):
-        reader = backends.get(name)
-        for family in FAMILIES:
-            if name == "legacy" and not backends.legacy_available([family]):
-                continue
-            if name == "nft" and not backends.nft_in_use([family]):
-                continue
-            tables.setdefault(name, {})[family] = reader.read(family)
-    if requested != "auto":
-        return Installed(holding_store(requested, [], ""), tables)
-    would_use = backends.choose("auto", [4]).name  # every plan has IPv4 rules
-
-    return Installed(holding_store(requested, stores_holding_ours(tables), would_use), tables)
+    return Reading(requested).finish()
 
 
 def native_objects() -> list[dict[str, Any]]:

@@ -15,12 +15,12 @@ defines them and the large configurations build thousands of rules
 
 from __future__ import annotations
 
-from itertools import groupby
+from itertools import groupby, repeat
 from _operator import attrgetter  # operator.py only re-exports the C module's
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from typing import Iterable
+    from typing import Iterable, Sequence
 
 # The source address of the proxy's inbound passthrough connections (Istio's "SIX"); the
 # IPv6 one is added to `lo` by the run (RulePlan.loopback_addresses).
@@ -95,12 +95,83 @@ def destination_appends(table: str, chain: str, target: str, destinations: Itera
 
     An -x list holds up to 8,000 CIDRs, one rule each, and the generated
     NamedTuple constructors are Python functions: building both tuples
-    directly halves the cost. The field order is the declarations' above;
+    directly, in C loops, costs a third of that. The field order is the declarations' above;
     tests/test_model.py compares the result with the constructors'.
     """
     new = tuple.__new__
-    return [new(Step, (APPEND, new(Rule, (table, chain, target, None, destination, False, None, None, None, (), ())), 1))
-            for destination in destinations]
+    destinations = list(destinations)
+    # Both tuples built by map and zip over repeat(): the loop runs in C, no bytecode per rule.
+    rules = map(new, repeat(Rule), zip(repeat(table), repeat(chain), repeat(target), repeat(None), destinations,
+                                       repeat(False), repeat(None), repeat(None), repeat(None), repeat(()), repeat(())))
+    steps = list(map(new, repeat(Step), zip(repeat(APPEND), rules, repeat(1))))
+    # A /0 is planned as no address (the kernel keeps none): such a rule cannot join an address list.
+    if len(steps) >= DESTINATION_RUN_MIN and None not in destinations:
+        del _DESTINATION_RUNS[:-_RUNS_KEPT]
+        addresses: list[str] = destinations  # type: ignore[assignment]  # None is not in it (checked above)
+        _DESTINATION_RUNS.append(DestinationRun(tuple(steps), addresses))
+    return steps
+
+
+class DestinationRun(NamedTuple):
+    """Steps destination_appends made: appends to one chain with one target, each rule only a destination."""
+
+    steps: tuple[Step, ...]
+    destinations: list[str]
+
+
+# The runs destination_appends made lately (a CNI agent plans pod after pod: a few are kept). An -x
+# list of 8,000 CIDRs is such a run; knowing where one lies lets the steps be spelled and written to
+# the restore tool as one run, not rule by rule in Python (docs/performance.md, "What start-up avoids").
+_DESTINATION_RUNS: list[DestinationRun] = []
+_RUNS_KEPT = 8
+DESTINATION_RUN_MIN = 32  # shorter runs cost nothing worth remembering
+
+
+def destination_runs(steps: Sequence[Step]) -> dict[int, DestinationRun]:
+    """Where runs made by destination_appends lie in `steps`: start index -> run (a sub-run is not found).
+
+    Found by comparing steps, without Python code per step: `steps[i:i + n]`
+    equal to a run's steps means those rules are exactly its destinations'.
+    """
+    found: dict[int, DestinationRun] = {}
+    if len(steps) < DESTINATION_RUN_MIN:
+        return found
+    for run in _DESTINATION_RUNS:
+        try:
+            start = steps.index(run.steps[0])
+        except ValueError:
+            continue
+        end = start + len(run.steps)
+        if tuple(steps[start:end]) == run.steps and not any(start < s + len(r.steps) and s < end
+                                                              for s, r in found.items()):
+            found[start] = run
+    return found
+
+
+def step_segments(steps: Sequence[Step]) -> list[tuple[int, int, DestinationRun | None]]:
+    """`steps` cut into (start, end, run): the runs destination_appends made, and what lies between (None)."""
+    runs = destination_runs(steps)
+    cuts: list[tuple[int, int, DestinationRun | None]] = []
+    done = 0
+    for start in sorted(runs):
+        if start > done:
+            cuts.append((done, start, None))
+        done = start + len(runs[start].steps)
+        cuts.append((start, done, runs[start]))
+    if done < len(steps) or not steps:
+        cuts.append((done, len(steps), None))
+    return cuts
+
+
+def _representatives(steps: Sequence[Step]) -> Sequence[Step]:
+    """`steps` with each destination run down to its first step: what a question about tables,
+    chains and targets needs to look at."""
+    if len(steps) < DESTINATION_RUN_MIN:
+        return steps
+    kept: list[Step] = []
+    for start, end, run in step_segments(steps):
+        kept += steps[start:end] if run is None else steps[start:start + 1]
+    return kept
 
 
 def is_builtin(table: str, chain: str) -> bool:
@@ -121,13 +192,13 @@ class FamilyPlan(NamedTuple):
 
     def tables(self) -> list[str]:
         """Tables in the order they are first used."""
-        return list(dict.fromkeys(map(_TABLE, self.steps)))  # map/attrgetter: no Python code per step
+        return list(dict.fromkeys(map(_TABLE, _representatives(self.steps))))  # map/attrgetter: no Python code per step
 
     def chains(self, table: str) -> list[str]:
         """New (non built-in) chains of `table`, in the order they are first used."""
         seen: dict[str, None] = {}
         # Thousands of rules share a few (table, chain, target) triples: look at each one once.
-        for step_table, *pair in dict.fromkeys(map(_TABLE_CHAIN_TARGET, self.steps)):
+        for step_table, *pair in dict.fromkeys(map(_TABLE_CHAIN_TARGET, _representatives(self.steps))):
             if step_table != table:
                 continue
             for chain in pair:

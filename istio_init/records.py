@@ -18,6 +18,14 @@ tests/test_records.py holds it to collections.namedtuple's behaviour.
 from __future__ import annotations
 
 TYPE_CHECKING = False
+MAX_PRECOMPILED = 24  # records_new.py holds the constructors of 0 to this many fields
+
+
+def constructor_source(arity: int) -> str:
+    """The source of the constructor of records with `arity` fields (records_new.py is these, 0 to MAX_PRECOMPILED)."""
+    arguments = ", ".join(f"_{i}" for i in range(arity))
+    return (f"def new_{arity}(_cls{', ' if arity else ''}{arguments}):\n"
+            f"    return _tuple_new(_cls, ({arguments}{',' if arity == 1 else ''}))\n")
 
 
 class Declared:
@@ -106,18 +114,25 @@ else:
                      for arity, written in enumerate((_new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8), 1)}
 
     def _constructor(arity):
-        """The code of `__new__(_cls, a, b, ...)` for `arity` fields, compiled once per arity.
+        """The code of `__new__(_cls, a, b, ...)` for `arity` fields.
 
         A generated constructor, as collections.namedtuple makes (no *args loop per
         record); each class then only renames its parameters to its fields, which
-        costs a tenth of compiling the source again.
+        costs a tenth of compiling the source again. Compiling one costs 40-160 us
+        and a run defines records of about ten arities, so the code of each arity
+        up to MAX_PRECOMPILED comes compiled in records_new.py's bytecode; only a
+        larger one is compiled here.
         """
         if arity not in _CONSTRUCTORS:
-            arguments = ", ".join(f"_{i}" for i in range(arity))
-            scope = {}
-            exec(f"def __new__(_cls, {arguments}):\n    return _tuple_new(_cls, ({arguments}{',' if arity else ''}))\n",
-                 scope)
-            _CONSTRUCTORS[arity] = scope["__new__"].__code__
+            if arity <= MAX_PRECOMPILED:
+                from istio_init import records_new
+
+                code = getattr(records_new, f"new_{arity}").__code__
+            else:
+                scope = {}
+                exec(constructor_source(arity), scope)
+                code = scope[f"new_{arity}"].__code__
+            _CONSTRUCTORS[arity] = code
         return _CONSTRUCTORS[arity]
 
     def _build(name, namespace):

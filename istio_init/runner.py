@@ -19,12 +19,13 @@ from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
 from istio_init.iptables_save.write import render_plan
 from istio_init.rulesets import plan, resolvers_needed
-from istio_init.system import current
 
 if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
     from istio_init.backends.base import Backend
+    from istio_init.backends.iptables.backend import IptablesBackend
+    from istio_init.system import System
 
     # log(message) or log(message, level): the CLI's stderr ("info" unless told, "warn", "error").
     Log = Callable[..., None]
@@ -50,6 +51,13 @@ def _show(value: object) -> str:
             return ",".join(map(attrgetter("text"), value))
         return ",".join(map(str, value)) or "(empty)"
     return "(auto)" if value is None else str(value)
+
+
+def current() -> System:
+    """The System (system.py), imported when a step needs the kernel: a dry run never does."""
+    from istio_init.system import current as system
+
+    return system()
 
 
 def enter_namespace(config: Config) -> None:
@@ -158,20 +166,30 @@ def run(config: Config, log: Log) -> str:
 
 
 def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
-    from istio_init import apply, backends
+    from istio_init import backends
 
     families = [family.family for family in rule_plan.families()]
     backend: Backend
+    tools: IptablesBackend | None = None
     if config.native_nftables:
         name = "nftables"
         backend = backends.native(config.rules_version)
         log("native nftables: our tables are replaced in one transaction (--native-nftables)")
     else:
         choice = backends.choose(config.iptables_backend, families)
+        # The restore tools start loading now: meanwhile the backend is imported, the lock taken and
+        # the change decided.
+        name, backend = choice.name, backends.get(choice.name, start=families)
+        tools = backend
         log(f"iptables backend {choice.name} ({choice.reason})")
-        name, backend = choice.name, backends.get(choice.name)
+    from istio_init import apply
+
     timing.mark("choose the backend")
-    applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
+    try:
+        applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
+    finally:
+        if tools is not None:
+            tools.release()  # what a failure before the commit left started
     for note in applied.notes:
         log(note)
     if not applied.changed and not applied.notes:

@@ -16,12 +16,12 @@ import pytest
 from cases import CASES, Case
 from cases import UNRELATED_V4 as UNRELATED
 from fakehost import FakeHost
-from istio_init import apply, backends, system
+from istio_init import apply, backends, model, system
 from istio_init.config import from_sources
 from istio_init.errors import ApplyError
 from istio_init.rulesets import plan
 from istio_init.backends.iptables.reconcile import TableChange, is_ours, reconcile, restore_text, simulate
-from istio_init.iptables_save.write import render_family, split_families
+from istio_init.iptables_save.write import render_family, rule_spec, split_families
 from istio_init.iptables_save.read import SavedTable, normalize, parse_save, table_blocks
 
 
@@ -241,3 +241,53 @@ def test_skip_rule_apply_touches_nothing() -> None:
         runner.run(config, logged.append)
     assert host.calls == [] and host.steps == []
     assert any("--skip-rule-apply" in line for line in logged)
+
+
+def _long_x_family(cidrs: list[str], ipv6: bool = False):
+    rule_plan = plan(from_sources({"service_cidr": "*", "service_exclude_cidr": ",".join(cidrs)}, environ={}), ipv6)
+    return rule_plan.ipv6 if ipv6 else rule_plan.ipv4
+
+
+def test_an_x_list_goes_to_the_restore_tool_as_address_lists_that_expand_to_its_rules() -> None:
+    """`-A ISTIO_OUTPUT -d A,B,... -j RETURN` lines, each list under xtables' parameter limit,
+    expand (one rule per address, in order) to exactly the rules spelled one by one."""
+    from istio_init.backends.iptables.reconcile import MAX_PARAMETER
+
+    cidrs = [f"10.{i >> 8}.{i & 255}.0/24" for i in range(300)] + [f"192.0.2.{i}/32" for i in range(200)]
+    changes = reconcile({}, _long_x_family(cidrs))
+    text = restore_text(changes)
+    grouped = [line for line in text.splitlines() if "," in line]
+    assert grouped and all(len(line.split()[3]) < MAX_PARAMETER for line in grouped)
+    expanded = []
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("-A ") and words[2] == "-d" and "," in words[3]:
+            expanded += [" ".join([*words[:3], address, *words[4:]]) for address in words[3].split(",")]
+        else:
+            expanded.append(line)
+    with mock.patch.object(model, "DESTINATION_RUN_MIN", 10**9):  # no run known: one line per rule
+        one_by_one = restore_text(reconcile({}, _long_x_family(cidrs)))
+    assert len(one_by_one.splitlines()) > len(text.splitlines()) + 400
+    assert expanded == one_by_one.splitlines()
+
+
+def test_an_x_list_holding_a_slash_0_is_written_rule_by_rule() -> None:
+    """A /0 is planned as a rule without an address, which no address list can carry."""
+    cidrs = [f"192.0.2.{i}/32" for i in range(100)] + ["0.0.0.0/0"]
+    text = restore_text(reconcile({}, _long_x_family(cidrs)))
+    assert not [line for line in text.splitlines() if "," in line]
+    assert "-A ISTIO_OUTPUT -j RETURN" in text.splitlines()
+    with mock.patch.object(model, "DESTINATION_RUN_MIN", 10**9):
+        assert text == restore_text(reconcile({}, _long_x_family(cidrs)))
+
+
+def test_an_x_list_is_spelled_as_each_rule_spells_itself() -> None:
+    from istio_init.backends.iptables.reconcile import spell
+
+    for ipv6, cidrs in ((False, [f"10.0.{i >> 8}.{i & 255}/32" for i in range(1000)]),
+                        (True, [f"2001:db8::{i:x}/128" for i in range(100)])):
+        family = _long_x_family(cidrs, ipv6)
+        assert spell(family.steps) == tuple(rule_spec(step.rule) for step in family.steps)
+        assert any(f"-d {cidrs[-1]} -j RETURN" == spec for spec in spell(family.steps))
+        # A slice that cuts a run is spelled rule by rule, and still the same.
+        assert spell(family.steps[5:-3]) == tuple(rule_spec(step.rule) for step in family.steps[5:-3])

@@ -239,3 +239,16 @@ def test_check_changes_nothing_and_needs_no_writable_lock(netns: Namespace) -> N
     istio_init(netns, *FLAGS)
     read_only = {"ISTIO_INIT_LOCKFILE": "/proc/istio-init.lock"}  # cannot be created, as on a read-only /run
     assert "in sync" in istio_init(netns, "check", *FLAGS, env=read_only).stdout
+
+
+def test_a_save_tool_that_fails_is_exit_3_and_one_line(netns: Namespace, tmp_path: Path) -> None:
+    """The save tools run while check plans: one that fails is still "cannot read the rules", exit 3."""
+    import os
+
+    istio_init(netns, *FLAGS)
+    fake = tmp_path / "iptables-legacy-save"
+    fake.write_text("#!/bin/sh\necho 'no tables today' >&2\nexit 4\n")
+    fake.chmod(0o755)
+    done = istio_init(netns, "check", *FLAGS, env={"PATH": f"{tmp_path}:{os.environ['PATH']}"}, code=3)
+    assert done.stdout == "" and done.stderr.count("\n") == 1
+    assert "cannot read the rules: iptables-legacy-save failed: no tables today" in done.stderr

@@ -64,3 +64,20 @@ def test_a_long_host_list_parses_as_each_item_does() -> None:
     for case in (slashed, slashed + ["127.0.0.5/32"], ["127.1.1.1/32"] + slashed):
         assert parse_cidrs(case) == [parse_cidr(h) for h in case]
         assert [type(c) for c in parse_cidrs(case)] == [type(parse_cidr(h)) for h in case]
+
+
+@pytest.mark.parametrize("odd", ["01.2.3.4", "1.2.3.04", "1.2.3", "1.2.3.4.5", "1..2.3", "1.2.3.4.", ".1.2.3",
+                                 "256.1.1.1", "1.2.3.4/32/32", "１.2.3.4", "+1.2.3.4", "0x1.2.3.4", "1.2.3.4\x00",
+                                 "1.2.3.-4", "1.2.3.4/", "0.0.0.0", "255.255.255.255/32"])
+def test_a_long_host_list_with_one_near_miss_agrees_with_each_item(odd: str) -> None:
+    """The whole-list check (inet_pton over every item) accepts and refuses as parse_cidr does item by item."""
+    from istio_init.config import parse_cidrs
+
+    hosts = [f"198.51.100.{i}" for i in range(40)] + [odd]
+    try:
+        expected = [parse_cidr(h) for h in hosts]
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_cidrs(hosts)
+        return
+    assert parse_cidrs(hosts) == expected

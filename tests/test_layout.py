@@ -107,7 +107,7 @@ def test_no_import_cycle() -> None:
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Pure: flags -> Config -> plan -> text, and text -> model -> decided changes. No kernel, no printing.
     ("core", ("istio_init", "istio_init.errors", "istio_init.timing", "istio_init.records", "istio_init.model",
-              "istio_init.config",
+              "istio_init.records_new", "istio_init.config",
               "istio_init.ifnames", "istio_init.resolvconf", "istio_init.iptables_save", "istio_init.nft",
               "istio_init.podcapture", "istio_init.rulesets",
               "istio_init.backends.iptables.reconcile", "istio_init.backends.iptables.committed")),

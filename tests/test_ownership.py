@@ -81,3 +81,12 @@ def test_user_chain_named_like_ours_and_lookalike_rules_survive(netns: Namespace
 
     istio_init(netns, "clean", "--iptables-backend", backend)
     assert normalize(save(netns, flavour, 4)) == with_after
+
+
+def test_the_owned_chains_spelled_once_more_are_every_rule_sets_union() -> None:
+    """rulesets.OWNED_BY_ANY_RULE_SET (read without importing every rule set) is the union of their OWNED_CHAINS."""
+    from istio_init.rulesets import OWNED_BY_ANY_RULE_SET, RULE_SETS, owned_by_every_rule_set, owned_chains
+
+    tables = {table for module in RULE_SETS.values() for table in module.OWNED_CHAINS} | {"filter", "security"}
+    assert {t: owned_chains(t) for t in tables} == {t: owned_by_every_rule_set(t) for t in tables}
+    assert set(OWNED_BY_ANY_RULE_SET) <= tables and all(OWNED_BY_ANY_RULE_SET.values())

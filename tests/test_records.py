@@ -65,6 +65,34 @@ def test_records_refuse_what_typing_refuses() -> None:
     assert not hasattr(Ours("a"), "__dict__")
 
 
+def test_precompiled_constructors_are_the_generated_source() -> None:
+    """records_new.py is constructor_source of every arity up to MAX_PRECOMPILED (regenerate it from that)."""
+    from pathlib import Path
+
+    from istio_init import records, records_new
+
+    text = Path(records_new.__file__).read_text()
+    body = text[text.index("\n\ndef new_0"):]
+    assert body == "".join("\n\n" + records.constructor_source(n) for n in range(records.MAX_PRECOMPILED + 1))
+
+
+@pytest.mark.parametrize("arity", [0, 1, 3, 64, 65, 70])
+def test_records_of_any_arity_build_and_refuse_like_typing(arity: int) -> None:
+    """Precompiled (up to MAX_PRECOMPILED) and compiled constructors behave alike."""
+    fields = {f"f{i}": int for i in range(arity)}
+    ours = NamedTuple.__mro_entries__((),)[0]  # type: ignore[attr-defined]
+    cls = type(ours)(f"R{arity}", (ours,), {"__annotations__": fields, "__module__": __name__})
+    theirs = typing.NamedTuple(f"T{arity}", list(fields.items()))  # type: ignore[misc]
+    values = list(range(arity))
+    assert tuple(cls(*values)) == tuple(theirs(*values)) == tuple(values)
+    assert cls(**{f"f{i}": i for i in range(arity)}) == tuple(values)
+    with pytest.raises(TypeError):
+        cls(*values, 1)
+    if arity:
+        with pytest.raises(TypeError):
+            cls(*values[1:])
+
+
 def test_a_generic_record_has_no_typing_base_at_run_time() -> None:
     """`Generic[T]` among the bases is for mypy only: the class is a plain record, subscripts are not evaluated."""
     from istio_init.records import Generic, TypeVar

@@ -58,3 +58,21 @@ COMMIT
     assert normalize(saved) == normalize(planned)
     assert normalize(saved.replace("15001", "15002")) != normalize(planned)
     assert normalize(saved.replace(":INPUT ACCEPT [0:0]\nCOMMIT", ":INPUT DROP [0:0]\nCOMMIT")) != normalize(planned)
+
+
+@pytest.mark.parametrize("flavour", sorted(TOOLS))
+def test_an_x_lists_address_lists_load_as_the_dry_run_rules(flavour: str, netns) -> None:
+    """The restore text writes a long -x list as `-d A,B,...` lines; the tools expand them to exactly its rules."""
+    from istio_init.backends.iptables.reconcile import reconcile, restore_text
+    from istio_init.config import from_sources
+    from istio_init.iptables_save.write import render_family
+    from istio_init.rulesets import plan
+
+    cidrs = ([f"10.{i >> 8}.{i & 255}.0/24" for i in range(400)] + [f"192.0.2.{i}/32" for i in range(250)]
+             + [f"2001:db8:{i:x}::/48" for i in range(300)] + ["2001:db8::1/128"])
+    rule_plan = plan(from_sources({"service_cidr": "*", "service_exclude_cidr": ",".join(cidrs)}, environ={}), True)
+    for family, (restore, save) in zip(rule_plan.families(), TOOLS[flavour]):
+        text = restore_text(reconcile({}, family))
+        assert text.count("\n") < len(cidrs) // 2  # address lists, not one line per rule
+        netns.run(restore, "--noflush", input=text)
+        assert normalize(netns.save(save)) == normalize(render_family(family))

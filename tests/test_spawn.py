@@ -9,7 +9,7 @@ import time
 import pytest
 
 from istio_init.backends.iptables import tools
-from istio_init.backends.iptables.spawn import Running, ToolTimeout, run
+from istio_init.backends.iptables.spawn import LATER, Running, ToolTimeout, run
 from istio_init.errors import ApplyError
 
 PY = sys.executable
@@ -61,3 +61,64 @@ def test_a_tool_that_closes_its_pipes_but_lingers_still_meets_the_deadline() -> 
     running = Running([PY, "-c", "import os, time; os.close(1); os.close(2); time.sleep(30)"])
     with pytest.raises(ToolTimeout):
         running.wait(0.5)
+
+
+def test_input_given_later_is_read_whole_while_large_output_is_drained() -> None:
+    """stdin=LATER: the tool starts first; feed writes 1 MB while the tool writes 300 KB before reading."""
+    code = ("import sys; sys.stderr.write('e' * 300000); sys.stderr.flush(); data = sys.stdin.read(); "
+            "sys.stdout.write(str(len(data)))")
+    running = Running([PY, "-c", code], LATER)
+    text = "x" * 1_000_000
+    running.feed(text, 60)
+    done = running.wait(60)
+    assert done == (0, str(len(text)), "e" * 300000)
+
+
+def test_a_tool_started_for_input_and_never_fed_reads_end_of_file() -> None:
+    running = Running([PY, "-c", "import sys; print(repr(sys.stdin.read()))"], LATER)
+    assert running.wait(30) == (0, "''\n", "")
+
+
+def test_feeding_a_tool_that_already_exited_leaves_its_end_to_wait() -> None:
+    running = Running([PY, "-c", "import sys; sys.exit(4)"], LATER)
+    time.sleep(0.3)
+    running.feed("x" * 1_000_000, 30)
+    assert running.wait(30).returncode == 4
+
+
+def test_a_tool_that_never_reads_its_input_is_killed_at_the_feed_deadline() -> None:
+    running = Running([PY, "-c", "import time; time.sleep(30)"], LATER)
+    start = time.monotonic()
+    with pytest.raises(ToolTimeout):
+        running.feed("x" * 1_000_000, 0.5)
+    assert time.monotonic() - start < 10
+    with pytest.raises(ChildProcessError):
+        os.waitpid(running.pid, os.WNOHANG)  # already reaped
+
+
+@pytest.mark.root
+def test_restore_tools_started_early_commit_and_the_unused_one_ends(netns) -> None:
+    """RestoreTables.start: the IPv4 tool commits what it is fed later; the IPv6 one, fed nothing, exits and is reaped."""
+    code = """
+import os
+from istio_init.backends.iptables.reconcile import TableChange
+from istio_init.backends.iptables.restore import RestoreTables
+from istio_init.model import APPEND, Rule, Step
+tables = RestoreTables("legacy")
+tables.start([4, 6])
+pids = [r.pid for r in tables.started.values()]
+step = Step(APPEND, Rule("nat", "ISTIO_OUTPUT", "RETURN", destination="192.0.2.1/32"))
+tables.commit({4: [TableChange("nat", (), (), ("ISTIO_OUTPUT",), (), (step,))]})
+tables.stop()
+for pid in pids:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+        raise SystemExit(f"{pid} not reaped")
+    except ChildProcessError:
+        pass
+print(tables.started)
+"""
+    done = netns.run(sys.executable, "-c", code, env=dict(os.environ))
+    assert done.stdout.strip() == "{}", done.stderr
+    assert "-A ISTIO_OUTPUT -d 192.0.2.1/32 -j RETURN" in netns.save("iptables-legacy-save")
+    assert "ISTIO_OUTPUT" not in netns.save("ip6tables-legacy-save")

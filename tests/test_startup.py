@@ -72,9 +72,28 @@ def imported_modules(argv: list[str], netns=None) -> set[str]:
     return names
 
 
+# What a dry run of the default (1.8) rule set never uses: the System (it touches no kernel), the
+# other rule sets and the apply path's modules.
+NOT_ON_A_DRY_RUN = {"istio_init.system", "istio_init.rulesets.current", "istio_init.rulesets.istio_1_9_to_1_24",
+                    "istio_init.apply", "istio_init.backends", "istio_init.host"}
+
+
 def test_dry_run_imports_nothing_slow() -> None:
     names = imported_modules([*SEED_ARGS, "-n"])
     assert not names & set(SLOW_FOR_DRY_RUN), sorted(names & set(SLOW_FOR_DRY_RUN))
+
+
+def test_dry_run_with_its_families_given_imports_nothing_of_the_kernel() -> None:
+    """With --ipv6 given nothing asks the kernel (without it, netns reads the pod's addresses)."""
+    names = imported_modules([*SEED_ARGS, "-n", "--ipv6", "false"])
+    assert not names & NOT_ON_A_DRY_RUN, sorted(names & NOT_ON_A_DRY_RUN)
+    assert "istio_init.rulesets.istio_1_8" in names
+
+
+def test_dry_run_of_the_current_rule_set_loads_it() -> None:
+    """The guard above can fail: the current rule set's module is imported when it is asked for."""
+    names = imported_modules([*SEED_ARGS, "-n", "--ipv6", "false", "--rules-version", "current"])
+    assert "istio_init.rulesets.current" in names and "istio_init.rulesets.istio_1_9_to_1_24" not in names
 
 
 def test_dry_run_with_ipv6_and_tproxy_imports_nothing_slow() -> None:
@@ -140,7 +159,11 @@ def test_check_in_sync_imports_no_click_and_nothing_slow(netns) -> None:
     imported_modules([*args, "--iptables-backend", "auto"], netns)
     names = imported_modules(["check", *args, "--iptables-backend", "auto"], netns)
     assert "istio_init.check" in names
-    unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes"}
+    # check reads the tables through the System: no backend (nor its printed tables) is built to read them.
+    # Nor every rule set to learn whose chains it sees (rulesets.OWNED_BY_ANY_RULE_SET).
+    unneeded = NEVER_ON_AN_APPLY | {"iptc", "ctypes", "istio_init.backends.iptables.backend",
+                                    "istio_init.backends.iptables.committed", "istio_init.apply",
+                                    "istio_init.rulesets.istio_1_9_to_1_24", "istio_init.rulesets.current"}
     assert not names & unneeded, sorted(names & unneeded)
 
 

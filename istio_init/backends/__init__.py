@@ -14,7 +14,7 @@ from istio_init.records import TYPE_CHECKING, NamedTuple
 from istio_init.system import current
 
 if TYPE_CHECKING:
-    from typing import Callable, Sequence
+    from typing import Callable, Iterator, Sequence
 
     from istio_init.backends.base import Backend
     from istio_init.backends.iptables.backend import IptablesBackend
@@ -24,11 +24,19 @@ if TYPE_CHECKING:
 # (docs/performance.md). libiptc stays for --iptables-backend libiptc.
 
 
-def get(name: str) -> IptablesBackend:
-    """The backend for a resolved --iptables-backend value (libiptc, legacy or nft)."""
+def get(name: str, start: Sequence[int] = ()) -> IptablesBackend:
+    """The backend for a resolved --iptables-backend value (libiptc, legacy or nft).
+
+    `start`: the families whose restore tools start now (IptablesBackend.prepare), before the
+    backend's own modules are imported, so those imports too overlap the tools' loading.
+    """
+    tables = current().iptables(name)
+    start_tools = getattr(tables, "start", None)
+    if start and start_tools is not None:
+        start_tools(start)
     from istio_init.backends.iptables.backend import IptablesBackend
 
-    return IptablesBackend(current().iptables(name))
+    return IptablesBackend(tables)
 
 
 def flavour(name: str) -> str:
@@ -70,12 +78,19 @@ def choose(requested: str, families: Sequence[int]) -> Choice:
 
 def candidates(requested: str, families: Sequence[int]) -> list[str]:
     """The flavours that may hold istio-init's rules, for clean and for reading (`auto`: every one in use)."""
+    return list(each_candidate(requested, families))
+
+
+def each_candidate(requested: str, families: Sequence[int]) -> Iterator[str]:
+    """candidates(), one at a time: a reader starts the legacy tools before nf_tables is asked over netlink."""
     if requested != "auto":
-        return [flavour(requested)]
-    found = ["legacy"] if legacy_available(families) else []
-    if not found or nft_in_use(families):
-        found.append("nft")
-    return found
+        yield flavour(requested)
+        return
+    legacy = legacy_available(families)
+    if legacy:
+        yield "legacy"
+    if not legacy or nft_in_use(families):
+        yield "nft"
 
 
 def native_nft_in_use() -> bool:

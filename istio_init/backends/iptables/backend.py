@@ -12,14 +12,13 @@ expected ones, puts every table that differs from its snapshot back.
 from __future__ import annotations
 
 from istio_init.backends.iptables.committed import after_commit
-from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text
+from istio_init.backends.iptables.reconcile import TableChange, reconcile, restore_text, tables_hold_ours
 from istio_init.iptables_save.read import (DIVERT_CHAIN, SavedTable, divert_marks, normalize, parse_save,
                                                    table_blocks)
 from istio_init import timing
 from istio_init.errors import ApplyError, rollback_outcome
 from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
-from istio_init.rulesets import owned_chains
 
 if TYPE_CHECKING:
     from typing import Callable, ContextManager, Mapping, Protocol, Sequence
@@ -94,16 +93,6 @@ class IptablesUndo:
         return problems
 
 
-def tables_hold_ours(tables: Mapping[str, SavedTable]) -> bool:
-    """Whether parsed tables hold a chain istio-init owns or any rule of istio-init's."""
-    for name, table in tables.items():
-        if any(chain in owned_chains(name) for chain in table.user_chains()):
-            return True
-        if reconcile({name: table}, None):
-            return True
-    return False
-
-
 class IptablesBackend:
     """An iptables backend: libiptc or a flavour's restore tool, as the `Tables` it is given."""
 
@@ -115,6 +104,12 @@ class IptablesBackend:
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
         self.name = tables.name
+
+    def release(self) -> None:
+        """End the restore tools started for the commit (backends.get's `start`) that it did not use."""
+        stop = getattr(self.tables, "stop", None)
+        if stop is not None:
+            stop()
 
     def save(self, family: int, counters: bool = True) -> str:
         return self.tables.save(family, counters)
@@ -169,6 +164,8 @@ class IptablesBackend:
                 timing.mark("commit")
             except BaseException as exc:  # an encoding error, a bug, a signal: all roll back the same
                 error = exc
+            finally:
+                self.release()  # before a rollback: its restore tool takes the xtables lock too
         if error is not None:
             # After the session: the restore tool takes the xtables lock libiptc's session holds.
             problems = undo.undo()

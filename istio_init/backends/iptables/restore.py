@@ -12,10 +12,13 @@ from __future__ import annotations
 from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Callable, Mapping
+    from typing import Callable, Mapping, Sequence
 
-from istio_init.backends.iptables.reconcile import TableChange, restore_text
-from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, run_tool
+    from istio_init.backends.iptables.reconcile import TableChange
+    from istio_init.backends.iptables.spawn import Running
+
+from istio_init.backends.iptables.spawn import ToolTimeout
+from istio_init.backends.iptables.tools import WAIT_SECONDS, ToolTables, run_tool, start_tool
 from istio_init.errors import ApplyError
 
 # The tool's error text is read with these only when it failed: `re` is no import of every start.
@@ -60,6 +63,31 @@ class RestoreTables(ToolTables):
 
     def __init__(self, flavour: str) -> None:
         super().__init__(flavour, flavour)
+        self.started: dict[int, Running] = {}
+
+    def _argv(self, family: int) -> list[str]:
+        return [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
+
+    def start(self, families: Sequence[int]) -> None:
+        """Start each family's restore tool now, its input to come with the commit.
+
+        Starting one (exec, its libraries) costs about as much as what a
+        seed apply's commit then asks of it; started before the lock is taken
+        and the change decided, that part of every pod start overlaps them.
+        A tool fed nothing exits without touching a table (stop).
+        """
+        for family in families:
+            if family not in self.started:
+                self.started[family] = start_tool(self._argv(family))
+
+    def stop(self) -> None:
+        """Let every started tool not used by a commit end: it reads end of file and exits, and is reaped."""
+        started, self.started = self.started, {}
+        for running in started.values():
+            try:
+                running.wait(WAIT_SECONDS)
+            except ToolTimeout:
+                pass
 
     def commit(self, changes: Mapping[int, list[TableChange]],
                meanwhile: Callable[[], object] | None = None) -> None:
@@ -70,11 +98,13 @@ class RestoreTables(ToolTables):
 
     def commit_family(self, family: int, changes: list[TableChange],
                       meanwhile: Callable[[], object] | None = None) -> None:
+        from istio_init.backends.iptables.reconcile import restore_text  # not for a check, which only reads
+
         text = restore_text(changes)
         if not text:
             return
-        argv = [self.tools.restore(family), "--noflush", f"--wait={WAIT_SECONDS}"]
-        done = run_tool(argv, text, meanwhile)
+        argv = self._argv(family)
+        done = run_tool(argv, text, meanwhile, self.started.pop(family, None))
         if done.returncode != 0:
             import re
 

@@ -33,18 +33,31 @@ class Finished(NamedTuple):
     stderr: str
 
 
+_PIPE_CHUNK = 65536
+LATER = "\0later"  # Running's stdin: a pipe, written with Running.feed (no tool input holds a NUL)
+
+
 class ToolTimeout(Exception):
     """The tool was still running at the deadline (it has been killed)."""
 
 
 class Running:
-    """A started tool; `wait` collects it. Raises FileNotFoundError when argv[0] is not on PATH."""
+    """A started tool; `wait` collects it. Raises FileNotFoundError when argv[0] is not on PATH.
+
+    With `stdin=LATER` the tool starts reading a pipe that `feed` fills once the
+    input is known: a restore tool then loads (exec, libraries, extensions) while
+    the caller still decides what to write. Until its first table line it holds
+    no lock and touches no table; fed nothing, it reads end of file and exits.
+    """
 
     def __init__(self, argv: list[str], stdin: str | None = None) -> None:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        self._feed = -1
         if stdin is None:
             in_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        elif stdin is LATER:
+            in_fd, self._feed = os.pipe()
         else:
             in_fd = os.memfd_create("istio-init-stdin", os.MFD_CLOEXEC)
             data = memoryview(stdin.encode(errors=TOOL_TEXT_ERRORS))
@@ -58,6 +71,8 @@ class Running:
         except BaseException:
             os.close(out_r)
             os.close(err_r)
+            if self._feed >= 0:
+                os.close(self._feed)
             raise
         finally:
             for fd in (in_fd, out_w, err_w):
@@ -65,8 +80,59 @@ class Running:
         self._fds = {out_r: bytearray(), err_r: bytearray()}
         self._out, self._err = out_r, err_r
 
+    def feed(self, text: str, timeout: float) -> None:
+        """Write the tool's whole input (`stdin=LATER`) and close it. A tool that already exited
+        has read all it will: `wait` then says how it ended.
+
+        Its output is drained meanwhile, so a tool that writes much before reading all
+        its input never blocks against us. ToolTimeout (the tool killed) past `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        data = memoryview(text.encode(errors=TOOL_TEXT_ERRORS))
+        try:
+            os.set_blocking(self._feed, False)
+            poller = select.poll()
+            poller.register(self._feed, select.POLLOUT)
+            for fd in self._fds:
+                poller.register(fd, select.POLLIN)
+            while data:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._close_feed()
+                    self._kill()
+                    for fd in self._fds:
+                        os.close(fd)
+                    raise ToolTimeout()
+                for fd, event in poller.poll(left * 1000):
+                    if fd == self._feed:
+                        if event & (select.POLLERR | select.POLLHUP):
+                            return  # the tool is gone
+                        try:
+                            data = data[os.write(fd, data[:_PIPE_CHUNK]):]
+                        except BlockingIOError:
+                            pass
+                        continue
+                    chunk = os.read(fd, 65536)
+                    if chunk:
+                        self._fds[fd] += chunk
+                    else:
+                        poller.unregister(fd)
+        except BrokenPipeError:
+            pass
+        finally:
+            self._close_feed()
+
+    def _close_feed(self) -> None:
+        if self._feed >= 0:
+            os.close(self._feed)
+            self._feed = -1
+
     def wait(self, timeout: float) -> Finished:
-        """Drain both pipes and reap the tool; ToolTimeout (after killing it) past `timeout` seconds."""
+        """Drain both pipes and reap the tool; ToolTimeout (after killing it) past `timeout` seconds.
+
+        A tool started with `stdin=LATER` and never fed reads end of file now.
+        """
+        self._close_feed()
         deadline = time.monotonic() + timeout
         poller = select.poll()
         for fd in self._fds:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from istio_init.backends.iptables.spawn import Finished, Running, ToolTimeout
+from istio_init.backends.iptables.spawn import LATER, Finished, Running, ToolTimeout
 from istio_init.errors import ApplyError
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
@@ -45,9 +45,25 @@ def _finish(argv: list[str], running: Running) -> Finished:
         raise ApplyError(f"{argv[0]} did not finish in {WAIT_SECONDS + 30}s") from None
 
 
-def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None) -> Finished:
-    """Run a tool to its end; `meanwhile` runs while the tool works (the tool is killed if it raises)."""
-    running = _start(argv, stdin)
+def start_tool(argv: list[str]) -> Running:
+    """Start a tool whose input is given later (run_tool's `started`): it loads meanwhile."""
+    return _start(argv, LATER)
+
+
+def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None,
+             started: Running | None = None) -> Finished:
+    """Run a tool to its end; `meanwhile` runs while the tool works (the tool is killed if it raises).
+
+    `started`: the same tool, started with start_tool, is fed `stdin` instead of starting one now.
+    """
+    if started is not None:
+        running = started
+        try:
+            running.feed(stdin or "", WAIT_SECONDS + 30)
+        except ToolTimeout:
+            raise ApplyError(f"{argv[0]} did not read its input in {WAIT_SECONDS + 30}s") from None
+    else:
+        running = _start(argv, stdin)
     if meanwhile is not None:
         try:
             meanwhile()
@@ -78,6 +94,24 @@ def save_text(tools: Tools, family: int, counters: bool = True,
     if done.returncode != 0:
         raise ApplyError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
     return done.stdout
+
+
+class PendingSave:
+    """A save tool started now and read later: its run overlaps the caller's work (`check` plans meanwhile)."""
+
+    def __init__(self, tools: Tools, family: int, counters: bool = True) -> None:
+        self.argv = [tools.save(family)] + (["-c"] if counters else [])
+        # No legacy table of the family here: nothing to run (as save_text).
+        self.running = None if tools.flavour == "legacy" and _no_legacy_tables(family) else _start(self.argv)
+
+    def result(self) -> str:
+        """The tool's text, as save_text gives it (ApplyError when it failed)."""
+        if self.running is None:
+            return ""
+        done, self.running = _finish(self.argv, self.running), None
+        if done.returncode != 0:
+            raise ApplyError(f"{self.argv[0]} failed: {done.stderr.strip() or done.returncode}")
+        return done.stdout
 
 
 # Where the kernel lists the legacy (x_tables) tables loaded in this namespace, per family.
@@ -119,6 +153,10 @@ class ToolTables:
 
     def snapshot(self, family: int) -> str:
         return self.save(family)
+
+    def start_save(self, family: int, counters: bool = True) -> PendingSave:
+        """`save`, started now and read with the result's `result()`."""
+        return PendingSave(self.tools, family, counters)
 
     def restore(self, family: int, saved_blocks: str) -> None:
         restore_saved(self.tools, family, saved_blocks)
