@@ -76,6 +76,16 @@ def test_precompiled_constructors_are_the_generated_source() -> None:
     assert body == "".join("\n\n" + records.constructor_source(n) for n in range(records.MAX_PRECOMPILED + 1))
 
 
+def test_every_record_of_a_run_has_a_precompiled_constructor() -> None:
+    """Config (the widest record) is built on every start: its constructor must come compiled, not from exec."""
+    from istio_init import records
+    from istio_init.config import Config, FlagSpec
+    from istio_init.model import RulePlan
+
+    widest = max(len(record._fields) for record in (Config, FlagSpec, RulePlan))
+    assert widest <= records.MAX_PRECOMPILED, (widest, records.MAX_PRECOMPILED)
+
+
 @pytest.mark.parametrize("arity", [0, 1, 3, 64, 65, 70])
 def test_records_of_any_arity_build_and_refuse_like_typing(arity: int) -> None:
     """Precompiled (up to MAX_PRECOMPILED) and compiled constructors behave alike."""
