@@ -29,12 +29,16 @@ COMMAND = Path(__file__).resolve().parent.parent / "bin" / "istio-init"
 # The standard library modules no common path imports (what imports them costs every pod start).
 STDLIB_NOT_NEEDED = {"typing", "re", "enum", "functools", "collections", "contextlib", "json", "pathlib", "urllib",
                      "dataclasses", "subprocess", "shlex", "socket", "logging", "asyncio", "importlib.util", "inspect"}
+# C extension modules (shared libraries, each a dlopen of every start) no common path needs: host/netlink.py
+# packs its headers with int.to_bytes.
+EXTENSIONS_NOT_NEEDED = {"struct", "_struct"}
 SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources", "click", "subprocess",
-                    "dataclasses", "socket", "ipaddress", "shlex", *sorted(STDLIB_NOT_NEEDED))
+                    "dataclasses", "socket", "ipaddress", "shlex", *sorted(STDLIB_NOT_NEEDED),
+                    *sorted(EXTENSIONS_NOT_NEEDED))
 # What no apply imports: click (entry.py parses Istio's flags), pyroute2 (istio_init's netlink is its own,
 # istio_init/host/netlink.py; pyroute2 is the tests' oracle), setuptools (python-iptables' distutils import is
 # turned into its sysconfig fallback).
-NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"} | STDLIB_NOT_NEEDED
+NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"} | STDLIB_NOT_NEEDED | EXTENSIONS_NOT_NEEDED
 
 
 def _without_site() -> tuple[list[str], dict[str, str]]:
