@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from itertools import repeat
 
-from istio_init import ifnames
 from istio_init.errors import ConfigError
 from istio_init.records import TYPE_CHECKING, Declared, Generic, NamedTuple, TypeVar, declarations
 
@@ -912,6 +911,10 @@ class _Parser:
 
     def interfaces(self, dest: str) -> tuple[str, ...]:
         names = self.items(dest)
+        if not names:
+            return ()
+        from istio_init import ifnames  # only for given names: pods rarely name interfaces (-k, -c)
+
         backend = self.raw["iptables_backend"].strip().lower()
         if switch_value(self.raw.get("native_nftables", "")):
             backend = ifnames.NATIVE_NFTABLES  # nft writes the names, whichever iptables backend is named

@@ -28,9 +28,8 @@ DEBUG_ENV = "ISTIO_INIT_DEBUG"
 def log(message: str, level: str = "info") -> None:
     """One progress or diagnostic line on stderr at `level` (logs.py filters and formats it)."""
     first, *rest = message.splitlines() or [""]
-    logs.emit(level, f"{PROG}: {first}" if not first.startswith(f"{PROG} ") else first)
-    for line in rest:  # one record per line, as a pod's log (and --log_as_json) wants
-        logs.emit(level, line)
+    # One record per line, as a pod's log (and --log_as_json) wants, written at once (the summary's 30 lines).
+    logs.emit_lines(level, [f"{PROG}: {first}" if not first.startswith(f"{PROG} ") else first, *rest])
 
 
 def out(text: str) -> None:

@@ -121,16 +121,23 @@ class _LogStream:
         return len(text)
 
     def record(self, level: str, message: str) -> None:
+        self.records(level, [message])
+
+    def records(self, level: str, messages: list[str]) -> None:
+        """Each message one record at `level`, all written at once: one write of a many-line summary, not one a line."""
         if LEVELS.index(level) < LEVELS.index(self.options.level) or self.options.level == "none":
             return
         if self.options.as_json:
             import datetime  # only for --log_as_json: every pod start would pay for them
             import json
 
-            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            self.real.write(json.dumps({"time": now, "level": level, "msg": message}) + "\n")
+            text = ""
+            for message in messages:
+                now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                text += json.dumps({"time": now, "level": level, "msg": message}) + "\n"
+            self.real.write(text)
         else:
-            self.real.write(message + "\n")
+            self.real.write("\n".join(messages) + "\n")
         self.real.flush()
 
     def flush(self) -> None:
@@ -148,12 +155,17 @@ class _LogStream:
 
 def emit(level: str, message: str) -> None:
     """One line on stderr at `level` (plain print would make it info)."""
+    emit_lines(level, [message])
+
+
+def emit_lines(level: str, lines: list[str]) -> None:
+    """Lines on stderr at `level`, one record each, written at once."""
     stream = sys.stderr
     if isinstance(stream, _LogStream):
         stream.flush()
-        stream.record(level, message)
+        stream.records(level, lines)
     else:
-        print(message, file=stream, flush=True)
+        print("\n".join(lines), file=stream, flush=True)
 
 
 class configured:

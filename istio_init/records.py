@@ -19,10 +19,17 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 MAX_PRECOMPILED = 24  # records_new.py holds the constructors of 0 to this many fields
+# and of these wider ones: Config's, built on every start (tests/test_records.py guards its arity).
+WIDE_PRECOMPILED = (41,)
+
+
+def precompiled_arities() -> tuple[int, ...]:
+    """The arities whose constructors records_new.py holds, in its order."""
+    return (*range(MAX_PRECOMPILED + 1), *WIDE_PRECOMPILED)
 
 
 def constructor_source(arity: int) -> str:
-    """The source of the constructor of records with `arity` fields (records_new.py is these, 0 to MAX_PRECOMPILED)."""
+    """The source of the constructor of records with `arity` fields (records_new.py is these, precompiled_arities())."""
     arguments = ", ".join(f"_{i}" for i in range(arity))
     return (f"def new_{arity}(_cls{', ' if arity else ''}{arguments}):\n"
             f"    return _tuple_new(_cls, ({arguments}{',' if arity == 1 else ''}))\n")
@@ -120,11 +127,11 @@ else:
         record); each class then only renames its parameters to its fields, which
         costs a tenth of compiling the source again. Compiling one costs 40-160 us
         and a run defines records of about ten arities, so the code of each arity
-        up to MAX_PRECOMPILED comes compiled in records_new.py's bytecode; only a
+        up to MAX_PRECOMPILED, and Config's, comes compiled in records_new.py's bytecode; only a
         larger one is compiled here.
         """
         if arity not in _CONSTRUCTORS:
-            if arity <= MAX_PRECOMPILED:
+            if arity <= MAX_PRECOMPILED or arity in WIDE_PRECOMPILED:
                 from istio_init import records_new
 
                 code = getattr(records_new, f"new_{arity}").__code__

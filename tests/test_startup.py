@@ -29,12 +29,19 @@ COMMAND = Path(__file__).resolve().parent.parent / "bin" / "istio-init"
 # The standard library modules no common path imports (what imports them costs every pod start).
 STDLIB_NOT_NEEDED = {"typing", "re", "enum", "functools", "collections", "contextlib", "json", "pathlib", "urllib",
                      "dataclasses", "subprocess", "shlex", "socket", "logging", "asyncio", "importlib.util", "inspect"}
+# C extension modules (shared libraries, each a dlopen of every start) no common path needs: host/netlink.py
+# packs its headers with int.to_bytes.
+EXTENSIONS_NOT_NEEDED = {"struct", "_struct"}
+# istio-init's modules a path needs only when a flag is given: ifnames.py checks -k/-c interface names.
+ONLY_FOR_GIVEN_FLAGS = {"istio_init.ifnames"}
 SLOW_FOR_DRY_RUN = ("iptc", "pyroute2", "distutils", "setuptools", "pkg_resources", "click", "subprocess",
-                    "dataclasses", "socket", "ipaddress", "shlex", *sorted(STDLIB_NOT_NEEDED))
+                    "dataclasses", "socket", "ipaddress", "shlex", *sorted(STDLIB_NOT_NEEDED),
+                    *sorted(EXTENSIONS_NOT_NEEDED), *sorted(ONLY_FOR_GIVEN_FLAGS))
 # What no apply imports: click (entry.py parses Istio's flags), pyroute2 (istio_init's netlink is its own,
 # istio_init/host/netlink.py; pyroute2 is the tests' oracle), setuptools (python-iptables' distutils import is
 # turned into its sysconfig fallback).
-NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"} | STDLIB_NOT_NEEDED
+NEVER_ON_AN_APPLY = {"click", "pyroute2", "setuptools", "pkg_resources"} | STDLIB_NOT_NEEDED | EXTENSIONS_NOT_NEEDED \
+    | ONLY_FOR_GIVEN_FLAGS
 
 
 def _without_site() -> tuple[list[str], dict[str, str]]:
@@ -94,6 +101,11 @@ def test_dry_run_of_the_current_rule_set_loads_it() -> None:
     """The guard above can fail: the current rule set's module is imported when it is asked for."""
     names = imported_modules([*SEED_ARGS, "-n", "--ipv6", "false", "--rules-version", "current"])
     assert "istio_init.rulesets.current" in names and "istio_init.rulesets.istio_1_9_to_1_24" not in names
+
+
+def test_interface_names_given_load_their_checks() -> None:
+    """The guards above can fail: -k's names are checked by ifnames.py, imported when names are given."""
+    assert "istio_init.ifnames" in imported_modules([*SEED_ARGS, "-n", "--ipv6", "false", "-k", "eth1"])
 
 
 def test_dry_run_with_ipv6_and_tproxy_imports_nothing_slow() -> None:

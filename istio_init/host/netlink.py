@@ -3,7 +3,7 @@ attributes, and the few messages it sends.
 
 Written from the kernel's uapi headers (linux/netlink.h, rtnetlink.h,
 fib_rules.h, if_addr.h, netfilter/nfnetlink.h, netfilter/nf_tables.h), with
-the standard library's C socket module (`_socket`) and `struct` only: every
+the standard library's C socket module (`_socket`) only: every
 apply asks netlink for the pod's addresses and nf_tables' tables, and TPROXY
 and IPv6 pods also change a policy rule, a route and an address, and a
 netlink library's import would cost more than all of that apply's own work
@@ -18,12 +18,12 @@ from __future__ import annotations
 import _socket
 import errno
 import os
-import struct
+import sys
 
 from istio_init.records import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from typing import TypeVar
+    from typing import Literal, TypeVar
 
     # An attribute list as on the wire: (type, payload) pairs in order, repeats kept.
     Attributes = tuple[tuple[int, bytes], ...]
@@ -66,13 +66,66 @@ FRA_PROTOCOL, FRA_IP_PROTO, FRA_SPORT_RANGE, FRA_DPORT_RANGE = 21, 22, 23, 24
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NFTA_TABLE_NAME = 1
 
-_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr: length, type, flags, sequence, port id
-_ERROR = struct.Struct("=i")  # struct nlmsgerr's error (the request's header follows)
-_ATTRIBUTE = struct.Struct("=HH")  # struct nlattr (struct rtattr): length, type
-_U32 = struct.Struct("=I")
-_RTMSG = struct.Struct("=BBBBBBBBI")  # struct rtmsg and struct fib_rule_hdr share this layout
-_IFADDRMSG = struct.Struct("=BBBBI")
-_NFGENMSG = struct.Struct(">BBH")  # its res_id is big-endian (__be16)
+class Layout:
+    """A C struct of integer fields without padding, packed and read as `struct.Struct` would ("=" or ">").
+
+    `struct` is a shared library (its C module `_struct`) loaded on every
+    apply for the few headers here (docs/performance.md, "What start-up
+    avoids"). A layout is read as one integer of its whole size
+    (int.from_bytes) and cut into its fields by shifts, so reading a header
+    costs one C call, not one a field. Only a single-field layout may be signed.
+    """
+
+    __slots__ = ("size", "order", "signed", "fields")
+
+    def __init__(self, widths: tuple[int, ...], big_endian: bool = False, signed: bool = False) -> None:
+        if signed and len(widths) != 1:
+            raise ValueError("netlink: only a single-field layout may be signed")
+        self.size = sum(widths)
+        self.order: Literal["little", "big"] = "big" if big_endian else sys.byteorder
+        self.signed = signed
+        fields = []  # (shift, mask) of each field in the whole as one integer of self.order
+        start = 0
+        for width in widths:
+            shift = 8 * (self.size - start - width if self.order == "big" else start)
+            fields.append((shift, (1 << 8 * width) - 1))
+            start += width
+        self.fields = tuple(fields)
+
+    def pack(self, *values: int) -> bytes:
+        if len(values) != len(self.fields):
+            raise ValueError(f"netlink: {len(self.fields)} fields to pack, got {len(values)}")
+        if self.signed:
+            return values[0].to_bytes(self.size, self.order, signed=True)
+        whole = 0
+        for value, (shift, mask) in zip(values, self.fields):
+            if not 0 <= value <= mask:
+                raise OverflowError(f"netlink: {value} does not fit its field")
+            whole |= value << shift
+        return whole.to_bytes(self.size, self.order)
+
+    def unpack_from(self, data: bytes, offset: int = 0) -> tuple[int, ...]:
+        if offset + self.size > len(data):
+            raise ValueError(f"netlink: {self.size} bytes wanted at offset {offset} of {len(data)}")
+        whole = int.from_bytes(data[offset:offset + self.size], self.order, signed=self.signed)
+        if len(self.fields) == 1:
+            return (whole,)
+        return tuple([whole >> shift & mask for shift, mask in self.fields])
+
+    def unpack(self, data: bytes) -> tuple[int, ...]:
+        if len(data) != self.size:
+            raise ValueError(f"netlink: {self.size} bytes wanted, got {len(data)}")
+        return self.unpack_from(data)
+
+
+_NATIVE = sys.byteorder
+_HEADER = Layout((4, 2, 2, 4, 4))  # struct nlmsghdr: length, type, flags, sequence, port id
+_ERROR = Layout((4,), signed=True)  # struct nlmsgerr's error (the request's header follows)
+_ATTRIBUTE = Layout((2, 2))  # struct nlattr (struct rtattr): length, type
+_U32 = Layout((4,))
+_RTMSG = Layout((1, 1, 1, 1, 1, 1, 1, 1, 4))  # struct rtmsg and struct fib_rule_hdr share this layout
+_IFADDRMSG = Layout((1, 1, 1, 1, 4))
+_NFGENMSG = Layout((1, 1, 2), big_endian=True)  # its res_id is big-endian (__be16)
 RECEIVE_BUFFER = 65536
 
 
@@ -103,7 +156,9 @@ def encode_attributes(attributes: Attributes) -> bytes:
 def decode_attributes(data: bytes, offset: int) -> Attributes:
     found = []
     while offset + _ATTRIBUTE.size <= len(data):
-        length, kind = _ATTRIBUTE.unpack_from(data, offset)
+        # struct nlattr's two fields read directly: the loop runs for every attribute of every dumped message
+        length = int.from_bytes(data[offset:offset + 2], _NATIVE)
+        kind = int.from_bytes(data[offset + 2:offset + 4], _NATIVE)
         if length < _ATTRIBUTE.size or offset + length > len(data):
             break
         found.append((kind & 0x3FFF, data[offset + _ATTRIBUTE.size:offset + length]))  # without NLA_F_NESTED/BYTEORDER
@@ -181,7 +236,7 @@ class TableMessage(NamedTuple):
     attrs: Attributes = ()
 
 
-_LAYOUTS: dict[type, struct.Struct] = {RouteMessage: _RTMSG, RuleMessage: _RTMSG, AddressMessage: _IFADDRMSG,
+_LAYOUTS: dict[type, Layout] = {RouteMessage: _RTMSG, RuleMessage: _RTMSG, AddressMessage: _IFADDRMSG,
                                        TableMessage: _NFGENMSG}
 
 
@@ -191,7 +246,7 @@ def encode(message: RouteMessage | RuleMessage | AddressMessage | TableMessage) 
 
 
 def decode(kind: type[Message], payload: bytes) -> Message:
-    layout: struct.Struct = _LAYOUTS[kind]
+    layout: Layout = _LAYOUTS[kind]
     if len(payload) < layout.size:
         raise OSError(errno.EPROTO, f"netlink: a {kind.__name__} shorter than its header")
     return kind._make((*layout.unpack_from(payload), decode_attributes(payload, layout.size)))

@@ -134,22 +134,33 @@ def owned_routing(family: int, marks: set[int], tables: set[int]) -> list[Routin
 
 
 def _owned(sock: netlink.Socket, family: int, marks: set[int], tables: set[int]) -> list[Routing]:
-    found: list[Routing] = []
     try:
         rules = _rules(sock, family)
     except OSError as exc:
         if exc.errno == errno.EAFNOSUPPORT:
             return []  # the family is disabled in the kernel: it can hold nothing of ours
         raise
+    return _owned_among(rules, _routes(sock, family), marks, tables)
+
+
+_FAMILY_OF = {_socket.AF_INET: 4, _socket.AF_INET6: 6}
+
+
+def _owned_among(rules: list[RuleMessage], routes: list[RouteMessage], marks: set[int],
+                 tables: set[int]) -> list[Routing]:
+    """istio-init's among dumped rules and routes (IPv4 and IPv6 ones; any other family's are not looked at)."""
+    found: list[Routing] = []
     for rule in rules:
+        family = _FAMILY_OF.get(rule.family)
         mark = netlink.u32_attribute(rule.attrs, netlink.FRA_FWMARK)
-        if mark is not None and has_planned_shape(rule) and (
+        if family is not None and mark is not None and has_planned_shape(rule) and (
                 (mark in marks and _rule_table(rule) in tables)
                 or netlink.u8_attribute(rule.attrs, netlink.FRA_PROTOCOL) == ROUTING_PROTOCOL):
             found.append(Routing("rule", family, mark, _rule_table(rule)))
-    for route in _routes(sock, family):
+    for route in routes:
+        family = _FAMILY_OF.get(route.family)
         table = _route_table(route)
-        if _is_local_default(route) and (table in tables or route.protocol == ROUTING_PROTOCOL):
+        if family is not None and _is_local_default(route) and (table in tables or route.protocol == ROUTING_PROTOCOL):
             found.append(Routing("route", family, 0, table))
     return list(dict.fromkeys(found))
 
@@ -158,12 +169,14 @@ def routing_present(marks: set[int], tables: set[int]) -> bool:
     """Whether any of owned_routing() is here, in either family (True when netlink cannot tell).
 
     Asked on every apply whose plan has no TPROXY routing, so that istio-init's
-    routing left by an earlier TPROXY run is removed: a rule and a route dump
-    per family over one socket, the same reading as owned_routing().
+    routing left by an earlier TPROXY run is removed: one rule dump and one
+    route dump of every family (AF_UNSPEC) over one socket, read as owned_routing() reads each family's.
     """
     try:
         with netlink.Socket() as sock:
-            return any(_owned(sock, family, marks, tables) for family in (4, 6))
+            rules = sock.dump(netlink.RTM_GETRULE, netlink.RuleMessage(_socket.AF_UNSPEC), netlink.RTM_NEWRULE)
+            routes = sock.dump(netlink.RTM_GETROUTE, netlink.RouteMessage(_socket.AF_UNSPEC), netlink.RTM_NEWROUTE)
+            return bool(_owned_among(rules, routes, marks, tables))
     except OSError:
         return True  # cannot tell: let the exact reading that follows decide (and report)
 
