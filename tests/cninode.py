@@ -125,7 +125,10 @@ class Node:
                          "ranges": [[{"subnet": subnet, "gateway": gateway}]]}}
 
     def _env(self, command: str, pod: CniPod | None, cni_args: str, netns: str | None) -> dict[str, str]:
-        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        # A runtime passes the plugin little more than the CNI variables; the session's lock directory
+        # (conftest.py) goes along so that the plugin locks where the tests look.
+        locks = {"ISTIO_INIT_LOCK_DIR": os.environ["ISTIO_INIT_LOCK_DIR"]} if "ISTIO_INIT_LOCK_DIR" in os.environ else {}
+        return {**locks, "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                 "CNI_COMMAND": command, "CNI_IFNAME": "eth0", "CNI_PATH": str(REFERENCE_PLUGINS),
                 "CNI_CONTAINERID": pod.container_id if pod else "none",
                 "CNI_NETNS": netns if netns is not None else (pod.path if pod else ""),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -18,6 +19,16 @@ import pytest
 from nsutil import Namespace
 
 IS_ROOT = os.geteuid() == 0
+
+# istio-init keeps one lock file per network namespace in /run/istio-init. The tests make thousands
+# of namespaces: their runs (in this process and every child) lock in a directory of the session's
+# own instead, removed when the session ends, so the machine's /run/istio-init is left as it was.
+_SESSION_LOCK_DIR = tempfile.mkdtemp(prefix="istio-init-test-locks-")
+os.environ.setdefault("ISTIO_INIT_LOCK_DIR", _SESSION_LOCK_DIR)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SESSION_LOCK_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

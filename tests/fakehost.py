@@ -27,7 +27,7 @@ import contextlib
 import ipaddress
 import json
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from istio_init.backends.iptables.committed import after_commit
 from istio_init.backends.iptables.reconcile import TableChange
@@ -225,9 +225,7 @@ class FakeTables:
             kept = [block for name, block in _blocks(self.host.text[key]) if name not in replaced]
             self.host.text[key] = "".join(kept) + saved_blocks
 
-    def commit(self, changes: Mapping[int, list[TableChange]], meanwhile: Callable[[], object] | None = None) -> None:
-        if meanwhile is not None:  # what a restore tool's run would overlap
-            meanwhile()
+    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
         for family, family_changes in changes.items():
             key = (self.flavour, family)
             for change in family_changes:

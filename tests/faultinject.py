@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping
 
 from istio_init import cli, system
 from istio_init.backends.iptables.reconcile import TableChange
@@ -51,12 +51,12 @@ class FaultyTables:
     def restore_tool(self, family: int) -> str:
         return self.real.restore_tool(family)
 
-    def commit(self, changes: Mapping[int, list[TableChange]], meanwhile: Callable[[], object] | None = None) -> None:
+    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
         kind, _, table = self.fault.partition(":")
         if kind == "reject" and 4 in changes:
             changes = {**changes, 4: [_with_bogus_rule(c) if c.table == table and c.steps else c
                                       for c in changes[4]]}
-        self.real.commit(changes, meanwhile)
+        self.real.commit(changes)
         if kind == "after-commit" and table in [c.table for c in changes.get(4, [])]:
             raise ApplyError(f"table {table}: fault injected ({self.fault})")
         if self.fault == "ipv6" and changes.get(6):

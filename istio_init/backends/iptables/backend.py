@@ -21,7 +21,7 @@ from istio_init.model import RulePlan
 from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Callable, ContextManager, Mapping, Protocol, Sequence
+    from typing import ContextManager, Mapping, Protocol, Sequence
 
     class Tables(Protocol):
         """One flavour's iptables tables in the kernel: what the backend reads, commits and puts back."""
@@ -40,10 +40,8 @@ if TYPE_CHECKING:
         def restore(self, family: int, saved_blocks: str) -> None:
             """Replace the tables of `saved_blocks` (save -c text) with exactly that content."""
 
-        def commit(self, changes: Mapping[int, list[TableChange]],
-                   meanwhile: Callable[[], object] | None = None) -> None:
-            """Commit each family's changes, table by table (ApplyError names what was refused);
-            `meanwhile` runs while a tool commits, where there is one."""
+        def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
+            """Commit each family's changes, table by table (ApplyError names what was refused)."""
 
         def restore_tool(self, family: int) -> str:
             """The restore tool's name, as `clean -n` shows its input."""
@@ -98,8 +96,6 @@ class IptablesBackend:
 
     # The last successful converge: the printed tables are derived from its snapshot and decision.
     converged: IptablesUndo | None = None
-    # Work for the next commit's tool run to overlap (TPROXY and ::6 load pyroute2's messages then).
-    meanwhile: Callable[[], object] | None = None
 
     def __init__(self, tables: Tables) -> None:
         self.tables = tables
@@ -143,8 +139,7 @@ class IptablesBackend:
         for family, family_changes in todo.items():
             undo.touched[family] = [c.table for c in family_changes]
         if todo:
-            meanwhile, self.meanwhile = self.meanwhile, None
-            self.tables.commit(todo, meanwhile)
+            self.tables.commit(todo)
 
     def converge(self, plan: RulePlan | None, families: Sequence[int]) -> IptablesUndo:
         undo = IptablesUndo(self.tables)

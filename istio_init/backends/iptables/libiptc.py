@@ -22,7 +22,7 @@ import functools
 import os
 import sys
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from istio_init import timing
 from istio_init.backends.iptables.reconcile import TableChange
@@ -318,9 +318,8 @@ class LibiptcTables(ToolTables):
         for change in changes:
             fam.apply_table(change)
 
-    def commit(self, changes: Mapping[int, list[TableChange]],
-               meanwhile: Callable[[], object] | None = None) -> None:
-        """Both families' changes (IPv6 in a forked child); no tool runs here, so `meanwhile` does not run."""
+    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
+        """Both families' changes (IPv6 in a forked child)."""
         todo = dict(changes)
         # Both families to change: IPv6 in a child forked before any target is built.
         child = self._fork_family(6, todo.pop(6)) if 4 in todo and 6 in todo else None

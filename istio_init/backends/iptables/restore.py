@@ -12,7 +12,7 @@ from __future__ import annotations
 from istio_init.records import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from typing import Callable, Mapping, Sequence
+    from typing import Mapping, Sequence
 
     from istio_init.backends.iptables.reconcile import TableChange
     from istio_init.backends.iptables.spawn import Running
@@ -89,22 +89,19 @@ class RestoreTables(ToolTables):
             except ToolTimeout:
                 pass
 
-    def commit(self, changes: Mapping[int, list[TableChange]],
-               meanwhile: Callable[[], object] | None = None) -> None:
-        """One restore call per family; `meanwhile` runs while the first one works."""
+    def commit(self, changes: Mapping[int, list[TableChange]]) -> None:
+        """One restore call per family."""
         for family, family_changes in changes.items():
-            self.commit_family(family, family_changes, meanwhile)
-            meanwhile = None
+            self.commit_family(family, family_changes)
 
-    def commit_family(self, family: int, changes: list[TableChange],
-                      meanwhile: Callable[[], object] | None = None) -> None:
+    def commit_family(self, family: int, changes: list[TableChange]) -> None:
         from istio_init.backends.iptables.reconcile import restore_text  # not for a check, which only reads
 
         text = restore_text(changes)
         if not text:
             return
         argv = self._argv(family)
-        done = run_tool(argv, text, meanwhile, self.started.pop(family, None))
+        done = run_tool(argv, text, None, self.started.pop(family, None))
         if done.returncode != 0:
             import re
 
