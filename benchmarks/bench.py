@@ -199,7 +199,7 @@ def learn(args: list[str], spaces: Namespaces, ipv6: bool) -> Setup:
     line = next((ln for ln in done.stderr.splitlines() if marker in ln), b"")
     backend = line.split(marker, 1)[1].split()[0].decode() if line else "nftables"
     texts = {}
-    rules = 0
+    rule_count = 0
     if backend == "nftables":
         texts[4] = subprocess.run([*istio_init_command(), *args, "-n"], capture_output=True, check=True).stdout
     else:
@@ -207,7 +207,7 @@ def learn(args: list[str], spaces: Namespaces, ipv6: bool) -> Setup:
             flavour = "legacy" if backend in ("legacy", "libiptc") else "nft"
             text = subprocess.run(inside(ns, [f"{save}-{flavour}-save"]), capture_output=True, check=True).stdout
             if b"ISTIO_" in text:
-                rules += text.count(b"\n-A ")
+                rule_count += text.count(b"\n-A ")
                 texts[family] = address_lists(text)
     calls: list[list[str]] = []
     for family in (4, 6):
@@ -222,7 +222,7 @@ def learn(args: list[str], spaces: Namespaces, ipv6: bool) -> Setup:
     if b"inet6 ::6/128" in lo6:
         calls.append(["ip", "-6", "address", "add", "::6/128", "dev", "lo"])
     spaces.remove_all()
-    return Setup(backend, texts, calls, rules)
+    return Setup(backend, texts, calls, rule_count)
 
 
 _ADDRESS_LIST_CHARS = 1000  # xtables refuses a parameter of 1,024 characters or more
