@@ -20,7 +20,7 @@ onto the backends' `read()`.
 from __future__ import annotations
 
 from istio_init.backends.iptables.tools import command
-from istio_init.errors import IstioInitError
+from istio_init.errors import CheckError, IstioInitError
 from istio_init.installed import FLAVOURS
 from istio_init.model import FamilyPlan, RulePlan, is_builtin
 from istio_init.records import TYPE_CHECKING, NamedTuple
@@ -42,12 +42,6 @@ Chains = dict[str, dict[str, list[str]]]
 IN_SYNC = 0
 DRIFTED = 1
 LOCK_WAIT_SECONDS = 5  # never hold up an apply (or a probe) for long
-
-
-class CheckError(IstioInitError):
-    """The live state could not be read; neither "in sync" nor "drifted" can be said."""
-
-    exit_code = 3
 
 
 class Planned(NamedTuple):

@@ -386,7 +386,8 @@ def _write_all(fd: int, data: bytes) -> bool:
 
 def _cni_log_to(path: str) -> None:
     """Point fd 1 and 2 (so everything the apply and its tools print) at the log file."""
-    from istio_init.cni import ERR_IO, CniError
+    from istio_init.cni import ERR_IO
+    from istio_init.errors import CniError
 
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)

@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 from istio_init.config import Config, cni_refusals
-from istio_init.errors import ConfigError, IstioInitError
+from istio_init.errors import CniError, ConfigError, IstioInitError
 
 PROG = "istio-init-cni"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -72,16 +72,6 @@ class Call(NamedTuple):
     environ: Mapping[str, str]
     log: Log
     parse_flags: ParseFlags
-
-
-class CniError(Exception):
-    """A failure reported as the specification's error object."""
-
-    def __init__(self, code: int, msg: str, details: str = "") -> None:
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-        self.details = details
 
 
 # ---- the network configuration ----------------------------------------------------------------

@@ -34,11 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from istio_init import cni, cni_install
-from istio_init.cni import CniError
-from istio_init.errors import IstioInitError
-from istio_init.kubeapi import PodLookupError
-from istio_init.podcapture import (AnnotationError, Capture, MeshSettings, PodFacts, decide, facts_from_runtime,
-                                   k8s_pod)
+from istio_init.errors import AnnotationError, CniError, IstioInitError, PodLookupError
+from istio_init.podcapture import Capture, MeshSettings, PodFacts, decide, facts_from_runtime, k8s_pod
 
 SOCKET_NAME = "agent.sock"
 EXCLUDED_NAME = "excluded-namespaces"

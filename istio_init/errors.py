@@ -5,7 +5,12 @@ exits 2 before anything is touched. An `ApplyError` is the kernel refusing
 something; its message names the table, chain and rule, and by the time it
 reaches the CLI everything was put back, and `rollback_outcome` said so (or
 said what could not be). A `ValidationError` is `--run-validation`'s exit 126;
-a `TraceError` a connection or rule `trace` cannot evaluate.
+a `TraceError` a connection or rule `trace` cannot evaluate. `check`, `graph` and
+the CNI agent's pod lookup have theirs (`CheckError`, `GraphError`,
+`PodLookupError`); a CNI caller gets a `CniError` as the specification's error
+object, and a pod annotation istio-init cannot use is an `AnnotationError`.
+Signals a module raises and catches itself (a rule text the model cannot hold,
+a tool's deadline) stay beside their code.
 """
 
 from __future__ import annotations
@@ -50,6 +55,36 @@ class TraceError(IstioInitError):
     """The rules (or the connection) cannot be evaluated; names the rule."""
 
     exit_code = 2
+
+
+class CheckError(IstioInitError):
+    """The live state could not be read; neither "in sync" nor "drifted" can be said."""
+
+    exit_code = 3
+
+
+class GraphError(IstioInitError):
+    """The picture cannot be made (no Graphviz for SVG, or dot refused the text)."""
+
+    exit_code = 2
+
+
+class PodLookupError(IstioInitError):
+    """The API server did not give the pod (after the retries): the message says what it answered."""
+
+
+class CniError(Exception):
+    """A failure reported as the specification's error object."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+
+class AnnotationError(Exception):
+    """A pod fact the decision cannot use: the message names the annotation (or key) and value."""
 
 
 def rollback_outcome(error: BaseException, problems: Sequence[str], changed: bool = True) -> ApplyError:

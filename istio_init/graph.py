@@ -21,7 +21,7 @@ import subprocess
 from typing import TYPE_CHECKING, NamedTuple
 
 from istio_init.check import Chains, chains_from_plan
-from istio_init.errors import IstioInitError
+from istio_init.errors import GraphError
 from istio_init.iptables_save.read import rule_words
 from istio_init.iptables_save.write import chain_order
 from istio_init.model import is_builtin
@@ -36,12 +36,6 @@ DOT_TIMEOUT_SECONDS = 30
 _CAPTURING = ("REDIRECT", "TPROXY", "DNAT")
 _LETTING_GO = ("RETURN", "ACCEPT")
 _DROPPING = ("DROP", "REJECT")
-
-
-class GraphError(IstioInitError):
-    """The picture cannot be made (no Graphviz for SVG, or dot refused the text)."""
-
-    exit_code = 2
 
 
 class Node(NamedTuple):

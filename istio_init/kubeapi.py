@@ -25,7 +25,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from istio_init.errors import ConfigError, IstioInitError
+from istio_init.errors import ConfigError, PodLookupError
 from istio_init.podcapture import PodFacts, k8s_pod
 
 KUBECONFIG_FLAG = "--kubeconfig"
@@ -33,10 +33,6 @@ PROXY_CONTAINER = "istio-proxy"
 RETRIES = 30  # Istio's podRetrievalMaxRetries
 RETRY_INTERVAL = 1.0  # seconds, Istio's podRetrievalInterval
 REQUEST_TIMEOUT = 5.0
-
-
-class PodLookupError(IstioInitError):
-    """The API server did not give the pod (after the retries): the message says what it answered."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from istio_init.config import (FLAGS_BY_DEST, GO_SWITCH_WORDS, RULES_CURRENT, WILDCARD, Config, from_sources,
                                switch_value)
-from istio_init.errors import ConfigError
+from istio_init.errors import AnnotationError, ConfigError
 
 # Annotation names (istio/api annotation/annotations.yaml; facts, as Istio spells them).
 INJECT = "sidecar.istio.io/inject"
@@ -99,10 +99,6 @@ class Capture:
 
     config: Config
     flags: tuple[str, ...]
-
-
-class AnnotationError(Exception):
-    """A pod fact the decision cannot use: the message names the annotation (or key) and value."""
 
 
 def k8s_pod(cni_args: str) -> tuple[str, str]:

@@ -14,7 +14,8 @@ from cases_cni import CNI_CASES, ISTIO_GOLDEN_DIR, CniCase
 from istio_golden import canonical, final_targets, restore_inputs, tables_in_order
 from istio_init import podcapture
 from istio_init.iptables_save.read import parse_save
-from istio_init.podcapture import AnnotationError, Capture, MeshSettings, PodFacts, Skip, decide
+from istio_init.errors import AnnotationError
+from istio_init.podcapture import Capture, MeshSettings, PodFacts, Skip, decide
 from istio_init.iptables_save.write import render_plan, split_families
 from istio_init.rulesets import plan
 from nsutil import Namespace
