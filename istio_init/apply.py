@@ -67,7 +67,7 @@ def _undo_all(undos: Sequence[Undo | _NetworkUndo], error: BaseException) -> App
     return rollback_outcome(error, [p for undo in reversed(undos) for p in undo.undo()])
 
 
-def run(plan: RulePlan, backend: Backend, tproxy: tuple[int, int] = (1337, 133)) -> Applied:
+def install(plan: RulePlan, backend: Backend, tproxy: tuple[int, int] = (1337, 133)) -> Applied:
     """Install `plan` through `backend`, converging from whatever is there; remove ours from other backends.
 
     The other backends are asked under the lock: a concurrent run with

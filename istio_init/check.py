@@ -478,7 +478,7 @@ def _apply_lock() -> ContextManager[None]:
     return locks.namespace_lock(LOCK_WAIT_SECONDS)
 
 
-def run(config: Config, log: Log) -> Report:
+def compare_installed(config: Config, log: Log) -> Report:
     """`istio-init check` in the current namespace: plan for the flags, read the state, compare.
 
     Holds istio-init's lock only while reading, and waits for it only a few

@@ -189,7 +189,7 @@ def check_command(as_json: bool, **given: Any) -> None:
 
     config = load_config(given)
     runner.enter_namespace(config)
-    report = check.run(config, log)
+    report = check.compare_installed(config, log)
     _out((check.to_json(report) if as_json else check.format_text(report)) + "\n")
     sys.exit(report.exit_code)
 

@@ -247,7 +247,7 @@ def core(action: str, config: Config, call: Call) -> list[str]:
     from istio_init import check
 
     runner.enter_namespace(config)
-    return [" ".join(difference.line().split()) for difference in check.run(config, call.log).differences]
+    return [" ".join(difference.line().split()) for difference in check.compare_installed(config, call.log).differences]
 
 
 # ---- the commands ---------------------------------------------------------------------------------

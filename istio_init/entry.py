@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
         timing.mark("imports: check")
         runner.enter_namespace(config)
-        report = checking.run(config, frontdoor.log)
+        report = checking.compare_installed(config, frontdoor.log)
         frontdoor.out((checking.to_json(report) if check[1] else checking.format_text(report)) + "\n")
         timing.mark("the report")
         exit_code = report.exit_code

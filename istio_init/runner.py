@@ -186,7 +186,7 @@ def apply_plan(config: Config, rule_plan: RulePlan, log: Log) -> str:
 
     timing.mark("choose the backend")
     try:
-        applied = apply.run(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
+        applied = apply.install(rule_plan, backend, tproxy=(config.tproxy_mark, config.tproxy_route_table))
     finally:
         if tools is not None:
             tools.release()  # what a failure before the commit left started

@@ -167,7 +167,7 @@ def test_table_blocks_keeps_counters_and_fills_absent_tables() -> None:
 def _run_with(host: FakeHost, args: dict[str, str], ipv6: bool) -> None:
     config = from_sources({**args, "iptables_backend": "legacy"}, environ={})
     with system.using(host):
-        apply.run(plan(config, ipv6), backends.get("legacy"))
+        apply.install(plan(config, ipv6), backends.get("legacy"))
 
 
 def _restores(host: FakeHost) -> list[tuple]:
