@@ -26,7 +26,9 @@ class Result:
 
 
 def clean_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_ISTIO_ENV_PREFIXES)}
+    # Istio's variables go; the session's lock directory (conftest.py) stays.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_ISTIO_ENV_PREFIXES) or k == "ISTIO_INIT_LOCK_DIR"}
     env.update(extra or {})
     return env
 
