@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.chdir(tempfile.gettempdir())
     # A private istio-init lock: runs elsewhere on the machine (test suites) must not make these wait.
-    os.environ["ISTIO_INIT_LOCKFILE"] = os.path.join(tempfile.gettempdir(), f"istio-init-bench-{os.getpid()}.lock")
+    lock_file = os.path.join(tempfile.gettempdir(), f"istio-init-bench-{os.getpid()}.lock")
+    os.environ["ISTIO_INIT_LOCKFILE"] = lock_file
     load_before = os.getloadavg()
     spaces = Namespaces()
     rows: list[Row] = []
@@ -413,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"... {TITLES[key]}: {rows[-1].ratio}x", file=sys.stderr, flush=True)
     finally:
         spaces.remove_all()
+        if os.path.exists(lock_file):
+            os.unlink(lock_file)
     load_after = os.getloadavg()
     seed = next((r for r in rows if r.name == TITLES["seed"]), None)
     rss_ok = seed is None or seed.peak_rss_kib <= RSS_TARGET_KIB

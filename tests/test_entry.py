@@ -162,9 +162,9 @@ def test_parse_check_takes_only_the_plain_form() -> None:
 
 @pytest.mark.root
 @pytest.mark.parametrize("argv", [*CHECK_OWN, *CHECK_HANDED_OVER[:2]], ids=lambda a: " ".join(a)[:40])
-def test_check_prints_and_exits_as_the_click_command_does(netns, argv: list[str]) -> None:
+def test_check_prints_and_exits_as_the_click_command_does(netns, argv: list[str], tmp_path) -> None:
     """In sync (exit 0), drifted (exit 1), JSON or text: the same bytes and code from both front doors."""
-    env = clean_environ({"ISTIO_INIT_LOCKFILE": f"/tmp/istio-init-test-entry-{os.getpid()}.lock"})
+    env = clean_environ({"ISTIO_INIT_LOCKFILE": str(tmp_path / "istio-init.lock")})
     netns.run(sys.executable, "-m", "istio_init", *SEED_ARGS[1:], "--ipv6", "false", env=env)
     ours = netns.run(sys.executable, "-X", "importtime", "-m", "istio_init", *argv, env=env, check=False)
     theirs = netns.run(sys.executable, "-c", "import sys; from istio_init import cli; cli.main(sys.argv[1:])", *argv,
