@@ -79,13 +79,15 @@ class Reading:
 
         self.requested = requested
         self.pending: list[tuple[str, int, Any, Any]] = []  # flavour, family, tables, started save or None
+        # One answer per kernel question for the whole reading: its choice of store included (finish).
+        self.facts = backends.KernelFacts()
         # The legacy tools start before nf_tables is asked (netlink, and the module that asks).
-        for name in backends.each_candidate(requested, list(FAMILIES)):
+        for name in backends.each_candidate(requested, list(FAMILIES), self.facts):
             reader = current().iptables(name)  # the tables alone: no backend around them for reading
             for family in FAMILIES:
-                if name == "legacy" and not backends.legacy_available([family]):
+                if name == "legacy" and not self.facts.legacy_available([family]):
                     continue
-                if name == "nft" and not backends.nft_in_use([family]):
+                if name == "nft" and not self.facts.nft_in_use([family]):
                     continue
                 start = getattr(reader, "start_save", None)
                 self.pending.append((name, family, reader, start(family, False) if start else None))
@@ -108,7 +110,7 @@ class Reading:
             tables.setdefault(name, {})[family] = parse_save(text)
         if self.requested != "auto":
             return Installed(holding_store(self.requested, [], ""), tables)
-        would_use = backends.choose("auto", [4]).name  # every plan has IPv4 rules
+        would_use = backends.choose("auto", [4], self.facts).name  # every plan has IPv4 rules
         return Installed(holding_store(self.requested, stores_holding_ours(tables), would_use), tables)
 
     def abandon(self) -> None:

@@ -49,53 +49,93 @@ class Choice(NamedTuple):
     reason: str
 
 
-def nft_in_use(families: Sequence[int]) -> bool:
+class KernelFacts:
+    """The kernel's answers that decide between backends, each question asked once.
+
+    Choosing a backend, listing the flavours that may hold istio-init's rules
+    and reading them all ask the same few questions: which legacy tables the
+    kernel lists for a family, which iptables-nft tables and which of
+    istio-init's native tables exist. One KernelFacts answers them for one
+    step, asking the System at most once per question and family (reading
+    for `check` asked eight questions where four answer, one of them three
+    times). A step that changes tables, or takes the lock after asking,
+    takes a new one.
+    """
+
+    def __init__(self) -> None:
+        self._legacy: dict[int, set[str] | None] = {}
+        self._nft: dict[int, set[str]] = {}
+        self._native: set[str] | None = None
+
+    def legacy_tables(self, family: int) -> set[str] | None:
+        """The legacy tables the kernel lists here for `family`; None when it offers no legacy ip_tables."""
+        if family not in self._legacy:
+            self._legacy[family] = current().legacy_tables(family)
+        return self._legacy[family]
+
+    def iptables_nft_tables(self, family: int) -> set[str]:
+        """The iptables tables iptables-nft has made here for `family` (asked over netlink)."""
+        if family not in self._nft:
+            self._nft[family] = current().iptables_nft_tables(family)
+        return self._nft[family]
+
+    def native_nft_tables(self) -> set[str]:
+        """istio-init's own `inet istio-proxy-*` tables here (asked over netlink, no libnftables)."""
+        if self._native is None:
+            self._native = current().native_nft_tables()
+        return self._native
+
+    def nft_in_use(self, families: Sequence[int]) -> bool:
+        """Whether iptables-nft has made any of its tables here for one of `families`."""
+        return any(self.iptables_nft_tables(family) for family in families)
+
+    def legacy_available(self, families: Sequence[int]) -> bool:
+        """Whether the kernel offers legacy ip_tables for every one of `families`."""
+        return all(self.legacy_tables(family) is not None for family in families)
+
+
+def nft_in_use(families: Sequence[int], facts: KernelFacts | None = None) -> bool:
     """Whether iptables-nft has made any of its tables in this namespace (asked over netlink)."""
-    system = current()
-    return any(system.iptables_nft_tables(family) for family in families)
+    return (facts or KernelFacts()).nft_in_use(families)
 
 
-def legacy_available(families: Sequence[int]) -> bool:
-    system = current()
-    return all(system.legacy_tables(family) is not None for family in families)
+def legacy_available(families: Sequence[int], facts: KernelFacts | None = None) -> bool:
+    return (facts or KernelFacts()).legacy_available(families)
 
 
-def _legacy_tables(family: int) -> set[str]:
-    """The legacy tables instantiated in this namespace (the kernel lists them per namespace)."""
-    return current().legacy_tables(family) or set()
-
-
-def choose(requested: str, families: Sequence[int]) -> Choice:
+def choose(requested: str, families: Sequence[int], facts: KernelFacts | None = None) -> Choice:
     """The backend for --iptables-backend `requested`, resolving `auto`, and why."""
     if requested != "auto":
         return Choice(requested, f"--iptables-backend {requested}")
-    if nft_in_use(families):
+    facts = facts or KernelFacts()
+    if facts.nft_in_use(families):
         return Choice("nft", "auto: the namespace already has iptables-nft tables")
-    if not legacy_available(families):
+    if not facts.legacy_available(families):
         return Choice("nft", "auto: the kernel offers no legacy ip_tables")
     return Choice("legacy", "auto: legacy tables work and the namespace has no iptables-nft rules")
 
 
-def candidates(requested: str, families: Sequence[int]) -> list[str]:
+def candidates(requested: str, families: Sequence[int], facts: KernelFacts | None = None) -> list[str]:
     """The flavours that may hold istio-init's rules, for clean and for reading (`auto`: every one in use)."""
-    return list(each_candidate(requested, families))
+    return list(each_candidate(requested, families, facts))
 
 
-def each_candidate(requested: str, families: Sequence[int]) -> Iterator[str]:
+def each_candidate(requested: str, families: Sequence[int], facts: KernelFacts | None = None) -> Iterator[str]:
     """candidates(), one at a time: a reader starts the legacy tools before nf_tables is asked over netlink."""
     if requested != "auto":
         yield flavour(requested)
         return
-    legacy = legacy_available(families)
+    facts = facts or KernelFacts()
+    legacy = facts.legacy_available(families)
     if legacy:
         yield "legacy"
-    if not legacy or nft_in_use(families):
+    if not legacy or facts.nft_in_use(families):
         yield "nft"
 
 
-def native_nft_in_use() -> bool:
+def native_nft_in_use(facts: KernelFacts | None = None) -> bool:
     """Whether istio-init's native nftables tables exist here (asked over netlink, no libnftables)."""
-    return bool(current().native_nft_tables())
+    return bool((facts or KernelFacts()).native_nft_tables())
 
 
 def native(rules_version: str = "") -> Backend:
@@ -116,14 +156,15 @@ def others_holding_ours(chosen: str, families: Sequence[int]) -> list[Backend]:
     legacy tables are only read when the kernel has them loaded.
     """
     found = []
-    if chosen != "nftables" and native_nft_in_use():
+    facts = KernelFacts()
+    if chosen != "nftables" and facts.native_nft_tables():
         found.append(native())
     for other in ("legacy", "nft"):
         if other == flavour(chosen):
             continue
-        if other == "nft" and not nft_in_use(families):
+        if other == "nft" and not facts.nft_in_use(families):
             continue
-        if other == "legacy" and not any(_legacy_tables(f) for f in families):
+        if other == "legacy" and not any(facts.legacy_tables(f) for f in families):
             continue
         backend = get(other)
         if backend.holds_ours(families):
