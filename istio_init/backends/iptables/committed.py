@@ -9,7 +9,7 @@ snapshot, and the iptables-save dialect's writer spells the result
 (`iptables_save.write.table_text`: built-in chains in the kernel's order with
 their policy and counters, user chains sorted, then each chain's rules). Planned rules are already in canonical form
 (the goldens' round trip through both restore tools checks that), so the
-text is what the kernel holds; tests/test_printed.py compares it with a real
+text is what the kernel holds; tests/test_committed.py compares it with a real
 iptables-save after applies through every backend.
 """
 
