@@ -94,15 +94,6 @@ class KernelFacts:
         return all(self.legacy_tables(family) is not None for family in families)
 
 
-def nft_in_use(families: Sequence[int], facts: KernelFacts | None = None) -> bool:
-    """Whether iptables-nft has made any of its tables in this namespace (asked over netlink)."""
-    return (facts or KernelFacts()).nft_in_use(families)
-
-
-def legacy_available(families: Sequence[int], facts: KernelFacts | None = None) -> bool:
-    return (facts or KernelFacts()).legacy_available(families)
-
-
 def choose(requested: str, families: Sequence[int], facts: KernelFacts | None = None) -> Choice:
     """The backend for --iptables-backend `requested`, resolving `auto`, and why."""
     if requested != "auto":
