@@ -91,34 +91,7 @@ else:
 
     FunctionType = type(_repr)
 
-    # The constructors of small records, written out: compiling one (below) costs 40-70 us of every
-    # start, and most records have few fields. Only their code is used, with `_tuple_new` bound by _build.
-    def _new1(_cls, _0):
-        return _tuple_new(_cls, (_0,))  # noqa: F821
-
-    def _new2(_cls, _0, _1):
-        return _tuple_new(_cls, (_0, _1))  # noqa: F821
-
-    def _new3(_cls, _0, _1, _2):
-        return _tuple_new(_cls, (_0, _1, _2))  # noqa: F821
-
-    def _new4(_cls, _0, _1, _2, _3):
-        return _tuple_new(_cls, (_0, _1, _2, _3))  # noqa: F821
-
-    def _new5(_cls, _0, _1, _2, _3, _4):
-        return _tuple_new(_cls, (_0, _1, _2, _3, _4))  # noqa: F821
-
-    def _new6(_cls, _0, _1, _2, _3, _4, _5):
-        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5))  # noqa: F821
-
-    def _new7(_cls, _0, _1, _2, _3, _4, _5, _6):
-        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5, _6))  # noqa: F821
-
-    def _new8(_cls, _0, _1, _2, _3, _4, _5, _6, _7):
-        return _tuple_new(_cls, (_0, _1, _2, _3, _4, _5, _6, _7))  # noqa: F821
-
-    _CONSTRUCTORS = {arity: written.__code__.replace(co_name="__new__", co_qualname="__new__")
-                     for arity, written in enumerate((_new1, _new2, _new3, _new4, _new5, _new6, _new7, _new8), 1)}
+    _CONSTRUCTORS = {}  # arity -> the code of its constructor, named __new__
 
     def _constructor(arity):
         """The code of `__new__(_cls, a, b, ...)` for `arity` fields.
@@ -127,8 +100,9 @@ else:
         record); each class then only renames its parameters to its fields, which
         costs a tenth of compiling the source again. Compiling one costs 40-160 us
         and a run defines records of about ten arities, so the code of each arity
-        up to MAX_PRECOMPILED, and Config's, comes compiled in records_new.py's bytecode; only a
-        larger one is compiled here.
+        up to MAX_PRECOMPILED, and Config's, comes compiled in records_new.py's bytecode
+        (imported by the first record: every run builds Config); only a larger one is
+        compiled here.
         """
         if arity not in _CONSTRUCTORS:
             if arity <= MAX_PRECOMPILED or arity in WIDE_PRECOMPILED:
@@ -139,7 +113,7 @@ else:
                 scope = {}
                 exec(constructor_source(arity), scope)
                 code = scope[f"new_{arity}"].__code__
-            _CONSTRUCTORS[arity] = code
+            _CONSTRUCTORS[arity] = code.replace(co_name="__new__", co_qualname="__new__")
         return _CONSTRUCTORS[arity]
 
     def _build(name, namespace):
