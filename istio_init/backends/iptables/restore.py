@@ -101,7 +101,7 @@ class RestoreTables(ToolTables):
         if not text:
             return
         argv = self._argv(family)
-        done = run_tool(argv, text, None, self.started.pop(family, None))
+        done = run_tool(argv, text, self.started.pop(family, None))
         if done.returncode != 0:
             import re
 

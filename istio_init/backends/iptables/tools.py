@@ -50,9 +50,8 @@ def start_tool(argv: list[str]) -> Running:
     return _start(argv, LATER)
 
 
-def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None,
-             started: Running | None = None) -> Finished:
-    """Run a tool to its end; `meanwhile` runs while the tool works (the tool is killed if it raises).
+def run_tool(argv: list[str], stdin: str | None = None, started: Running | None = None) -> Finished:
+    """Run a tool to its end.
 
     `started`: the same tool, started with start_tool, is fed `stdin` instead of starting one now.
     """
@@ -64,15 +63,6 @@ def run_tool(argv: list[str], stdin: str | None = None, meanwhile: Callable[[], 
             raise ApplyError(f"{argv[0]} did not read its input in {WAIT_SECONDS + 30}s") from None
     else:
         running = _start(argv, stdin)
-    if meanwhile is not None:
-        try:
-            meanwhile()
-        except BaseException:
-            try:
-                running.wait(0)  # kills and reaps the tool
-            except ToolTimeout:
-                pass
-            raise
     return _finish(argv, running)
 
 
@@ -80,20 +70,18 @@ def save_text(tools: Tools, family: int, counters: bool = True,
               meanwhile: Callable[[], object] | None = None) -> str:
     """Every table of the family as `iptables-save` text (the legacy tools show loaded tables).
 
-    `meanwhile` runs while the tool works: the libiptc backend imports
-    python-iptables then, so the two costs of every pod start overlap.
+    `meanwhile` runs while the tool works (the tool is killed if it raises):
+    the libiptc backend imports python-iptables then, so the two costs of
+    every pod start overlap.
     """
-    if tools.flavour == "legacy" and _no_legacy_tables(family):
-        # A new pod's namespace: the kernel lists no legacy table of the family, so the tool would
-        # print nothing, and starting it is one more process of every pod's apply (and check).
-        if meanwhile is not None:
+    pending = PendingSave(tools, family, counters)
+    if meanwhile is not None:
+        try:
             meanwhile()
-        return ""
-    argv = [tools.save(family)] + (["-c"] if counters else [])
-    done = run_tool(argv, meanwhile=meanwhile)
-    if done.returncode != 0:
-        raise ApplyError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
-    return done.stdout
+        except BaseException:
+            pending.kill()
+            raise
+    return pending.result()
 
 
 class PendingSave:
@@ -101,17 +89,27 @@ class PendingSave:
 
     def __init__(self, tools: Tools, family: int, counters: bool = True) -> None:
         self.argv = [tools.save(family)] + (["-c"] if counters else [])
-        # No legacy table of the family here: nothing to run (as save_text).
+        # A new pod's namespace: the kernel lists no legacy table of the family, so the tool would
+        # print nothing, and starting it is one more process of every pod's apply (and check).
         self.running = None if tools.flavour == "legacy" and _no_legacy_tables(family) else _start(self.argv)
 
     def result(self) -> str:
-        """The tool's text, as save_text gives it (ApplyError when it failed)."""
+        """The tool's text (ApplyError when it failed)."""
         if self.running is None:
             return ""
         done, self.running = _finish(self.argv, self.running), None
         if done.returncode != 0:
             raise ApplyError(f"{self.argv[0]} failed: {done.stderr.strip() or done.returncode}")
         return done.stdout
+
+    def kill(self) -> None:
+        """End the tool without reading it (the caller failed meanwhile)."""
+        running, self.running = self.running, None
+        if running is not None:
+            try:
+                running.wait(0)  # kills and reaps the tool
+            except ToolTimeout:
+                pass
 
 
 # Where the kernel lists the legacy (x_tables) tables loaded in this namespace, per family.
